@@ -1,0 +1,26 @@
+"""The per-layer AQ objective ||WX - ŴX||^2 = tr(ΔW H ΔWᵀ), H = XXᵀ/N (reference §2.3, §2.5)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..nn import decode_weight
+
+
+def row_errors(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+               scales: torch.Tensor) -> torch.Tensor:
+    """Per-output-row error ΔW_r H ΔW_rᵀ in float64 (exact, for checks and stopping)."""
+    codebooks = codebooks.reshape(codebooks.shape[0], codebooks.shape[1], 1, -1)
+    residual = (weight - decode_weight(codes, codebooks, scales.reshape(-1, 1, 1, 1))).double()
+    return ((residual @ hessian.double()) * residual).sum(-1)
+
+
+def layer_loss(weight, hessian, codes, codebooks, scales) -> float:
+    """Mean over output rows of ΔW_r H ΔW_rᵀ (the reference's loss)."""
+    return row_errors(weight, hessian, codes, codebooks, scales).mean().item()
+
+
+def relative_error(weight, hessian, codes, codebooks, scales) -> float:
+    """Layer output error relative to the layer output energy: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)."""
+    total = ((weight.double() @ hessian.double()) * weight.double()).sum().item()
+    return row_errors(weight, hessian, codes, codebooks, scales).sum().item() / max(total, 1e-30)

@@ -1,0 +1,1 @@
+"""Graph passes over exported programs (installed as `aqlm_compile.passes`). Filled by the export issues."""

@@ -1,0 +1,1 @@
+"""Per-target build and packaging (installed as `aqlm_compile.targets`). Filled by the kernels issue."""

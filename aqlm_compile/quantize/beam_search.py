@@ -44,7 +44,8 @@ def beam_search(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor
     codebook_size, group = codebooks.shape[1], codebooks.shape[2]
     if order is None:
         order = search_order(num_groups, num_codebooks, generator)
-    hash_weights = torch.randint(-(1 << 62), 1 << 62, (num_groups, num_codebooks), generator=generator, dtype=torch.int64)
+    hash_weights = torch.randint(-(1 << 62), 1 << 62, (num_groups, num_codebooks), generator=generator,
+                                 dtype=torch.int64).to(codes.device)
     rows = max(1, max_chunk_elems // (beam_size * codebook_size * 4))
     result = torch.empty_like(codes)
     for start in range(0, out_features, rows):
@@ -62,7 +63,7 @@ def _beam_search_rows(weight, hessian, codes, codebooks, scales, beam_size, orde
     hyp_loss = (hyp_p[0] * residual).sum(-1).unsqueeze(0)  # [beams, rows]
     hyp_codes = codes.unsqueeze(0).clone()  # [beams, rows, groups, M]
     hyp_hash = (codes * hash_weights).sum((-1, -2)).unsqueeze(0)  # wraps mod 2^64, fine for hashing
-    row_ids = torch.arange(num_rows)
+    row_ids = torch.arange(num_rows, device=codes.device)
     s = scales.view(1, num_rows, 1)
     sq = (scales * scales).view(1, num_rows, 1)
     for j, m in order:
@@ -85,7 +86,7 @@ def _beam_search_rows(weight, hessian, codes, codebooks, scales, beam_size, orde
                 # Hypotheses equal outside this slot would propose the same K tuples: keep the first of each.
                 key = hyp_hash - old * hash_weights[j, m]
                 same = key.unsqueeze(1) == key.unsqueeze(0)  # [b', b, rows]
-                earlier = torch.ones(beams, beams, dtype=torch.bool).triu(1).unsqueeze(-1)  # [b', b]: b' < b
+                earlier = torch.ones(beams, beams, dtype=torch.bool, device=codes.device).triu(1).unsqueeze(-1)  # [b', b]: b' < b
                 dup = (same & earlier).any(0)  # [b, rows]
                 total = total.masked_fill(dup.unsqueeze(-1), float("inf"))
             flat = total.permute(1, 0, 2).reshape(num_rows, beams * codebook_size)

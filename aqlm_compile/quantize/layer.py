@@ -32,7 +32,7 @@ def init_codes(weight: torch.Tensor, config: AqlmConfig, settings: QuantizeSetti
     g, m, k = config.in_group_size, config.num_codebooks, config.codebook_size
     scales = weight.norm(dim=1, keepdim=True) + 1e-9
     groups = (weight / scales).reshape(-1, g)
-    max_points = None if settings.kmeans_max_points is None else settings.kmeans_max_points
+    max_points = settings.kmeans_max_points
     codebooks, codes = residual_kmeans(groups, m, k, settings.kmeans_iters, generator, max_points)
     return codes.view(out_features, in_features // g, m), codebooks.unsqueeze(2), scales.view(-1, 1, 1, 1)
 

@@ -1,0 +1,93 @@
+"""`aqlm-compile` command line. Each verb parses options and calls one library function (heavy imports lazily)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import AqlmError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AqlmError as exc:
+            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="aqlm-compile")
+def main():
+    """AQLM quantization and export toolchain."""
+
+
+@main.command()
+@click.argument("model_dir", required=False)
+@click.option("-o", "--output", "out_dir", required=True, help="Checkpoint directory to write (HF AQLM format).")
+@click.option("--config", default="2x8g8", show_default=True, help="MxBgG: M codebooks of 2^B codewords, groups of g.")
+@click.option("--dataset", default="brown", show_default=True, help="'brown', a .txt file or a folder of .txt files.")
+@click.option("--preset", type=click.Choice(["fast", "quality", "paper", "tiny"]), default="fast", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last saved block.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--nsamples", type=int, help="Override the preset's number of calibration windows.")
+@click.option("--seqlen", type=int, help="Override the preset's calibration window length.")
+@click.option("--beam-size", type=int, help="Override the preset's beam width.")
+@click.option("--num-blocks", type=int, help="Quantize only the first N blocks (the rest stay in float).")
+@click.option("--quiet", is_flag=True, help="Progress bars only, no per-block lines.")
+def quantize(model_dir, out_dir, config, dataset, preset, seed, resume, device, nsamples, seqlen, beam_size,
+             num_blocks, quiet):
+    """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
+    from .jobs import quantize_job
+    from .progress import default_reporter
+
+    reporter = default_reporter(quiet)
+    try:
+        quantize_job(model_dir, out_dir, config=config, dataset=dataset, preset=preset, seed=seed, resume=resume,
+                     device=device, num_blocks=num_blocks, reporter=reporter,
+                     overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size})
+    finally:
+        reporter.close()
+
+
+@main.command(name="eval")
+@click.argument("path", required=False)
+@click.option("--dataset", default="brown", show_default=True)
+@click.option("--seqlen", default=512, show_default=True, type=int)
+@click.option("--windows", default=32, show_default=True, type=int, help="Number of held-out windows.")
+@click.option("--no-rtn", is_flag=True, help="Skip the round-to-nearest baseline.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
+    """Held-out perplexity of an AQLM checkpoint, its FP source and an RTN baseline (or of an FP model)."""
+    from .jobs import eval_job
+    from .progress import default_reporter
+
+    reporter = default_reporter(quiet=True)
+    try:
+        result = eval_job(path, dataset=dataset, seqlen=seqlen, windows=windows, rtn=not no_rtn, reporter=reporter)
+    finally:
+        reporter.close()
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"held-out: {result['dataset']}, {result['windows']} windows x {seqlen} tokens "
+               f"(BOS {result['bos']!r} prefixed), {result['tokens_scored']} tokens scored")
+    rows = [("FP", result.get("fp_ppl"), 32.0)]
+    if "config" in result:
+        rows.append((f"AQLM {result['config']}", result["ppl"], result["bits_per_param"]))
+    if "rtn_ppl" in result:
+        rows.append((f"RTN {result['rtn'].split(',')[0]}", result["rtn_ppl"], result["rtn_bits_per_param"]))
+    click.echo(f"{'model':<28} {'ppl':>12} {'bits/param':>11}")
+    for name, ppl, bits in rows:
+        ppl_s = "n/a" if ppl is None else f"{ppl:.2f}"
+        click.echo(f"{name:<28} {ppl_s:>12} {bits:>11.3f}")
+    if "config" in result:
+        click.echo("bits/param counts the quantized linears: codes + fp16 codebooks + fp16 scales")
+
+
+if __name__ == "__main__":
+    main()

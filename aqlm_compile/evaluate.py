@@ -1,0 +1,73 @@
+"""Perplexity on held-out windows, exact bits per parameter, and a round-to-nearest baseline."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import AqlmConfig
+from .nn import AqlmLinear
+from .progress import Reporter
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, has_bos: bool, batch_size: int = 4, reporter: Reporter | None = None,
+               label: str = "perplexity") -> float:
+    """exp(mean NLL). With a BOS prefix every text token of a window is a target; without one, all but the first."""
+    reporter = reporter or Reporter()
+    task = reporter.task(label, windows.shape[0])
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+        reporter.advance(task, batch.shape[0])
+    return math.exp(total_nll / total_tokens)
+
+
+def quantized_bits(model) -> dict:
+    """Exact storage of the quantized linears: codes + fp16 codebooks + fp16 scales, per parameter."""
+    bits, params = 0, 0
+    for m in model.modules():
+        if isinstance(m, AqlmLinear):
+            bits += m.config.layer_bits(m.out_features, m.in_features)
+            params += m.out_features * m.in_features
+    return {"bits": bits, "params": params, "bits_per_param": bits / params if params else float("nan")}
+
+
+def rtn_quantize_(model, nbits: int, group_size: int = 128, layer_names: list[str] | None = None) -> dict:
+    """Round-to-nearest, asymmetric min-max per group of `group_size` inputs, fp16 scale and zero, in place.
+
+    Applies to the same linears the AQLM checkpoint quantizes (`layer_names`), or every block linear.
+    Returns the bits per parameter (nbits + 32/group_size).
+    """
+    from .models import block_linears, decoder_layers
+
+    modules = dict(model.named_modules())
+    if layer_names is None:
+        lname, layers = decoder_layers(model)
+        layer_names = [f"{lname}.{i}.{n}" for i, block in enumerate(layers) for n in block_linears(block)]
+    levels = (1 << nbits) - 1
+    params = 0
+    for name in layer_names:
+        linear = modules[name]
+        w = linear.weight.data
+        out_f, in_f = w.shape
+        gs = group_size if in_f % group_size == 0 else in_f
+        groups = w.float().reshape(out_f, in_f // gs, gs)
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((hi - lo) / levels).clamp_min(1e-8).half().float()
+        zero = torch.round(-lo / scale).clamp(0, levels).half().float()
+        q = torch.clamp(torch.round(groups / scale) + zero, 0, levels)
+        w.copy_(((q - zero) * scale).reshape(out_f, in_f).to(w.dtype))
+        params += out_f * in_f
+    return {"bits_per_param": nbits + 32 / group_size, "nbits": nbits, "group_size": group_size, "params": params}
+
+
+def aqlm_bits_for_shapes(config: AqlmConfig, shapes: list[tuple[int, int]]) -> float:
+    bits = sum(config.layer_bits(o, i) for o, i in shapes)
+    return bits / sum(o * i for o, i in shapes)

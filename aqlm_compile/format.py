@@ -1,0 +1,255 @@
+"""The checkpoint format: the Hugging Face AQLM layout, safetensors + config.json. `save`, `load`, `validate`.
+
+Per quantized linear `<name>`: `<name>.codes` int8 (B ≤ 8) / int16 (B ≤ 16) [out, in/g, M], signed as the
+reference stores them; `<name>.codebooks` [M, 2^B, 1, g]; `<name>.scales` [out, 1, 1, 1]; optional `<name>.bias`.
+Every other tensor keeps its HF name. `config.json` is the model's config plus `quantization_config`
+{quant_method "aqlm", nbits_per_codebook, num_codebooks, out_group_size, in_group_size,
+linear_weights_not_to_quantize} and our own `aqlm_compile` block (source model, settings, timings).
+
+Also here: the resumable work folder of an interrupted quantization run (per-block tensors + activations).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .cache import atomic_dir, atomic_write_bytes
+from .config import AqlmConfig
+from .errors import ConfigError, FormatError
+from .nn import AqlmLinear, code_dtype
+
+WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+STORAGE_DTYPE = torch.float16  # codebooks, scales and every unquantized tensor, as in published checkpoints
+
+
+def quantized_modules(model) -> dict[str, AqlmLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AqlmLinear)}
+
+
+def unquantized_linear_names(model) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def save(out_dir: str | Path, model, aqlm_config: AqlmConfig, source_dir: str | Path | None = None,
+         metadata: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write the checkpoint atomically (a temporary folder renamed into place)."""
+    out_dir = Path(out_dir)
+    state = {}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        tensor = tensor.detach()
+        state[name] = tensor.contiguous() if not tensor.is_floating_point() else tensor.to(STORAGE_DTYPE).contiguous()
+    # Module names, and the .weight spelling older transformers releases compare against (aqlm-package-facts).
+    not_quantized = []
+    for name in unquantized_linear_names(model):
+        not_quantized += [name, f"{name}.weight"]
+    for name in ("model.embed_tokens", "lm_head"):
+        if name not in not_quantized:
+            not_quantized += [name, f"{name}.weight"]
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["quantization_config"] = aqlm_config.to_hf(not_quantized)
+    config["dtype"] = "float16"
+    config["torch_dtype"] = "float16"
+    config["use_cache"] = True
+    config["aqlm_compile"] = {"format_version": 1, "config": aqlm_config.name,
+                              "source_model": str(Path(source_dir).resolve()) if source_dir else None,
+                              **(metadata or {})}
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        if source_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(source_dir) / fname
+                if src.is_file():
+                    shutil.copy2(src, tmp / fname)
+    return out_dir
+
+
+def read_config(ckpt_dir: Path) -> dict:
+    path = Path(ckpt_dir) / "config.json"
+    if not path.is_file():
+        raise FormatError(f"{path}: missing (expected an AQLM checkpoint directory)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return config
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    try:
+        return read_config(Path(path)).get("quantization_config", {}).get("quant_method") == "aqlm"
+    except FormatError:
+        return False
+
+
+def _read_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    path = ckpt_dir / WEIGHTS
+    if not path.is_file():
+        raise FormatError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def validate(ckpt_dir: str | Path) -> tuple[AqlmConfig, dict, dict[str, torch.Tensor]]:
+    """Check config.json and every AQLM tensor's dtype, shape and code range. Returns (config, hf config, tensors)."""
+    ckpt_dir = Path(ckpt_dir)
+    config = read_config(ckpt_dir)
+    where = str(ckpt_dir / "config.json")
+    if "quantization_config" not in config:
+        raise FormatError(f"{where}: quantization_config: missing (not an AQLM checkpoint)")
+    try:
+        aqlm_config = AqlmConfig.from_hf(config["quantization_config"], where)
+    except ConfigError as exc:
+        raise FormatError(str(exc)) from None
+    not_q = config["quantization_config"].get("linear_weights_not_to_quantize", [])
+    if not isinstance(not_q, list) or not all(isinstance(x, str) for x in not_q):
+        raise FormatError(f"{where}: quantization_config.linear_weights_not_to_quantize: expected a list of names")
+    tensors = _read_tensors(ckpt_dir)
+    wfile = ckpt_dir / WEIGHTS
+    m, k, g = aqlm_config.num_codebooks, aqlm_config.codebook_size, aqlm_config.in_group_size
+    layers = sorted(name[: -len(".codes")] for name in tensors if name.endswith(".codes"))
+    if not layers:
+        raise FormatError(f"{wfile}: no '<layer>.codes' tensors (nothing is quantized)")
+    want_dtype = code_dtype(aqlm_config)
+    for layer in layers:
+        codes = tensors[f"{layer}.codes"]
+        for part in ("codebooks", "scales"):
+            if f"{layer}.{part}" not in tensors:
+                raise FormatError(f"{wfile}: {layer}.{part}: missing")
+        out, groups = codes.shape[0], codes.shape[1] if codes.dim() == 3 else -1
+        if codes.dtype != want_dtype or codes.dim() != 3 or codes.shape[2] != m:
+            raise FormatError(f"{wfile}: {layer}.codes: expected {str(want_dtype)[6:]} [out, in/{g}, {m}], "
+                              f"found {str(codes.dtype)[6:]} {list(codes.shape)}")
+        half = 1 << (aqlm_config.nbits_per_codebook - 1)
+        if codes.numel() and (int(codes.min()) < -half or int(codes.max()) >= half):
+            raise FormatError(f"{wfile}: {layer}.codes: values outside [{-half}, {half - 1}] for "
+                              f"{aqlm_config.nbits_per_codebook}-bit codes")
+        checks = {"codebooks": [m, k, 1, g], "scales": [out, 1, 1, 1]}
+        for part, shape in checks.items():
+            t = tensors[f"{layer}.{part}"]
+            if list(t.shape) != shape or not t.is_floating_point():
+                raise FormatError(f"{wfile}: {layer}.{part}: expected float {shape}, found {str(t.dtype)[6:]} {list(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise FormatError(f"{wfile}: {layer}.{part}: contains NaN or inf")
+        if f"{layer}.bias" in tensors and list(tensors[f"{layer}.bias"].shape) != [out]:
+            raise FormatError(f"{wfile}: {layer}.bias: expected [{out}], found {list(tensors[f'{layer}.bias'].shape)}")
+    return aqlm_config, config, tensors
+
+
+def load(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """Validate, then build the model with `AqlmLinear` layers. Returns (model, AqlmConfig, metadata)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt_dir = Path(ckpt_dir)
+    aqlm_config, raw, tensors = validate(ckpt_dir)
+    clean = {k: v for k, v in raw.items() if k not in ("quantization_config", "aqlm_compile")}
+    try:
+        hf_config = AutoConfig.for_model(**clean)
+    except Exception as exc:
+        raise FormatError(f"{ckpt_dir / 'config.json'}: not a usable model config ({str(exc).splitlines()[0]})") from None
+    hf_config.use_cache = False
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    layers = sorted(name[: -len(".codes")] for name in tensors if name.endswith(".codes"))
+    modules = dict(model.named_modules())
+    for layer in layers:
+        linear = modules.get(layer)
+        if not isinstance(linear, torch.nn.Linear):
+            raise FormatError(f"{ckpt_dir / WEIGHTS}: {layer}.codes: the model has no linear layer named {layer}")
+        codes = tensors[f"{layer}.codes"]
+        if codes.shape[0] != linear.out_features or codes.shape[1] * aqlm_config.in_group_size != linear.in_features:
+            raise FormatError(f"{ckpt_dir / WEIGHTS}: {layer}.codes: expected [{linear.out_features}, "
+                              f"{linear.in_features // aqlm_config.in_group_size}, {aqlm_config.num_codebooks}] for a "
+                              f"{linear.in_features}->{linear.out_features} layer, found {list(codes.shape)}")
+        replace_module(model, layer, AqlmLinear(linear.in_features, linear.out_features, aqlm_config,
+                                                bias=linear.bias is not None, dtype=dtype))
+    expected = set(model.state_dict())
+    if getattr(hf_config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise FormatError(f"{ckpt_dir / WEIGHTS}: tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    state = {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in tensors.items()}
+    for name, t in model.state_dict().items():
+        if name in state and list(state[name].shape) != list(t.shape):
+            raise FormatError(f"{ckpt_dir / WEIGHTS}: {name}: expected shape {list(t.shape)}, found {list(state[name].shape)}")
+    model.load_state_dict(state, strict=False)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return model, aqlm_config, raw.get("aqlm_compile", {})
+
+
+def replace_module(model, name: str, new_module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new_module)
+
+
+class WorkFolder:
+    """Resumable state of a quantization run: `blocks/{i}.safetensors`, `activations.safetensors`,
+    `progress.json` (written last, so it only ever names complete files)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def start(self, fingerprint: dict, resume: bool) -> int:
+        """Returns the index of the first block left to do (0 for a fresh run)."""
+        progress = self.path / "progress.json"
+        if resume and progress.is_file():
+            state = json.loads(progress.read_text())
+            if state.get("fingerprint") != fingerprint:
+                diff = sorted(k for k in set(fingerprint) | set(state.get("fingerprint", {}))
+                              if fingerprint.get(k) != state.get("fingerprint", {}).get(k))
+                raise FormatError(f"{progress}: was written by a run with different settings ({', '.join(diff)}); "
+                                  "rerun without --resume to start over")
+            return int(state["next_block"])
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        (self.path / "blocks").mkdir(parents=True)
+        atomic_write_bytes(progress, json.dumps({"fingerprint": fingerprint, "next_block": 0}).encode())
+        return 0
+
+    def save_block(self, index: int, block_state: dict[str, torch.Tensor], activations: torch.Tensor,
+                   report: dict) -> None:
+        fingerprint = json.loads((self.path / "progress.json").read_text())["fingerprint"]
+        for name, tensors in ((f"blocks/{index}.safetensors", block_state),
+                              ("activations.safetensors", {"hidden": activations})):
+            final = self.path / name
+            tmp = final.with_name(f".{final.name}.tmp")
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, final)
+        reports = self.reports() + [report]
+        atomic_write_bytes(self.path / "progress.json", json.dumps(
+            {"fingerprint": fingerprint, "next_block": index + 1, "reports": reports}).encode())
+
+    def reports(self) -> list[dict]:
+        progress = self.path / "progress.json"
+        return json.loads(progress.read_text()).get("reports", []) if progress.is_file() else []
+
+    def load_block(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / "blocks" / f"{index}.safetensors"))
+
+    def load_activations(self) -> torch.Tensor:
+        return load_file(str(self.path / "activations.safetensors"))["hidden"]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,139 @@
+"""The library functions behind the CLI verbs `quantize` and `eval` (the CLI only parses options)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .config import AqlmConfig, rtn_bits_for
+from .errors import ModelError
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA device is available")
+    return device
+
+
+def work_folder_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.work"
+
+
+def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", dataset: str | None = "brown",
+                 preset: str = "fast", seed: int = 0, resume: bool = False, device: str = "auto",
+                 num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
+                 stop_after_block: int | None = None) -> dict:
+    import torch
+
+    from . import format as fmt
+    from .data import calibration_windows, load_corpus, tokenize
+    from .models import load_fp_model, resolve_model_dir
+    from .progress import Reporter
+    from .quantize.pipeline import quantize_model
+    from .quantize.presets import get_preset
+
+    reporter = reporter or Reporter()
+    aqlm_config = AqlmConfig.parse(config)
+    settings = get_preset(preset, **(overrides or {}))
+    out = Path(out_dir)
+    if out.exists() and not fmt.is_checkpoint(out) and any(out.iterdir()):
+        raise ModelError(f"{out}: exists and is not an AQLM checkpoint; refusing to overwrite it")
+    source = resolve_model_dir(model_dir)
+    device = pick_device(device)
+    start = time.perf_counter()
+    model, tokenizer = load_fp_model(source)
+    model.to(device)
+    for name, linear in ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
+        if ".layers." in f".{name}." and linear.in_features % aqlm_config.in_group_size:
+            aqlm_config.check_shape(linear.out_features, linear.in_features, name)
+    corpus = load_corpus(dataset)
+    ids = tokenize(tokenizer, corpus.calibration)
+    tokens = calibration_windows(ids, settings.nsamples, settings.seqlen, seed).to(device)
+    load_seconds = time.perf_counter() - start
+    reporter.log(f"model {source} | {aqlm_config.name} | preset {preset} | {settings.nsamples} x {settings.seqlen} "
+                 f"calibration tokens from {corpus.name} ({len(ids)} tokens) | device {device}")
+    fingerprint = {"model": str(source.resolve()), "config": aqlm_config.name, "settings": settings.to_dict(),
+                   "seed": seed, "dataset": corpus.name, "num_blocks": num_blocks}
+    work = fmt.WorkFolder(work_folder_for(out))
+    torch.manual_seed(seed)
+    report = quantize_model(model, tokens, aqlm_config, settings, seed=seed, work=work, resume=resume,
+                            fingerprint=fingerprint, reporter=reporter, num_blocks=num_blocks,
+                            stop_after_block=stop_after_block)
+    report["timings"]["load"] = round(load_seconds, 1)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    model.to("cpu")
+    metadata = {"preset": preset, "seed": seed, "dataset": corpus.name, "settings": settings.to_dict(),
+                "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
+                "timings": report["timings"], "seconds": report["seconds"]}
+    fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,
+             extra_files={"quantize_report.json": json.dumps(report, indent=1)})
+    work.remove()
+    reporter.log(f"wrote {out} in {report['seconds']:.0f} s  (phases: {report['timings']})")
+    return report
+
+
+def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, windows: int | None = 32,
+             rtn: bool = True, fp: bool = True, reporter=None) -> dict:
+    """Perplexity of a checkpoint (and of its FP source and an RTN baseline at the same code bits), or of an FP model."""
+    import torch
+
+    from . import format as fmt
+    from .data import eval_windows, load_corpus, tokenize
+    from .evaluate import perplexity, quantized_bits, rtn_quantize_
+    from .models import load_fp_model, resolve_model_dir
+    from .progress import Reporter
+
+    reporter = reporter or Reporter()
+    target = Path(path)
+    corpus = load_corpus(dataset)
+    result: dict = {"path": str(target), "dataset": corpus.name, "seqlen": seqlen}
+    timings = {}
+    if fmt.is_checkpoint(target):
+        from transformers import AutoTokenizer
+
+        model, aqlm_config, meta = fmt.load(target)
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        source = meta.get("source_model")
+        layer_names = list(fmt.quantized_modules(model))
+        result.update({"config": aqlm_config.name, "quantized_layers": len(layer_names), **quantized_bits(model)})
+    else:
+        source = str(resolve_model_dir(path))
+        model, tokenizer = load_fp_model(Path(source))
+        aqlm_config, layer_names = None, None
+    bos = tokenizer.bos_token_id
+    ids = tokenize(tokenizer, corpus.heldout)
+    win = eval_windows(ids, seqlen, windows, bos)
+    result.update({"windows": win.shape[0], "tokens_scored": win.shape[0] * (win.shape[1] - 1),
+                   "bos": tokenizer.bos_token if bos is not None else None})
+    t = time.perf_counter()
+    result["ppl"] = perplexity(model, win, bos is not None, reporter=reporter, label="ppl")
+    timings["ppl"] = round(time.perf_counter() - t, 1)
+    del model
+    if aqlm_config is not None and fp and source and Path(source, "config.json").is_file():
+        fp_model, _ = load_fp_model(Path(source))
+        t = time.perf_counter()
+        result["fp_ppl"] = perplexity(fp_model, win, bos is not None, reporter=reporter, label="fp ppl")
+        timings["fp_ppl"] = round(time.perf_counter() - t, 1)
+        del fp_model
+    elif aqlm_config is None:
+        result["fp_ppl"] = result["ppl"]
+    elif fp:
+        result["fp_ppl"] = None
+        result["fp_note"] = f"FP source model {source!r} not found"
+    if rtn and source and Path(source, "config.json").is_file():
+        rtn_model, _ = load_fp_model(Path(source))
+        nbits = rtn_bits_for(aqlm_config) if aqlm_config else 2
+        with torch.no_grad():
+            info = rtn_quantize_(rtn_model, nbits, 128, layer_names)
+        t = time.perf_counter()
+        result["rtn_ppl"] = perplexity(rtn_model, win, bos is not None, reporter=reporter, label=f"rtn{nbits} ppl")
+        timings["rtn_ppl"] = round(time.perf_counter() - t, 1)
+        result["rtn_bits_per_param"] = info["bits_per_param"]
+        result["rtn"] = f"{nbits}-bit round-to-nearest, asymmetric, groups of 128, fp16 scale and zero"
+    result["timings"] = timings
+    return result

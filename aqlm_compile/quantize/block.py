@@ -1,0 +1,143 @@
+"""One transformer block: run it over the calibration activations (collecting XXᵀ per linear) and fine-tune it
+with codes frozen on the MSE to the FP block's outputs (reference §2.2, §2.3, §2.8)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .presets import QuantizeSettings
+
+
+class BlockRunner:
+    """Calls a decoder layer on a batch of hidden states with the keyword arguments captured from the model
+    (position embeddings, masks, position ids), broadcast to the batch size."""
+
+    def __init__(self, kwargs: dict):
+        self.kwargs = kwargs
+
+    def _expand(self, value, batch: int):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1 and batch > 1:
+            return value.expand(batch, *value.shape[1:])
+        if isinstance(value, tuple):
+            return tuple(self._expand(v, batch) for v in value)
+        return value
+
+    def __call__(self, block, hidden: torch.Tensor) -> torch.Tensor:
+        kwargs = {k: self._expand(v, hidden.shape[0]) for k, v in self.kwargs.items()}
+        out = block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run(self, block, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+        outs = torch.empty_like(inputs)
+        with torch.no_grad():
+            for start in range(0, inputs.shape[0], batch_size):
+                outs[start : start + batch_size] = self(block, inputs[start : start + batch_size])
+        return outs
+
+
+def collect_hessians(block, linears: dict, runner: BlockRunner, inputs: torch.Tensor, batch_size: int):
+    """FP outputs of the block and H = mean xxᵀ (float64 accumulation) for each linear.
+
+    Linears fed the same tensor (q/k/v, gate/up) share one H, computed once per batch.
+    """
+    sums: list[torch.Tensor] = []
+    slot_of: dict[str, int] = {}
+    # Inputs seen in the current batch, by address; holding the tensors keeps their memory from being reused
+    # by a different tensor of the same shape later in the same forward.
+    seen: dict[tuple, tuple[int, torch.Tensor]] = {}
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key in seen:
+                slot_of.setdefault(name, seen[key][0])
+                return
+            if name not in slot_of:
+                slot_of[name] = len(sums)
+                sums.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device))
+            flat = x.reshape(-1, x.shape[-1]).float()
+            sums[slot_of[name]] += (flat.T @ flat).double()  # fp32 per batch, fp64 across batches
+            seen[key] = (slot_of[name], x)
+        return hook
+
+    count = 0
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        outs = torch.empty_like(inputs)
+        with torch.no_grad():
+            for start in range(0, inputs.shape[0], batch_size):
+                batch = inputs[start : start + batch_size]
+                seen.clear()
+                outs[start : start + batch_size] = runner(block, batch)
+                seen.clear()
+                count += batch.shape[0] * batch.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+    hessians = {name: (sums[slot] / count).float() for name, slot in slot_of.items()}
+    return outs, hessians
+
+
+def trainable_parameters(block) -> list[torch.nn.Parameter]:
+    """Codebooks, scales, norms, biases (and any linear left in float); never the integer codes."""
+    params = []
+    for p in block.parameters():
+        if p.dtype.is_floating_point:
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: torch.Tensor, train_idx: torch.Tensor,
+                   val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator,
+                   on_step=None) -> dict:
+    """Adam on the element-mean MSE to the FP outputs, validation early stop, best parameters restored."""
+    if settings.finetune_epochs <= 0:
+        return {"epochs": 0}
+    params = trainable_parameters(block)
+    opt = torch.optim.Adam(params, lr=settings.finetune_lr, betas=(0.9, 0.95))
+
+    def val_loss() -> float:
+        if len(val_idx) == 0:
+            return float("nan")
+        with torch.no_grad():
+            total = 0.0
+            for start in range(0, len(val_idx), settings.finetune_batch_size):
+                idx = val_idx[start : start + settings.finetune_batch_size]
+                total += F.mse_loss(runner(block, inputs[idx]), targets[idx], reduction="sum").item()
+            return total / (len(val_idx) * targets[0].numel())
+
+    best = val_loss()
+    history = [best]
+    best_state = copy.deepcopy(block.state_dict())
+    bad = 0
+    epochs_run = 0
+    for _ in range(settings.finetune_epochs):
+        perm = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        for start in range(0, len(perm), settings.finetune_batch_size):
+            idx = perm[start : start + settings.finetune_batch_size]
+            loss = F.mse_loss(runner(block, inputs[idx]), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if on_step:
+                on_step()
+        epochs_run += 1
+        current = val_loss()
+        history.append(current)
+        if len(val_idx) == 0 or current < best:
+            best, bad = current, 0
+            best_state = copy.deepcopy(block.state_dict())
+        else:
+            bad += 1
+            if bad >= settings.finetune_early_stop:
+                break
+    block.load_state_dict(best_state)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    return {"epochs": epochs_run, "val_mse": [None if math.isnan(v) else v for v in history]}

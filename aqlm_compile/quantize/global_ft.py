@@ -1,0 +1,78 @@
+"""Global fine-tuning (paper App. A, "AQLM⋆"): codes frozen; codebooks, scales and norms trained end to end on
+KL(teacher ‖ student) over next-token distributions. The teacher is the FP model, represented by its cached
+final hidden states; teacher logits are recomputed through the (frozen, shared) lm_head per batch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .presets import QuantizeSettings
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p_teacher ‖ p_student)."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx: torch.Tensor,
+                    val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator,
+                    on_step=None) -> dict:
+    """Trains every floating parameter except embeddings and lm_head. Keeps the best state on validation."""
+    if settings.global_epochs <= 0:
+        return {"steps": 0}
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    frozen = {id(p) for p in list(head.parameters()) + list(embed.parameters())}
+    params = []
+    for p in model.parameters():
+        trainable = p.dtype.is_floating_point and id(p) not in frozen
+        p.requires_grad_(trainable)
+        if trainable:
+            params.append(p)
+    opt = torch.optim.Adam(params, lr=settings.global_lr, betas=(0.9, 0.95))
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    bs = settings.global_batch_size
+
+    def loss_on(idx):
+        hidden = base(input_ids=tokens[idx]).last_hidden_state
+        with torch.no_grad():
+            teacher = head(teacher_hidden[idx])
+        return kl_loss(head(hidden), teacher)
+
+    def val_loss():
+        if len(val_idx) == 0:
+            return float("nan")
+        with torch.no_grad():
+            return sum(loss_on(val_idx[i : i + bs]).item() * len(val_idx[i : i + bs])
+                       for i in range(0, len(val_idx), bs)) / len(val_idx)
+
+    total_steps = max(1, int(math.ceil(settings.global_epochs * len(train_idx) / bs)))
+    history = [val_loss()]
+    best, best_state = history[0], {k: v.clone() for k, v in model.state_dict().items()}
+    model.train(False)
+    step = 0
+    while step < total_steps:
+        perm = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        for start in range(0, len(perm), bs):
+            if step >= total_steps:
+                break
+            loss = loss_on(perm[start : start + bs])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if on_step:
+                on_step(loss.item())
+        current = val_loss()
+        history.append(current)
+        if math.isnan(current) or current < best:
+            best, best_state = current, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"steps": step, "val_kl": [None if math.isnan(v) else v for v in history]}

@@ -55,7 +55,39 @@ def beam_search(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor
     return result
 
 
+def _greedy_rows(weight, hessian, codes, codebooks, scales, order):
+    """beam_size=1: greedy coordinate descent with in-place updates (no hypothesis bookkeeping)."""
+    num_codebooks, codebook_size, group = codebooks.shape
+    codes = codes.clone()
+    residual = weight - decode_weight(codes, codebooks.unsqueeze(2), scales)
+    p = residual @ hessian  # [rows, in]
+    s = scales.unsqueeze(1)
+    sq2 = (scales * scales).unsqueeze(1)
+    # cᵀH_jj c for every codeword of every (group, codebook): [groups, M, K]
+    h_blocks = torch.stack([hessian[j * group:(j + 1) * group, j * group:(j + 1) * group]
+                            for j in range(codes.shape[1])])
+    quad = torch.einsum("mkg,jgh,mkh->jmk", codebooks, h_blocks, codebooks)
+    cb_t = codebooks.transpose(1, 2).contiguous()  # [M, g, K]
+    for j, m in order:
+        cols = slice(j * group, (j + 1) * group)
+        cb = codebooks[m]
+        old = codes[:, j, m]
+        c_old = cb[old]  # [rows, g]
+        d = p[:, cols] + s * (c_old @ h_blocks[j])  # residual without this slot, times H
+        score = torch.addmm(sq2 * quad[j, m], s * d, cb_t[m], alpha=-2.0)  # s²cᵀH_jj c − 2s·c·d
+        new = score.argmin(-1)
+        changed = new != old
+        if not bool(changed.any()):
+            continue
+        delta = s * (c_old - cb[new])  # zero on unchanged rows
+        p.addmm_(delta, hessian[cols, :])
+        codes[:, j, m] = new
+    return codes
+
+
 def _beam_search_rows(weight, hessian, codes, codebooks, scales, beam_size, order, hash_weights):
+    if beam_size == 1:
+        return _greedy_rows(weight, hessian, codes, codebooks, scales, order)
     num_rows = weight.shape[0]
     num_codebooks, codebook_size, group = codebooks.shape
     residual = weight - decode_weight(codes, codebooks.unsqueeze(2), scales)

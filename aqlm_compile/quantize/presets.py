@@ -16,7 +16,9 @@ class QuantizeSettings:
     # per-layer AQ
     kmeans_iters: int = 50
     kmeans_max_points: int | None = None  # fit k-means on at most this many groups per codebook
-    adam_steps: int = 100  # Adam steps on codebooks/scales per round
+    codebook_solver: str = "cg"  # "cg" (least squares) or "adam" (the reference's update)
+    cg_iters: int = 10
+    adam_steps: int = 100  # Adam steps on codebooks/scales per round (codebook_solver="adam")
     adam_lr: float = 1e-4
     beam_size: int = 1
     max_rounds: int = 100
@@ -36,29 +38,30 @@ class QuantizeSettings:
 
 
 PRESETS = {
-    # ≤ 20 min for SmolLM2-135M at 2x8g8 on 2 CPU cores: the reference run's data (64 × 512 tokens), fewer
-    # k-means iterations, a larger Adam step, a short block fine-tuning with a 10× larger lr than the
-    # reference default, and no global fine-tuning.
+    # ≤ 20 min for SmolLM2-135M at 2x8g8 on 2 CPU cores: the reference run's data (64 × 512 tokens), k-means
+    # on a 16k-group sample, least-squares codebooks, at most 6 rounds, a short block fine-tuning with a 10×
+    # larger lr than the reference default, and no global fine-tuning.
     "fast": QuantizeSettings(
-        nsamples=64, val_size=8, seqlen=512, kmeans_iters=30, kmeans_max_points=None, adam_steps=40, adam_lr=1e-3,
+        nsamples=64, val_size=8, seqlen=512, kmeans_iters=20, kmeans_max_points=16384, cg_iters=10,
         beam_size=1, max_rounds=6, relative_tolerance=0.01, finetune_epochs=3, finetune_lr=1e-4,
         finetune_batch_size=4, finetune_early_stop=1, global_epochs=0.0,
     ),
     # ~2 h on 2 CPU cores: 4× the data, more rounds, a wider beam, longer block fine-tuning, global KL tuning.
     "quality": QuantizeSettings(
-        nsamples=256, val_size=16, seqlen=512, kmeans_iters=100, adam_steps=100, adam_lr=3e-4,
+        nsamples=256, val_size=16, seqlen=512, kmeans_iters=100, kmeans_max_points=65536, cg_iters=20,
         beam_size=2, max_rounds=20, relative_tolerance=0.005, finetune_epochs=10, finetune_lr=1e-4,
         finetune_batch_size=8, finetune_early_stop=2, global_epochs=1.0, global_lr=3e-5, global_batch_size=4,
     ),
     # The published recipe (README main + PV-tuning calibration recipe), for large machines.
     "paper": QuantizeSettings(
-        nsamples=2048, val_size=256, seqlen=4096, kmeans_iters=100, adam_steps=100, adam_lr=1e-4, beam_size=1,
+        nsamples=2048, val_size=256, seqlen=4096, kmeans_iters=100, codebook_solver="adam", adam_steps=100,
+        adam_lr=1e-4, beam_size=1,
         max_rounds=100, relative_tolerance=0.01, finetune_epochs=25, finetune_lr=1e-4, finetune_batch_size=64,
         finetune_early_stop=3, global_epochs=1.0, global_lr=1e-5, global_batch_size=8,
     ),
     # Seconds on tiny models: for tests and smoke runs.
     "tiny": QuantizeSettings(
-        nsamples=8, val_size=2, seqlen=32, kmeans_iters=10, adam_steps=10, adam_lr=1e-3, beam_size=1,
+        nsamples=8, val_size=2, seqlen=32, kmeans_iters=10, cg_iters=5, beam_size=1,
         max_rounds=2, relative_tolerance=0.01, finetune_epochs=1, finetune_lr=1e-4, finetune_batch_size=2,
         finetune_early_stop=1, global_epochs=0.0,
     ),
@@ -73,6 +76,8 @@ def get_preset(name: str, **overrides) -> QuantizeSettings:
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     settings = replace(PRESETS[name], **clean)
+    if settings.codebook_solver not in ("cg", "adam"):
+        raise ConfigError(f"codebook_solver {settings.codebook_solver!r}: expected 'cg' or 'adam'")
     if settings.val_size >= settings.nsamples:
         raise ConfigError(f"val_size {settings.val_size}: expected fewer than nsamples {settings.nsamples}")
     return settings

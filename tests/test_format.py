@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from aqlm_compile import format as fmt
+from aqlm_compile.config import AqlmConfig
+from aqlm_compile.errors import FormatError
+from aqlm_compile.models import block_linears, decoder_layers, load_fp_model
+from aqlm_compile.nn import AqlmLinear, pack_codes, unpack_codes
+
+
+def test_pack_unpack_signed():
+    codes = torch.tensor([0, 1, 127, 128, 200, 255])
+    packed = pack_codes(codes, 8)
+    assert packed.dtype == torch.int8
+    assert packed.tolist() == [0, 1, 127, -128, -56, -1]
+    assert unpack_codes(packed, 8).tolist() == codes.tolist()
+    wide = torch.tensor([0, 4095, 2048, 65535, 40000])
+    assert pack_codes(wide[:3], 12).dtype == torch.int16
+    assert unpack_codes(pack_codes(wide[:3], 12), 12).tolist() == wide[:3].tolist()
+    assert unpack_codes(pack_codes(wide, 16), 16).tolist() == wide.tolist()
+
+
+def quantize_randomly(model_dir, cfg="2x8g8", seed=0):
+    model, _ = load_fp_model(model_dir)
+    config = AqlmConfig.parse(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    _, layers = decoder_layers(model)
+    for block in layers:
+        for name, lin in block_linears(block).items():
+            codes = torch.randint(0, config.codebook_size, (lin.out_features, lin.in_features // config.in_group_size,
+                                                            config.num_codebooks), generator=gen)
+            cb = torch.randn(config.num_codebooks, config.codebook_size, 1, config.in_group_size, generator=gen) * 0.1
+            fmt.replace_module(block, name, AqlmLinear.from_parts(codes, cb.half().float(),
+                                                                  torch.rand(lin.out_features, generator=gen).half().float() + 0.5,
+                                                                  config, None if lin.bias is None else lin.bias.detach()))
+    return model, config
+
+
+@pytest.mark.parametrize("cfg", ["2x8g8", "1x16g8"])
+def test_round_trip(tiny_llama, tmp_path, cfg):
+    model, config = quantize_randomly(tiny_llama, cfg)
+    for m in model.modules():  # what we save is fp16; make the in-memory model the same
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.half().float()
+    out = fmt.save(tmp_path / "ckpt", model, config, source_dir=tiny_llama)
+    assert (out / "tokenizer.json").exists()
+    loaded, config2, meta = fmt.load(out)
+    assert config2 == config and meta["config"] == cfg
+    ids = torch.randint(0, 200, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    tensors = load_file(str(out / "model.safetensors"))
+    codes = tensors["model.layers.0.self_attn.q_proj.codes"]
+    assert codes.dtype == (torch.int8 if cfg == "2x8g8" else torch.int16)
+    assert list(codes.shape) == [64, 64 // 8, config.num_codebooks]
+    assert tensors["model.layers.0.self_attn.q_proj.codebooks"].dtype == torch.float16
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "aqlm" and qc["num_codebooks"] == config.num_codebooks
+    assert "lm_head" in qc["linear_weights_not_to_quantize"] and "model.embed_tokens" in qc["linear_weights_not_to_quantize"]
+
+
+@pytest.fixture
+def saved(tiny_llama, tmp_path):
+    model, config = quantize_randomly(tiny_llama)
+    return fmt.save(tmp_path / "ckpt", model, config, source_dir=tiny_llama)
+
+
+def _rewrite(path, key, value):
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors[key] = value
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def test_validate_wrong_code_dtype(saved):
+    key = "model.layers.1.mlp.up_proj.codes"
+    t = load_file(str(saved / "model.safetensors"))[key]
+    _rewrite(saved, key, t.to(torch.int16))
+    with pytest.raises(FormatError, match=r"model.layers.1.mlp.up_proj.codes: expected int8 .* found int16 \[128, 8, 2\]"):
+        fmt.validate(saved)
+
+
+def test_validate_wrong_codebook_shape(saved):
+    _rewrite(saved, "model.layers.0.self_attn.k_proj.codebooks", torch.zeros(2, 128, 1, 8, dtype=torch.float16))
+    with pytest.raises(FormatError, match=r"k_proj.codebooks: expected float \[2, 256, 1, 8\]"):
+        fmt.validate(saved)
+
+
+def test_load_wrong_codes_shape(saved):
+    _rewrite(saved, "model.layers.0.self_attn.o_proj.codes", torch.zeros(64, 4, 2, dtype=torch.int8))
+    _rewrite(saved, "model.layers.0.self_attn.o_proj.scales", torch.ones(64, 1, 1, 1, dtype=torch.float16))
+    with pytest.raises(FormatError, match=r"o_proj.codes: expected \[64, 8, 2\]"):
+        fmt.load(saved)
+
+
+def test_validate_bad_config(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    del cfg["quantization_config"]["in_group_size"]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="quantization_config.in_group_size: missing"):
+        fmt.validate(saved)
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(FormatError, match="config.json: not valid JSON"):
+        fmt.validate(saved)
+
+
+def test_validate_missing_and_corrupt_weights(saved):
+    (saved / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(FormatError, match="model.safetensors: not a readable safetensors file"):
+        fmt.validate(saved)
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(FormatError, match="model.safetensors: missing"):
+        fmt.validate(saved)
+
+
+def test_validate_nan_scales(saved):
+    _rewrite(saved, "model.layers.0.mlp.down_proj.scales", torch.full((64, 1, 1, 1), float("nan"), dtype=torch.float16))
+    with pytest.raises(FormatError, match="down_proj.scales: contains NaN"):
+        fmt.validate(saved)

@@ -105,6 +105,7 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         source = str(resolve_model_dir(path))
         model, tokenizer = load_fp_model(Path(source))
         aqlm_config, layer_names = None, None
+        result["bits_per_param"] = float(torch.finfo(next(model.parameters()).dtype).bits)  # dense, as evaluated
     bos = tokenizer.bos_token_id
     ids = tokenize(tokenizer, corpus.heldout)
     win = eval_windows(ids, seqlen, windows, bos)

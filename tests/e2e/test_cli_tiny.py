@@ -72,6 +72,22 @@ def test_bad_input_is_one_clear_line(args, message, tiny_llama, tmp_path):
     assert len(lines) == 1 and message in lines[0], r.output
 
 
+def test_malformed_model_dir_is_one_clear_line(tmp_path):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "llama"}')  # no weights
+    r = CliRunner().invoke(main, ["quantize", str(bad), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2
+    assert f"{bad}: could not load as a causal LM" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_plain_model(tiny_llama, tiny_corpus):
+    r = run(["eval", str(tiny_llama), "--dataset", str(tiny_corpus), "--seqlen", "32", "--windows", "2", "--json"])
+    result = json.loads(r.output.strip().splitlines()[-1])
+    assert result["ppl"] == result["fp_ppl"] and result["bits_per_param"] == 32.0 and result["rtn_ppl"] > 0
+
+
 def test_bad_checkpoint_is_one_clear_line(tiny_llama, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

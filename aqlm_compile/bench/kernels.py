@@ -46,7 +46,25 @@ def kernel_bytes(cfg: AqlmConfig, out_f: int, in_f: int) -> int:
         cfg.num_codebooks * cfg.codebook_size * cfg.in_group_size * 2 + out_f * 4
 
 
-def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20,
+def _aqlm_package_kernel(cfg: AqlmConfig, x, codes, cb, scales):
+    """The `aqlm` package's CPU kernel (numba LUT, Kx8 only), with one numba thread: it races with more."""
+    if cfg.nbits_per_codebook != 8:
+        return None
+    try:
+        import numba
+        import torch
+        from aqlm.inference_kernels.numba_kernel import numba_gemm_lut
+    except ImportError:
+        return None
+    numba.set_num_threads(1)
+    xt = torch.from_numpy(x)
+    codes_t = torch.from_numpy(np.ascontiguousarray(codes.transpose(1, 0, 2)))  # its CPU layout [in/g, out, M]
+    cb_t = torch.from_numpy(cb.astype(np.float32)).unsqueeze(2)
+    sc_t = torch.from_numpy(scales).view(-1, 1, 1, 1)
+    return lambda: numba_gemm_lut(xt, codes_t, cb_t, sc_t, None)
+
+
+def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, with_aqlm_package: bool = True,
                   log=print) -> list[dict]:
     import torch
     import tvm
@@ -92,13 +110,24 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20,
                     runs["aqlm_cold"].append(_median_ms(lambda: fn(*args, y), max(3, calls // 4), flush))
                     runs["dense_cold"].append(_median_ms(dense_fn, max(3, calls // 4), flush))
                 ms = {k: statistics.median(v) for k, v in runs.items()}
+                ref_fn = _aqlm_package_kernel(cfg, x, codes, cb, scales) if with_aqlm_package else None
+                if ref_fn is not None:
+                    fn(*args, y)
+                    agree = np.abs(ref_fn().numpy() - y.numpy()).max() / max(np.abs(y.numpy()).max(), 1e-30)
+                    for _ in range(2):
+                        ref_fn()
+                    ms["aqlm_package"] = statistics.median(_median_ms(ref_fn, calls) for _ in range(rounds))
                 lb_ms = kernel_bytes(cfg, out_f, in_f) / (bw * 1e9) * 1e3
                 rec = {"config": cfg_name, "out_features": out_f, "in_features": in_f, "batch": batch,
                        "target": f"llvm/{target.attrs['mcpu']}", "kernel": choice.name, "ms": ms["aqlm"],
                        "ms_cold": ms["aqlm_cold"], "baseline": "torch dense fp32", "baseline_ms": ms["dense"],
                        "baseline_ms_cold": ms["dense_cold"], "speedup": ms["dense"] / ms["aqlm"],
                        "bandwidth_bound_ms": lb_ms, "measured_bandwidth_gbs": bw}
+                if "aqlm_package" in ms:
+                    rec.update({"aqlm_package_ms": ms["aqlm_package"], "aqlm_package_rel_diff": float(agree),
+                                "speedup_vs_aqlm_package": ms["aqlm_package"] / ms["aqlm"]})
+                extra = f"; aqlm pkg {ms['aqlm_package']:.3f} ms" if "aqlm_package" in ms else ""
                 log(f"{cfg_name:>7} {out_f}x{in_f} b{batch}: {ms['aqlm']:.3f} ms (cold {ms['aqlm_cold']:.3f}) vs dense "
-                    f"{ms['dense']:.3f} ms -> {rec['speedup']:.2f}x; bound {lb_ms:.3f} ms")
+                    f"{ms['dense']:.3f} ms -> {rec['speedup']:.2f}x; bound {lb_ms:.3f} ms{extra}")
                 records.append(rec)
     return records

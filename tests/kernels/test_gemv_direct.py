@@ -39,3 +39,23 @@ def test_matches_torch_reference_fp32(cfg, batch):
     lib["aqlm_gemv"](*tensors, y)
     err = (torch.from_numpy(y.numpy()) - ref).abs().max() / ref.abs().max()
     assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("cfg", ["2x8g8", "1x16g8", "8x8g32"])
+def test_matches_torch_reference_fp16(cfg):
+    config = AqlmConfig.parse(cfg)
+    out_f, in_f, batch = 64, 256, 2
+    layer = random_layer(config, out_f, in_f, seed=2)
+    x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(3)).half()
+    with torch.no_grad():
+        ref = x.double() @ layer.weight().double().T + layer.bias.double()
+    lib = build(gemv_direct(GemvShape(out_f, in_f, config, batch, act_dtype="float16")), x86_target())
+    dev = tvm.cpu()
+    args = [x.numpy(), layer.codes.numpy(),
+            layer.codebooks.detach().reshape(config.num_codebooks, config.codebook_size, -1).half().numpy(),
+            layer.scales.detach().reshape(-1).numpy(), layer.bias.detach().numpy()]
+    tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args]
+    y = tvm.runtime.empty((batch, out_f), "float16", dev)
+    lib["aqlm_gemv"](*tensors, y)
+    err = (torch.from_numpy(y.numpy()).double() - ref).abs().max() / ref.abs().max()
+    assert err <= 2e-3, err

@@ -89,6 +89,25 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
         click.echo("bits/param counts the quantized linears: codes + fp16 codebooks + fp16 scales")
 
 
+@main.command()
+@click.argument("checkpoint_dir")
+@click.option("--target", type=click.Choice(["x86", "arm64", "cuda"]), required=True)
+@click.option("-o", "--output", "out_dir", help="Artifact folder (default: CHECKPOINT_DIR-<target>).")
+@click.option("--cpu", help="x86: an LLVM CPU name or avx2 / avx512 (default: this machine's CPU).")
+def build(checkpoint_dir, target, out_dir, cpu):
+    """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
+    from .errors import ConfigError
+
+    out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
+    if target != "x86":
+        raise ConfigError(f"--target {target}: not built yet in this version (x86 only so far)")
+    from .targets.x86 import build_x86
+
+    manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu)
+    click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
+               f"({manifest['target_spec']['mcpu']})")
+
+
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
     from .errors import ConfigError
 

@@ -1,0 +1,1 @@
+"""Loading built artifacts with runtimes only (no torch, no TVM compiler)."""

@@ -1,0 +1,58 @@
+"""Run the compiled AQLM layer kernels of an artifact folder with the TVM runtime and numpy (no torch)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import artifact
+from ..errors import ConfigError, FormatError
+
+
+class KernelLibrary:
+    def __init__(self, artifact_dir: str | Path):
+        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+        import tvm
+        from safetensors.numpy import load_file
+
+        self.dir = Path(artifact_dir)
+        self.manifest = artifact.verify(self.dir)
+        self.tvm = tvm
+        self.dev = tvm.cpu()
+        self.module = tvm.runtime.load_module(str(self.dir / self.manifest["kernel_library"]))
+        self.weights = load_file(str(self.dir / "weights" / "model.safetensors"))
+        self._cache: dict[str, list] = {}
+
+    def layer_args(self, layer: str):
+        if layer not in self._cache:
+            if layer not in self.manifest["layers"]:
+                raise ConfigError(f"layer {layer!r}: not in {self.dir / artifact.MANIFEST}")
+            w = self.weights
+            codes = w[f"{layer}.codes"]
+            cb = w[f"{layer}.codebooks"]
+            cb = cb.reshape(cb.shape[0], cb.shape[1], -1).astype(np.float16)
+            scales = w[f"{layer}.scales"].reshape(-1).astype(np.float32)
+            bias = w.get(f"{layer}.bias", np.zeros_like(scales)).astype(np.float32)
+            self._cache[layer] = [self.tvm.runtime.tensor(np.ascontiguousarray(a), self.dev)
+                                  for a in (codes, cb, scales, bias)]
+        return self._cache[layer]
+
+    def linear(self, layer: str, x: np.ndarray) -> np.ndarray:
+        """y = x @ Ŵᵀ + b for x [N, in] float32, N ≤ the artifact's largest batch."""
+        info = self.manifest["layers"].get(layer)
+        if info is None:
+            raise ConfigError(f"layer {layer!r}: not in {self.dir / artifact.MANIFEST}")
+        if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != info["in_features"]:
+            raise ConfigError(f"{layer}: expected float32 [N, {info['in_features']}], found {x.dtype} {list(x.shape)}")
+        symbol = f"aqlm_gemv_{info['out_features']}x{info['in_features']}_b{x.shape[0]}"
+        if symbol not in self.manifest["kernels"]:
+            raise ConfigError(f"{layer}: no kernel for batch {x.shape[0]} in this artifact")
+        try:
+            fn = self.module[symbol]
+        except Exception as exc:  # the library does not match its manifest
+            raise FormatError(f"{self.dir / self.manifest['kernel_library']}: no function {symbol} ({exc})") from None
+        y = self.tvm.runtime.empty((x.shape[0], info["out_features"]), "float32", self.dev)
+        fn(self.tvm.runtime.tensor(np.ascontiguousarray(x), self.dev), *self.layer_args(layer), y)
+        return y.numpy()

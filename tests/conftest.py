@@ -32,3 +32,10 @@ def tiny_qwen2(tiny_root):
     from tiny_models import make_model
 
     return make_model(tiny_root / "qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tiny_root):
+    from tiny_models import make_model
+
+    return make_model(tiny_root / "mistral", "mistral")

@@ -14,7 +14,7 @@ def run(args):
     return result
 
 
-@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2", "tiny_mistral"])
 def test_quantize_and_eval(arch, request, tiny_corpus, tmp_path):
     model_dir = request.getfixturevalue(arch)
     out = tmp_path / "ckpt"

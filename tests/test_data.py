@@ -1,0 +1,52 @@
+import pytest
+
+from aqlm_compile.data import calibration_windows, eval_windows, load_corpus
+from aqlm_compile.errors import DataError
+
+
+def test_folder_is_split_by_file(tmp_path):
+    for i in range(10):
+        (tmp_path / f"doc{i}.txt").write_text(f"text of document {i}\n" * 5)
+    corpus = load_corpus(str(tmp_path))
+    assert corpus.heldout_sources == ["doc8.txt", "doc9.txt"]
+    assert "document 9" in corpus.heldout and "document 9" not in corpus.calibration
+    assert set(corpus.calibration_sources).isdisjoint(corpus.heldout_sources)
+
+
+def test_file_is_split_by_lines(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("\n".join(f"line {i}" for i in range(100)))
+    corpus = load_corpus(str(path))
+    assert corpus.calibration.splitlines()[-1] == "line 79" and corpus.heldout.splitlines()[0] == "line 80"
+
+
+def test_bad_datasets(tmp_path):
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad" * 10)
+    with pytest.raises(DataError, match="bin.txt: not UTF-8 text"):
+        load_corpus(str(tmp_path / "bin.txt"))
+    (tmp_path / "short.txt").write_text("one line")
+    with pytest.raises(DataError, match="short.txt: expected at least 5 lines"):
+        load_corpus(str(tmp_path / "short.txt"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="expected at least two .txt files"):
+        load_corpus(str(empty))
+
+
+def test_windows_protocol():
+    ids = list(range(1000))
+    calib = calibration_windows(ids, 4, 100, seed=0)
+    assert calib.shape == (4, 100)
+    assert (calib[:, 1:] - calib[:, :-1] == 1).all()  # contiguous windows
+    assert calibration_windows(ids, 4, 100, seed=0).equal(calib)
+    ev = eval_windows(ids, 300, None, bos_id=7)
+    assert ev.shape == (3, 301) and (ev[:, 0] == 7).all() and ev[1, 1].item() == 300  # remainder dropped
+    with pytest.raises(DataError, match="at least 1001 are needed"):
+        calibration_windows(ids, 1, 1000)
+
+
+def test_brown_protocol():
+    corpus = load_corpus("brown")
+    assert corpus.calibration_sources[0] == "ca01" and corpus.calibration_sources[-1][:2] == "cj"
+    assert corpus.heldout_sources[0] == "ck01" and corpus.heldout_sources[-1][:2] == "cr"
+    assert "/" not in corpus.heldout.splitlines()[1]  # tags stripped

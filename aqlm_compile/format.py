@@ -155,12 +155,11 @@ def validate(ckpt_dir: str | Path) -> tuple[AqlmConfig, dict, dict[str, torch.Te
     return aqlm_config, config, tensors
 
 
-def load(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """Validate, then build the model with `AqlmLinear` layers. Returns (model, AqlmConfig, metadata)."""
+def _build_model(ckpt_dir: Path, raw: dict, aqlm_config, tensors, dtype):
+    """The HF model of config.json with `AqlmLinear` in place of every quantized layer, every tensor's name and
+    shape checked against it (no weights loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    ckpt_dir = Path(ckpt_dir)
-    aqlm_config, raw, tensors = validate(ckpt_dir)
     clean = {k: v for k, v in raw.items() if k not in ("quantization_config", "aqlm_compile")}
     try:
         hf_config = AutoConfig.for_model(**clean)
@@ -187,10 +186,28 @@ def load(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32):
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise FormatError(f"{ckpt_dir / WEIGHTS}: tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    state = {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in tensors.items()}
     for name, t in model.state_dict().items():
-        if name in state and list(state[name].shape) != list(t.shape):
-            raise FormatError(f"{ckpt_dir / WEIGHTS}: {name}: expected shape {list(t.shape)}, found {list(state[name].shape)}")
+        if name in tensors and list(tensors[name].shape) != list(t.shape):
+            raise FormatError(f"{ckpt_dir / WEIGHTS}: {name}: expected shape {list(t.shape)}, found {list(tensors[name].shape)}")
+    return model, hf_config
+
+
+def check_model(ckpt_dir: str | Path):
+    """`validate` plus the structural checks of `load` (layer names and shapes against config.json), on the meta
+    device: cheap for any model size. Returns (AqlmConfig, hf config dict, tensors)."""
+    ckpt_dir = Path(ckpt_dir)
+    aqlm_config, raw, tensors = validate(ckpt_dir)
+    with torch.device("meta"):
+        _build_model(ckpt_dir, raw, aqlm_config, tensors, torch.float32)
+    return aqlm_config, raw, tensors
+
+
+def load(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """Validate, then build the model with `AqlmLinear` layers. Returns (model, AqlmConfig, metadata)."""
+    ckpt_dir = Path(ckpt_dir)
+    aqlm_config, raw, tensors = validate(ckpt_dir)
+    model, hf_config = _build_model(ckpt_dir, raw, aqlm_config, tensors, dtype)
+    state = {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in tensors.items()}
     model.load_state_dict(state, strict=False)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()

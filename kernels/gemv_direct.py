@@ -38,14 +38,41 @@ def _largest_divisor(n: int, preferred: int) -> int:
     return d
 
 
-def gemv_direct(shape: GemvShape, rows: int = 4, groups: int = 4, name: str = "aqlm_gemv"):
-    """A TIR PrimFunc `name(x[N, I], codes[O, I/g, M], codebooks[M, K, g], scales[O], (bias[O],) y[N, O])`."""
+L1_BYTES = 32 * 1024
+
+
+def default_schedule(shape: GemvShape) -> dict:
+    """Schedule parameters measured best on Zen 4 (benchmarks/results/kernels-x86.md).
+
+    R·U·g ≤ 128 fp32 accumulators (16 ymm registers; more spills). Codebooks that fit in L1 (Kx8): 4 rows × 4
+    groups, no prefetch. Codebooks that do not (1x16: 1 MiB, which competes for L2 with the streamed codes): 8 rows
+    × 2 groups and a software prefetch of the codes 64 groups ahead, which took 11008×4096 from 3.3 to 2.0 ms."""
+    cfg = shape.config
+    big = cfg.num_codebooks * cfg.codebook_size * cfg.in_group_size * 2 > L1_BYTES
+    rows = 8 if big else 4
+    groups = max(1, 128 // (rows * cfg.in_group_size))
+    return {"rows": rows, "groups": groups, "prefetch": 64 if big else 0}
+
+
+def gemv_direct(shape: GemvShape, rows: int | None = None, groups: int | None = None, prefetch: int | None = None,
+                fp32_codebooks: bool = False, name: str = "aqlm_gemv"):
+    """A TIR PrimFunc `name(x[N, I], codes[O, I/g, M], codebooks[M, K, g], scales[O], bias[O], y[N, O])`.
+
+    rows/groups/prefetch default to `default_schedule(shape)`; `prefetch` = how many input groups ahead to
+    prefetch each row's codes (0: off). `fp32_codebooks` widens the codebooks to fp32 once per call; measured
+    slower for 2x8g8 (an fp32 table plus a 4096-float x fill the 32 KiB L1), kept for other CPUs to try."""
+    sched = default_schedule(shape)
+    rows = sched["rows"] if rows is None else rows
+    groups = sched["groups"] if groups is None else groups
+    prefetch = sched["prefetch"] if prefetch is None else prefetch
     cfg = shape.config
     O, I, N, g, M = shape.out_features, shape.in_features, shape.batch, cfg.in_group_size, cfg.num_codebooks
     cfg.check_shape(O, I)
     J, K, mask = I // g, cfg.codebook_size, cfg.codebook_size - 1
     R, U = _largest_divisor(O, rows), _largest_divisor(J, groups)
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
+    widen = bool(fp32_codebooks) and cbt != "float32"
+    wt = "float32" if widen else cbt
 
     def decode(cb, codes, o, j, m, t):
         return T.Cast("float32", cb[m, T.bitwise_and(T.Cast("int32", codes[o, j, m]), mask), t])
@@ -54,19 +81,29 @@ def gemv_direct(shape: GemvShape, rows: int = 4, groups: int = 4, name: str = "a
     def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((M, K, g), cbt),
                scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        cbw = T.alloc_buffer((M, K, g), wt, scope="global")
+        if widen:
+            for m, k in T.grid(M, K):
+                for t in T.vectorized(g):
+                    cbw[m, k, t] = T.Cast(wt, cb[m, k, t])
         for ob in T.parallel(O // R):
             acc = T.alloc_buffer((N, R, U, g), "float32", scope="global")
             w = T.alloc_buffer((R, U, g), "float32", scope="global")
             for n, r, u, t in T.grid(N, R, U, g):
                 acc[n, r, u, t] = T.float32(0)
             for jo in range(J // U):
+                if prefetch > 0:
+                    for r in T.unroll(R):
+                        # locality 3: keep it; the codes are read once, but an NTA hint measured slower here
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                            codes[ob * R + r, T.min(jo * U + prefetch, J - 1), 0]), T.int32(0), T.int32(3), T.int32(1)))
                 for r in T.unroll(R):
                     for u in T.unroll(U):
                         for t in T.vectorized(g):
-                            w[r, u, t] = decode(cb, codes, ob * R + r, jo * U + u, 0, t)
+                            w[r, u, t] = decode(cbw if widen else cb, codes, ob * R + r, jo * U + u, 0, t)
                         for m in range(1, M):
                             for t in T.vectorized(g):
-                                w[r, u, t] = w[r, u, t] + decode(cb, codes, ob * R + r, jo * U + u, m, t)
+                                w[r, u, t] = w[r, u, t] + decode(cbw if widen else cb, codes, ob * R + r, jo * U + u, m, t)
                 for n in range(N):
                     for r in T.unroll(R):
                         for u in T.unroll(U):

@@ -13,31 +13,45 @@ import tvm  # noqa: E402
 from aqlm_compile import __version__, artifact  # noqa: E402
 from aqlm_compile import format as fmt  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
-from aqlm_compile.kernels.registry import select_kernel  # noqa: E402
+from aqlm_compile.errors import ConfigError  # noqa: E402
+from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, select_kernel  # noqa: E402
 
-KERNEL_ABI = ("name(x[N,in], codes[out,in/g,M] int8|int16, codebooks[M,2^B,g] fp16, scales[out] f32, bias[out] f32, "
+KERNEL_ABI = ("aqlm_gemv_OxI_bN (N fixed) / aqlm_gemm_OxI (any N): name(x[N,in], codes[out,in/g,M] int8|int16, codebooks[M,2^B,g] fp16, scales[out] f32, bias[out] f32, "
               "y[N,out]); arrays 64-byte aligned")
 
 
 def checkpoint_layers(ckpt_dir):
     """(AqlmConfig, {layer name: (out_features, in_features)}) of a validated checkpoint."""
-    aqlm_config, _, tensors = fmt.validate(ckpt_dir)
+    aqlm_config, _, tensors = fmt.check_model(ckpt_dir)
     layers = {name[: -len(".codes")]: (t.shape[0], t.shape[1] * aqlm_config.in_group_size)
               for name, t in tensors.items() if name.endswith(".codes")}
     return aqlm_config, layers
 
 
-def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = 8):
-    """One IRModule with a GEMV per distinct layer shape and batch size 1..max_batch."""
+def gemv_symbol(out_f: int, in_f: int, batch: int) -> str:
+    return f"aqlm_gemv_{out_f}x{in_f}_b{batch}"
+
+
+def gemm_symbol(out_f: int, in_f: int) -> str:
+    return f"aqlm_gemm_{out_f}x{in_f}"
+
+
+def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = MAX_GEMV_BATCH):
+    """One IRModule per checkpoint: for each distinct layer shape a GEMV per batch size 1..max_batch and, on CPU,
+    one GEMM for any token count (prefill). `kernels` records which kernel each symbol is and why."""
+    if not 1 <= max_batch <= MAX_GEMV_BATCH:
+        raise ConfigError(f"--max-batch {max_batch}: expected 1..{MAX_GEMV_BATCH}")
     funcs, kernels = {}, {}
     for out_f, in_f in sorted(set(layers.values())):
-        for batch in range(1, max_batch + 1):
-            shape = GemvShape(out_f, in_f, aqlm_config, batch)
+        entries = [(gemv_symbol(out_f, in_f, b), b) for b in range(1, max_batch + 1)]
+        if target_kind == "llvm":
+            entries.append((gemm_symbol(out_f, in_f), None))
+        for symbol, batch in entries:
+            shape = GemvShape(out_f, in_f, aqlm_config, batch or MAX_GEMV_BATCH + 1)
             choice = select_kernel(shape, target_kind)
-            symbol = f"aqlm_gemv_{out_f}x{in_f}_b{batch}"
             funcs[symbol] = choice.build_func(shape, symbol)
             kernels[symbol] = {"kernel": choice.name, "reason": choice.reason, "out_features": out_f,
-                               "in_features": in_f, "batch": batch}
+                               "in_features": in_f, "batch": batch if batch else "any"}
     return tvm.IRModule(funcs), kernels
 
 

@@ -40,13 +40,17 @@ class KernelLibrary:
         return self._cache[layer]
 
     def linear(self, layer: str, x: np.ndarray) -> np.ndarray:
-        """y = x @ Ŵᵀ + b for x [N, in] float32, N ≤ the artifact's largest batch."""
+        """y = x @ Ŵᵀ + b for x [N, in] float32: the GEMV kernel for its N when built, else the GEMM (any N)."""
         info = self.manifest["layers"].get(layer)
         if info is None:
             raise ConfigError(f"layer {layer!r}: not in {self.dir / artifact.MANIFEST}")
         if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != info["in_features"]:
             raise ConfigError(f"{layer}: expected float32 [N, {info['in_features']}], found {x.dtype} {list(x.shape)}")
+        if x.shape[0] < 1:
+            raise ConfigError(f"{layer}: expected at least one row in x, found {list(x.shape)}")
         symbol = f"aqlm_gemv_{info['out_features']}x{info['in_features']}_b{x.shape[0]}"
+        if symbol not in self.manifest["kernels"]:
+            symbol = f"aqlm_gemm_{info['out_features']}x{info['in_features']}"
         if symbol not in self.manifest["kernels"]:
             raise ConfigError(f"{layer}: no kernel for batch {x.shape[0]} in this artifact")
         try:

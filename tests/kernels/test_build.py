@@ -1,0 +1,222 @@
+"""`aqlm-compile build --target x86|arm64|cuda`: artifact folders whose kernels reproduce the checkpoint's layers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+tvm = pytest.importorskip("tvm")
+
+from aqlm_compile import format as fmt  # noqa: E402
+from aqlm_compile.cli import main  # noqa: E402
+from aqlm_compile.errors import ConfigError, FormatError  # noqa: E402
+from aqlm_compile.runtime.kernels import KernelLibrary  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def built(tiny_llama, tiny_corpus, tmp_path_factory):
+    from aqlm_compile.jobs import quantize_job
+
+    root = tmp_path_factory.mktemp("build")
+    ckpt = root / "ckpt"
+    quantize_job(str(tiny_llama), str(ckpt), config="2x8g8", dataset=str(tiny_corpus), preset="tiny", device="cpu",
+                 overrides={"kmeans_iters": 3, "max_rounds": 1})
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(root / "art")])
+    assert r.exit_code == 0, r.output
+    return ckpt, root / "art"
+
+
+def test_artifact_layers_match_checkpoint(built):
+    ckpt, art = built
+    model, _, _ = fmt.load(ckpt)
+    lib = KernelLibrary(art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["target"] == "x86" and manifest["aqlm_config"] == "2x8g8"
+    assert "kernels_x86.so" in manifest["files"] and "weights/model.safetensors" in manifest["files"]
+    modules = dict(model.named_modules())
+    for layer in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]:
+        for batch in (1, 5, 9, 33):  # GEMV for ≤ 8 tokens, the prefill GEMM above
+            x = torch.randn(batch, modules[layer].in_features, generator=torch.Generator().manual_seed(batch))
+            with torch.no_grad():
+                ref = modules[layer](x.double().float()).double()
+            y = torch.from_numpy(lib.linear(layer, x.numpy())).double()
+            assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_artifact_bad_inputs(built):
+    _, art = built
+    lib = KernelLibrary(art)
+    with pytest.raises(ConfigError, match=r"expected float32 \[N, 64\], found float64"):
+        lib.linear("model.layers.0.self_attn.q_proj", np.zeros((1, 64)))
+    with pytest.raises(ConfigError, match="at least one row"):
+        lib.linear("model.layers.0.self_attn.q_proj", np.zeros((0, 64), np.float32))
+    with pytest.raises(ConfigError, match="not in"):
+        lib.linear("model.layers.7.nope", np.zeros((1, 64), np.float32))
+
+
+def test_tampered_file_and_arch_mismatch(built, tmp_path):
+    import shutil
+
+    _, art = built
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["arch"] = "aarch64"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match="arch: built for aarch64"):
+        KernelLibrary(copy)
+    shutil.copy2(art / "manifest.json", copy / "manifest.json")
+    with open(copy / "kernels_x86.so", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0\1\2\3")
+    with pytest.raises(FormatError, match="kernels_x86.so: sha256 does not match"):
+        KernelLibrary(copy)
+
+
+def test_bad_build_requests_are_clear(built, tmp_path):
+    ckpt, _ = built
+    for args, message in ((["--target", "riscv"], "Invalid value for '--target'"),
+                          (["--target", "x86", "--arch", "sm_90"], "--arch is for --target cuda"),
+                          (["--target", "cuda", "--cpu", "znver4"], "--cpu is for --target x86/arm64"),
+                          (["--target", "cuda", "--arch", "volta"], "--arch 'volta': expected sm_XY"),
+                          (["--target", "x86", "--max-batch", "9"], "--max-batch 9: expected 1..8"),
+                          (["--target", "x86", "--cpu", "native"], "--cpu native: name the CPU")):
+        r = CliRunner().invoke(main, ["build", str(ckpt), "-o", str(tmp_path / "a"), *args])
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+        assert not (tmp_path / "a").exists()
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "missing"), "--target", "x86"])
+    assert r.exit_code == 2 and "missing" in r.output
+
+
+def test_bad_checkpoint_tensors_are_clear(built, tmp_path):
+    """A wrong dtype or shape in the checkpoint stops the build with the tensor named, before anything compiles."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt, _ = built
+    for change, message in ((lambda t: t.float(), "expected int8"), (lambda t: t[:, :-1], "expected [64, 8, 2] for a 64->64 layer")):
+        bad = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(ckpt, bad)
+        tensors = load_file(str(bad / "model.safetensors"))
+        name = "model.layers.0.self_attn.q_proj.codes"
+        tensors[name] = change(tensors[name]).contiguous()
+        save_file(tensors, str(bad / "model.safetensors"))
+        r = CliRunner().invoke(main, ["build", str(bad), "--target", "x86", "-o", str(tmp_path / "out")])
+        assert r.exit_code == 2 and name in r.output and message in r.output, r.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_missing_cross_toolchain_is_clear(built, tmp_path, monkeypatch):
+    import shutil as sh
+
+    ckpt, _ = built
+    real_which = sh.which
+    monkeypatch.setattr(sh, "which", lambda name, *a, **k: None if "aarch64" in name else real_which(name, *a, **k))
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "arm64", "-o", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "aarch64-linux-gnu" in r.output and "setup.sh" in r.output, r.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_arm64_artifact_runs_under_qemu(built, tmp_path):
+    """Cross-compiled with gcc-aarch64-linux-gnu, run by the artifact's own aarch64 runner under qemu-user."""
+    import shutil
+
+    if not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")):
+        pytest.skip("needs Debian's gcc/g++-aarch64-linux-gnu and qemu-user (scripts/setup.sh installs them)")
+    from aqlm_compile.targets.arm64 import run_kernel
+
+    ckpt, _ = built
+    art = tmp_path / "arm"
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "arm64", "-o", str(art)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["arch"] == "aarch64" and "runtime/aqlm_run" in manifest["files"]
+    assert open(art / "kernels_arm64.so", "rb").read(20)[18] == 183  # ELF e_machine EM_AARCH64
+    with pytest.raises(FormatError, match="arch: built for aarch64"):
+        KernelLibrary(art)  # an arm64 artifact on this x86 machine is a clear error
+    model, _, _ = fmt.load(ckpt)
+    layer = dict(model.named_modules())["model.layers.1.mlp.up_proj"]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = layer(x).double()
+    cb = layer.codebooks.detach().reshape(layer.codebooks.shape[0], layer.codebooks.shape[1], -1).half().numpy()
+    y = run_kernel(art, f"aqlm_gemv_{layer.out_features}x{layer.in_features}_b3",
+                   [x.numpy(), layer.codes.numpy(), cb, layer.scales.detach().reshape(-1).numpy(),
+                    np.zeros(layer.out_features, np.float32)], (3, layer.out_features))
+    assert ((torch.from_numpy(y).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def _nvcc_or_skip():
+    from aqlm_compile.targets.cuda import find_nvcc
+
+    try:
+        return find_nvcc()
+    except ConfigError as exc:
+        pytest.skip(f"no CUDA toolkit on this machine: {exc}")
+
+
+@pytest.fixture(scope="module")
+def cuda_artifact(built, tmp_path_factory):
+    _nvcc_or_skip()
+    ckpt, _ = built
+    art = tmp_path_factory.mktemp("cuda") / "art"
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "cuda", "--max-batch", "2", "-o", str(art)])
+    assert r.exit_code == 0, r.output
+    return art
+
+
+def test_cuda_artifact_embeds_sass_for_every_arch_and_ptx(cuda_artifact):
+    """Built with no GPU and no driver: the library must hold real device code, checked from the file itself
+    (fat-binary entries and each cubin's own ELF header), never a source-only module."""
+    from aqlm_compile.targets.cuda import device_code_inventory
+
+    manifest = json.loads((cuda_artifact / "manifest.json").read_text())
+    assert manifest["target"] == "cuda" and manifest["target_spec"]["archs"] == ["sm_80", "sm_86", "sm_89", "sm_90"]
+    inv = device_code_inventory(cuda_artifact / "kernels_cuda.so")
+    sass = sorted((e["sm"], e.get("elf_sm")) for e in inv if e["kind"] == "sass")
+    assert sass == [(80, 80), (86, 86), (89, 89), (90, 90)]
+    assert [e["sm"] for e in inv if e["kind"] == "ptx"] == [90]
+    assert sum(k["kernel"] == "gemv_cuda" for k in manifest["kernels"].values()) == len(manifest["kernels"])
+
+
+def test_device_code_check_rejects_libraries_without_it(built, tmp_path):
+    from aqlm_compile.targets.cuda import check_device_code
+
+    _, art = built
+    with pytest.raises(FormatError, match="no CUDA device code embedded"):
+        check_device_code(art / "kernels_x86.so")
+    _nvcc_or_skip()
+    from aqlm_compile.targets.cuda import nvcc_fatbin
+
+    blob = tmp_path / "sm80.fatbin"
+    blob.write_bytes(nvcc_fatbin('extern "C" __global__ void f(float* y) { y[0] = 1.f; }', ("sm_80",), None))
+    with pytest.raises(FormatError, match=r"no SASS for sm_86 \(found sm \[80\]\)"):
+        check_device_code(blob)
+
+
+def test_cuda_artifact_runs_on_a_gpu(cuda_artifact, built):
+    """Numerics on a real GPU; on a machine without one this test says so and skips (never a silent pass)."""
+    from aqlm_compile.targets.cuda import ensure_cuda_codegen
+
+    if ensure_cuda_codegen() != "driver" or not tvm.cuda().exist:
+        pytest.skip("no NVIDIA GPU/driver on this machine: the CUDA kernels were built and their cubins checked, "
+                    "not run")
+    ckpt, _ = built
+    model, _, _ = fmt.load(ckpt)
+    layer = dict(model.named_modules())["model.layers.0.mlp.gate_proj"]
+    mod = tvm.runtime.load_module(str(cuda_artifact / "kernels_cuda.so"))
+    dev = tvm.cuda()
+    cb = layer.codebooks.detach().reshape(layer.codebooks.shape[0], layer.codebooks.shape[1], -1).half().numpy()
+    for batch in (1, 2):
+        x = torch.randn(batch, layer.in_features, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            ref = layer(x).double()
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in
+                (x.numpy(), layer.codes.numpy(), cb, layer.scales.detach().reshape(-1).numpy(),
+                 np.zeros(layer.out_features, np.float32))]
+        y = tvm.runtime.empty((batch, layer.out_features), "float32", dev)
+        mod[f"aqlm_gemv_{layer.out_features}x{layer.in_features}_b{batch}"](*args, y)
+        assert ((torch.from_numpy(y.numpy()).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5

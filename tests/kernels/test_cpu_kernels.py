@@ -1,0 +1,107 @@
+"""The TVM CPU kernels (direct GEMV, LUT GEMV, prefill GEMM) against the pure-torch reference decode, every config."""
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from aqlm_compile.config import AqlmConfig  # noqa: E402
+from aqlm_compile.kernels.gemm_decode import gemm_decode  # noqa: E402
+from aqlm_compile.kernels.gemv_direct import GemvShape, gemv_direct  # noqa: E402
+from aqlm_compile.kernels.gemv_lut import gemv_lut  # noqa: E402
+from aqlm_compile.kernels.registry import select_kernel  # noqa: E402
+from aqlm_compile.nn import AqlmLinear  # noqa: E402
+from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
+
+CONFIGS = ["1x16g8", "2x8g8", "1x8g8", "8x8g32", "2x12g8", "4x8g16", "2x8g4", "3x6g8", "2x16g8"]
+KERNELS = {"direct": gemv_direct, "lut": gemv_lut, "gemm": gemm_decode}
+
+
+def random_layer(cfg, out_f, in_f, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, cfg.codebook_size, (out_f, in_f // cfg.in_group_size, cfg.num_codebooks), generator=gen)
+    cb = (torch.randn(cfg.num_codebooks, cfg.codebook_size, 1, cfg.in_group_size, generator=gen) * 0.1).half().float()
+    scales = torch.rand(out_f, generator=gen) + 0.5
+    bias = torch.randn(out_f, generator=gen)
+    return AqlmLinear.from_parts(codes, cb, scales, cfg, bias)
+
+
+def run_kernel(kernel, config, layer, x, act_dtype="float32"):
+    out_f, in_f, batch = layer.out_features, layer.in_features, x.shape[0]
+    lib = build(KERNELS[kernel](GemvShape(out_f, in_f, config, batch, act_dtype=act_dtype), name="k"), x86_target())
+    dev = tvm.cpu()
+    args = [x.numpy(), layer.codes.numpy(),
+            layer.codebooks.detach().reshape(config.num_codebooks, config.codebook_size, -1).half().numpy(),
+            layer.scales.detach().reshape(-1).numpy(), layer.bias.detach().numpy()]
+    tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args]
+    y = tvm.runtime.empty((batch, out_f), act_dtype, dev)
+    lib["k"](*tensors, y)
+    return torch.from_numpy(y.numpy()).double()
+
+
+def cases():
+    for cfg in CONFIGS:
+        for kernel, batches in (("direct", [1, 3]), ("lut", [1, 3]), ("gemm", [1, 9, 21])):
+            if kernel == "lut" and AqlmConfig.parse(cfg).codebook_size > 256:
+                continue  # the table would hold 2^B entries per input group
+            for batch in batches:
+                yield cfg, kernel, batch
+
+
+@pytest.mark.parametrize("cfg,kernel,batch", list(cases()))
+def test_matches_torch_reference_fp32(cfg, kernel, batch):
+    config = AqlmConfig.parse(cfg)
+    layer = random_layer(config, 96, 256)
+    x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = x.double() @ layer.weight().double().T + layer.bias.double()
+    y = run_kernel(kernel, config, layer, x)
+    err = ((y - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("cfg,kernel", [(c, k) for c in ["2x8g8", "1x16g8", "8x8g32"] for k in KERNELS
+                                        if not (k == "lut" and c == "1x16g8")])
+def test_matches_torch_reference_fp16(cfg, kernel):
+    config = AqlmConfig.parse(cfg)
+    layer = random_layer(config, 64, 256, seed=2)
+    x = torch.randn(2 if kernel != "gemm" else 11, 256, generator=torch.Generator().manual_seed(3)).half()
+    with torch.no_grad():
+        ref = x.double() @ layer.weight().double().T + layer.bias.double()
+    y = run_kernel(kernel, config, layer, x, act_dtype="float16")
+    err = ((y - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 2e-3, err
+
+
+def test_gemm_is_one_function_for_any_token_count():
+    config = AqlmConfig.parse("2x8g8")
+    layer = random_layer(config, 64, 128, seed=4)
+    lib = build(gemm_decode(GemvShape(64, 128, config, 1), name="k"), x86_target())
+    dev = tvm.cpu()
+    cb = layer.codebooks.detach().reshape(2, 256, -1).half().numpy()
+    weights = [tvm.runtime.tensor(np.ascontiguousarray(a), dev)
+               for a in (layer.codes.numpy(), cb, layer.scales.detach().reshape(-1).numpy(), layer.bias.detach().numpy())]
+    for n in (1, 4, 5, 64, 130):
+        x = torch.randn(n, 128, generator=torch.Generator().manual_seed(n))
+        y = tvm.runtime.empty((n, 64), "float32", dev)
+        lib["k"](tvm.runtime.tensor(x.numpy(), dev), *weights, y)
+        with torch.no_grad():
+            ref = x.double() @ layer.weight().double().T + layer.bias.double()
+        assert ((torch.from_numpy(y.numpy()).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_registry_choices():
+    pick = lambda cfg, out_f, batch, kind="llvm": select_kernel(  # noqa: E731
+        GemvShape(out_f, 4096, AqlmConfig.parse(cfg), batch), kind).name
+    assert pick("2x8g8", 4096, 1) == "gemv_direct"
+    assert pick("1x16g8", 4096, 8) == "gemv_direct"
+    assert pick("8x8g32", 4096, 1) == "gemv_lut"      # 128 KiB of codebooks: decode is the bottleneck
+    assert pick("8x8g32", 576, 1) == "gemv_direct"    # table (8·256 per group) too big for 576 outputs
+    assert pick("2x8g8", 4096, 9) == "gemm_decode"
+    assert pick("2x8g8", 4096, 4, "cuda") == "gemv_cuda"
+    from aqlm_compile.errors import ConfigError
+    with pytest.raises(ConfigError, match="CUDA has the GEMV kernel only"):
+        pick("2x8g8", 4096, 16, "cuda")
+    with pytest.raises(ConfigError, match="target kind 'opencl'"):
+        pick("2x8g8", 4096, 1, "opencl")

@@ -146,14 +146,28 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--batch", "batches", default="1,4", show_default=True)
 @click.option("--rounds", default=3, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list of records.")
-def bench(kernels, shapes, configs, batches, rounds, as_json):
-    """Same-run kernel timings with ratios against torch dense fp32 (CPU)."""
-    from .bench.kernels import bench_kernels
+@click.option("--markdown", "markdown_path", help="Also write the records as a markdown table to this file.")
+@click.option("--json-out", "json_path", help="Also write the JSON records to this file.")
+def bench(kernels, shapes, configs, batches, rounds, as_json, markdown_path, json_path):
+    """Same-run kernel timings with ratios against torch dense fp32 (CPU) and the `aqlm` package's kernel."""
+    from .bench.kernels import bench_kernels, markdown_table
+    from .cache import atomic_write_bytes
     from .config import AqlmConfig
+    from .errors import ConfigError
 
     cfgs = [AqlmConfig.parse(c).name for c in configs.split(",")]
-    records = bench_kernels(_parse_shapes(shapes), cfgs, [int(b) for b in batches.split(",")], rounds=rounds,
+    try:
+        batch_list = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise ConfigError(f"--batch {batches!r}: expected comma-separated token counts such as 1,4,16") from None
+    if any(b < 1 for b in batch_list):
+        raise ConfigError(f"--batch {batches!r}: token counts must be ≥ 1")
+    records = bench_kernels(_parse_shapes(shapes), cfgs, batch_list, rounds=rounds,
                             log=(lambda m: click.echo(m, err=True)))
+    if markdown_path:
+        atomic_write_bytes(markdown_path, markdown_table(records).encode())
+    if json_path:
+        atomic_write_bytes(json_path, (json.dumps(records, indent=1) + "\n").encode())
     if as_json:
         click.echo(json.dumps(records))
 

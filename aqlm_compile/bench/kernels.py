@@ -64,8 +64,21 @@ def _aqlm_package_kernel(cfg: AqlmConfig, x, codes, cb, scales):
     return lambda: numba_gemm_lut(xt, codes_t, cb_t, sc_t, None)
 
 
+def _alternatives(shape, choice_name: str) -> dict:
+    """Other CPU kernels that could serve this shape, timed too so the registry's choice is visible in the record."""
+    from aqlm_compile.kernels.gemv_direct import gemv_direct
+    from aqlm_compile.kernels.gemv_lut import gemv_lut
+
+    if shape.batch > 8:
+        return {}
+    alts = {"gemv_direct": gemv_direct}
+    if shape.config.codebook_size <= 256:
+        alts["gemv_lut"] = gemv_lut
+    return {k: v for k, v in alts.items() if k != choice_name}
+
+
 def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, with_aqlm_package: bool = True,
-                  log=print) -> list[dict]:
+                  alternatives: bool = True, log=print) -> list[dict]:
     import torch
     import tvm
 
@@ -85,6 +98,7 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
         dense = torch.randn(out_f, in_f) * 0.02
         for cfg_name in configs:
             cfg = AqlmConfig.parse(cfg_name)
+            cfg.check_shape(out_f, in_f)
             j = in_f // cfg.in_group_size
             codes = rng.integers(-(1 << (cfg.nbits_per_codebook - 1)), 1 << (cfg.nbits_per_codebook - 1),
                                  (out_f, j, cfg.num_codebooks)).astype(cfg.code_dtype_name)
@@ -94,14 +108,15 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
             for batch in batches:
                 shape = GemvShape(out_f, in_f, cfg, batch)
                 choice = select_kernel(shape, "llvm")
-                lib = build(choice.build_func(shape, "k"), target)
+                fn = build(choice.build_func(shape, "k"), target)["k"]
                 x = rng.standard_normal((batch, in_f)).astype(np.float32)
                 args = [tvm.runtime.tensor(a, dev) for a in (x, codes, cb, scales, bias)]
                 y = tvm.runtime.empty((batch, out_f), "float32", dev)
-                fn = lib["k"]
                 xt = torch.from_numpy(x)
                 dense_fn = lambda: torch.matmul(xt, dense.T)  # noqa: E731
-                runs = {"aqlm": [], "dense": [], "aqlm_cold": [], "dense_cold": []}
+                alt_fns = {name: build(b(shape, name="k"), target)["k"]
+                           for name, b in (_alternatives(shape, choice.name).items() if alternatives else [])}
+                runs = {"aqlm": [], "dense": [], "aqlm_cold": [], "dense_cold": [], **{a: [] for a in alt_fns}}
                 for _ in range(rounds):
                     for _ in range(3):
                         fn(*args, y), dense_fn()
@@ -109,6 +124,9 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                     runs["dense"].append(_median_ms(dense_fn, calls))
                     runs["aqlm_cold"].append(_median_ms(lambda: fn(*args, y), max(3, calls // 4), flush))
                     runs["dense_cold"].append(_median_ms(dense_fn, max(3, calls // 4), flush))
+                    for name, afn in alt_fns.items():
+                        afn(*args, y)
+                        runs[name].append(_median_ms(lambda: afn(*args, y), calls))
                 ms = {k: statistics.median(v) for k, v in runs.items()}
                 ref_fn = _aqlm_package_kernel(cfg, x, codes, cb, scales) if with_aqlm_package else None
                 if ref_fn is not None:
@@ -122,12 +140,30 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                        "target": f"llvm/{target.attrs['mcpu']}", "kernel": choice.name, "ms": ms["aqlm"],
                        "ms_cold": ms["aqlm_cold"], "baseline": "torch dense fp32", "baseline_ms": ms["dense"],
                        "baseline_ms_cold": ms["dense_cold"], "speedup": ms["dense"] / ms["aqlm"],
-                       "bandwidth_bound_ms": lb_ms, "measured_bandwidth_gbs": bw}
+                       "bandwidth_bound_ms": lb_ms, "measured_bandwidth_gbs": bw,
+                       "cold_vs_bound": ms["aqlm_cold"] / lb_ms,
+                       "alternatives_ms": {a: ms[a] for a in alt_fns}}
                 if "aqlm_package" in ms:
                     rec.update({"aqlm_package_ms": ms["aqlm_package"], "aqlm_package_rel_diff": float(agree),
                                 "speedup_vs_aqlm_package": ms["aqlm_package"] / ms["aqlm"]})
                 extra = f"; aqlm pkg {ms['aqlm_package']:.3f} ms" if "aqlm_package" in ms else ""
-                log(f"{cfg_name:>7} {out_f}x{in_f} b{batch}: {ms['aqlm']:.3f} ms (cold {ms['aqlm_cold']:.3f}) vs dense "
-                    f"{ms['dense']:.3f} ms -> {rec['speedup']:.2f}x; bound {lb_ms:.3f} ms{extra}")
+                alt = "".join(f"; {a} {ms[a]:.3f} ms" for a in alt_fns)
+                log(f"{cfg_name:>7} {out_f}x{in_f} b{batch} {choice.name}: {ms['aqlm']:.3f} ms (cold {ms['aqlm_cold']:.3f})"
+                    f" vs dense {ms['dense']:.3f} ms -> {rec['speedup']:.2f}x; bound {lb_ms:.3f} ms{extra}{alt}")
                 records.append(rec)
     return records
+
+
+def markdown_table(records: list[dict]) -> str:
+    """One row per record: times, same-run ratios, cold time against the memory-bandwidth bound."""
+    head = ("| config | out×in | batch | kernel | ms (hot) | dense fp32 ms | × dense | aqlm pkg ms | × aqlm pkg | "
+            "ms (cold) | dense cold ms | bound ms | cold ÷ bound | other kernels ms |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in records:
+        pkg = f"{r['aqlm_package_ms']:.3f} | {r['speedup_vs_aqlm_package']:.2f}" if "aqlm_package_ms" in r else "– | –"
+        alts = ", ".join(f"{k} {v:.3f}" for k, v in r.get("alternatives_ms", {}).items()) or "–"
+        rows.append(f"| {r['config']} | {r['out_features']}×{r['in_features']} | {r['batch']} | {r['kernel']} | "
+                    f"{r['ms']:.3f} | {r['baseline_ms']:.3f} | **{r['speedup']:.2f}** | {pkg} | {r['ms_cold']:.3f} | "
+                    f"{r['baseline_ms_cold']:.3f} | {r['bandwidth_bound_ms']:.3f} | {r['cold_vs_bound']:.1f} | {alts} |")
+    return head + "\n".join(rows) + "\n"

@@ -44,13 +44,15 @@ L1_BYTES = 32 * 1024
 def default_schedule(shape: GemvShape) -> dict:
     """Schedule parameters measured best on Zen 4 (benchmarks/results/kernels-x86.md).
 
-    R·U·g ≤ 128 fp32 accumulators (16 ymm registers; more spills). Codebooks that fit in L1 (Kx8): 4 rows × 4
-    groups, no prefetch. Codebooks that do not (1x16: 1 MiB, which competes for L2 with the streamed codes): 8 rows
-    × 2 groups and a software prefetch of the codes 64 groups ahead, which took 11008×4096 from 3.3 to 2.0 ms."""
+    Accumulators: N·R·U·g ≤ 128 fp32 (16 ymm registers; beyond that they spill and batch 4 ran 4× slower than
+    batch 1). Codebooks that fit in L1 (Kx8): 4 rows × 4 groups at batch 1, no prefetch. Codebooks that do not
+    (1x16: 1 MiB, competing for L2 with the streamed codes): 8 rows and a software prefetch of the codes 64 groups
+    ahead, which took 11008×4096 from 3.3 to 2.0 ms."""
     cfg = shape.config
     big = cfg.num_codebooks * cfg.codebook_size * cfg.in_group_size * 2 > L1_BYTES
-    rows = 8 if big else 4
-    groups = max(1, 128 // (rows * cfg.in_group_size))
+    budget = max(1, 128 // (shape.batch * cfg.in_group_size))  # R·U
+    rows = min(8 if big else 4, budget)
+    groups = max(1, budget // rows)
     return {"rows": rows, "groups": groups, "prefetch": 64 if big else 0}
 
 

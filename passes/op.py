@@ -1,0 +1,64 @@
+"""The `aqlm` torch ops that carry AQLM layers through `torch.export`.
+
+- `aqlm::dequantize(codes, codebooks, scales) -> W [out, in] fp32`: what an `AqlmLinear` emits when exported (a
+  Q/DQ-style pattern: dequantize, then an ordinary `aten.linear`). Nothing is lost: every tensor of the layer stays
+  a separate graph input, in the HF AQLM layout.
+- `aqlm::aqlm_gemm(x, codes, codebooks, scales, bias?) -> y`: one node per AQLM layer, what `lower_aqlm_linear`
+  rewrites the pattern into and what the ONNX (`aqlm.AqlmMatMul`) and Relax (`call_tir` of kernels/) routes
+  consume. The config is visible from the input shapes: M = codes.shape[2], K = codebooks.shape[1],
+  g = codebooks.shape[3] (`aqlm_config_of`). (Named `aqlm_gemm`, not `linear`: converter maps key ops by name
+  only, and `linear.default` would collide with aten's — relax facts §3.)
+
+Both have a reference implementation (the same decode as `AqlmLinear`) and a fake one, so they export as single
+nodes and run eagerly for the before/after tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aqlm_compile.config import AqlmConfig
+from aqlm_compile.nn import decode_weight
+
+
+def _decode(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    nbits = (codebooks.shape[1] - 1).bit_length()
+    unsigned = codes.to(torch.int64) % (1 << nbits)
+    return decode_weight(unsigned, codebooks.float(), scales.float())
+
+
+@torch.library.custom_op("aqlm::dequantize", mutates_args=())
+def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _decode(codes, codebooks, scales)
+
+
+@dequantize.register_fake
+def _(codes, codebooks, scales):
+    return codes.new_empty((codes.shape[0], codes.shape[1] * codebooks.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("aqlm::aqlm_gemm", mutates_args=())
+def aqlm_gemm(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    w = _decode(codes, codebooks, scales).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@aqlm_gemm.register_fake
+def _(x, codes, codebooks, scales, bias=None):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+def aqlm_config_of(codes_shape, codebooks_shape) -> AqlmConfig:
+    """The AqlmConfig an op's inputs describe (codes [out, in/g, M], codebooks [M, K, 1, g])."""
+    m, k, _, g = codebooks_shape
+    if codes_shape[2] != m:
+        raise ValueError(f"codes {list(codes_shape)} and codebooks {list(codebooks_shape)} disagree on M")
+    return AqlmConfig(num_codebooks=int(m), nbits_per_codebook=(int(k) - 1).bit_length(), in_group_size=int(g))
+
+
+def export_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """`AqlmLinear.forward` as it is traced for export: dequantize (one op) + aten.linear."""
+    w = torch.ops.aqlm.dequantize(layer.codes, layer.codebooks, layer.scales)
+    return F.linear(x, w.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))

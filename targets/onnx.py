@@ -1,0 +1,160 @@
+"""The ONNX route: lowered exported program → ONNX decoder with `aqlm.AqlmMatMul` nodes, and its portable twin.
+
+- `AQLM_MATMUL_SCHEMA` is the op's ONNX schema (domain `aqlm`, version 1; spec in docs/aqlm-onnx-op.md), registered
+  with the onnx package so the exporter can emit it and `onnx.checker` can check it.
+- `export_onnx` translates every `aqlm.aqlm_gemm` node into one `AqlmMatMul` (attributes num_codebooks,
+  nbits_per_codebook, in_group_size, out_group_size) with the checkpoint tensors as initializers in their stored
+  dtypes (int8/int16 codes, fp16 codebooks and scales).
+- `make_portable` adds a model-local ONNX function `aqlm.AqlmMatMul` (standard ops only), so stock ONNX Runtime
+  runs the same file with no library. Its decode is tied to a runtime value (the input's shape), so ORT's constant
+  folding cannot turn it into a dense initializer at session creation (facts doc B.1): the model stays
+  compressed in memory and pays a per-call decode instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+from onnx.defs import OpSchema
+
+DOMAIN, VERSION = "aqlm", 1
+OP_TYPE = "AqlmMatMul"
+ATTRIBUTES = ("num_codebooks", "nbits_per_codebook", "in_group_size", "out_group_size")
+
+
+def _schema() -> OpSchema:
+    P = OpSchema.FormalParameter
+    return OpSchema(
+        OP_TYPE, DOMAIN, VERSION,
+        doc="y = x · Ŵᵀ (+ bias), Ŵ[o, j·g:(j+1)·g] = scales[o] · Σ_m codebooks[m, codes[o, j, m] mod 2^B, 0, :]. "
+            "See docs/aqlm-onnx-op.md.",
+        inputs=[P("x", "T", "activations [..., in]"),
+                P("codes", "TC", "codes [out, in/g, M], signed storage of B-bit values"),
+                P("codebooks", "TB", "codebooks [M, 2^B, 1, g]"),
+                P("scales", "TS", "per-output scales [out, 1, 1, 1]"),
+                P("bias", "T", "bias [out]", param_option=OpSchema.FormalParameterOption.Optional)],
+        outputs=[P("y", "T", "[..., out]")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
+                          ("TC", ["tensor(int8)", "tensor(int16)"], "codes"),
+                          ("TB", ["tensor(float16)", "tensor(float)"], "codebooks"),
+                          ("TS", ["tensor(float16)", "tensor(float)"], "scales")],
+        attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, doc, required=True) for name, doc in (
+            ("num_codebooks", "M"), ("nbits_per_codebook", "B (codebook size 2^B)"), ("in_group_size", "g"),
+            ("out_group_size", "1 (the only value in published models)"))],
+    )
+
+
+def register_schema() -> None:
+    if not onnx.defs.has(OP_TYPE, DOMAIN):
+        onnx.defs.register_schema(_schema())
+
+
+def _translation():
+    import onnxscript
+
+    register_schema()
+    opset = onnxscript.values.Opset(DOMAIN, VERSION)
+
+    def aqlm_gemm(x, codes, codebooks, scales, bias=None):
+        m, k, _, g = (int(d) for d in codebooks.shape)
+        inputs = [x, codes, codebooks, scales] + ([bias] if bias is not None else [])
+        return opset.AqlmMatMul(*inputs, num_codebooks=m, nbits_per_codebook=(k - 1).bit_length(),
+                                in_group_size=g, out_group_size=1)
+
+    return aqlm_gemm
+
+
+def export_onnx(ep, spec, path: str | Path) -> onnx.ModelProto:
+    """The lowered program `ep` as an ONNX model at `path` (inputs input_ids, attention_mask, past_*; outputs
+    logits, present_*). Checked with onnx.checker before it is written."""
+    import torch
+
+    register_schema()
+    prog = torch.onnx.export(ep, dynamo=True, optimize=True, verbose=False,
+                             custom_translation_table={torch.ops.aqlm.aqlm_gemm.default: _translation()},
+                             input_names=["input_ids", "attention_mask", *spec.kv_names()],
+                             output_names=["logits", *spec.present_names()])
+    model = prog.model_proto
+    onnx.checker.check_model(model, full_check=False)
+    _save(model, path)
+    return model
+
+
+def _save(model: onnx.ModelProto, path) -> None:
+    from aqlm_compile.cache import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), model.SerializeToString())
+
+
+def aqlm_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def _portable_function(opset_version: int) -> onnx.FunctionProto:
+    """AqlmMatMul(x, codes, codebooks, scales) from standard ops: decode Ŵ (gathers), then MatMul."""
+    n = helper.make_node
+    c = lambda name, vals: n("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals))  # noqa: E731,E501
+    nodes = [
+        c("one", [1]), c("two", [2]), c("three", [3]), c("four", [4]), c("zero1", [0]), c("minus1", [-1]),
+        n("Shape", ["codebooks"], ["cb_shape"]),
+        n("Slice", ["cb_shape", "zero1", "one"], ["M"]),
+        n("Slice", ["cb_shape", "one", "two"], ["K"]),
+        n("Slice", ["cb_shape", "three", "four"], ["g"]),
+        n("Shape", ["codes"], ["codes_shape"]),
+        n("Slice", ["codes_shape", "zero1", "one"], ["O"]),
+        # A zero computed from the activation's shape: makes the index depend on a runtime value, so ORT's
+        # constant folding cannot precompute the dense weight at session creation.
+        n("Shape", ["x"], ["x_shape"]),
+        n("ReduceMax", ["x_shape"], ["x_max"], keepdims=1),
+        n("Sub", ["x_max", "x_max"], ["runtime_zero"]),
+        n("Cast", ["codes"], ["codes64"], to=TensorProto.INT64),
+        n("Mod", ["codes64", "K"], ["unsigned"]),  # signed storage → 0..K-1 (Mod follows the divisor's sign)
+        n("Squeeze", ["M", "zero1"], ["M_scalar"]),
+        c("zero_s", [0]), c("one_s", [1]),
+        n("Squeeze", ["zero_s", "zero1"], ["z"]), n("Squeeze", ["one_s", "zero1"], ["o1"]),
+        n("Range", ["z", "M_scalar", "o1"], ["m_range"]),
+        n("Mul", ["m_range", "K"], ["m_offset"]),
+        n("Add", ["unsigned", "m_offset"], ["idx0"]),
+        n("Add", ["idx0", "runtime_zero"], ["idx"]),
+        n("Concat", ["minus1", "g"], ["flat_shape"], axis=0),
+        n("Reshape", ["codebooks", "flat_shape"], ["cb_flat16"]),
+        n("CastLike", ["cb_flat16", "x"], ["cb_flat"]),
+        n("Gather", ["cb_flat", "idx"], ["words"], axis=0),           # [O, J, M, g]
+        n("ReduceSum", ["words", "two"], ["groups"], keepdims=0),     # [O, J, g]
+        n("Concat", ["O", "minus1"], ["w_shape"], axis=0),
+        n("Reshape", ["groups", "w_shape"], ["w_unscaled"]),          # [O, I]
+        n("Concat", ["O", "one"], ["s_shape"], axis=0),
+        n("Reshape", ["scales", "s_shape"], ["s16"]),
+        n("CastLike", ["s16", "x"], ["s"]),
+        n("Mul", ["w_unscaled", "s"], ["w"]),
+        n("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        n("MatMul", ["x", "wt"], ["y"]),
+    ]
+    return helper.make_function(DOMAIN, OP_TYPE, ["x", "codes", "codebooks", "scales"], ["y"], nodes,
+                                [helper.make_opsetid("", opset_version)],
+                                attributes=list(ATTRIBUTES))
+
+
+def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` that stock ONNX Runtime runs: each AqlmMatMul keeps its node (bias split into an Add) and
+    the model carries the function that defines it."""
+    portable = onnx.ModelProto()
+    portable.CopyFrom(model)
+    opset_version = next(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx"))
+    nodes = []
+    for node in portable.graph.node:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE and len(node.input) == 5 and node.input[4]:
+            out = node.output[0]
+            matmul = helper.make_node(OP_TYPE, list(node.input[:4]), [out + "_nobias"], name=node.name, domain=DOMAIN)
+            matmul.attribute.extend(node.attribute)
+            nodes += [matmul, helper.make_node("Add", [out + "_nobias", node.input[4]], [out], name=node.name + "_bias")]
+        else:
+            nodes.append(node)
+    del portable.graph.node[:]
+    portable.graph.node.extend(nodes)
+    del portable.functions[:]
+    portable.functions.append(_portable_function(opset_version))
+    onnx.checker.check_model(portable, full_check=False)
+    return portable

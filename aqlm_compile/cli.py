@@ -97,7 +97,10 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
 @click.option("--arch", "archs", help="cuda: comma-separated SM architectures (default sm_80,sm_86,sm_89,sm_90; "
               "PTX for compute_90 is always added).")
 @click.option("--max-batch", default=8, show_default=True, help="Largest token count with a GEMV kernel (1..8).")
-def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch):
+@click.option("--onnx/--no-onnx", "with_onnx", default=True, show_default=True,
+              help="x86: also write the ONNX decoder (AqlmMatMul + portable) and the ORT op library.")
+@click.option("--dense-model", "dense_model_dir", help="x86 ONNX: also export this FP model as the dense baseline.")
+def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
     from .errors import ConfigError
 
@@ -117,13 +120,61 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch):
     if target == "x86":
         from .targets.x86 import build_x86
 
-        manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu, max_batch=max_batch)
+        manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu, max_batch=max_batch, with_onnx=with_onnx,
+                             dense_model_dir=dense_model_dir)
     else:
         from .targets.arm64 import build_arm64
 
         manifest = build_arm64(checkpoint_dir, out_dir, max_batch=max_batch, **({"cpu": cpu} if cpu else {}))
     click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
                f"({manifest['target_spec']['mcpu']})")
+
+
+@main.command()
+@click.argument("artifact_dir")
+@click.argument("prompt")
+@click.option("--runtime", type=click.Choice(["ort", "torch", "tvm"]), default="ort", show_default=True)
+@click.option("--model", "model_kind", type=click.Choice(["aqlm", "portable", "dense"]), default="aqlm",
+              show_default=True, help="ort: the AQLM op library model, the portable (stock ORT) one, or the FP one.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", type=int, help="Threads for the kernels (default: all cores).")
+@click.option("--no-bos", is_flag=True, help="Do not prepend the BOS token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the text.")
+def generate(artifact_dir, prompt, runtime, model_kind, max_new_tokens, temperature, top_p, seed, threads, no_bos,
+             as_json):
+    """Generate from an artifact folder (or, with --runtime torch, a checkpoint folder too)."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .runtime.generate import generate as run, load_tokenizer
+
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: expected ≥ 1")
+    if runtime == "ort":
+        from .runtime.ort import OrtDecoder
+
+        decoder = OrtDecoder(artifact_dir, kind=model_kind, threads=threads)
+        tok_dir = Path(artifact_dir) / "weights"
+    elif runtime == "torch":
+        from .runtime.torch_runtime import TorchDecoder, checkpoint_of
+
+        decoder = TorchDecoder(artifact_dir, threads=threads)
+        tok_dir = checkpoint_of(Path(artifact_dir))
+    else:
+        raise ConfigError("--runtime tvm: the whole-model TVM artifact is not built yet in this version (issue 6)")
+    result = run(decoder, load_tokenizer(tok_dir), prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_p=top_p, seed=seed, add_bos=not no_bos)
+    result["runtime"] = runtime if runtime != "ort" else f"ort/{model_kind}"
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(result["text"])
+        tps = result["tokens_per_s"]
+        click.echo(f"[{len(result['new_tokens'])} tokens, {tps:.1f} tokens/s decode, prefill "
+                   f"{result['prefill_s']:.2f} s]" if tps else f"[{len(result['new_tokens'])} tokens]", err=True)
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int]]:

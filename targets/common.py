@@ -55,13 +55,49 @@ def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = 
     return tvm.IRModule(funcs), kernels
 
 
+def onnx_step(ckpt_dir, dense_model_dir=None):
+    """The ONNX route of a checkpoint, to run inside `write_artifact`: returns (populate(tmp), manifest entry).
+    Writes onnx/model.onnx (AqlmMatMul nodes) and onnx/model.portable.onnx (stock ORT); with `dense_model_dir`,
+    also onnx/model.dense.onnx from the FP model, the same-run baseline."""
+    from aqlm_compile.export import export_checkpoint, export_decoder
+    from aqlm_compile.targets.onnx import export_onnx, make_portable
+
+    ep, spec, report = export_checkpoint(ckpt_dir)
+    entry = {"model": "onnx/model.onnx", "portable": "onnx/model.portable.onnx", "decoder": spec.to_json(),
+             "op": {"domain": "aqlm", "op_type": "AqlmMatMul", "version": 1}, "lowered_layers": len(
+                 report["lower_aqlm_linear"]["lowered"])}
+    if dense_model_dir is not None:
+        entry["dense"] = "onnx/model.dense.onnx"
+
+    def populate(tmp: Path):
+        import onnx
+
+        from aqlm_compile.cache import atomic_write_bytes
+
+        model = export_onnx(ep, spec, tmp / entry["model"])
+        atomic_write_bytes(tmp / entry["portable"], make_portable(model).SerializeToString())
+        if dense_model_dir is not None:
+            from aqlm_compile.models import load_fp_model
+
+            fp, _ = load_fp_model(Path(dense_model_dir))
+            fp.config.use_cache = True
+            dense_ep, dense_spec = export_decoder(fp)
+            export_onnx(dense_ep, dense_spec, tmp / entry["dense"])
+        onnx.checker.check_model(str(tmp / entry["portable"]))
+
+    return populate, entry
+
+
 def write_artifact(ckpt_dir, out_dir, *, target_name: str, arch: str, target_spec: dict, lib_name: str,
-                   export, aqlm_config, layers: dict, kernels: dict, extra_files=None, extra_manifest=None) -> dict:
+                   export, aqlm_config, layers: dict, kernels: dict, extra_files=None, extra_manifest=None,
+                   extra_steps=()) -> dict:
     import torch
 
     def populate(tmp: Path):
         export(tmp / lib_name)
         artifact.copy_checkpoint_files(Path(ckpt_dir), tmp)
+        for step in extra_steps:
+            step(tmp)
         for rel, src in (extra_files or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(Path(src).read_bytes())

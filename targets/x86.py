@@ -6,7 +6,7 @@ import platform
 
 from aqlm_compile.errors import ConfigError
 
-from .common import checkpoint_layers, kernel_module, tvm, write_artifact
+from .common import checkpoint_layers, kernel_module, onnx_step, tvm, write_artifact
 
 NAMED_CPUS = {"avx2": "haswell", "avx512": "skylake-avx512", "znver3": "znver3", "znver4": "znver4"}
 
@@ -30,8 +30,10 @@ def build(prim_func, target: tvm.target.Target):
     return tvm.compile(prim_func, target=target)
 
 
-def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8) -> dict:
-    """Compile the GEMV kernels every quantized layer needs into `kernels_x86.so`, with weights and manifest."""
+def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, with_onnx: bool = True,
+              dense_model_dir=None) -> dict:
+    """Compile the kernels every quantized layer needs into `kernels_x86.so`, with weights and manifest; with
+    `with_onnx`, also the ONNX decoder (AqlmMatMul + portable [+ dense]) and the ORT op library that runs it."""
     if platform.machine() != "x86_64":
         raise ConfigError(f"--target x86: this machine is {platform.machine()}; cross-building x86 is not supported")
     aqlm_config, layers = checkpoint_layers(ckpt_dir)
@@ -39,6 +41,15 @@ def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8) -> 
     mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch)
     lib = tvm.compile(mod, target=target)
     spec = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "mtriple": "x86_64-linux-gnu"}
+    steps, extra = [], {}
+    if with_onnx:
+        from .ort import LIBRARY, build_ort_library, host_runtime_libs
+
+        populate_onnx, entry = onnx_step(ckpt_dir, dense_model_dir)
+        entry["op_library"] = LIBRARY
+        steps = [populate_onnx, lambda tmp: build_ort_library(tmp, "kernels_x86.so", host_runtime_libs())]
+        extra["onnx"] = entry
     return write_artifact(ckpt_dir, out_dir, target_name="x86", arch="x86_64", target_spec=spec,
                           lib_name="kernels_x86.so", export=lambda p: lib.export_library(str(p)),
-                          aqlm_config=aqlm_config, layers=layers, kernels=kernels)
+                          aqlm_config=aqlm_config, layers=layers, kernels=kernels, extra_steps=steps,
+                          extra_manifest=extra)

@@ -1,0 +1,75 @@
+"""The ONNX Runtime decoder of an artifact folder. Needs onnxruntime, numpy and tokenizers only (no torch, no TVM).
+
+`kind="aqlm"` runs `onnx/model.onnx` (AqlmMatMul nodes) with the artifact's custom-op library registered through
+`SessionOptions.register_custom_ops_library`; `kind="portable"` runs `onnx/model.portable.onnx` on stock ORT;
+`kind="dense"` runs `onnx/model.dense.onnx` (the FP baseline) when the artifact has one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import artifact
+from ..errors import ConfigError, FormatError
+
+KINDS = ("aqlm", "portable", "dense")
+
+
+class OrtDecoder:
+    def __init__(self, artifact_dir: str | Path, kind: str = "aqlm", threads: int | None = None):
+        import onnxruntime as ort
+
+        if kind not in KINDS:
+            raise ConfigError(f"ORT model kind {kind!r}: expected one of {', '.join(KINDS)}")
+        self.dir = Path(artifact_dir)
+        self.manifest = artifact.verify(self.dir)
+        onnx_info = self.manifest.get("onnx")
+        if not onnx_info:
+            raise FormatError(f"{self.dir / artifact.MANIFEST}: onnx: missing (artifact built without the ONNX route)")
+        key = {"aqlm": "model", "portable": "portable", "dense": "dense"}[kind]
+        if key not in onnx_info:
+            raise FormatError(f"{self.dir / artifact.MANIFEST}: onnx.{key}: this artifact has no {kind} ONNX model")
+        spec = onnx_info["decoder"]
+        self.num_layers, self.num_kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
+        self.vocab_size, self.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
+        self.eos_token_ids = tuple(spec["eos_token_ids"])
+        threads = threads or os.cpu_count() or 1
+        so = ort.SessionOptions()
+        if kind == "aqlm":
+            # The AQLM op runs its own (TVM) thread pool: ORT's pool stays at one thread, not spinning (facts B-G4).
+            os.environ.setdefault("AQLM_NUM_THREADS", str(threads))
+            so.intra_op_num_threads = 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            lib = self.dir / onnx_info["op_library"]
+            try:
+                so.register_custom_ops_library(str(lib))
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise FormatError(f"{lib}: cannot be registered as an ONNX Runtime custom-op library "
+                                  f"({str(exc).splitlines()[0]})") from None
+        else:
+            so.intra_op_num_threads = threads
+        path = self.dir / onnx_info[key]
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise FormatError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.reset()
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32)
+        self.past = [empty] * (2 * self.num_layers)
+        self.length = 0
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        mask = np.ones((1, self.length + ids.shape[1]), np.int64)
+        feeds = dict(zip(self.input_names, [ids, mask, *self.past]))
+        out = self.session.run(None, feeds)
+        self.past = out[1:]
+        self.length += ids.shape[1]
+        return out[0][0]

@@ -1,0 +1,371 @@
+// ONNX Runtime custom-op library for aqlm.AqlmMatMul (domain "aqlm", version 1; spec: docs/aqlm-onnx-op.md).
+//
+// Written against ORT's C ABI only (ort_min_abi.h), so it loads into any ORT >= 1.16 through
+// SessionOptions.register_custom_ops_library. The arithmetic is not here: each call runs the TVM-compiled kernel
+// of kernels/ for the layer's shape (aqlm_gemv_OxI_bN for N <= 8 tokens, else aqlm_gemm_OxI), from the kernel
+// library that sits next to this file in the artifact folder (or $AQLM_KERNEL_LIBRARY), through the TVM runtime.
+// Bad input (dtype, rank, shape, attribute) is returned as an ORT error status naming the node and the input.
+// Threads: the TVM pool has $AQLM_NUM_THREADS threads (default: all cores); keep ORT's own pool at 1.
+#include "ort_min_abi.h"
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#ifndef AQLM_KERNEL_LIBRARY
+#define AQLM_KERNEL_LIBRARY "kernels_x86.so"
+#endif
+
+extern "C" OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base);
+
+namespace {
+
+const OrtApi* g_api = nullptr;
+std::mutex g_mutex;
+std::unique_ptr<tvm::ffi::Module> g_module;
+std::string g_module_error;
+
+OrtStatus* make_error(OrtErrorCode code, const std::string& msg) {
+  using Fn = OrtStatus* (*)(OrtErrorCode, const char*);
+  return ort_fn<Fn>(g_api, ort_slot::CreateStatus)(code, ("AqlmMatMul: " + msg).c_str());
+}
+
+#define ORT_TRY(expr)                     \
+  do {                                    \
+    OrtStatus* _status = (expr);          \
+    if (_status != nullptr) return _status; \
+  } while (0)
+
+std::string kernel_library_path() {
+  if (const char* env = std::getenv("AQLM_KERNEL_LIBRARY")) return env;
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&RegisterCustomOps), &info) && info.dli_fname) {
+    std::string self = info.dli_fname;
+    size_t slash = self.rfind('/');
+    return (slash == std::string::npos ? std::string(".") : self.substr(0, slash)) + "/" + AQLM_KERNEL_LIBRARY;
+  }
+  return AQLM_KERNEL_LIBRARY;
+}
+
+// Load the kernel library once per process.
+const tvm::ffi::Module* kernel_module(std::string* error) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_module) return g_module.get();
+  if (!g_module_error.empty()) {
+    *error = g_module_error;
+    return nullptr;
+  }
+  if (const char* n = std::getenv("AQLM_NUM_THREADS")) setenv("TVM_NUM_THREADS", n, 0);
+  std::string path = kernel_library_path();
+  try {
+    g_module = std::make_unique<tvm::ffi::Module>(tvm::ffi::Module::LoadFromFile(path));
+  } catch (const std::exception& e) {
+    g_module_error = "cannot load the kernel library " + path + ": " + e.what();
+    *error = g_module_error;
+    return nullptr;
+  }
+  return g_module.get();
+}
+
+uint16_t half_bits(const void* p, size_t i) { return static_cast<const uint16_t*>(p)[i]; }
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400)) { mant <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp - 15 + 127) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+struct TensorView {
+  const OrtValue* value = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  void* data = nullptr;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+OrtStatus* describe(const OrtValue* value, TensorView* out) {
+  using GetTS = OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+  using GetType = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, ONNXTensorElementDataType*);
+  using GetCount = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*);
+  using GetDims = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
+  using Release = void (*)(OrtTensorTypeAndShapeInfo*);
+  using GetData = OrtStatus* (*)(OrtValue*, void**);
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ORT_TRY(ort_fn<GetTS>(g_api, ort_slot::GetTensorTypeAndShape)(value, &info));
+  size_t ndim = 0;
+  OrtStatus* st = ort_fn<GetType>(g_api, ort_slot::GetTensorElementType)(info, &out->type);
+  if (!st) st = ort_fn<GetCount>(g_api, ort_slot::GetDimensionsCount)(info, &ndim);
+  if (!st) {
+    out->shape.resize(ndim);
+    st = ort_fn<GetDims>(g_api, ort_slot::GetDimensions)(info, out->shape.data(), ndim);
+  }
+  ort_fn<Release>(g_api, ort_slot::ReleaseTensorTypeAndShapeInfo)(info);
+  if (st) return st;
+  out->value = value;
+  return ort_fn<GetData>(g_api, ort_slot::GetTensorMutableData)(const_cast<OrtValue*>(value), &out->data);
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "int16";
+    default: return "another type";
+  }
+}
+
+// 64-byte aligned scratch: the generated kernels assume aligned data (facts doc G6).
+struct Aligned {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  void* get(size_t n) {
+    if (n > bytes) {
+      std::free(ptr);
+      bytes = (n + 63) / 64 * 64;
+      ptr = std::aligned_alloc(64, bytes);
+    }
+    return ptr;
+  }
+  ~Aligned() { std::free(ptr); }
+};
+
+struct Kernel {
+  int64_t M = 0, B = 0, g = 0;
+  std::vector<float> scales, bias;
+  Aligned x_copy, codes_copy, cb_copy, y_copy;
+  std::map<std::string, tvm::ffi::Function> functions;
+};
+
+DLTensor dl(void* data, DLDataType dtype, std::vector<int64_t>& shape) {
+  DLTensor t;
+  t.data = data;
+  t.device = DLDevice{kDLCPU, 0};
+  t.ndim = static_cast<int>(shape.size());
+  t.dtype = dtype;
+  t.shape = shape.data();
+  t.strides = nullptr;
+  t.byte_offset = 0;
+  return t;
+}
+
+void* aligned_or_copy(void* data, size_t bytes, Aligned& scratch) {
+  if (reinterpret_cast<uintptr_t>(data) % 64 == 0) return data;
+  void* dst = scratch.get(bytes);
+  std::memcpy(dst, data, bytes);
+  return dst;
+}
+
+OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
+  using InCount = OrtStatus* (*)(const OrtKernelContext*, size_t*);
+  using GetIn = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
+  using GetOut = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+  size_t n_in = 0;
+  ORT_TRY(ort_fn<InCount>(g_api, ort_slot::KernelContext_GetInputCount)(ctx, &n_in));
+  if (n_in < 4 || n_in > 5) return make_error(ORT_INVALID_ARGUMENT, "expected 4 or 5 inputs, found " + std::to_string(n_in));
+  TensorView t[5];
+  for (size_t i = 0; i < n_in; ++i) {
+    const OrtValue* v = nullptr;
+    ORT_TRY(ort_fn<GetIn>(g_api, ort_slot::KernelContext_GetInput)(ctx, i, &v));
+    if (v == nullptr) {
+      if (i == 4) { n_in = 4; break; }  // omitted optional bias
+      return make_error(ORT_INVALID_ARGUMENT, "input " + std::to_string(i) + " is missing");
+    }
+    ORT_TRY(describe(v, &t[i]));
+  }
+  TensorView &x = t[0], &codes = t[1], &cb = t[2], &sc = t[3];
+  const int64_t K = int64_t(1) << k->B;
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.empty())
+    return make_error(ORT_INVALID_ARGUMENT, std::string("x: expected float32 [..., in], found ") + type_name(x.type) + " " + shape_str(x.shape));
+  const auto want_codes = k->B <= 8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16;
+  if (codes.type != want_codes || codes.shape.size() != 3 || codes.shape[2] != k->M)
+    return make_error(ORT_INVALID_ARGUMENT, std::string("codes: expected ") + type_name(want_codes) + " [out, in/" +
+                      std::to_string(k->g) + ", " + std::to_string(k->M) + "], found " + type_name(codes.type) + " " + shape_str(codes.shape));
+  const int64_t O = codes.shape[0], J = codes.shape[1], I = J * k->g;
+  if (x.shape.back() != I)
+    return make_error(ORT_INVALID_ARGUMENT, "x: last dimension " + std::to_string(x.shape.back()) + " does not match codes " +
+                      shape_str(codes.shape) + " with in_group_size " + std::to_string(k->g) + " (in = " + std::to_string(I) + ")");
+  const std::vector<int64_t> cb_want{k->M, K, 1, k->g};
+  if (cb.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 || cb.shape != cb_want)
+    return make_error(ORT_INVALID_ARGUMENT, std::string("codebooks: expected float16 ") + shape_str(cb_want) + ", found " + type_name(cb.type) + " " + shape_str(cb.shape));
+  if ((sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) || sc.numel() != O)
+    return make_error(ORT_INVALID_ARGUMENT, std::string("scales: expected float16/float32 [") + std::to_string(O) + ", 1, 1, 1], found " + type_name(sc.type) + " " + shape_str(sc.shape));
+  bool has_bias = n_in == 5 && t[4].numel() > 0;
+  if (has_bias && (t[4].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t[4].numel() != O))
+    return make_error(ORT_INVALID_ARGUMENT, std::string("bias: expected float32 [") + std::to_string(O) + "], found " + type_name(t[4].type) + " " + shape_str(t[4].shape));
+
+  int64_t N = x.numel() / I;
+  std::vector<int64_t> y_shape = x.shape;
+  y_shape.back() = O;
+  OrtValue* y_value = nullptr;
+  ORT_TRY(ort_fn<GetOut>(g_api, ort_slot::KernelContext_GetOutput)(ctx, 0, y_shape.data(), y_shape.size(), &y_value));
+  TensorView y;
+  ORT_TRY(describe(y_value, &y));
+  if (N == 0) return nullptr;
+
+  k->scales.resize(O);
+  for (int64_t o = 0; o < O; ++o)
+    k->scales[o] = sc.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<const float*>(sc.data)[o] : half_to_float(half_bits(sc.data, o));
+  k->bias.assign(O, 0.0f);
+  if (has_bias) std::memcpy(k->bias.data(), t[4].data, O * sizeof(float));
+
+  std::string error;
+  const tvm::ffi::Module* mod = kernel_module(&error);
+  if (!mod) return make_error(ORT_FAIL, error);
+  std::string gemv = "aqlm_gemv_" + std::to_string(O) + "x" + std::to_string(I) + "_b" + std::to_string(N);
+  std::string gemm = "aqlm_gemm_" + std::to_string(O) + "x" + std::to_string(I);
+  std::string symbol = N <= 8 ? gemv : gemm;
+  auto it = k->functions.find(symbol);
+  if (it == k->functions.end()) {
+    auto f = (*mod)->GetFunction(symbol);
+    if (!f.has_value() && symbol == gemv) {
+      symbol = gemm;
+      f = (*mod)->GetFunction(symbol);
+    }
+    if (!f.has_value())
+      return make_error(ORT_FAIL, "the kernel library has no kernel for a " + std::to_string(I) + "->" + std::to_string(O) +
+                        " layer with " + std::to_string(N) + " tokens (" + symbol + "): was it built from this checkpoint?");
+    it = k->functions.emplace(symbol, f.value()).first;
+  }
+
+  const size_t code_bytes = k->B <= 8 ? 1 : 2;
+  std::vector<int64_t> x_shape{N, I}, codes_shape{O, J, k->M}, cb_shape{k->M, K, k->g}, o_shape{O}, yk_shape{N, O};
+  void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(N * O * 4);
+  DLTensor args[6] = {
+      dl(aligned_or_copy(x.data, N * I * 4, k->x_copy), DLDataType{kDLFloat, 32, 1}, x_shape),
+      dl(aligned_or_copy(codes.data, O * J * k->M * code_bytes, k->codes_copy), DLDataType{kDLInt, uint8_t(8 * code_bytes), 1}, codes_shape),
+      dl(aligned_or_copy(cb.data, k->M * K * k->g * 2, k->cb_copy), DLDataType{kDLFloat, 16, 1}, cb_shape),
+      dl(k->scales.data(), DLDataType{kDLFloat, 32, 1}, o_shape),
+      dl(k->bias.data(), DLDataType{kDLFloat, 32, 1}, o_shape),
+      dl(y_ptr, DLDataType{kDLFloat, 32, 1}, yk_shape)};
+  std::vector<tvm::ffi::AnyView> packed;
+  for (auto& a : args) packed.emplace_back(&a);
+  try {
+    tvm::ffi::Any result;
+    it->second.CallPacked(packed.data(), 6, &result);
+  } catch (const std::exception& e) {
+    return make_error(ORT_RUNTIME_EXCEPTION, symbol + ": " + e.what());
+  }
+  if (y_ptr != y.data) std::memcpy(y.data, y_ptr, N * O * 4);
+  return nullptr;
+}
+
+// --- the OrtCustomOp callbacks ---------------------------------------------------------------------------------
+OrtStatusPtr create_kernel_v2(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) {
+  using GetAttr = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
+  auto k = std::make_unique<Kernel>();
+  int64_t og = 1;
+  ORT_TRY(ort_fn<GetAttr>(g_api, ort_slot::KernelInfoGetAttribute_int64)(info, "num_codebooks", &k->M));
+  ORT_TRY(ort_fn<GetAttr>(g_api, ort_slot::KernelInfoGetAttribute_int64)(info, "nbits_per_codebook", &k->B));
+  ORT_TRY(ort_fn<GetAttr>(g_api, ort_slot::KernelInfoGetAttribute_int64)(info, "in_group_size", &k->g));
+  ORT_TRY(ort_fn<GetAttr>(g_api, ort_slot::KernelInfoGetAttribute_int64)(info, "out_group_size", &og));
+  if (k->M < 1 || k->B < 1 || k->B > 16 || k->g < 1 || og != 1)
+    return make_error(ORT_INVALID_ARGUMENT, "attributes: expected num_codebooks >= 1, nbits_per_codebook 1..16, "
+                      "in_group_size >= 1, out_group_size 1; found " + std::to_string(k->M) + ", " +
+                      std::to_string(k->B) + ", " + std::to_string(k->g) + ", " + std::to_string(og));
+  *out = k.release();
+  return nullptr;
+}
+OrtStatusPtr compute_v2(void* kernel, OrtKernelContext* ctx) {
+  try {
+    return compute(static_cast<Kernel*>(kernel), ctx);
+  } catch (const std::exception& e) {
+    return make_error(ORT_RUNTIME_EXCEPTION, e.what());
+  }
+}
+void* create_kernel_v1(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) { return nullptr; }  // unused (v2)
+void compute_v1(void*, OrtKernelContext*) {}                                                          // unused (v2)
+void destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
+const char* name(const OrtCustomOp*) { return "AqlmMatMul"; }
+const char* provider(const OrtCustomOp*) { return nullptr; }  // CPU
+ONNXTensorElementDataType input_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+size_t input_count(const OrtCustomOp*) { return 5; }
+ONNXTensorElementDataType output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+size_t output_count(const OrtCustomOp*) { return 1; }
+OrtCustomOpInputOutputCharacteristic input_char(const OrtCustomOp*, size_t i) {
+  return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+OrtCustomOpInputOutputCharacteristic output_char(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+OrtMemType mem_type(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int zero(const OrtCustomOp*) { return 0; }
+
+OrtCustomOp make_op() {
+  OrtCustomOp op;
+  std::memset(&op, 0, sizeof(op));
+  op.version = 16;
+  op.CreateKernel = create_kernel_v1;
+  op.GetName = name;
+  op.GetExecutionProviderType = provider;
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = input_count;
+  op.GetOutputType = output_type;
+  op.GetOutputTypeCount = output_count;
+  op.KernelCompute = compute_v1;
+  op.KernelDestroy = destroy;
+  op.GetInputCharacteristic = input_char;
+  op.GetOutputCharacteristic = output_char;
+  op.GetInputMemoryType = mem_type;
+  op.GetVariadicInputMinArity = zero;
+  op.GetVariadicInputHomogeneity = zero;
+  op.GetVariadicOutputMinArity = zero;
+  op.GetVariadicOutputHomogeneity = zero;
+  op.CreateKernelV2 = create_kernel_v2;
+  op.KernelComputeV2 = compute_v2;
+  return op;
+}
+
+OrtCustomOp g_op = make_op();
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                              const OrtApiBase* api_base) {
+  g_api = api_base->GetApi(16);
+  if (g_api == nullptr) {  // an ORT older than 1.16: report it through the version-1 table
+    g_api = api_base->GetApi(1);
+    return make_error(ORT_FAIL, std::string("needs ONNX Runtime >= 1.16 (C API 16), this is ") +
+                      api_base->GetVersionString());
+  }
+  using CreateDomain = OrtStatus* (*)(const char*, OrtCustomOpDomain**);
+  using DomainAdd = OrtStatus* (*)(OrtCustomOpDomain*, const OrtCustomOp*);
+  using AddDomain = OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*);
+  OrtCustomOpDomain* domain = nullptr;
+  ORT_TRY(ort_fn<CreateDomain>(g_api, ort_slot::CreateCustomOpDomain)("aqlm", &domain));
+  ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_op));
+  // The domain must outlive every session using it: it is intentionally never released.
+  return ort_fn<AddDomain>(g_api, ort_slot::AddCustomOpDomain)(options, domain);
+}

@@ -39,3 +39,32 @@ def tiny_mistral(tiny_root):
     from tiny_models import make_model
 
     return make_model(tiny_root / "mistral", "mistral")
+
+
+def _quantized(root, model_dir, config="2x8g8"):
+    from aqlm_compile.jobs import quantize_job
+
+    out = root / f"{model_dir.name}-{config}"
+    if not (out / "config.json").exists():
+        quantize_job(str(model_dir), str(out), config=config, dataset=str(_corpus(root)), preset="tiny", device="cpu",
+                     overrides={"kmeans_iters": 3, "max_rounds": 1})
+    return out
+
+
+def _corpus(root):
+    from tiny_models import write_corpus
+
+    path = root / "corpus.txt"
+    return path if path.exists() else write_corpus(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_ckpt(tiny_root, tiny_llama):
+    """A quantized (2x8g8) tiny Llama checkpoint, shared by the export, ONNX and ORT tests."""
+    return _quantized(tiny_root, tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_ckpt(tiny_root, tiny_qwen2):
+    """A quantized tiny Qwen2 (biases on q/k/v: exercises the op's optional bias)."""
+    return _quantized(tiny_root, tiny_qwen2)

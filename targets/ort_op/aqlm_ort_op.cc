@@ -166,7 +166,7 @@ struct Aligned {
 
 struct Kernel {
   int64_t M = 0, B = 0, g = 0;
-  std::vector<float> scales, bias;
+  Aligned scales, bias;  // fp32 copies, 64-byte aligned like every array the kernels read
   Aligned x_copy, codes_copy, cb_copy, y_copy;
   std::map<std::string, tvm::ffi::Function> functions;
 };
@@ -237,11 +237,12 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   ORT_TRY(describe(y_value, &y));
   if (N == 0) return nullptr;
 
-  k->scales.resize(O);
+  float* scales = static_cast<float*>(k->scales.get(O * sizeof(float)));
   for (int64_t o = 0; o < O; ++o)
-    k->scales[o] = sc.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<const float*>(sc.data)[o] : half_to_float(half_bits(sc.data, o));
-  k->bias.assign(O, 0.0f);
-  if (has_bias) std::memcpy(k->bias.data(), t[4].data, O * sizeof(float));
+    scales[o] = sc.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<const float*>(sc.data)[o] : half_to_float(half_bits(sc.data, o));
+  float* bias = static_cast<float*>(k->bias.get(O * sizeof(float)));
+  if (has_bias) std::memcpy(bias, t[4].data, O * sizeof(float));
+  else std::memset(bias, 0, O * sizeof(float));
 
   std::string error;
   const tvm::ffi::Module* mod = kernel_module(&error);
@@ -269,8 +270,8 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
       dl(aligned_or_copy(x.data, N * I * 4, k->x_copy), DLDataType{kDLFloat, 32, 1}, x_shape),
       dl(aligned_or_copy(codes.data, O * J * k->M * code_bytes, k->codes_copy), DLDataType{kDLInt, uint8_t(8 * code_bytes), 1}, codes_shape),
       dl(aligned_or_copy(cb.data, k->M * K * k->g * 2, k->cb_copy), DLDataType{kDLFloat, 16, 1}, cb_shape),
-      dl(k->scales.data(), DLDataType{kDLFloat, 32, 1}, o_shape),
-      dl(k->bias.data(), DLDataType{kDLFloat, 32, 1}, o_shape),
+      dl(scales, DLDataType{kDLFloat, 32, 1}, o_shape),
+      dl(bias, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(y_ptr, DLDataType{kDLFloat, 32, 1}, yk_shape)};
   std::vector<tvm::ffi::AnyView> packed;
   for (auto& a : args) packed.emplace_back(&a);

@@ -1,0 +1,116 @@
+"""The ONNX route end to end on tiny models: artifact ONNX files, the ORT op library, generate, bad inputs."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aqlm_compile.cli import main
+from aqlm_compile.errors import ConfigError, FormatError
+from aqlm_compile.export import DecoderWithCache
+from aqlm_compile import format as fmt
+
+
+def build(ckpt, out):
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_art(tiny_llama_ckpt, tmp_path_factory):
+    return build(tiny_llama_ckpt, tmp_path_factory.mktemp("ort") / "llama")
+
+
+@pytest.fixture(scope="module")
+def qwen2_art(tiny_qwen2_ckpt, tmp_path_factory):
+    return build(tiny_qwen2_ckpt, tmp_path_factory.mktemp("ort") / "qwen2")
+
+
+def torch_logits(ckpt, steps):
+    model, _, _ = fmt.load(ckpt)
+    model.config.use_cache = True
+    wrap = DecoderWithCache(model).eval()
+    past = [torch.zeros(1, wrap.spec.num_kv_heads, 0, wrap.spec.head_dim)] * (2 * wrap.spec.num_layers)
+    out, length = [], 0
+    for ids in steps:
+        ids_t = torch.tensor([ids])
+        with torch.no_grad():
+            res = wrap(ids_t, torch.ones(1, length + len(ids), dtype=torch.int64), *past)
+        past, length = list(res[1:]), length + len(ids)
+        out.append(res[0][0].numpy())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["aqlm", "portable"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_ort_decoder_matches_torch(kind, arch, request):
+    from aqlm_compile.runtime.ort import OrtDecoder
+
+    art = request.getfixturevalue(f"{arch}_art")
+    ckpt = request.getfixturevalue(f"tiny_{arch}_ckpt")
+    steps = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8], [100, 101]]  # prefill (GEMM: 11 tokens), decodes
+    ref = torch_logits(ckpt, steps)
+    dec = OrtDecoder(art, kind=kind, threads=1)
+    for ids, want in zip(steps, ref):
+        got = dec.step(np.array(ids))
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), (kind, ids)
+
+
+def test_artifact_onnx_files_are_checked_and_listed(llama_art):
+    from aqlm_compile.targets.onnx import aqlm_nodes, register_schema
+
+    manifest = json.loads((llama_art / "manifest.json").read_text())
+    for rel in ("onnx/model.onnx", "onnx/model.portable.onnx", "libaqlm_ort.so", "runtime/libtvm_runtime.so"):
+        assert len(manifest["files"][rel]["sha256"]) == 64
+    register_schema()
+    model = onnx.load(str(llama_art / "onnx/model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    nodes = aqlm_nodes(model)
+    assert len(nodes) == 14
+    assert {a.name: a.i for a in nodes[0].attribute} == {"num_codebooks": 2, "nbits_per_codebook": 8,
+                                                         "in_group_size": 8, "out_group_size": 1}
+    portable = onnx.load(str(llama_art / "onnx/model.portable.onnx"))
+    onnx.checker.check_model(portable, full_check=True)
+    assert [f.name for f in portable.functions] == ["AqlmMatMul"]
+
+
+def test_generate_cli_json_same_tokens(llama_art):
+    outs = {}
+    for args in (["--runtime", "ort"], ["--runtime", "ort", "--model", "portable"], ["--runtime", "torch"]):
+        r = CliRunner().invoke(main, ["generate", str(llama_art), "The quick brown", "--max-new-tokens", "12",
+                                      "--json", *args])
+        assert r.exit_code == 0, r.output
+        rec = json.loads(r.output.strip().splitlines()[-1])
+        assert {"prompt_tokens", "new_tokens", "text", "tokens_per_s"} <= set(rec)
+        outs[tuple(args)] = rec["new_tokens"]
+    assert len(set(map(tuple, outs.values()))) == 1, outs
+    r = CliRunner().invoke(main, ["generate", str(llama_art), "hi", "--temperature", "0.8", "--seed", "3", "--json"])
+    assert r.exit_code == 0 and len(json.loads(r.output.strip().splitlines()[-1])["new_tokens"]) >= 1
+
+
+def test_bad_artifacts_and_inputs(llama_art, tmp_path):
+    from aqlm_compile.runtime.generate import check_token_ids
+    from aqlm_compile.runtime.ort import OrtDecoder
+
+    copy = tmp_path / "art"
+    shutil.copytree(llama_art, copy)
+    (copy / "libaqlm_ort.so").unlink()
+    with pytest.raises(FormatError, match="libaqlm_ort.so: listed in manifest.json but missing"):
+        OrtDecoder(copy)
+    shutil.copy2(llama_art / "libaqlm_ort.so", copy / "libaqlm_ort.so")
+    with open(copy / "onnx/model.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff\xfe")
+    with pytest.raises(FormatError, match="model.onnx: sha256 does not match"):
+        OrtDecoder(copy)
+    with pytest.raises(ConfigError, match=r"token ids: \[256\] outside the vocabulary 0..255"):
+        check_token_ids([3, 256], 256)
+    r = CliRunner().invoke(main, ["generate", str(llama_art), "hi", "--max-new-tokens", "0"])
+    assert r.exit_code == 2 and "--max-new-tokens 0" in r.output
+    r = CliRunner().invoke(main, ["generate", str(tmp_path / "nope"), "hi"])
+    assert r.exit_code == 2 and "manifest.json: missing" in r.output

@@ -1,0 +1,114 @@
+"""aqlm.AqlmMatMul in ONNX Runtime through the custom-op library: numerics for every config, bad inputs."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from aqlm_compile.config import AqlmConfig
+from aqlm_compile.nn import AqlmLinear
+
+CONFIGS = ["2x8g8", "1x16g8", "1x8g8", "8x8g32", "2x12g8", "4x8g16", "2x8g4"]
+OUT, IN = 64, 128
+
+
+@pytest.fixture(scope="module")
+def op_library(tmp_path_factory):
+    """A kernel library for OUT×IN in every config (one library per config: symbols carry only the shape)."""
+    from aqlm_compile.targets.common import kernel_module, tvm
+    from aqlm_compile.targets.ort import build_ort_library, host_runtime_libs
+    from aqlm_compile.targets.x86 import x86_target
+
+    libs = {}
+    for cfg in CONFIGS:
+        dest = tmp_path_factory.mktemp(cfg)
+        mod, _ = kernel_module(AqlmConfig.parse(cfg), {"layer": (OUT, IN)}, "llvm", max_batch=4)
+        tvm.compile(mod, target=x86_target()).export_library(str(dest / "kernels_x86.so"))
+        build_ort_library(dest, "kernels_x86.so", host_runtime_libs())
+        libs[cfg] = dest / "libaqlm_ort.so"
+    return libs
+
+
+def layer(cfg, seed=0, bias=True, out=OUT):
+    gen = torch.Generator().manual_seed(seed)
+    config = AqlmConfig.parse(cfg)
+    codes = torch.randint(0, config.codebook_size, (out, IN // config.in_group_size, config.num_codebooks), generator=gen)
+    cb = (torch.randn(config.num_codebooks, config.codebook_size, 1, config.in_group_size, generator=gen) * 0.1).half().float()
+    scales = (torch.rand(out, generator=gen) + 0.5).half().float()
+    return AqlmLinear.from_parts(codes, cb, scales, config, torch.randn(out, generator=gen) if bias else None)
+
+
+def one_node_model(lin, x_shape, attrs=None, codes=None):
+    cfg = lin.config
+    inits = [numpy_helper.from_array(codes if codes is not None else lin.codes.numpy(), "codes"),
+             numpy_helper.from_array(lin.codebooks.detach().half().numpy(), "codebooks"),
+             numpy_helper.from_array(lin.scales.detach().half().numpy(), "scales")]
+    names = ["x", "codes", "codebooks", "scales"]
+    if lin.bias is not None:
+        inits.append(numpy_helper.from_array(lin.bias.detach().numpy(), "bias"))
+        names.append("bias")
+    attrs = attrs or dict(num_codebooks=cfg.num_codebooks, nbits_per_codebook=cfg.nbits_per_codebook,
+                          in_group_size=cfg.in_group_size, out_group_size=1)
+    node = helper.make_node("AqlmMatMul", names, ["y"], domain="aqlm", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("aqlm", 1)],
+                             ir_version=10)
+
+
+def session(model, lib):
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_op_matches_torch_reference(cfg, op_library):
+    lin = layer(cfg, bias=cfg != "1x8g8")
+    sess = session(one_node_model(lin, [1, None, IN]), op_library[cfg])
+    for tokens in (1, 3, 4, 13):  # GEMV (≤ max batch 4) and the GEMM beyond
+        x = torch.randn(1, tokens, IN, generator=torch.Generator().manual_seed(tokens))
+        with torch.no_grad():
+            ref = lin(x.double().float()).double()
+        y = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0]).double()
+        assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5, tokens
+
+
+def test_bad_inputs_are_ort_errors_not_crashes(op_library):
+    lin = layer("2x8g8")
+    lib = op_library["2x8g8"]
+    sess = session(one_node_model(lin, [1, None, None]), lib)  # leave the shape check to the op
+    with pytest.raises(Exception, match=r"AqlmMatMul: x: last dimension 96 does not match codes \[64, 16, 2\]"):
+        sess.run(None, {"x": np.zeros((1, 2, 96), np.float32)})
+    bad_codes = lin.codes.numpy().astype(np.int16)
+    sess = session(one_node_model(lin, [1, None, IN], codes=bad_codes), lib)
+    with pytest.raises(Exception, match=r"AqlmMatMul: codes: expected int8 \[out, in/8, 2\], found int16"):
+        sess.run(None, {"x": np.zeros((1, 1, IN), np.float32)})
+    model = one_node_model(lin, [1, None, IN], attrs=dict(num_codebooks=2, nbits_per_codebook=17, in_group_size=8,
+                                                         out_group_size=1))
+    with pytest.raises(Exception, match="nbits_per_codebook 1..16"):
+        session(model, lib).run(None, {"x": np.zeros((1, 1, IN), np.float32)})
+    other_model = one_node_model(layer("2x8g8", out=32), [1, None, IN])  # a shape the library was not built for
+    with pytest.raises(Exception, match=r"no kernel for a 128->32 layer"):
+        session(other_model, lib).run(None, {"x": np.zeros((1, 1, IN), np.float32)})
+
+
+def test_missing_kernel_library_is_an_error(op_library, tmp_path, monkeypatch):
+    lin = layer("2x8g8")
+    monkeypatch.setenv("AQLM_KERNEL_LIBRARY", str(tmp_path / "absent.so"))
+    # the library is loaded once per process: only check when this process has not loaded one yet
+    import subprocess
+    import sys
+
+    code = ("import onnxruntime as ort, numpy as np, sys\n"
+            "so = ort.SessionOptions(); so.register_custom_ops_library(sys.argv[1])\n"
+            "s = ort.InferenceSession(sys.argv[2], so, providers=['CPUExecutionProvider'])\n"
+            "s.run(None, {'x': np.zeros((1, 1, 128), np.float32)})\n")
+    model_path = tmp_path / "m.onnx"
+    onnx.save(one_node_model(lin, [1, None, IN]), str(model_path))
+    proc = subprocess.run([sys.executable, "-c", code, str(op_library["2x8g8"]), str(model_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "cannot load the kernel library" in proc.stderr and "absent.so" in proc.stderr

@@ -100,7 +100,8 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
 @click.option("--onnx/--no-onnx", "with_onnx", default=True, show_default=True,
               help="x86: also write the ONNX decoder (AqlmMatMul + portable) and the ORT op library.")
 @click.option("--dense-model", "dense_model_dir", help="x86 ONNX: also export this FP model as the dense baseline.")
-def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir):
+@click.option("--dump-ir", "dump_ir", help="x86 ONNX: write the exported graph before and after each pass to DIR.")
+def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dump_ir):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
     from .errors import ConfigError
 
@@ -121,7 +122,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         from .targets.x86 import build_x86
 
         manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu, max_batch=max_batch, with_onnx=with_onnx,
-                             dense_model_dir=dense_model_dir)
+                             dense_model_dir=dense_model_dir, dump_ir=dump_ir)
     else:
         from .targets.arm64 import build_arm64
 

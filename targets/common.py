@@ -55,14 +55,14 @@ def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = 
     return tvm.IRModule(funcs), kernels
 
 
-def onnx_step(ckpt_dir, dense_model_dir=None):
+def onnx_step(ckpt_dir, dense_model_dir=None, dump_ir=None):
     """The ONNX route of a checkpoint, to run inside `write_artifact`: returns (populate(tmp), manifest entry).
     Writes onnx/model.onnx (AqlmMatMul nodes) and onnx/model.portable.onnx (stock ORT); with `dense_model_dir`,
     also onnx/model.dense.onnx from the FP model, the same-run baseline."""
     from aqlm_compile.export import export_checkpoint, export_decoder
     from aqlm_compile.targets.onnx import export_onnx, make_portable
 
-    ep, spec, report = export_checkpoint(ckpt_dir)
+    ep, spec, report = export_checkpoint(ckpt_dir, dump_ir=dump_ir)
     entry = {"model": "onnx/model.onnx", "portable": "onnx/model.portable.onnx", "decoder": spec.to_json(),
              "op": {"domain": "aqlm", "op_type": "AqlmMatMul", "version": 1}, "lowered_layers": len(
                  report["lower_aqlm_linear"]["lowered"])}

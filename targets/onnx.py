@@ -109,15 +109,18 @@ def _portable_function(opset_version: int) -> onnx.FunctionProto:
         n("Shape", ["x"], ["x_shape"]),
         n("ReduceMax", ["x_shape"], ["x_max"], keepdims=1),
         n("Sub", ["x_max", "x_max"], ["runtime_zero"]),
-        n("Cast", ["codes"], ["codes64"], to=TensorProto.INT64),
+        # Where(runtime true, codes, codes): the very first op on the codes depends on a runtime value, so not even an
+        # int64 copy of the codes (8× their size) is precomputed. (CastLike would not do: ORT inlines it to a Cast.)
+        n("Equal", ["runtime_zero", "runtime_zero"], ["runtime_true"]),
+        n("Where", ["runtime_true", "codes", "codes"], ["codes_rt"]),
+        n("Cast", ["codes_rt"], ["codes64"], to=TensorProto.INT64),
         n("Mod", ["codes64", "K"], ["unsigned"]),  # signed storage → 0..K-1 (Mod follows the divisor's sign)
         n("Squeeze", ["M", "zero1"], ["M_scalar"]),
         c("zero_s", [0]), c("one_s", [1]),
         n("Squeeze", ["zero_s", "zero1"], ["z"]), n("Squeeze", ["one_s", "zero1"], ["o1"]),
         n("Range", ["z", "M_scalar", "o1"], ["m_range"]),
         n("Mul", ["m_range", "K"], ["m_offset"]),
-        n("Add", ["unsigned", "m_offset"], ["idx0"]),
-        n("Add", ["idx0", "runtime_zero"], ["idx"]),
+        n("Add", ["unsigned", "m_offset"], ["idx"]),
         n("Concat", ["minus1", "g"], ["flat_shape"], axis=0),
         n("Reshape", ["codebooks", "flat_shape"], ["cb_flat16"]),
         n("CastLike", ["cb_flat16", "x"], ["cb_flat"]),

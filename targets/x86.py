@@ -31,7 +31,7 @@ def build(prim_func, target: tvm.target.Target):
 
 
 def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, with_onnx: bool = True,
-              dense_model_dir=None) -> dict:
+              dense_model_dir=None, dump_ir=None) -> dict:
     """Compile the kernels every quantized layer needs into `kernels_x86.so`, with weights and manifest; with
     `with_onnx`, also the ONNX decoder (AqlmMatMul + portable [+ dense]) and the ORT op library that runs it."""
     if platform.machine() != "x86_64":
@@ -45,7 +45,7 @@ def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, wit
     if with_onnx:
         from .ort import LIBRARY, build_ort_library, host_runtime_libs
 
-        populate_onnx, entry = onnx_step(ckpt_dir, dense_model_dir)
+        populate_onnx, entry = onnx_step(ckpt_dir, dense_model_dir, dump_ir)
         entry["op_library"] = LIBRARY
         steps = [populate_onnx, lambda tmp: build_ort_library(tmp, "kernels_x86.so", host_runtime_libs())]
         extra["onnx"] = entry

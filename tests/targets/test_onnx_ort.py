@@ -114,3 +114,27 @@ def test_bad_artifacts_and_inputs(llama_art, tmp_path):
     assert r.exit_code == 2 and "--max-new-tokens 0" in r.output
     r = CliRunner().invoke(main, ["generate", str(tmp_path / "nope"), "hi"])
     assert r.exit_code == 2 and "manifest.json: missing" in r.output
+
+
+def test_portable_model_is_not_constant_folded_into_dense_weights(llama_art, tmp_path):
+    """ORT folds initializer-only subgraphs at session creation (facts doc B.1): the portable model's decode must
+    depend on a runtime value, so ORT's optimized graph holds no dense weight, gathered codewords or int64 index of
+    any AQLM layer."""
+    import onnxruntime as ort
+
+    src = onnx.load(str(llama_art / "onnx/model.portable.onnx"))
+    inits = {t.name: t for t in src.graph.initializer}
+    forbidden = set()
+    for node in src.graph.node:
+        if node.op_type == "AqlmMatMul":
+            o, j, m = inits[node.input[1]].dims
+            g = inits[node.input[2]].dims[3]
+            forbidden |= {(o, j * g), (j * g, o), (o, j, m, g), (o, j, g), (o, j, m)}
+    assert forbidden
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(llama_art / "onnx/model.portable.onnx"), so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    folded = [(t.name, tuple(t.dims)) for t in optimized.graph.initializer
+              if t.name not in inits and tuple(t.dims) in forbidden]
+    assert not folded, folded

@@ -101,7 +101,9 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
               help="x86: also write the ONNX decoder (AqlmMatMul + portable) and the ORT op library.")
 @click.option("--dense-model", "dense_model_dir", help="x86 ONNX: also export this FP model as the dense baseline.")
 @click.option("--dump-ir", "dump_ir", help="x86 ONNX: write the exported graph before and after each pass to DIR.")
-def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dump_ir):
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="x86 ONNX: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
+def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dump_ir, fuse):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
     from .errors import ConfigError
 
@@ -122,7 +124,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         from .targets.x86 import build_x86
 
         manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu, max_batch=max_batch, with_onnx=with_onnx,
-                             dense_model_dir=dense_model_dir, dump_ir=dump_ir)
+                             dense_model_dir=dense_model_dir, dump_ir=dump_ir, fuse=fuse)
     else:
         from .targets.arm64 import build_arm64
 

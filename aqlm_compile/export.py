@@ -110,11 +110,11 @@ def export_decoder(model):
     return ep, spec
 
 
-def export_checkpoint(ckpt_dir, dump_ir: str | Path | None = None, supports=None):
+def export_checkpoint(ckpt_dir, dump_ir: str | Path | None = None, supports=None, fuse: bool = True):
     """Checkpoint → lowered ExportedProgram (+ the pipeline's report and the DecoderSpec)."""
     from aqlm_compile.passes.pipeline import run_pipeline
 
     model, aqlm_config = load_for_export(ckpt_dir)
     ep, spec = export_decoder(model)
-    report = run_pipeline(ep, dump_ir=dump_ir, supports=supports, name_prefix="model.")
+    report = run_pipeline(ep, dump_ir=dump_ir, supports=supports, name_prefix="model.", fuse=fuse)
     return ep, spec, report

@@ -23,7 +23,8 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 128, token
     O, I, g, M = shape.out_features, shape.in_features, cfg.in_group_size, cfg.num_codebooks
     cfg.check_shape(O, I)
     J, K, mask = I // g, cfg.codebook_size, cfg.codebook_size - 1
-    OB = _largest_divisor(O, out_block)
+    OB = _largest_divisor(min(O, shape.row_quantum), out_block)
+    PM = shape.codebook_rows()
     RO = _largest_divisor(OB, rows)
     KB = g * _largest_divisor(J, max(1, k_block // g))
     V = _largest_divisor(KB, vector)
@@ -32,7 +33,7 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 128, token
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
 
     @T.prim_func
-    def kernel(x_h: T.handle, codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((M, K, g), cbt),
+    def kernel(x_h: T.handle, codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((PM, K, g), cbt),
                scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         n_tok = T.int32()
@@ -48,11 +49,11 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 128, token
             for kb in range(I // KB):
                 for o, jj in T.grid(OB, JB):
                     for t in T.vectorized(g):
-                        w[o, jj * g + t] = T.Cast("float32", cb[0, T.bitwise_and(
+                        w[o, jj * g + t] = T.Cast("float32", cb[shape.partition_of(ob * OB) * M, T.bitwise_and(
                             T.Cast("int32", codes[ob * OB + o, kb * JB + jj, 0]), mask), t])
                     for m in range(1, M):
                         for t in T.vectorized(g):
-                            w[o, jj * g + t] = w[o, jj * g + t] + T.Cast("float32", cb[m, T.bitwise_and(
+                            w[o, jj * g + t] = w[o, jj * g + t] + T.Cast("float32", cb[shape.partition_of(ob * OB) * M + m, T.bitwise_and(
                                 T.Cast("int32", codes[ob * OB + o, kb * JB + jj, m]), mask), t])
                 for nb in range((n_tok + NB - 1) // NB):
                     for orow in range(OB // RO):

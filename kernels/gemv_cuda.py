@@ -23,6 +23,8 @@ def gemv_cuda(shape: GemvShape, warps: int = 4, rows_per_warp: int = 4, name: st
     cfg.check_shape(O, I)
     J, K, mask = I // g, cfg.codebook_size, cfg.codebook_size - 1
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
+    if shape.partitions is not None and len(shape.partitions) > 1:
+        raise NotImplementedError("gemv_cuda: fused (partitioned) layers are not supported yet")
     RW = _largest_divisor(O, rows_per_warp)
     W = _largest_divisor(O // RW, warps)
     RB = W * RW  # rows per block

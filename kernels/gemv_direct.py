@@ -25,10 +25,42 @@ class GemvShape:
     act_dtype: str = "float32"  # x and y
     codebook_dtype: str = "float16"
     bias: bool = False
+    # Row partitions of a fused layer (q/k/v, gate/up: passes.fuse_shared_input): rows of partition p decode with
+    # codebooks p·M .. p·M+M-1 of a [P·M, K, g] codebook tensor. None = one partition.
+    partitions: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.partitions is not None and sum(self.partitions) != self.out_features:
+            raise ValueError(f"partitions {self.partitions} do not add up to out_features {self.out_features}")
 
     @property
     def code_dtype(self) -> str:
         return self.config.code_dtype_name
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        return self.partitions or (self.out_features,)
+
+    @property
+    def row_quantum(self) -> int:
+        """The largest power of two dividing every partition: row blocks must not straddle two partitions."""
+        q = 1
+        while all(p % (q * 2) == 0 for p in self.parts) and q < 1024:
+            q *= 2
+        return q
+
+    def codebook_rows(self) -> int:
+        return len(self.parts) * self.config.num_codebooks
+
+    def partition_of(self, o):
+        """Partition index of output row `o` (a TIR expression; 0 when there is one partition)."""
+        from tvm.script import tirx as T
+
+        expr, start = T.int32(0), 0
+        for size in self.parts[:-1]:
+            start += size
+            expr = expr + T.Cast("int32", o >= start)
+        return expr
 
 
 def _largest_divisor(n: int, preferred: int) -> int:
@@ -57,12 +89,12 @@ def default_schedule(shape: GemvShape) -> dict:
 
 
 def gemv_direct(shape: GemvShape, rows: int | None = None, groups: int | None = None, prefetch: int | None = None,
-                fp32_codebooks: bool = False, name: str = "aqlm_gemv"):
+                name: str = "aqlm_gemv"):
     """A TIR PrimFunc `name(x[N, I], codes[O, I/g, M], codebooks[M, K, g], scales[O], bias[O], y[N, O])`.
 
     rows/groups/prefetch default to `default_schedule(shape)`; `prefetch` = how many input groups ahead to
-    prefetch each row's codes (0: off). `fp32_codebooks` widens the codebooks to fp32 once per call; measured
-    slower for 2x8g8 (an fp32 table plus a 4096-float x fill the 32 KiB L1), kept for other CPUs to try."""
+    prefetch each row's codes (0: off). (Widening the codebooks to fp32 once per call, to take
+    vcvtph2ps out of the loop, measured slower for 2x8g8: an fp32 table plus a 4096-float x overflow the 32 KiB L1.)"""
     sched = default_schedule(shape)
     rows = sched["rows"] if rows is None else rows
     groups = sched["groups"] if groups is None else groups
@@ -71,23 +103,17 @@ def gemv_direct(shape: GemvShape, rows: int | None = None, groups: int | None = 
     O, I, N, g, M = shape.out_features, shape.in_features, shape.batch, cfg.in_group_size, cfg.num_codebooks
     cfg.check_shape(O, I)
     J, K, mask = I // g, cfg.codebook_size, cfg.codebook_size - 1
-    R, U = _largest_divisor(O, rows), _largest_divisor(J, groups)
+    R, U = _largest_divisor(min(O, shape.row_quantum), rows), _largest_divisor(J, groups)
+    PM = shape.codebook_rows()
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
-    widen = bool(fp32_codebooks) and cbt != "float32"
-    wt = "float32" if widen else cbt
 
     def decode(cb, codes, o, j, m, t):
-        return T.Cast("float32", cb[m, T.bitwise_and(T.Cast("int32", codes[o, j, m]), mask), t])
+        return T.Cast("float32", cb[shape.partition_of(o) * M + m, T.bitwise_and(T.Cast("int32", codes[o, j, m]), mask), t])
 
     @T.prim_func
-    def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((M, K, g), cbt),
+    def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((PM, K, g), cbt),
                scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
-        cbw = T.alloc_buffer((M, K, g), wt, scope="global")
-        if widen:
-            for m, k in T.grid(M, K):
-                for t in T.vectorized(g):
-                    cbw[m, k, t] = T.Cast(wt, cb[m, k, t])
         for ob in T.parallel(O // R):
             acc = T.alloc_buffer((N, R, U, g), "float32", scope="global")
             w = T.alloc_buffer((R, U, g), "float32", scope="global")
@@ -102,10 +128,10 @@ def gemv_direct(shape: GemvShape, rows: int | None = None, groups: int | None = 
                 for r in T.unroll(R):
                     for u in T.unroll(U):
                         for t in T.vectorized(g):
-                            w[r, u, t] = decode(cbw if widen else cb, codes, ob * R + r, jo * U + u, 0, t)
+                            w[r, u, t] = decode(cb, codes, ob * R + r, jo * U + u, 0, t)
                         for m in range(1, M):
                             for t in T.vectorized(g):
-                                w[r, u, t] = w[r, u, t] + decode(cbw if widen else cb, codes, ob * R + r, jo * U + u, m, t)
+                                w[r, u, t] = w[r, u, t] + decode(cb, codes, ob * R + r, jo * U + u, m, t)
                 for n in range(N):
                     for r in T.unroll(R):
                         for u in T.unroll(U):

@@ -27,23 +27,24 @@ def gemv_lut(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, block
     O, I, N, g, M = shape.out_features, shape.in_features, shape.batch, cfg.in_group_size, cfg.num_codebooks
     cfg.check_shape(O, I)
     J, K, mask = I // g, cfg.codebook_size, cfg.codebook_size - 1
-    R = _largest_divisor(O, rows)
-    RB = _largest_divisor(O, max(block_rows, R))
-    RB = max(RB, R)
-    JT = _largest_divisor(J, max(1, tile_bytes // (N * M * K * 4)))
+    PM = shape.codebook_rows()
+    quantum = min(O, shape.row_quantum)
+    R = _largest_divisor(quantum, rows)
+    RB = max(_largest_divisor(quantum, max(block_rows, R)), R)
+    JT = _largest_divisor(J, max(1, tile_bytes // (N * PM * K * 4)))
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
     KV = min(K, 16)
 
     @T.prim_func
-    def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((M, K, g), cbt),
+    def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((PM, K, g), cbt),
                scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
-        cbt_ = T.alloc_buffer((M, g, K), "float32", scope="global")
-        table = T.alloc_buffer((J // JT, N, JT, M, K), "float32", scope="global")
-        for m, k, t in T.grid(M, K, g):
+        cbt_ = T.alloc_buffer((PM, g, K), "float32", scope="global")
+        table = T.alloc_buffer((J // JT, N, JT, PM, K), "float32", scope="global")
+        for m, k, t in T.grid(PM, K, g):
             cbt_[m, t, k] = T.Cast("float32", cb[m, k, t])
         for j in T.parallel(J):
-            for n, m in T.grid(N, M):
+            for n, m in T.grid(N, PM):
                 for ko in range(K // KV):
                     for kv in T.vectorized(KV):
                         table[j // JT, n, j % JT, m, ko * KV + kv] = T.float32(0)
@@ -64,7 +65,7 @@ def gemv_lut(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, block
                         for jj in T.unroll(JT):
                             for m in T.unroll(M):
                                 for r in T.unroll(R):
-                                    part[r] = part[r] + table[jt, n, jj, m, T.bitwise_and(
+                                    part[r] = part[r] + table[jt, n, jj, shape.partition_of(ob * RB + rb * R) * M + m, T.bitwise_and(
                                         T.Cast("int32", codes[ob * RB + rb * R + r, jt * JT + jj, m]), mask)]
                         for r in T.unroll(R):
                             acc[n, rb * R + r] = acc[n, rb * R + r] + part[r]

@@ -40,20 +40,28 @@ def _(codes, codebooks, scales):
 
 @torch.library.custom_op("aqlm::aqlm_gemm", mutates_args=())
 def aqlm_gemm(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    w = _decode(codes, codebooks, scales).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+              bias: torch.Tensor | None = None, partitions: list[int] | None = None) -> torch.Tensor:
+    """`partitions` (a fused layer, see fuse_shared_input): rows [sum(p[:i]), sum(p[:i+1])) decode with codebooks
+    i·M .. i·M+M-1 of `codebooks` [P·M, K, 1, g]."""
+    if partitions:
+        m = codes.shape[2]
+        rows = torch.split(codes, list(partitions)), torch.split(scales, list(partitions))
+        w = torch.cat([_decode(c, codebooks[i * m:(i + 1) * m], s) for i, (c, s) in enumerate(zip(*rows))])
+    else:
+        w = _decode(codes, codebooks, scales)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 @aqlm_gemm.register_fake
-def _(x, codes, codebooks, scales, bias=None):
+def _(x, codes, codebooks, scales, bias=None, partitions=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
 def aqlm_config_of(codes_shape, codebooks_shape) -> AqlmConfig:
-    """The AqlmConfig an op's inputs describe (codes [out, in/g, M], codebooks [M, K, 1, g])."""
-    m, k, _, g = codebooks_shape
-    if codes_shape[2] != m:
+    """The AqlmConfig an op's inputs describe (codes [out, in/g, M], codebooks [P·M, K, 1, g])."""
+    pm, k, _, g = codebooks_shape
+    m = codes_shape[2]
+    if pm % m:
         raise ValueError(f"codes {list(codes_shape)} and codebooks {list(codebooks_shape)} disagree on M")
     return AqlmConfig(num_codebooks=int(m), nbits_per_codebook=(int(k) - 1).bit_length(), in_group_size=int(g))
 

@@ -2,6 +2,8 @@
 
 Phases, in order:
 1. `lower_aqlm_linear` — dequantize + linear → one `aqlm.aqlm_gemm` per AQLM layer (checks configs).
+2. `fuse_shared_input` — `aqlm_gemm` nodes reading the same activation (q/k/v, gate/up) → one partitioned node
+   (skipped with `fuse=False`).
 `--dump-ir DIR` writes `DIR/NN-<phase>.txt` (the FX graph) before the first phase and after each one.
 """
 
@@ -11,11 +13,13 @@ from pathlib import Path
 
 from aqlm_compile.cache import atomic_write_bytes
 
+from .fuse_shared_input import fuse_shared_input
 from .lower_aqlm_linear import cpu_supports, lower_aqlm_linear
 
 PHASES = [
     ("lower_aqlm_linear", lambda ep, opts: lower_aqlm_linear(
         ep, supports=opts.get("supports") or cpu_supports, name_prefix=opts.get("name_prefix", ""))),
+    ("fuse_shared_input", lambda ep, opts: fuse_shared_input(ep) if opts.get("fuse", True) else {"skipped": True}),
 ]
 
 

@@ -28,44 +28,61 @@ def checkpoint_layers(ckpt_dir):
     return aqlm_config, layers
 
 
-def gemv_symbol(out_f: int, in_f: int, batch: int) -> str:
-    return f"aqlm_gemv_{out_f}x{in_f}_b{batch}"
+def _suffix(partitions) -> str:
+    return "_p" + "-".join(str(p) for p in partitions) if partitions and len(partitions) > 1 else ""
 
 
-def gemm_symbol(out_f: int, in_f: int) -> str:
-    return f"aqlm_gemm_{out_f}x{in_f}"
+def gemv_symbol(out_f: int, in_f: int, batch: int, partitions=None) -> str:
+    """The kernel symbol (also built by the ORT op library, targets/ort_op/aqlm_ort_op.cc: keep in step)."""
+    return f"aqlm_gemv_{out_f}x{in_f}_b{batch}{_suffix(partitions)}"
 
 
-def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = MAX_GEMV_BATCH):
-    """One IRModule per checkpoint: for each distinct layer shape a GEMV per batch size 1..max_batch and, on CPU,
-    one GEMM for any token count (prefill). `kernels` records which kernel each symbol is and why."""
+def gemm_symbol(out_f: int, in_f: int, partitions=None) -> str:
+    return f"aqlm_gemm_{out_f}x{in_f}{_suffix(partitions)}"
+
+
+def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = MAX_GEMV_BATCH, fused=()):
+    """One IRModule per checkpoint: for each distinct layer shape — and each fused shape (out, in, partitions)
+    the pass pipeline produced — a GEMV per batch size 1..max_batch and, on CPU, one GEMM for any token count
+    (prefill). `kernels` records which kernel each symbol is and why."""
     if not 1 <= max_batch <= MAX_GEMV_BATCH:
         raise ConfigError(f"--max-batch {max_batch}: expected 1..{MAX_GEMV_BATCH}")
     funcs, kernels = {}, {}
-    for out_f, in_f in sorted(set(layers.values())):
-        entries = [(gemv_symbol(out_f, in_f, b), b) for b in range(1, max_batch + 1)]
+    shapes = sorted({(o, i, None) for o, i in layers.values()} | {(o, i, tuple(p)) for o, i, p in fused},
+                    key=lambda s: (s[0], s[1], s[2] or ()))
+    for out_f, in_f, parts in shapes:
+        entries = [(gemv_symbol(out_f, in_f, b, parts), b) for b in range(1, max_batch + 1)]
         if target_kind == "llvm":
-            entries.append((gemm_symbol(out_f, in_f), None))
+            entries.append((gemm_symbol(out_f, in_f, parts), None))
         for symbol, batch in entries:
-            shape = GemvShape(out_f, in_f, aqlm_config, batch or MAX_GEMV_BATCH + 1)
+            shape = GemvShape(out_f, in_f, aqlm_config, batch or MAX_GEMV_BATCH + 1, partitions=parts)
             choice = select_kernel(shape, target_kind)
             funcs[symbol] = choice.build_func(shape, symbol)
             kernels[symbol] = {"kernel": choice.name, "reason": choice.reason, "out_features": out_f,
-                               "in_features": in_f, "batch": batch if batch else "any"}
+                               "in_features": in_f, "batch": batch if batch else "any",
+                               **({"partitions": list(parts)} if parts else {})}
     return tvm.IRModule(funcs), kernels
 
 
-def onnx_step(ckpt_dir, dense_model_dir=None, dump_ir=None):
+def onnx_step(ckpt_dir, dense_model_dir=None, dump_ir=None, fuse: bool = True):
     """The ONNX route of a checkpoint, to run inside `write_artifact`: returns (populate(tmp), manifest entry).
     Writes onnx/model.onnx (AqlmMatMul nodes) and onnx/model.portable.onnx (stock ORT); with `dense_model_dir`,
     also onnx/model.dense.onnx from the FP model, the same-run baseline."""
     from aqlm_compile.export import export_checkpoint, export_decoder
     from aqlm_compile.targets.onnx import export_onnx, make_portable
 
-    ep, spec, report = export_checkpoint(ckpt_dir, dump_ir=dump_ir)
+    import torch
+
+    ep, spec, report = export_checkpoint(ckpt_dir, dump_ir=dump_ir, fuse=fuse)
     entry = {"model": "onnx/model.onnx", "portable": "onnx/model.portable.onnx", "decoder": spec.to_json(),
              "op": {"domain": "aqlm", "op_type": "AqlmMatMul", "version": 1}, "lowered_layers": len(
-                 report["lower_aqlm_linear"]["lowered"])}
+                 report["lower_aqlm_linear"]["lowered"]), "fused_groups": report["fuse_shared_input"].get("groups", [])}
+    fused = set()
+    for node in ep.graph_module.graph.nodes:
+        parts = node.kwargs.get("partitions") if node.target is torch.ops.aqlm.aqlm_gemm.default else None
+        if parts:
+            codes = node.args[1].meta["val"]
+            fused.add((int(codes.shape[0]), int(codes.shape[1]) * int(node.args[2].meta["val"].shape[3]), tuple(parts)))
     if dense_model_dir is not None:
         entry["dense"] = "onnx/model.dense.onnx"
 
@@ -85,7 +102,7 @@ def onnx_step(ckpt_dir, dense_model_dir=None, dump_ir=None):
             export_onnx(dense_ep, dense_spec, tmp / entry["dense"])
         onnx.checker.check_model(str(tmp / entry["portable"]))
 
-    return populate, entry
+    return populate, entry, sorted(fused)
 
 
 def write_artifact(ckpt_dir, out_dir, *, target_name: str, arch: str, target_spec: dict, lib_name: str,

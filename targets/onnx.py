@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 from onnx.defs import OpSchema
@@ -34,12 +35,15 @@ def _schema() -> OpSchema:
                 P("codes", "TC", "codes [out, in/g, M], signed storage of B-bit values"),
                 P("codebooks", "TB", "codebooks [M, 2^B, 1, g]"),
                 P("scales", "TS", "per-output scales [out, 1, 1, 1]"),
-                P("bias", "T", "bias [out]", param_option=OpSchema.FormalParameterOption.Optional)],
+                P("bias", "T", "bias [out]", param_option=OpSchema.FormalParameterOption.Optional),
+                P("partitions", "TP", "row partitions of a fused layer [P] (sum = out); codebooks [P·M, K, 1, g]",
+                  param_option=OpSchema.FormalParameterOption.Optional)],
         outputs=[P("y", "T", "[..., out]")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
                           ("TC", ["tensor(int8)", "tensor(int16)"], "codes"),
                           ("TB", ["tensor(float16)", "tensor(float)"], "codebooks"),
-                          ("TS", ["tensor(float16)", "tensor(float)"], "scales")],
+                          ("TS", ["tensor(float16)", "tensor(float)"], "scales"),
+                          ("TP", ["tensor(int64)"], "partitions")],
         attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, doc, required=True) for name, doc in (
             ("num_codebooks", "M"), ("nbits_per_codebook", "B (codebook size 2^B)"), ("in_group_size", "g"),
             ("out_group_size", "1 (the only value in published models)"))],
@@ -57,9 +61,15 @@ def _translation():
     register_schema()
     opset = onnxscript.values.Opset(DOMAIN, VERSION)
 
-    def aqlm_gemm(x, codes, codebooks, scales, bias=None):
-        m, k, _, g = (int(d) for d in codebooks.shape)
-        inputs = [x, codes, codebooks, scales] + ([bias] if bias is not None else [])
+    def aqlm_gemm(x, codes, codebooks, scales, bias=None, partitions=None):
+        from onnxscript import opset18 as op
+
+        m, k, g = int(codes.shape[2]), int(codebooks.shape[1]), int(codebooks.shape[3])
+        inputs = [x, codes, codebooks, scales]
+        if partitions:
+            inputs += [bias, op.Constant(value_ints=[int(p) for p in partitions])]
+        elif bias is not None:
+            inputs.append(bias)
         return opset.AqlmMatMul(*inputs, num_codebooks=m, nbits_per_codebook=(k - 1).bit_length(),
                                 in_group_size=g, out_group_size=1)
 
@@ -93,17 +103,18 @@ def aqlm_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def _portable_function(opset_version: int) -> onnx.FunctionProto:
-    """AqlmMatMul(x, codes, codebooks, scales) from standard ops: decode Ŵ (gathers), then MatMul."""
+    """AqlmMatMul(x, codes, codebooks, scales, bias, partitions) from standard ops: decode Ŵ (gathers; rows of
+    partition p use codebooks p·M..p·M+M-1), then MatMul and Add."""
     n = helper.make_node
     c = lambda name, vals: n("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals))  # noqa: E731,E501
     nodes = [
         c("one", [1]), c("two", [2]), c("three", [3]), c("four", [4]), c("zero1", [0]), c("minus1", [-1]),
         n("Shape", ["codebooks"], ["cb_shape"]),
-        n("Slice", ["cb_shape", "zero1", "one"], ["M"]),
         n("Slice", ["cb_shape", "one", "two"], ["K"]),
         n("Slice", ["cb_shape", "three", "four"], ["g"]),
         n("Shape", ["codes"], ["codes_shape"]),
         n("Slice", ["codes_shape", "zero1", "one"], ["O"]),
+        n("Slice", ["codes_shape", "two", "three"], ["M"]),  # not codebooks.shape[0]: that is P·M when fused
         # A zero computed from the activation's shape: makes the index depend on a runtime value, so ORT's
         # constant folding cannot precompute the dense weight at session creation.
         n("Shape", ["x"], ["x_shape"]),
@@ -120,7 +131,21 @@ def _portable_function(opset_version: int) -> onnx.FunctionProto:
         n("Squeeze", ["zero_s", "zero1"], ["z"]), n("Squeeze", ["one_s", "zero1"], ["o1"]),
         n("Range", ["z", "M_scalar", "o1"], ["m_range"]),
         n("Mul", ["m_range", "K"], ["m_offset"]),
-        n("Add", ["unsigned", "m_offset"], ["idx"]),
+        n("Add", ["unsigned", "m_offset"], ["idx_m"]),
+        # partition of each row: pid[o] = #{partition starts ≤ o}, offset pid·M·K
+        n("CumSum", ["partitions", "z"], ["cum"]),
+        n("Slice", ["cum", "zero1", "minus1"], ["starts"]),
+        n("Squeeze", ["O", "zero1"], ["O_scalar"]),
+        n("Range", ["z", "O_scalar", "o1"], ["rows"]),
+        n("Unsqueeze", ["rows", "one"], ["rows_col"]),
+        n("GreaterOrEqual", ["rows_col", "starts"], ["ge"]),
+        n("Cast", ["ge"], ["ge64"], to=TensorProto.INT64),
+        n("ReduceSum", ["ge64", "one"], ["pid"], keepdims=0),
+        n("Mul", ["M", "K"], ["MK"]),
+        n("Mul", ["pid", "MK"], ["p_off"]),
+        c("col_shape", [-1, 1, 1]),
+        n("Reshape", ["p_off", "col_shape"], ["p_off3"]),
+        n("Add", ["idx_m", "p_off3"], ["idx"]),
         n("Concat", ["minus1", "g"], ["flat_shape"], axis=0),
         n("Reshape", ["codebooks", "flat_shape"], ["cb_flat16"]),
         n("CastLike", ["cb_flat16", "x"], ["cb_flat"]),
@@ -133,30 +158,40 @@ def _portable_function(opset_version: int) -> onnx.FunctionProto:
         n("CastLike", ["s16", "x"], ["s"]),
         n("Mul", ["w_unscaled", "s"], ["w"]),
         n("Transpose", ["w"], ["wt"], perm=[1, 0]),
-        n("MatMul", ["x", "wt"], ["y"]),
+        n("MatMul", ["x", "wt"], ["y_nobias"]),
+        n("Add", ["y_nobias", "bias"], ["y"]),
     ]
-    return helper.make_function(DOMAIN, OP_TYPE, ["x", "codes", "codebooks", "scales"], ["y"], nodes,
+    return helper.make_function(DOMAIN, OP_TYPE, ["x", "codes", "codebooks", "scales", "bias", "partitions"], ["y"],
+                                nodes,
                                 [helper.make_opsetid("", opset_version)],
                                 attributes=list(ATTRIBUTES))
 
 
 def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` that stock ONNX Runtime runs: each AqlmMatMul keeps its node (bias split into an Add) and
-    the model carries the function that defines it."""
+    """A copy of `model` that stock ONNX Runtime runs: every AqlmMatMul node gets all six inputs (a zero bias and a
+    single partition where absent: O floats and one int64 per layer) and the model carries the function that
+    defines the op."""
+    from onnx import numpy_helper
+
     portable = onnx.ModelProto()
     portable.CopyFrom(model)
     opset_version = next(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx"))
-    nodes = []
-    for node in portable.graph.node:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE and len(node.input) == 5 and node.input[4]:
-            out = node.output[0]
-            matmul = helper.make_node(OP_TYPE, list(node.input[:4]), [out + "_nobias"], name=node.name, domain=DOMAIN)
-            matmul.attribute.extend(node.attribute)
-            nodes += [matmul, helper.make_node("Add", [out + "_nobias", node.input[4]], [out], name=node.name + "_bias")]
-        else:
-            nodes.append(node)
-    del portable.graph.node[:]
-    portable.graph.node.extend(nodes)
+    shapes = {t.name: tuple(t.dims) for t in portable.graph.initializer}
+    for i, node in enumerate(portable.graph.node):
+        if not (node.domain == DOMAIN and node.op_type == OP_TYPE):
+            continue
+        inputs = list(node.input) + [""] * (6 - len(node.input))
+        if inputs[1] not in shapes:
+            raise ValueError(f"{node.name}: codes {inputs[1]!r} is not an initializer")
+        out = shapes[inputs[1]][0]
+        if not inputs[4]:
+            inputs[4] = f"{node.name or i}_zero_bias"
+            portable.graph.initializer.append(numpy_helper.from_array(np.zeros(out, np.float32), inputs[4]))
+        if not inputs[5]:
+            inputs[5] = f"{node.name or i}_partitions"
+            portable.graph.initializer.append(numpy_helper.from_array(np.array([out], np.int64), inputs[5]))
+        del node.input[:]
+        node.input.extend(inputs)
     del portable.functions[:]
     portable.functions.append(_portable_function(opset_version))
     onnx.checker.check_model(portable, full_check=False)

@@ -31,24 +31,24 @@ def build(prim_func, target: tvm.target.Target):
 
 
 def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, with_onnx: bool = True,
-              dense_model_dir=None, dump_ir=None) -> dict:
+              dense_model_dir=None, dump_ir=None, fuse: bool = True) -> dict:
     """Compile the kernels every quantized layer needs into `kernels_x86.so`, with weights and manifest; with
     `with_onnx`, also the ONNX decoder (AqlmMatMul + portable [+ dense]) and the ORT op library that runs it."""
     if platform.machine() != "x86_64":
         raise ConfigError(f"--target x86: this machine is {platform.machine()}; cross-building x86 is not supported")
     aqlm_config, layers = checkpoint_layers(ckpt_dir)
     target = x86_target(cpu)
-    mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch)
-    lib = tvm.compile(mod, target=target)
-    spec = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "mtriple": "x86_64-linux-gnu"}
-    steps, extra = [], {}
+    steps, extra, fused = [], {}, []
     if with_onnx:
         from .ort import LIBRARY, build_ort_library, host_runtime_libs
 
-        populate_onnx, entry = onnx_step(ckpt_dir, dense_model_dir, dump_ir)
+        populate_onnx, entry, fused = onnx_step(ckpt_dir, dense_model_dir, dump_ir, fuse)
         entry["op_library"] = LIBRARY
         steps = [populate_onnx, lambda tmp: build_ort_library(tmp, "kernels_x86.so", host_runtime_libs())]
         extra["onnx"] = entry
+    mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch, fused)
+    lib = tvm.compile(mod, target=target)
+    spec = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "mtriple": "x86_64-linux-gnu"}
     return write_artifact(ckpt_dir, out_dir, target_name="x86", arch="x86_64", target_spec=spec,
                           lib_name="kernels_x86.so", export=lambda p: lib.export_library(str(p)),
                           aqlm_config=aqlm_config, layers=layers, kernels=kernels, extra_steps=steps,

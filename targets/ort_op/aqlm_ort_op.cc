@@ -196,16 +196,18 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   using GetOut = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
   size_t n_in = 0;
   ORT_TRY(ort_fn<InCount>(g_api, ort_slot::KernelContext_GetInputCount)(ctx, &n_in));
-  if (n_in < 4 || n_in > 5) return make_error(ORT_INVALID_ARGUMENT, "expected 4 or 5 inputs, found " + std::to_string(n_in));
-  TensorView t[5];
+  if (n_in < 4 || n_in > 6) return make_error(ORT_INVALID_ARGUMENT, "expected 4 to 6 inputs, found " + std::to_string(n_in));
+  TensorView t[6];
+  bool present[6] = {false, false, false, false, false, false};
   for (size_t i = 0; i < n_in; ++i) {
     const OrtValue* v = nullptr;
     ORT_TRY(ort_fn<GetIn>(g_api, ort_slot::KernelContext_GetInput)(ctx, i, &v));
     if (v == nullptr) {
-      if (i == 4) { n_in = 4; break; }  // omitted optional bias
+      if (i >= 4) continue;  // omitted optional bias / partitions
       return make_error(ORT_INVALID_ARGUMENT, "input " + std::to_string(i) + " is missing");
     }
     ORT_TRY(describe(v, &t[i]));
+    present[i] = true;
   }
   TensorView &x = t[0], &codes = t[1], &cb = t[2], &sc = t[3];
   const int64_t K = int64_t(1) << k->B;
@@ -219,12 +221,34 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   if (x.shape.back() != I)
     return make_error(ORT_INVALID_ARGUMENT, "x: last dimension " + std::to_string(x.shape.back()) + " does not match codes " +
                       shape_str(codes.shape) + " with in_group_size " + std::to_string(k->g) + " (in = " + std::to_string(I) + ")");
-  const std::vector<int64_t> cb_want{k->M, K, 1, k->g};
+  // Row partitions of a fused layer (q/k/v, gate/up): partition p decodes with codebooks p*M .. p*M+M-1.
+  std::vector<int64_t> parts;
+  if (present[5]) {
+    TensorView& pv = t[5];
+    if (pv.type != 7 /* INT64 */ || pv.shape.size() != 1 || pv.numel() < 1)
+      return make_error(ORT_INVALID_ARGUMENT, std::string("partitions: expected int64 [P], found ") + type_name(pv.type) + " " + shape_str(pv.shape));
+    int64_t total = 0;
+    for (int64_t i = 0; i < pv.numel(); ++i) {
+      int64_t v = static_cast<const int64_t*>(pv.data)[i];
+      if (v < 1) return make_error(ORT_INVALID_ARGUMENT, "partitions: sizes must be >= 1");
+      parts.push_back(v);
+      total += v;
+    }
+    if (total != O)
+      return make_error(ORT_INVALID_ARGUMENT, "partitions: sizes add up to " + std::to_string(total) + ", codes have " + std::to_string(O) + " rows");
+  }
+  const int64_t P = parts.empty() ? 1 : static_cast<int64_t>(parts.size());
+  std::string suffix;
+  if (P > 1) {
+    suffix = "_p";
+    for (size_t i = 0; i < parts.size(); ++i) suffix += (i ? "-" : "") + std::to_string(parts[i]);
+  }
+  const std::vector<int64_t> cb_want{P * k->M, K, 1, k->g};
   if (cb.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 || cb.shape != cb_want)
     return make_error(ORT_INVALID_ARGUMENT, std::string("codebooks: expected float16 ") + shape_str(cb_want) + ", found " + type_name(cb.type) + " " + shape_str(cb.shape));
   if ((sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) || sc.numel() != O)
     return make_error(ORT_INVALID_ARGUMENT, std::string("scales: expected float16/float32 [") + std::to_string(O) + ", 1, 1, 1], found " + type_name(sc.type) + " " + shape_str(sc.shape));
-  bool has_bias = n_in == 5 && t[4].numel() > 0;
+  bool has_bias = present[4] && t[4].numel() > 0;
   if (has_bias && (t[4].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t[4].numel() != O))
     return make_error(ORT_INVALID_ARGUMENT, std::string("bias: expected float32 [") + std::to_string(O) + "], found " + type_name(t[4].type) + " " + shape_str(t[4].shape));
 
@@ -247,8 +271,8 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   std::string error;
   const tvm::ffi::Module* mod = kernel_module(&error);
   if (!mod) return make_error(ORT_FAIL, error);
-  std::string gemv = "aqlm_gemv_" + std::to_string(O) + "x" + std::to_string(I) + "_b" + std::to_string(N);
-  std::string gemm = "aqlm_gemm_" + std::to_string(O) + "x" + std::to_string(I);
+  std::string gemv = "aqlm_gemv_" + std::to_string(O) + "x" + std::to_string(I) + "_b" + std::to_string(N) + suffix;
+  std::string gemm = "aqlm_gemm_" + std::to_string(O) + "x" + std::to_string(I) + suffix;
   std::string symbol = N <= 8 ? gemv : gemm;
   auto it = k->functions.find(symbol);
   if (it == k->functions.end()) {
@@ -264,12 +288,12 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   }
 
   const size_t code_bytes = k->B <= 8 ? 1 : 2;
-  std::vector<int64_t> x_shape{N, I}, codes_shape{O, J, k->M}, cb_shape{k->M, K, k->g}, o_shape{O}, yk_shape{N, O};
+  std::vector<int64_t> x_shape{N, I}, codes_shape{O, J, k->M}, cb_shape{P * k->M, K, k->g}, o_shape{O}, yk_shape{N, O};
   void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(N * O * 4);
   DLTensor args[6] = {
       dl(aligned_or_copy(x.data, N * I * 4, k->x_copy), DLDataType{kDLFloat, 32, 1}, x_shape),
       dl(aligned_or_copy(codes.data, O * J * k->M * code_bytes, k->codes_copy), DLDataType{kDLInt, uint8_t(8 * code_bytes), 1}, codes_shape),
-      dl(aligned_or_copy(cb.data, k->M * K * k->g * 2, k->cb_copy), DLDataType{kDLFloat, 16, 1}, cb_shape),
+      dl(aligned_or_copy(cb.data, P * k->M * K * k->g * 2, k->cb_copy), DLDataType{kDLFloat, 16, 1}, cb_shape),
       dl(scales, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(bias, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(y_ptr, DLDataType{kDLFloat, 32, 1}, yk_shape)};
@@ -314,11 +338,11 @@ void destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 const char* name(const OrtCustomOp*) { return "AqlmMatMul"; }
 const char* provider(const OrtCustomOp*) { return nullptr; }  // CPU
 ONNXTensorElementDataType input_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
-size_t input_count(const OrtCustomOp*) { return 5; }
+size_t input_count(const OrtCustomOp*) { return 6; }
 ONNXTensorElementDataType output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 size_t output_count(const OrtCustomOp*) { return 1; }
 OrtCustomOpInputOutputCharacteristic input_char(const OrtCustomOp*, size_t i) {
-  return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  return i >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 OrtCustomOpInputOutputCharacteristic output_char(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
 OrtMemType mem_type(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }

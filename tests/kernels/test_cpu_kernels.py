@@ -105,3 +105,27 @@ def test_registry_choices():
         pick("2x8g8", 4096, 16, "cuda")
     with pytest.raises(ConfigError, match="target kind 'opencl'"):
         pick("2x8g8", 4096, 1, "opencl")
+
+
+@pytest.mark.parametrize("kernel", ["direct", "lut", "gemm"])
+@pytest.mark.parametrize("cfg", ["2x8g8", "1x16g8", "8x8g32"])
+def test_partitioned_kernels_match_separate_layers(kernel, cfg):
+    """A fused layer (rows 0..31 one layer, 32..95 another, each with its own codebooks) equals the two layers."""
+    config = AqlmConfig.parse(cfg)
+    if kernel == "lut" and config.codebook_size > 256:
+        return  # never selected for 1x16
+    parts = [random_layer(config, 32, 256, seed=5), random_layer(config, 64, 256, seed=6)]
+    x = torch.randn(3 if kernel != "gemm" else 10, 256, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = torch.cat([x.double() @ p.weight().double().T + p.bias.double() for p in parts], dim=1)
+    shape = GemvShape(96, 256, config, x.shape[0], partitions=(32, 64))
+    lib = build(KERNELS[kernel](shape, name="k"), x86_target())
+    dev = tvm.cpu()
+    cb = torch.cat([p.codebooks.detach().reshape(config.num_codebooks, config.codebook_size, -1) for p in parts])
+    args = [x.numpy(), torch.cat([p.codes for p in parts]).numpy(), cb.half().numpy(),
+            torch.cat([p.scales.detach().reshape(-1) for p in parts]).numpy(),
+            torch.cat([p.bias.detach() for p in parts]).numpy()]
+    y = tvm.runtime.empty((x.shape[0], 96), "float32", dev)
+    lib["k"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args], y)
+    err = ((torch.from_numpy(y.numpy()).double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-5, err

@@ -177,12 +177,17 @@ def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     portable.CopyFrom(model)
     opset_version = next(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx"))
     shapes = {t.name: tuple(t.dims) for t in portable.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(portable)  # fused codes are Concat outputs, not initializers
+    for vi in inferred.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes.setdefault(vi.name, tuple(d.dim_value for d in dims))
     for i, node in enumerate(portable.graph.node):
         if not (node.domain == DOMAIN and node.op_type == OP_TYPE):
             continue
         inputs = list(node.input) + [""] * (6 - len(node.input))
         if inputs[1] not in shapes:
-            raise ValueError(f"{node.name}: codes {inputs[1]!r} is not an initializer")
+            raise ValueError(f"{node.name}: the shape of codes {inputs[1]!r} is unknown")
         out = shapes[inputs[1]][0]
         if not inputs[4]:
             inputs[4] = f"{node.name or i}_zero_bias"

@@ -112,3 +112,48 @@ def test_missing_kernel_library_is_an_error(op_library, tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-c", code, str(op_library["2x8g8"]), str(model_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "cannot load the kernel library" in proc.stderr and "absent.so" in proc.stderr
+
+
+def test_fused_node_with_concat_inputs_op_library_and_portable(op_library, tmp_path):
+    """A fused (partitioned) AqlmMatMul whose codes/codebooks/scales come from Concat nodes, as the exporter writes
+    them for big models: the op library (with a kernel library built for that fused shape) and the portable
+    function both equal the two separate layers."""
+    from aqlm_compile.targets.common import kernel_module, tvm
+    from aqlm_compile.targets.onnx import make_portable, register_schema
+    from aqlm_compile.targets.ort import build_ort_library, host_runtime_libs
+    from aqlm_compile.targets.x86 import x86_target
+
+    register_schema()
+    config = AqlmConfig.parse("2x8g8")
+    a, b = layer("2x8g8", seed=1, bias=False, out=32), layer("2x8g8", seed=2, bias=False, out=64)
+    inits, nodes = [], []
+    for i, name in enumerate(["codes", "codebooks", "scales"]):
+        parts = []
+        for tag, lin in (("a", a), ("b", b)):
+            t = [lin.codes.numpy(), lin.codebooks.detach().half().numpy(), lin.scales.detach().half().numpy()][i]
+            inits.append(numpy_helper.from_array(t, f"{name}_{tag}"))
+            parts.append(f"{name}_{tag}")
+        nodes.append(helper.make_node("Concat", parts, [name], axis=0))
+    inits.append(numpy_helper.from_array(np.array([32, 64], np.int64), "partitions"))
+    nodes.append(helper.make_node("AqlmMatMul", ["x", "codes", "codebooks", "scales", "", "partitions"], ["y"],
+                                  domain="aqlm", num_codebooks=2, nbits_per_codebook=8, in_group_size=8,
+                                  out_group_size=1))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, IN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, 96])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("aqlm", 1)],
+                              ir_version=10)
+    onnx.checker.check_model(model)
+    dest = tmp_path / "fused"
+    dest.mkdir()
+    mod, kernels = kernel_module(config, {}, "llvm", max_batch=2, fused=[(96, IN, (32, 64))])
+    assert "aqlm_gemv_96x128_b1_p32-64" in kernels
+    tvm.compile(mod, target=x86_target()).export_library(str(dest / "kernels_x86.so"))
+    build_ort_library(dest, "kernels_x86.so", host_runtime_libs())
+    x = torch.randn(1, 5, IN, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = torch.cat([a(x), b(x)], dim=-1).double()
+    for sess in (session(model, dest / "libaqlm_ort.so"),
+                 ort.InferenceSession(make_portable(model).SerializeToString(), providers=["CPUExecutionProvider"])):
+        for tokens in (1, 5):  # GEMV and GEMM (max batch 2)
+            y = torch.from_numpy(sess.run(None, {"x": x[:, :tokens].numpy()})[0]).double()
+            assert ((y - ref[:, :tokens]).abs().max() / ref.abs().max()).item() <= 1e-5

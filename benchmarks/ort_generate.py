@@ -1,0 +1,71 @@
+"""End-to-end decode speed in ONNX Runtime, same run: the AQLM artifact (op library), optionally a second AQLM
+artifact (e.g. built with --no-fuse), the dense FP ONNX model of the same artifact, and PyTorch eager.
+
+    .venv/bin/python benchmarks/ort_generate.py ARTIFACT [--compare OTHER_ARTIFACT] [--tokens 32] [--rounds 3]
+Prints one JSON object and writes benchmarks/results/ort-generate-x86.{json,md}. Greedy tokens of every runtime
+are compared with the first one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from pathlib import Path
+
+PROMPT = "The history of the city begins"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact")
+    ap.add_argument("--compare", help="a second AQLM artifact (e.g. built with --no-fuse)")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ort-generate-x86"))
+    args = ap.parse_args()
+
+    from aqlm_compile.runtime.generate import generate, load_tokenizer
+    from aqlm_compile.runtime.ort import OrtDecoder
+
+    art = Path(args.artifact)
+    tok = load_tokenizer(art / "weights")
+    runs = {"ort aqlm": OrtDecoder(art, "aqlm")}
+    if args.compare:
+        runs["ort aqlm (compare)"] = OrtDecoder(args.compare, "aqlm")
+    runs["ort dense fp32"] = OrtDecoder(art, "dense")
+    if not args.no_torch:
+        from aqlm_compile.runtime.torch_runtime import TorchDecoder
+
+        runs["torch eager aqlm"] = TorchDecoder(art)
+    results = {name: [] for name in runs}
+    tokens = {}
+    for _ in range(args.rounds):
+        for name, dec in runs.items():
+            if name.startswith("torch") and results[name]:
+                continue  # one round is enough for the slow reference
+            r = generate(dec, tok, PROMPT, max_new_tokens=args.tokens, stop_at_eos=False)
+            results[name].append(r["tokens_per_s"])
+            tokens[name] = r["new_tokens"]
+    first = tokens["ort aqlm"]
+    record = {"prompt": PROMPT, "new_tokens": args.tokens, "machine": platform.processor() or platform.machine(),
+              "artifact": str(art), "compare": args.compare,
+              "tokens_per_s": {k: statistics.median(v) for k, v in results.items()},
+              "all_tokens_per_s": results,
+              "same_tokens_as_ort_aqlm": {k: v == first for k, v in tokens.items()}}
+    tps = record["tokens_per_s"]
+    record["aqlm_vs_dense"] = tps["ort aqlm"] / tps["ort dense fp32"]
+    print(json.dumps(record))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["| runtime | decode tokens/s (median) | × dense ORT | same greedy tokens |", "|---|---|---|---|"]
+    for k, v in tps.items():
+        lines.append(f"| {k} | {v:.1f} | {v / tps['ort dense fp32']:.2f} | {record['same_tokens_as_ort_aqlm'][k]} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -76,7 +76,7 @@ def main():
             gen = torch.Generator().manual_seed(0)
             codes = torch.randint(0, cfg.codebook_size, (out_f, in_f // cfg.in_group_size, cfg.num_codebooks), generator=gen)
             cb = torch.randn(cfg.num_codebooks, cfg.codebook_size, 1, cfg.in_group_size, generator=gen) * 0.05
-            lin = AqlmLinear.from_parts(codes, cb.half().float(), torch.rand(out_f, generator=gen) + 0.5, cfg)
+            lin = AqlmLinear.from_parts(codes, cb.half().float(), (torch.rand(out_f, generator=gen) + 0.5).half().float(), cfg)
             dest = tmp / f"{cfg_name}-{shape}"
             dest.mkdir()
             mod, _ = kernel_module(cfg, {"layer": (out_f, in_f)}, "llvm", max_batch=max(1, min(args.tokens, 8)))

@@ -220,3 +220,40 @@ def test_cuda_artifact_runs_on_a_gpu(cuda_artifact, built):
         y = tvm.runtime.empty((batch, layer.out_features), "float32", dev)
         mod[f"aqlm_gemv_{layer.out_features}x{layer.in_features}_b{batch}"](*args, y)
         assert ((torch.from_numpy(y.numpy()).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("cfg", ["1x16g8", "2x8g8", "1x8g8", "8x8g32"])
+def test_arm64_kernels_every_config_under_qemu(cfg, tmp_path):
+    """Each config's arm64 kernels (GEMV, LUT where chosen, GEMM) against the torch reference, run under qemu."""
+    import shutil
+
+    if not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")):
+        pytest.skip("needs Debian's gcc/g++-aarch64-linux-gnu and qemu-user (scripts/setup.sh installs them)")
+    from tvm.support import cc
+
+    from aqlm_compile.config import AqlmConfig
+    from aqlm_compile.nn import AqlmLinear
+    from aqlm_compile.targets.arm64 import CROSS_GCC, arm64_target, run_kernel, runtime_dir
+    from aqlm_compile.targets.common import kernel_module
+
+    config = AqlmConfig.parse(cfg)
+    out_f, in_f = 2048, 256  # out large enough for the LUT kernel to be chosen for 8x8g32
+    gen = torch.Generator().manual_seed(0)
+    layer = AqlmLinear.from_parts(
+        torch.randint(0, config.codebook_size, (out_f, in_f // config.in_group_size, config.num_codebooks), generator=gen),
+        (torch.randn(config.num_codebooks, config.codebook_size, 1, config.in_group_size, generator=gen) * 0.1).half().float(),
+        torch.rand(out_f, generator=gen) + 0.5, config)
+    mod, kernels = kernel_module(config, {"l": (out_f, in_f)}, "llvm", max_batch=2)
+    shutil.copytree(runtime_dir(), tmp_path / "runtime")
+    tvm.compile(mod, target=arm64_target()).export_library(str(tmp_path / "kernels_arm64.so"),
+                                                          fcompile=cc.cross_compiler(shutil.which(CROSS_GCC)))
+    cb = layer.codebooks.detach().reshape(config.num_codebooks, config.codebook_size, -1).half().numpy()
+    for symbol, tokens in ((f"aqlm_gemv_{out_f}x{in_f}_b1", 1), (f"aqlm_gemm_{out_f}x{in_f}", 5)):
+        x = torch.randn(tokens, in_f, generator=gen)
+        with torch.no_grad():
+            ref = layer(x).double()
+        y = run_kernel(tmp_path, symbol, [x.numpy(), layer.codes.numpy(), cb, layer.scales.detach().reshape(-1).numpy(),
+                                          np.zeros(out_f, np.float32)], (tokens, out_f))
+        assert ((torch.from_numpy(y).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5, symbol
+    if cfg == "8x8g32":
+        assert kernels[f"aqlm_gemv_{out_f}x{in_f}_b1"]["kernel"] == "gemv_lut"

@@ -33,58 +33,30 @@ def gemv_cuda(shape: GemvShape, warps: int = 4, rows_per_warp: int = 4, name: st
     JO = (J + 31) // 32
     LOADS = (CB + W * 32 - 1) // (W * 32)
 
-    if shared:
-        @T.prim_func
-        def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((M, K, g), cbt),
-                   scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
-            T.func_attr({"global_symbol": name, "tirx.noalias": True})
-            for bx in T.thread_binding(O // RB, thread="blockIdx.x"):
-                for ty in T.thread_binding(W, thread="threadIdx.y"):
-                    for tx in T.thread_binding(32, thread="threadIdx.x"):
-                        cbs = T.alloc_shared((CB,), cbt)
-                        acc = T.alloc_local((N,), "float32")
-                        w = T.alloc_local((g,), "float32")
-                        red = T.alloc_local((1,), "float32")
-                        for i in range(LOADS):
-                            if i * W * 32 + ty * 32 + tx < CB:
-                                cbs[i * W * 32 + ty * 32 + tx] = cb[(i * W * 32 + ty * 32 + tx) // (K * g),
-                                                                    (i * W * 32 + ty * 32 + tx) // g % K,
-                                                                    (i * W * 32 + ty * 32 + tx) % g]
-                        T.tvm_storage_sync("shared")
-                        for rw in range(RW):
-                            for n in range(N):
-                                acc[n] = T.float32(0)
-                            for jo in range(JO):
-                                if jo * 32 + tx < J:
-                                    for t in range(g):
-                                        w[t] = T.float32(0)
-                                    for m in range(M):
-                                        for t in range(g):
-                                            w[t] = w[t] + T.Cast("float32", cbs[m * K * g + T.bitwise_and(T.Cast(
-                                                "int32", codes[bx * RB + ty * RW + rw, jo * 32 + tx, m]), mask) * g + t])
-                                    for n in range(N):
-                                        for t in range(g):
-                                            acc[n] = acc[n] + w[t] * T.Cast("float32", x[n, (jo * 32 + tx) * g + t])
-                            for n in range(N):
-                                red[0] = acc[n]
-                                for s in T.unroll(5):
-                                    red[0] = red[0] + T.tvm_warp_shuffle_down(
-                                        T.tvm_warp_activemask(), red[0], 16 >> s, 32, 32)
-                                if tx == 0:
-                                    y[n, bx * RB + ty * RW + rw] = T.Cast(
-                                        act, red[0] * scales[bx * RB + ty * RW + rw] + bias[bx * RB + ty * RW + rw])
-        return kernel
+    CBS = CB if shared else 1  # a 1-element placeholder when the codebooks stay in global memory
+    LOADS = LOADS if shared else 0
+
+    def codeword(cbs, cb, m, code, t):
+        """Element t of codeword `code` of codebook m: from shared memory when staged there, else global."""
+        return T.Cast("float32", cbs[m * K * g + code * g + t] if shared else cb[m, code, t])
 
     @T.prim_func
-    def kernel_global(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((M, K, g), cbt),
-                      scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
+    def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((M, K, g), cbt),
+               scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         for bx in T.thread_binding(O // RB, thread="blockIdx.x"):
             for ty in T.thread_binding(W, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    cbs = T.alloc_shared((CBS,), cbt)
                     acc = T.alloc_local((N,), "float32")
                     w = T.alloc_local((g,), "float32")
                     red = T.alloc_local((1,), "float32")
+                    for i in range(LOADS):
+                        if i * W * 32 + ty * 32 + tx < CB:
+                            cbs[i * W * 32 + ty * 32 + tx] = cb[(i * W * 32 + ty * 32 + tx) // (K * g),
+                                                                (i * W * 32 + ty * 32 + tx) // g % K,
+                                                                (i * W * 32 + ty * 32 + tx) % g]
+                    T.tvm_storage_sync("shared")
                     for rw in range(RW):
                         for n in range(N):
                             acc[n] = T.float32(0)
@@ -93,9 +65,9 @@ def gemv_cuda(shape: GemvShape, warps: int = 4, rows_per_warp: int = 4, name: st
                                 for t in range(g):
                                     w[t] = T.float32(0)
                                 for m in range(M):
-                                    for t in T.vectorized(g):
-                                        w[t] = w[t] + T.Cast("float32", cb[m, T.bitwise_and(T.Cast(
-                                            "int32", codes[bx * RB + ty * RW + rw, jo * 32 + tx, m]), mask), t])
+                                    for t in range(g):
+                                        w[t] = w[t] + codeword(cbs, cb, m, T.bitwise_and(T.Cast(
+                                            "int32", codes[bx * RB + ty * RW + rw, jo * 32 + tx, m]), mask), t)
                                 for n in range(N):
                                     for t in range(g):
                                         acc[n] = acc[n] + w[t] * T.Cast("float32", x[n, (jo * 32 + tx) * g + t])
@@ -107,4 +79,4 @@ def gemv_cuda(shape: GemvShape, warps: int = 4, rows_per_warp: int = 4, name: st
                             if tx == 0:
                                 y[n, bx * RB + ty * RW + rw] = T.Cast(
                                     act, red[0] * scales[bx * RB + ty * RW + rw] + bias[bx * RB + ty * RW + rw])
-    return kernel_global
+    return kernel

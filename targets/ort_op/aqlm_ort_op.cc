@@ -167,6 +167,7 @@ struct Aligned {
 struct Kernel {
   int64_t M = 0, B = 0, g = 0;
   Aligned scales, bias;  // fp32 copies, 64-byte aligned like every array the kernels read
+  std::vector<unsigned char> scales_src;  // the scales these fp32 values came from (skip reconverting if unchanged)
   Aligned x_copy, codes_copy, cb_copy, y_copy;
   std::map<std::string, tvm::ffi::Function> functions;
 };
@@ -261,9 +262,14 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   ORT_TRY(describe(y_value, &y));
   if (N == 0) return nullptr;
 
+  // Scales are initializers in practice: convert once, then only check (memcmp) that they did not change.
+  const size_t sc_bytes = O * (sc.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 2);
   float* scales = static_cast<float*>(k->scales.get(O * sizeof(float)));
-  for (int64_t o = 0; o < O; ++o)
-    scales[o] = sc.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<const float*>(sc.data)[o] : half_to_float(half_bits(sc.data, o));
+  if (k->scales_src.size() != sc_bytes || std::memcmp(k->scales_src.data(), sc.data, sc_bytes) != 0) {
+    for (int64_t o = 0; o < O; ++o)
+      scales[o] = sc.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<const float*>(sc.data)[o] : half_to_float(half_bits(sc.data, o));
+    k->scales_src.assign(static_cast<const unsigned char*>(sc.data), static_cast<const unsigned char*>(sc.data) + sc_bytes);
+  }
   float* bias = static_cast<float*>(k->bias.get(O * sizeof(float)));
   if (has_bias) std::memcpy(bias, t[4].data, O * sizeof(float));
   else std::memset(bias, 0, O * sizeof(float));

@@ -63,6 +63,13 @@ class GemvShape:
         return expr
 
 
+def tree_sum(terms):
+    """Σ terms as a balanced tree of adds (independent adds instead of one dependent chain)."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
 def _largest_divisor(n: int, preferred: int) -> int:
     d = preferred
     while n % d:
@@ -139,11 +146,12 @@ def gemv_direct(shape: GemvShape, rows: int | None = None, groups: int | None = 
                                 acc[n, r, u, t] = acc[n, r, u, t] + w[r, u, t] * T.Cast("float32", x[n, (jo * U + u) * g + t])
             for n in range(N):
                 for r in T.unroll(R):
-                    s = T.alloc_buffer((1,), "float32", scope="global")
-                    s[0] = T.float32(0)
-                    for u in range(U):
-                        for t in range(g):
-                            s[0] = s[0] + acc[n, r, u, t]
-                    y[n, ob * R + r] = T.Cast(act, s[0] * scales[ob * R + r] + bias[ob * R + r])
+                    # Reduce as a tree (vector adds over u, then a pairwise sum of g lanes): a serial sum of
+                    # the U·g partial sums is a dependent chain of 32 adds per row, ~12% of a 4096-wide row.
+                    v = T.alloc_buffer((g,), "float32", scope="global")
+                    for t in T.vectorized(g):
+                        v[t] = tree_sum([acc[n, r, u, t] for u in range(U)])
+                    y[n, ob * R + r] = T.Cast(act, tree_sum([v[t] for t in range(g)]) * scales[ob * R + r]
+                                              + bias[ob * R + r])
 
     return kernel

@@ -98,7 +98,7 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
               "PTX for compute_90 is always added).")
 @click.option("--max-batch", default=8, show_default=True, help="Largest token count with a GEMV kernel (1..8).")
 @click.option("--onnx/--no-onnx", "with_onnx", default=True, show_default=True,
-              help="x86: also write the ONNX decoder (AqlmMatMul + portable) and the ORT op library.")
+              help="x86/arm64: also write the ONNX decoder (AqlmMatMul + portable) and the ORT op library.")
 @click.option("--dense-model", "dense_model_dir", help="x86 ONNX: also export this FP model as the dense baseline.")
 @click.option("--dump-ir", "dump_ir", help="x86 ONNX: write the exported graph before and after each pass to DIR.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
@@ -128,7 +128,8 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
     else:
         from .targets.arm64 import build_arm64
 
-        manifest = build_arm64(checkpoint_dir, out_dir, max_batch=max_batch, **({"cpu": cpu} if cpu else {}))
+        manifest = build_arm64(checkpoint_dir, out_dir, max_batch=max_batch, with_onnx=with_onnx, dump_ir=dump_ir,
+                               fuse=fuse, **({"cpu": cpu} if cpu else {}))
     click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
                f"({manifest['target_spec']['mcpu']})")
 

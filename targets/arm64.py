@@ -21,7 +21,7 @@ import numpy as np
 from aqlm_compile.cache import atomic_dir, cache_root
 from aqlm_compile.errors import ConfigError
 
-from .common import checkpoint_layers, kernel_module, tvm, write_artifact
+from .common import checkpoint_layers, kernel_module, onnx_step, tvm, write_artifact
 
 CROSS_GCC = "aarch64-linux-gnu-gcc"
 CROSS_GXX = "aarch64-linux-gnu-g++"
@@ -75,22 +75,35 @@ def runtime_dir() -> Path:
     return out
 
 
-def build_arm64(ckpt_dir, out_dir, cpu: str = "neoverse-n1", max_batch: int = 8) -> dict:
+def build_arm64(ckpt_dir, out_dir, cpu: str = "neoverse-n1", max_batch: int = 8, with_onnx: bool = True,
+                dump_ir=None, fuse: bool = True) -> dict:
+    """Cross-compile the kernels into `kernels_arm64.so` with the aarch64 TVM runtime and runner; with `with_onnx`,
+    also the (architecture-neutral) ONNX decoder files and the aarch64 ORT op library."""
     gcc = require_tool(CROSS_GCC, "gcc-aarch64-linux-gnu")
     from tvm.support import cc
 
     aqlm_config, layers = checkpoint_layers(ckpt_dir)
     target = arm64_target(cpu)
-    mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch)
-    lib = tvm.compile(mod, target=target)
     rt = runtime_dir()
+    steps, extra, fused = [], {"runner": "runtime/aqlm_run LIB FUNCTION IN_FILE OUT_FILE"}, []
+    if with_onnx:
+        from .ort import LIBRARY, build_ort_library
+
+        populate_onnx, entry, fused = onnx_step(ckpt_dir, None, dump_ir, fuse)
+        entry["op_library"] = LIBRARY
+        libs = {name: rt / name for name in ("libtvm_runtime.so", "libtvm_ffi.so")}
+        steps = [populate_onnx, lambda tmp: build_ort_library(
+            tmp, "kernels_arm64.so", libs, cxx=require_tool(CROSS_GXX, "g++-aarch64-linux-gnu"))]
+        extra["onnx"] = entry
+    mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch, fused)
+    lib = tvm.compile(mod, target=target)
     spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu, "mattr": ["+neon"]}
     return write_artifact(
         ckpt_dir, out_dir, target_name="arm64", arch="aarch64", target_spec=spec, lib_name="kernels_arm64.so",
         export=lambda p: lib.export_library(str(p), fcompile=cc.cross_compiler(gcc)),
-        aqlm_config=aqlm_config, layers=layers, kernels=kernels,
+        aqlm_config=aqlm_config, layers=layers, kernels=kernels, extra_steps=steps,
         extra_files={f"runtime/{name}": rt / name for name in ("libtvm_runtime.so", "libtvm_ffi.so", "aqlm_run")},
-        extra_manifest={"runner": "runtime/aqlm_run LIB FUNCTION IN_FILE OUT_FILE"},
+        extra_manifest=extra,
     )
 
 

@@ -135,6 +135,13 @@ def test_arm64_artifact_runs_under_qemu(built, tmp_path):
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["arch"] == "aarch64" and "runtime/aqlm_run" in manifest["files"]
     assert open(art / "kernels_arm64.so", "rb").read(20)[18] == 183  # ELF e_machine EM_AARCH64
+    # the ORT op library, cross-built for aarch64, exporting the entry point ORT looks up
+    assert open(art / "libaqlm_ort.so", "rb").read(20)[18] == 183
+    import subprocess
+    symbols = subprocess.run(["aarch64-linux-gnu-nm", "-D", "--defined-only", str(art / "libaqlm_ort.so")],
+                             capture_output=True, text=True, check=True).stdout
+    assert " T RegisterCustomOps" in symbols
+    assert {"onnx/model.onnx", "onnx/model.portable.onnx", "libaqlm_ort.so"} <= set(manifest["files"])
     with pytest.raises(FormatError, match="arch: built for aarch64"):
         KernelLibrary(art)  # an arm64 artifact on this x86 machine is a clear error
     model, _, _ = fmt.load(ckpt)

@@ -64,13 +64,21 @@ class DecoderWithCache(torch.nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
+        for t in past[1:]:  # one past length for every layer: the exporter (and Relax) then use one symbol for it
+            torch._check(t.shape[2] == past[0].shape[2])
         for i, layer in enumerate(cache.layers):
             k, v = past[2 * i], past[2 * i + 1]
             layer.lazy_initialization(k, v)
             layer.keys, layer.values = k, v
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        logits = out.logits[:, -1, :]
+        # The last position by a non-negative index: negative slices of a symbolic dimension came out of the Relax
+        # importer as garbage (NaN logits), and logits_to_keep=1 slices [-1:].
+        if getattr(self.model.config, "final_logit_softcapping", None):
+            raise NotImplementedError("final_logit_softcapping (Gemma 2) is not exported yet")
+        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                  use_cache=True)
+        last = hidden.last_hidden_state.narrow(1, input_ids.shape[1] - 1, 1)
+        logits = self.model.lm_head(last)[:, 0, :]
+        out = hidden
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]

@@ -16,7 +16,7 @@ from .gemv_direct import GemvShape, _largest_divisor
 
 
 def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 128, token_block: int = 4, rows: int = 4, vector: int = 16,
-                name: str = "aqlm_gemm"):
+                name: str = "aqlm_gemm", index_dtype: str = "int32"):
     """A TIR PrimFunc `name(x[n, I], codes, codebooks, scales, bias, y[n, O])` for any token count n ≥ 1
     (`shape.batch` is ignored)."""
     cfg = shape.config
@@ -36,7 +36,7 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 128, token
     def kernel(x_h: T.handle, codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((PM, K, g), cbt),
                scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
-        n_tok = T.int32()
+        n_tok = T.int64() if index_dtype == "int64" else T.int32()  # Relax passes int64 shape variables
         x = T.match_buffer(x_h, (n_tok, I), act)
         y = T.match_buffer(y_h, (n_tok, O), act)
         for ob in T.parallel(O // OB):

@@ -1,0 +1,79 @@
+"""The Relax route (issue 6, first part): the lowered exported decoder → a Relax module whose AQLM layers are
+`call_tir` of the kernels/ schedules, compiled into one library run by the TVM runtime's VirtualMachine.
+
+Two functions share the weights: `decode` (one token: the GEMV kernel) and `prefill` (any number of tokens: the
+GEMM kernel), each `(input_ids, *past_kv, *params) -> (last logits, *present_kv)`. Everything but
+the AQLM op goes through TVM's standard `from_exported_program` importer (relax facts doc).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aqlm_compile.kernels.gemm_decode import gemm_decode
+from aqlm_compile.kernels.gemv_direct import GemvShape
+from aqlm_compile.kernels.registry import select_kernel
+from aqlm_compile.passes.op import aqlm_config_of
+
+from .common import tvm
+
+
+def _aqlm_converter(static_tokens: int | None, kernels: dict):
+    """A converter for `aqlm.aqlm_gemm` nodes: reshape x to [N, in], call_tir the kernel for (shape, N), reshape back.
+    `static_tokens` = N for the decode function (GEMV), None for prefill (symbolic N: GEMM)."""
+    from tvm import relax
+
+    def convert(node, importer):
+        bb = importer.block_builder
+        x, codes, codebooks, scales = (importer.env[a] for a in node.args[:4])
+        bias_node = node.args[4] if len(node.args) > 4 else None
+        parts = node.kwargs.get("partitions") or (node.args[5] if len(node.args) > 5 else None)
+        cv, bv = node.args[1].meta["val"], node.args[2].meta["val"]
+        cfg = aqlm_config_of(tuple(cv.shape), tuple(bv.shape))
+        out_f, in_f = int(cv.shape[0]), int(cv.shape[1]) * cfg.in_group_size
+        xv = node.args[0].meta["val"]
+        lead = list(node.args[0].meta["val"].shape[:-1])
+        x_shape = [bb.normalize(x).ty.shape[i] for i in range(len(node.args[0].meta["val"].shape))]
+        n_tok = 1
+        for d in x_shape[:-1]:
+            n_tok = n_tok * d
+        shape = GemvShape(out_f, in_f, cfg, static_tokens or 9, act_dtype=str(xv.dtype).replace("torch.", ""),
+                          partitions=tuple(parts) if parts else None)
+        key = (out_f, in_f, tuple(parts or ()), static_tokens)
+        if key not in kernels:
+            if static_tokens:
+                choice = select_kernel(shape, "llvm")
+                func = choice.build_func(shape, f"aqlm_k{len(kernels)}")
+            else:
+                func = gemm_decode(shape, name=f"aqlm_k{len(kernels)}", index_dtype="int64")
+            kernels[key] = bb.add_func(func.with_attr("global_symbol", f"aqlm_k{len(kernels)}"), f"aqlm_k{len(kernels)}")
+        gv = kernels[key]
+        x2 = bb.emit(relax.op.reshape(x, [n_tok, in_f]))
+        pm = int(bv.shape[0])
+        cb = bb.emit(relax.op.reshape(codebooks, [pm, int(bv.shape[1]), cfg.in_group_size]))
+        if str(bv.dtype) != "torch.float16":
+            cb = bb.emit(relax.op.astype(cb, "float16"))
+        sc = bb.emit(relax.op.astype(relax.op.reshape(scales, [out_f]), "float32"))
+        if bias_node is not None:
+            bias = bb.emit(relax.op.astype(importer.env[bias_node], "float32"))
+        else:
+            bias = bb.emit(relax.op.zeros(relax.ShapeExpr([out_f]), "float32"))
+        y = bb.emit(relax.call_tir(gv, [x2, codes, cb, sc, bias],
+                                   relax.TensorType((n_tok, out_f), shape.act_dtype)))
+        return bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
+
+    return convert
+
+
+def import_decoder(ep, static_tokens: int | None):
+    """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    kernels: dict = {}
+    return from_exported_program(ep, keep_params_as_input=True,
+                                 custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels)},
+                                 run_ep_decomposition=True)
+
+
+def _unused(*_):
+    return torch

@@ -103,7 +103,10 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
 @click.option("--dump-ir", "dump_ir", help="x86 ONNX: write the exported graph before and after each pass to DIR.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="x86 ONNX: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
-def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dump_ir, fuse):
+@click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
+              help="x86: also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
+def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dump_ir, fuse,
+          with_tvm):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
     from .errors import ConfigError
 
@@ -124,7 +127,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         from .targets.x86 import build_x86
 
         manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu, max_batch=max_batch, with_onnx=with_onnx,
-                             dense_model_dir=dense_model_dir, dump_ir=dump_ir, fuse=fuse)
+                             dense_model_dir=dense_model_dir, dump_ir=dump_ir, fuse=fuse, with_tvm=with_tvm)
     else:
         from .targets.arm64 import build_arm64
 
@@ -168,7 +171,10 @@ def generate(artifact_dir, prompt, runtime, model_kind, max_new_tokens, temperat
         decoder = TorchDecoder(artifact_dir, threads=threads)
         tok_dir = checkpoint_of(Path(artifact_dir))
     else:
-        raise ConfigError("--runtime tvm: the whole-model TVM artifact is not built yet in this version (issue 6)")
+        from .runtime.tvm_runtime import TvmDecoder
+
+        decoder = TvmDecoder(artifact_dir, threads=threads)
+        tok_dir = Path(artifact_dir) / "weights"
     result = run(decoder, load_tokenizer(tok_dir), prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, seed=seed, add_bos=not no_bos)
     result["runtime"] = runtime if runtime != "ort" else f"ort/{model_kind}"

@@ -107,22 +107,25 @@ def example_inputs(spec: DecoderSpec, seq: int = 3, past: int = 2, dtype=torch.f
     return (ids, mask, *kv)
 
 
-def export_decoder(model):
-    """torch.export of `DecoderWithCache(model)` with dynamic token count and past length."""
+def export_decoder(model, tokens: int | None = None):
+    """torch.export of `DecoderWithCache(model)` with a dynamic past length and a dynamic token count — or a fixed
+    one (`tokens`, e.g. 1 for a decode-step function whose layers can use the GEMV kernels)."""
     wrapper = DecoderWithCache(model).eval()
     spec = wrapper.spec
-    seq, total = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
-    dynamic = ({1: seq}, {1: total}, tuple({2: torch.export.Dim.DYNAMIC} for _ in range(2 * spec.num_layers)))
+    dyn = torch.export.Dim.DYNAMIC
+    dynamic = ({1: dyn} if tokens is None else {}, {1: dyn},
+               tuple({2: dyn} for _ in range(2 * spec.num_layers)))
     with torch.no_grad():
-        ep = torch.export.export(wrapper, example_inputs(spec), dynamic_shapes=dynamic, strict=False)
+        ep = torch.export.export(wrapper, example_inputs(spec, seq=tokens or 3), dynamic_shapes=dynamic, strict=False)
     return ep, spec
 
 
-def export_checkpoint(ckpt_dir, dump_ir: str | Path | None = None, supports=None, fuse: bool = True):
+def export_checkpoint(ckpt_dir, dump_ir: str | Path | None = None, supports=None, fuse: bool = True,
+                      tokens: int | None = None):
     """Checkpoint → lowered ExportedProgram (+ the pipeline's report and the DecoderSpec)."""
     from aqlm_compile.passes.pipeline import run_pipeline
 
     model, aqlm_config = load_for_export(ckpt_dir)
-    ep, spec = export_decoder(model)
+    ep, spec = export_decoder(model, tokens)
     report = run_pipeline(ep, dump_ir=dump_ir, supports=supports, name_prefix="model.", fuse=fuse)
     return ep, spec, report

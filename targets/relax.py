@@ -8,8 +8,6 @@ the AQLM op goes through TVM's standard `from_exported_program` importer (relax 
 
 from __future__ import annotations
 
-import torch
-
 from aqlm_compile.kernels.gemm_decode import gemm_decode
 from aqlm_compile.kernels.gemv_direct import GemvShape
 from aqlm_compile.kernels.registry import select_kernel
@@ -18,7 +16,7 @@ from aqlm_compile.passes.op import aqlm_config_of
 from .common import tvm
 
 
-def _aqlm_converter(static_tokens: int | None, kernels: dict):
+def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
     """A converter for `aqlm.aqlm_gemm` nodes: reshape x to [N, in], call_tir the kernel for (shape, N), reshape back.
     `static_tokens` = N for the decode function (GEMV), None for prefill (symbolic N: GEMM)."""
     from tvm import relax
@@ -41,12 +39,12 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict):
                           partitions=tuple(parts) if parts else None)
         key = (out_f, in_f, tuple(parts or ()), static_tokens)
         if key not in kernels:
+            symbol = f"{prefix}_aqlm_{out_f}x{in_f}"
             if static_tokens:
-                choice = select_kernel(shape, "llvm")
-                func = choice.build_func(shape, f"aqlm_k{len(kernels)}")
+                func = select_kernel(shape, "llvm").build_func(shape, symbol)
             else:
-                func = gemm_decode(shape, name=f"aqlm_k{len(kernels)}", index_dtype="int64")
-            kernels[key] = bb.add_func(func.with_attr("global_symbol", f"aqlm_k{len(kernels)}"), f"aqlm_k{len(kernels)}")
+                func = gemm_decode(shape, name=symbol, index_dtype="int64")
+            kernels[key] = bb.add_func(func, symbol)
         gv = kernels[key]
         x2 = bb.emit(relax.op.reshape(x, [n_tok, in_f]))
         pm = int(bv.shape[0])
@@ -65,15 +63,59 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict):
     return convert
 
 
-def import_decoder(ep, static_tokens: int | None):
+def import_decoder(ep, static_tokens: int | None, prefix: str = "main"):
     """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs)."""
     from tvm.relax.frontend.torch import from_exported_program
 
     kernels: dict = {}
-    return from_exported_program(ep, keep_params_as_input=True,
-                                 custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels)},
-                                 run_ep_decomposition=True)
+    return from_exported_program(
+        ep, keep_params_as_input=True, run_ep_decomposition=True,
+        custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix)})
 
 
-def _unused(*_):
-    return torch
+FUNCTIONS = (("prefill", None), ("decode", 1))
+
+
+def relax_decoder_module(ckpt_dir):
+    """One IRModule with `prefill` (any token count) and `decode` (one token), the params (shared, in the order both
+    functions take them) and the DecoderSpec. Layers are not fused here: the fused graph concatenates parameters,
+    which in Relax would be redone on every call."""
+    from tvm import relax
+
+    from aqlm_compile.export import export_checkpoint
+
+    merged, params, spec = tvm.IRModule(), None, None
+    for name, tokens in FUNCTIONS:
+        ep, spec, _ = export_checkpoint(ckpt_dir, fuse=False, tokens=tokens)
+        mod, detached = relax.frontend.detach_params(import_decoder(ep, tokens, prefix=name))
+        names = [p.name for p in mod["main"].params]
+        if params is None:
+            params, param_names = detached["main"], names
+        elif names[-len(params):] != param_names[-len(params):]:
+            raise RuntimeError("prefill and decode take their parameters in different orders")
+        for gv, func in mod.functions_items():
+            if gv.name_hint == "main":
+                merged[name] = func.with_attr("global_symbol", name)
+            else:
+                merged[gv] = func
+    return merged, params, spec
+
+
+def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None) -> dict:
+    """Compile the whole decoder into `dest/lib_name` (+ `dest/model_params.bin`); returns the manifest entry."""
+    from pathlib import Path
+
+    mod, params, spec = relax_decoder_module(ckpt_dir)
+    ex = tvm.compile(mod, target=target)
+    dest = Path(dest)
+    if export is None:
+        ex.export_library(str(dest / lib_name))
+    else:
+        export(ex, dest / lib_name)
+    tvm.runtime.save_param_dict_to_file({f"p{i:05d}": p for i, p in enumerate(params)}, str(dest / "model_params.bin"))
+    return {"library": lib_name, "params": "model_params.bin", "functions": [f for f, _ in FUNCTIONS],
+            "num_params": len(params), "decoder": spec.to_json(),
+            "signature": "(input_ids [1,S] int64, attention_mask [1,P+S] int64, *past_kv [1,H,P,D] f32, *params) "
+                         "-> (logits [1,V], *present_kv)"}
+
+

@@ -31,7 +31,7 @@ def build(prim_func, target: tvm.target.Target):
 
 
 def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, with_onnx: bool = True,
-              dense_model_dir=None, dump_ir=None, fuse: bool = True) -> dict:
+              dense_model_dir=None, dump_ir=None, fuse: bool = True, with_tvm: bool = True) -> dict:
     """Compile the kernels every quantized layer needs into `kernels_x86.so`, with weights and manifest; with
     `with_onnx`, also the ONNX decoder (AqlmMatMul + portable [+ dense]) and the ORT op library that runs it."""
     if platform.machine() != "x86_64":
@@ -46,6 +46,14 @@ def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, wit
         entry["op_library"] = LIBRARY
         steps = [populate_onnx, lambda tmp: build_ort_library(tmp, "kernels_x86.so", host_runtime_libs())]
         extra["onnx"] = entry
+    if with_tvm:
+        from .relax import build_relax_model
+
+        def relax_step(tmp):
+            extra["tvm"].update(build_relax_model(ckpt_dir, tmp, target, "model_x86.so"))
+
+        steps.append(relax_step)
+        extra["tvm"] = {}  # filled by relax_step before the manifest is written
     mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch, fused)
     lib = tvm.compile(mod, target=target)
     spec = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "mtriple": "x86_64-linux-gnu"}

@@ -1,0 +1,58 @@
+"""The TVM runtime decoder of an artifact folder: the compiled whole-model library run by the Relax VirtualMachine
+with the TVM runtime only (`TVM_USE_RUNTIME_LIB=1`: the compiler library is never loaded; no torch needed).
+`prefill` runs the prompt (any token count), `decode` each following token."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .. import artifact
+from ..errors import FormatError
+
+
+class TvmDecoder:
+    def __init__(self, artifact_dir: str | Path, threads: int | None = None):
+        self.dir = Path(artifact_dir)
+        self.manifest = artifact.verify(self.dir)
+        info = self.manifest.get("tvm")
+        if not info:
+            raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm: missing (artifact built without the whole-model "
+                              "TVM route)")
+        os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
+        if "tvm" not in sys.modules:
+            os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # runtime only: the compiler library is not loaded
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.tvm = tvm
+        self.dev = tvm.cpu()
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.dir / info["library"])), self.dev)
+        loaded = tvm.runtime.load_param_dict_from_file(str(self.dir / info["params"]))
+        self.params = [loaded[k] for k in sorted(loaded)]
+        if len(self.params) != info["num_params"]:
+            raise FormatError(f"{self.dir / info['params']}: {len(self.params)} tensors, manifest says "
+                              f"{info['num_params']}")
+        spec = info["decoder"]
+        self.num_layers, self.num_kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
+        self.vocab_size, self.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
+        self.eos_token_ids = tuple(spec["eos_token_ids"])
+        self.reset()
+
+    def reset(self) -> None:
+        empty = self.tvm.runtime.tensor(np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32), self.dev)
+        self.past = [empty] * (2 * self.num_layers)
+        self.length = 0
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        fn = self.vm["decode"] if ids.shape[1] == 1 and self.length > 0 else self.vm["prefill"]
+        t = self.tvm.runtime.tensor
+        mask = np.ones((1, self.length + ids.shape[1]), np.int64)
+        out = fn(t(ids, self.dev), t(mask, self.dev), *self.past, *self.params)
+        self.past = [out[i] for i in range(1, 1 + 2 * self.num_layers)]
+        self.length += ids.shape[1]
+        return out[0].numpy()[0]

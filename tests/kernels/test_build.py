@@ -23,7 +23,7 @@ def built(tiny_llama, tiny_corpus, tmp_path_factory):
     ckpt = root / "ckpt"
     quantize_job(str(tiny_llama), str(ckpt), config="2x8g8", dataset=str(tiny_corpus), preset="tiny", device="cpu",
                  overrides={"kmeans_iters": 3, "max_rounds": 1})
-    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(root / "art")])
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(root / "art"), "--no-onnx", "--no-tvm"])
     assert r.exit_code == 0, r.output
     return ckpt, root / "art"
 

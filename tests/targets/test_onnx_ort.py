@@ -81,7 +81,8 @@ def test_artifact_onnx_files_are_checked_and_listed(llama_art):
 
 def test_generate_cli_json_same_tokens(llama_art):
     outs = {}
-    for args in (["--runtime", "ort"], ["--runtime", "ort", "--model", "portable"], ["--runtime", "torch"]):
+    for args in (["--runtime", "ort"], ["--runtime", "ort", "--model", "portable"], ["--runtime", "torch"],
+                 ["--runtime", "tvm"]):
         r = CliRunner().invoke(main, ["generate", str(llama_art), "The quick brown", "--max-new-tokens", "12",
                                       "--json", *args])
         assert r.exit_code == 0, r.output
@@ -138,3 +139,33 @@ def test_portable_model_is_not_constant_folded_into_dense_weights(llama_art, tmp
     folded = [(t.name, tuple(t.dims)) for t in optimized.graph.initializer
               if t.name not in inits and tuple(t.dims) in forbidden]
     assert not folded, folded
+
+
+def test_tvm_decoder_matches_torch(llama_art, tiny_llama_ckpt):
+    """The whole-model TVM artifact (Relax VM, runtime-only load): prefill then decode steps equal torch."""
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    steps = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8]]
+    ref = torch_logits(tiny_llama_ckpt, steps)
+    dec = TvmDecoder(llama_art, threads=1)
+    for ids, want in zip(steps, ref):
+        got = dec.step(np.array(ids))
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), ids
+    manifest = json.loads((llama_art / "manifest.json").read_text())
+    assert manifest["tvm"]["functions"] == ["prefill", "decode"]
+    assert {"model_x86.so", "model_params.bin"} <= set(manifest["files"])
+
+
+def test_tvm_artifact_bad_inputs(llama_art, tmp_path):
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    copy = tmp_path / "art"
+    shutil.copytree(llama_art, copy)
+    with open(copy / "model_params.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    with pytest.raises(FormatError, match="model_params.bin: sha256 does not match"):
+        TvmDecoder(copy)
+    r = CliRunner().invoke(main, ["generate", str(llama_art), "hi", "--runtime", "tvm", "--max-new-tokens", "3",
+                                  "--json"])
+    assert r.exit_code == 0, r.output

@@ -1,8 +1,9 @@
-"""End-to-end decode speed in ONNX Runtime, same run: the AQLM artifact (op library), optionally a second AQLM
-artifact (e.g. built with --no-fuse), the dense FP ONNX model of the same artifact, and PyTorch eager.
+"""End-to-end decode speed, same run: the AQLM artifact in ONNX Runtime (op library) and in the TVM runtime (Relax
+VM), optionally a second AQLM artifact in ORT (e.g. built with --no-fuse), the dense FP ONNX model of the same
+artifact, and PyTorch eager.
 
-    .venv/bin/python benchmarks/ort_generate.py ARTIFACT [--compare OTHER_ARTIFACT] [--tokens 32] [--rounds 3]
-Prints one JSON object and writes benchmarks/results/ort-generate-x86.{json,md}. Greedy tokens of every runtime
+    .venv/bin/python benchmarks/generate_speed.py ARTIFACT [--compare OTHER_ARTIFACT] [--tokens 32] [--rounds 3]
+Prints one JSON object and writes benchmarks/results/generate-x86.{json,md}. Greedy tokens of every runtime
 are compared with the first one's.
 """
 
@@ -24,7 +25,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ort-generate-x86"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate-x86"))
     args = ap.parse_args()
 
     from aqlm_compile.runtime.generate import generate, load_tokenizer
@@ -35,6 +36,12 @@ def main():
     runs = {"ort aqlm": OrtDecoder(art, "aqlm")}
     if args.compare:
         runs["ort aqlm (compare)"] = OrtDecoder(args.compare, "aqlm")
+    import json as _json
+
+    if "tvm" in _json.loads((art / "manifest.json").read_text()):
+        from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+        runs["tvm aqlm"] = TvmDecoder(art)
     runs["ort dense fp32"] = OrtDecoder(art, "dense")
     if not args.no_torch:
         from aqlm_compile.runtime.torch_runtime import TorchDecoder

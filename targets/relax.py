@@ -44,7 +44,8 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
                 func = select_kernel(shape, "llvm").build_func(shape, symbol)
             else:
                 func = gemm_decode(shape, name=symbol, index_dtype="int64")
-            kernels[key] = bb.add_func(func, symbol)
+            # hand-scheduled already: dlight must leave it alone
+            kernels[key] = bb.add_func(func.with_attr("tirx.is_scheduled", True), symbol)
         gv = kernels[key]
         x2 = bb.emit(relax.op.reshape(x, [n_tok, in_f]))
         pm = int(bv.shape[0])
@@ -63,14 +64,74 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
     return convert
 
 
+def _dense_converter(kernels: dict, prefix: str):
+    """`aten.linear` with an fp32 2-D weight → call_tir of kernels/dense.py (else TVM's generic matmul)."""
+    from tvm import relax
+
+    from aqlm_compile.kernels.dense import dense_linear
+
+    def convert(node, importer):
+        bb = importer.block_builder
+        x, w = importer.env[node.args[0]], importer.env[node.args[1]]
+        bias = node.args[2] if len(node.args) > 2 else None
+        wv, xv = node.args[1].meta["val"], node.args[0].meta["val"]
+        if wv.dim() != 2 or wv.dtype != torch_float32() or xv.dtype != torch_float32():
+            return importer.convert_map["_generic_linear"](node, importer)
+        out_f, in_f = int(wv.shape[0]), int(wv.shape[1])
+        x_shape = [bb.normalize(x).ty.shape[i] for i in range(xv.dim())]
+        n_tok = 1
+        for d in x_shape[:-1]:
+            n_tok = n_tok * d
+        key = ("dense", out_f, in_f)
+        if key not in kernels:
+            symbol = f"{prefix}_dense_{out_f}x{in_f}"
+            kernels[key] = bb.add_func(dense_linear(out_f, in_f, name=symbol).with_attr("tirx.is_scheduled", True),
+                                       symbol)
+        x2 = bb.emit(relax.op.reshape(x, [n_tok, in_f]))
+        y = bb.emit(relax.call_tir(kernels[key], [x2, w], relax.TensorType((n_tok, out_f), "float32")))
+        y = bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
+        if bias is not None:
+            y = bb.emit(relax.op.add(y, importer.env[bias]))
+        return y
+
+    return convert
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
 def import_decoder(ep, static_tokens: int | None, prefix: str = "main"):
-    """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs)."""
+    """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs). Not decomposed first, so the
+    remaining dense `aten.linear` layers (lm_head) reach our dense kernel instead of an unscheduled matmul."""
     from tvm.relax.frontend.torch import from_exported_program
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    import torch
 
     kernels: dict = {}
+    generic = ExportedProgramImporter().convert_map.get("linear.default")
+    dense = _dense_converter(kernels, prefix)
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.linear.default, None)  # keep linear whole: it maps onto kernels/dense.py
+    ep = ep.run_decompositions(table)
     return from_exported_program(
-        ep, keep_params_as_input=True, run_ep_decomposition=True,
-        custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix)})
+        ep, keep_params_as_input=True, run_ep_decomposition=False,
+        custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix),
+                            "_generic_linear": generic, "linear.default": dense, "to.device": _to_device})
+
+
+def _to_device(node, importer):
+    """aten.to.device(x, device, dtype, ...) on CPU: a dtype cast (not decomposed away without run_ep_decomposition)."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    dtype = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
+    if dtype is None:
+        return x
+    return importer.block_builder.emit(relax.op.astype(x, str(dtype).replace("torch.", "")))
 
 
 FUNCTIONS = (("prefill", None), ("decode", 1))
@@ -105,7 +166,15 @@ def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None) -> dic
     """Compile the whole decoder into `dest/lib_name` (+ `dest/model_params.bin`); returns the manifest entry."""
     from pathlib import Path
 
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
     mod, params, spec = relax_decoder_module(ckpt_dir)
+    # Everything but the AQLM kernels (attention, norms, the dense lm_head, embeddings) comes out of LegalizeOps as
+    # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do.
+    with target:
+        mod = relax.transform.LegalizeOps()(mod)
+        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
     ex = tvm.compile(mod, target=target)
     dest = Path(dest)
     if export is None:

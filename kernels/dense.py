@@ -1,0 +1,40 @@
+"""Dense fp32 linear for CPUs (the layers AQLM leaves dense, e.g. the lm_head): y[n, o] = Σ_i x[n, i] · W[o, i].
+
+TVM's default CPU pipeline leaves a legalised matmul unscheduled (270 ms for SmolLM2's 576→49152 lm_head), and
+dlight's CPU GEMV rule does not match it; this kernel is the direct schedule: R rows of V-lane accumulators per
+thread-pool task, x re-read from L1, W streamed once. Any token count (symbolic N).
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .gemv_direct import _largest_divisor, tree_sum
+
+
+def dense_linear(out_features: int, in_features: int, rows: int = 4, name: str = "dense_linear",
+                 index_dtype: str = "int64"):
+    O, I = out_features, in_features
+    V = _largest_divisor(I, 16)
+    R = _largest_divisor(O, rows)
+
+    @T.prim_func
+    def kernel(x_h: T.handle, w: T.Buffer((O, I), "float32"), y_h: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        n_tok = T.int64() if index_dtype == "int64" else T.int32()
+        x = T.match_buffer(x_h, (n_tok, I), "float32")
+        y = T.match_buffer(y_h, (n_tok, O), "float32")
+        for ob in T.parallel(O // R):
+            for n in range(n_tok):
+                acc = T.alloc_buffer((R, V), "float32", scope="global")
+                for r in T.unroll(R):
+                    for v in T.vectorized(V):
+                        acc[r, v] = T.float32(0)
+                for io in range(I // V):
+                    for r in T.unroll(R):
+                        for v in T.vectorized(V):
+                            acc[r, v] = acc[r, v] + x[n, io * V + v] * w[ob * R + r, io * V + v]
+                for r in T.unroll(R):
+                    y[n, ob * R + r] = tree_sum([acc[r, v] for v in range(V)])
+
+    return kernel

@@ -142,7 +142,8 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
 @click.argument("prompt")
 @click.option("--runtime", type=click.Choice(["ort", "torch", "tvm"]), default="ort", show_default=True)
 @click.option("--model", "model_kind", type=click.Choice(["aqlm", "portable", "dense"]), default="aqlm",
-              show_default=True, help="ort: the AQLM op library model, the portable (stock ORT) one, or the FP one.")
+              show_default=True, help="The AQLM model, the FP baseline (built with --dense-model; ort and tvm), or the "
+                                      "portable ONNX model (ort, no library).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=float)
@@ -173,7 +174,9 @@ def generate(artifact_dir, prompt, runtime, model_kind, max_new_tokens, temperat
     else:
         from .runtime.tvm_runtime import TvmDecoder
 
-        decoder = TvmDecoder(artifact_dir, threads=threads)
+        if model_kind == "portable":
+            raise ConfigError("--model portable is an ONNX model: use --runtime ort")
+        decoder = TvmDecoder(artifact_dir, threads=threads, kind=model_kind)
         tok_dir = Path(artifact_dir) / "weights"
     result = run(decoder, load_tokenizer(tok_dir), prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, seed=seed, add_bos=not no_bos)

@@ -42,6 +42,8 @@ def main():
         from aqlm_compile.runtime.tvm_runtime import TvmDecoder
 
         runs["tvm aqlm"] = TvmDecoder(art)
+        if "dense" in _json.loads((art / "manifest.json").read_text())["tvm"]:
+            runs["tvm dense fp32"] = TvmDecoder(art, kind="dense")
     runs["ort dense fp32"] = OrtDecoder(art, "dense")
     if not args.no_torch:
         from aqlm_compile.runtime.torch_runtime import TorchDecoder

@@ -137,17 +137,27 @@ def _to_device(node, importer):
 FUNCTIONS = (("prefill", None), ("decode", 1))
 
 
-def relax_decoder_module(ckpt_dir):
+def relax_decoder_module(ckpt_dir, dense_model_dir=None):
     """One IRModule with `prefill` (any token count) and `decode` (one token), the params (shared, in the order both
     functions take them) and the DecoderSpec. Layers are not fused here: the fused graph concatenates parameters,
-    which in Relax would be redone on every call."""
+    which in Relax would be redone on every call. With `dense_model_dir`: the FP model through the same compiler
+    (every linear on kernels/dense.py), the same-runtime baseline."""
     from tvm import relax
 
-    from aqlm_compile.export import export_checkpoint
+    from aqlm_compile.export import export_checkpoint, export_decoder
 
     merged, params, spec = tvm.IRModule(), None, None
     for name, tokens in FUNCTIONS:
-        ep, spec, _ = export_checkpoint(ckpt_dir, fuse=False, tokens=tokens)
+        if dense_model_dir is not None:
+            from pathlib import Path
+
+            from aqlm_compile.models import load_fp_model
+
+            fp, _ = load_fp_model(Path(dense_model_dir))
+            fp.config.use_cache = True
+            ep, spec = export_decoder(fp, tokens)
+        else:
+            ep, spec, _ = export_checkpoint(ckpt_dir, fuse=False, tokens=tokens)
         mod, detached = relax.frontend.detach_params(import_decoder(ep, tokens, prefix=name))
         names = [p.name for p in mod["main"].params]
         if params is None:
@@ -162,14 +172,15 @@ def relax_decoder_module(ckpt_dir):
     return merged, params, spec
 
 
-def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None) -> dict:
-    """Compile the whole decoder into `dest/lib_name` (+ `dest/model_params.bin`); returns the manifest entry."""
+def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None, dense_model_dir=None,
+                      params_name: str = "model_params.bin") -> dict:
+    """Compile the whole decoder into `dest/lib_name` (+ `dest/params_name`); returns the manifest entry."""
     from pathlib import Path
 
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
-    mod, params, spec = relax_decoder_module(ckpt_dir)
+    mod, params, spec = relax_decoder_module(ckpt_dir, dense_model_dir)
     # Everything but the AQLM kernels (attention, norms, the dense lm_head, embeddings) comes out of LegalizeOps as
     # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do.
     with target:
@@ -181,8 +192,8 @@ def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None) -> dic
         ex.export_library(str(dest / lib_name))
     else:
         export(ex, dest / lib_name)
-    tvm.runtime.save_param_dict_to_file({f"p{i:05d}": p for i, p in enumerate(params)}, str(dest / "model_params.bin"))
-    return {"library": lib_name, "params": "model_params.bin", "functions": [f for f, _ in FUNCTIONS],
+    tvm.runtime.save_param_dict_to_file({f"p{i:05d}": p for i, p in enumerate(params)}, str(dest / params_name))
+    return {"library": lib_name, "params": params_name, "functions": [f for f, _ in FUNCTIONS],
             "num_params": len(params), "decoder": spec.to_json(),
             "signature": "(input_ids [1,S] int64, attention_mask [1,P+S] int64, *past_kv [1,H,P,D] f32, *params) "
                          "-> (logits [1,V], *present_kv)"}

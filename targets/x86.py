@@ -51,6 +51,10 @@ def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, wit
 
         def relax_step(tmp):
             extra["tvm"].update(build_relax_model(ckpt_dir, tmp, target, "model_x86.so"))
+            if dense_model_dir is not None:
+                extra["tvm"]["dense"] = build_relax_model(ckpt_dir, tmp, target, "model_dense_x86.so",
+                                                          dense_model_dir=dense_model_dir,
+                                                          params_name="model_dense_params.bin")
 
         steps.append(relax_step)
         extra["tvm"] = {}  # filled by relax_step before the manifest is written

@@ -15,13 +15,17 @@ from ..errors import FormatError
 
 
 class TvmDecoder:
-    def __init__(self, artifact_dir: str | Path, threads: int | None = None):
+    def __init__(self, artifact_dir: str | Path, threads: int | None = None, kind: str = "aqlm"):
         self.dir = Path(artifact_dir)
         self.manifest = artifact.verify(self.dir)
         info = self.manifest.get("tvm")
         if not info:
             raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm: missing (artifact built without the whole-model "
                               "TVM route)")
+        if kind == "dense":
+            if "dense" not in info:
+                raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm.dense: missing (build with --dense-model)")
+            info = info["dense"]
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
         if "tvm" not in sys.modules:
             os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # runtime only: the compiler library is not loaded

@@ -15,15 +15,15 @@ from aqlm_compile.export import DecoderWithCache
 from aqlm_compile import format as fmt
 
 
-def build(ckpt, out):
-    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(out)])
+def build(ckpt, out, *extra):
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(out), *extra])
     assert r.exit_code == 0, r.output
     return out
 
 
 @pytest.fixture(scope="module")
-def llama_art(tiny_llama_ckpt, tmp_path_factory):
-    return build(tiny_llama_ckpt, tmp_path_factory.mktemp("ort") / "llama")
+def llama_art(tiny_llama_ckpt, tiny_llama, tmp_path_factory):
+    return build(tiny_llama_ckpt, tmp_path_factory.mktemp("ort") / "llama", "--dense-model", str(tiny_llama))
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,21 @@ def test_tvm_artifact_bad_inputs(llama_art, tmp_path):
     r = CliRunner().invoke(main, ["generate", str(llama_art), "hi", "--runtime", "tvm", "--max-new-tokens", "3",
                                   "--json"])
     assert r.exit_code == 0, r.output
+
+
+def test_dense_baselines_through_the_same_compilers(llama_art, tiny_llama):
+    """--dense-model: the FP model as ONNX (ORT) and as a TVM artifact; both equal the FP model in torch."""
+    from aqlm_compile.models import load_fp_model
+    from aqlm_compile.runtime.ort import OrtDecoder
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    fp, _ = load_fp_model(tiny_llama)
+    fp.config.use_cache = True
+    wrap = DecoderWithCache(fp).eval()
+    ids = [1, 5, 9, 13]
+    with torch.no_grad():
+        want = wrap(torch.tensor([ids]), torch.ones(1, 4, dtype=torch.int64),
+                    *[torch.zeros(1, wrap.spec.num_kv_heads, 0, wrap.spec.head_dim)] * (2 * wrap.spec.num_layers))[0][0]
+    for dec in (OrtDecoder(llama_art, "dense", threads=1), TvmDecoder(llama_art, threads=1, kind="dense")):
+        got = dec.step(np.array(ids))
+        assert np.abs(got - want.numpy()).max() <= 1e-4 * max(1.0, want.abs().max().item())

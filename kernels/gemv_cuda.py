@@ -31,10 +31,9 @@ def gemv_cuda(shape: GemvShape, warps: int = 4, rows_per_warp: int = 4, name: st
     CB = M * K * g
     shared = CB * 2 <= SHARED_CODEBOOK_BYTES
     JO = (J + 31) // 32
-    LOADS = (CB + W * 32 - 1) // (W * 32)
 
     CBS = CB if shared else 1  # a 1-element placeholder when the codebooks stay in global memory
-    LOADS = LOADS if shared else 0
+    LOADS = (CB + W * 32 - 1) // (W * 32) if shared else 0  # cooperative loads per thread to stage the codebooks
 
     def codeword(cbs, cb, m, code, t):
         """Element t of codeword `code` of codebook m: from shared memory when staged there, else global."""

@@ -1,9 +1,9 @@
-"""The Relax route (issue 6, first part): the lowered exported decoder → a Relax module whose AQLM layers are
-`call_tir` of the kernels/ schedules, compiled into one library run by the TVM runtime's VirtualMachine.
+"""The Relax route: the lowered exported decoder → a Relax module whose AQLM layers are `call_tir` of the kernels/
+schedules, compiled into one library run by the TVM runtime's VirtualMachine.
 
 Two functions share the weights: `decode` (one token: the GEMV kernel) and `prefill` (any number of tokens: the
-GEMM kernel), each `(input_ids, *past_kv, *params) -> (last logits, *present_kv)`. Everything but
-the AQLM op goes through TVM's standard `from_exported_program` importer (relax facts doc).
+GEMM kernel), each `(input_ids, attention_mask, *past_kv, *params) -> (last logits, *present_kv)`. Dense linears
+(the lm_head) go to kernels/dense.py; everything else through TVM's standard `from_exported_program` importer.
 """
 
 from __future__ import annotations
@@ -14,6 +14,17 @@ from aqlm_compile.kernels.registry import select_kernel
 from aqlm_compile.passes.op import aqlm_config_of
 
 from .common import tvm
+
+
+def _tokens_2d(bb, x, node_arg, in_f: int):
+    """x [..., in] → (x as [N, in], x's shape as a list, N) for a kernel that takes a 2-D activation."""
+    from tvm import relax
+
+    x_shape = [bb.normalize(x).ty.shape[i] for i in range(node_arg.meta["val"].dim())]
+    n_tok = 1
+    for d in x_shape[:-1]:
+        n_tok = n_tok * d
+    return bb.emit(relax.op.reshape(x, [n_tok, in_f])), x_shape, n_tok
 
 
 def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
@@ -30,11 +41,7 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
         cfg = aqlm_config_of(tuple(cv.shape), tuple(bv.shape))
         out_f, in_f = int(cv.shape[0]), int(cv.shape[1]) * cfg.in_group_size
         xv = node.args[0].meta["val"]
-        lead = list(node.args[0].meta["val"].shape[:-1])
-        x_shape = [bb.normalize(x).ty.shape[i] for i in range(len(node.args[0].meta["val"].shape))]
-        n_tok = 1
-        for d in x_shape[:-1]:
-            n_tok = n_tok * d
+        x2, x_shape, n_tok = _tokens_2d(bb, x, node.args[0], in_f)
         shape = GemvShape(out_f, in_f, cfg, static_tokens or 9, act_dtype=str(xv.dtype).replace("torch.", ""),
                           partitions=tuple(parts) if parts else None)
         key = (out_f, in_f, tuple(parts or ()), static_tokens)
@@ -47,7 +54,6 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
             # hand-scheduled already: dlight must leave it alone
             kernels[key] = bb.add_func(func.with_attr("tirx.is_scheduled", True), symbol)
         gv = kernels[key]
-        x2 = bb.emit(relax.op.reshape(x, [n_tok, in_f]))
         pm = int(bv.shape[0])
         cb = bb.emit(relax.op.reshape(codebooks, [pm, int(bv.shape[1]), cfg.in_group_size]))
         if str(bv.dtype) != "torch.float16":
@@ -64,8 +70,9 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
     return convert
 
 
-def _dense_converter(kernels: dict, prefix: str):
-    """`aten.linear` with an fp32 2-D weight → call_tir of kernels/dense.py (else TVM's generic matmul)."""
+def _dense_converter(kernels: dict, prefix: str, generic):
+    """`aten.linear` with an fp32 2-D weight → call_tir of kernels/dense.py (else `generic`: TVM's own)."""
+    import torch
     from tvm import relax
 
     from aqlm_compile.kernels.dense import dense_linear
@@ -75,19 +82,15 @@ def _dense_converter(kernels: dict, prefix: str):
         x, w = importer.env[node.args[0]], importer.env[node.args[1]]
         bias = node.args[2] if len(node.args) > 2 else None
         wv, xv = node.args[1].meta["val"], node.args[0].meta["val"]
-        if wv.dim() != 2 or wv.dtype != torch_float32() or xv.dtype != torch_float32():
-            return importer.convert_map["_generic_linear"](node, importer)
+        if wv.dim() != 2 or wv.dtype != torch.float32 or xv.dtype != torch.float32:
+            return generic(node, importer)
         out_f, in_f = int(wv.shape[0]), int(wv.shape[1])
-        x_shape = [bb.normalize(x).ty.shape[i] for i in range(xv.dim())]
-        n_tok = 1
-        for d in x_shape[:-1]:
-            n_tok = n_tok * d
+        x2, x_shape, n_tok = _tokens_2d(bb, x, node.args[0], in_f)
         key = ("dense", out_f, in_f)
         if key not in kernels:
             symbol = f"{prefix}_dense_{out_f}x{in_f}"
             kernels[key] = bb.add_func(dense_linear(out_f, in_f, name=symbol).with_attr("tirx.is_scheduled", True),
                                        symbol)
-        x2 = bb.emit(relax.op.reshape(x, [n_tok, in_f]))
         y = bb.emit(relax.call_tir(kernels[key], [x2, w], relax.TensorType((n_tok, out_f), "float32")))
         y = bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
         if bias is not None:
@@ -97,30 +100,22 @@ def _dense_converter(kernels: dict, prefix: str):
     return convert
 
 
-def torch_float32():
-    import torch
-
-    return torch.float32
-
-
 def import_decoder(ep, static_tokens: int | None, prefix: str = "main"):
-    """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs). Not decomposed first, so the
-    remaining dense `aten.linear` layers (lm_head) reach our dense kernel instead of an unscheduled matmul."""
+    """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs). Decomposed with `aten.linear`
+    kept whole, so the remaining dense layers (lm_head) reach our dense kernel instead of an unscheduled matmul."""
+    import torch
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    import torch
-
     kernels: dict = {}
-    generic = ExportedProgramImporter().convert_map.get("linear.default")
-    dense = _dense_converter(kernels, prefix)
+    dense = _dense_converter(kernels, prefix, ExportedProgramImporter().convert_map["linear.default"])
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.linear.default, None)  # keep linear whole: it maps onto kernels/dense.py
     ep = ep.run_decompositions(table)
     return from_exported_program(
         ep, keep_params_as_input=True, run_ep_decomposition=False,
         custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix),
-                            "_generic_linear": generic, "linear.default": dense, "to.device": _to_device})
+                            "linear.default": dense, "to.device": _to_device})
 
 
 def _to_device(node, importer):

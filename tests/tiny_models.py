@@ -64,3 +64,12 @@ def make_model(out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
 def write_corpus(path: Path) -> Path:
     path.write_text(corpus_text())
     return path
+
+
+def tamper(path: Path, offset: int = 100) -> None:
+    """Overwrite a few bytes of a file in place (to check that sha256 verification catches it)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(4)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))

@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import tamper
 
 from aqlm_compile.cli import main
 from aqlm_compile.errors import ConfigError, FormatError
@@ -104,9 +105,7 @@ def test_bad_artifacts_and_inputs(llama_art, tmp_path):
     with pytest.raises(FormatError, match="libaqlm_ort.so: listed in manifest.json but missing"):
         OrtDecoder(copy)
     shutil.copy2(llama_art / "libaqlm_ort.so", copy / "libaqlm_ort.so")
-    with open(copy / "onnx/model.onnx", "r+b") as f:
-        f.seek(200)
-        f.write(b"\xff\xfe")
+    tamper(copy / "onnx/model.onnx", 200)
     with pytest.raises(FormatError, match="model.onnx: sha256 does not match"):
         OrtDecoder(copy)
     with pytest.raises(ConfigError, match=r"token ids: \[256\] outside the vocabulary 0..255"):
@@ -161,9 +160,7 @@ def test_tvm_artifact_bad_inputs(llama_art, tmp_path):
 
     copy = tmp_path / "art"
     shutil.copytree(llama_art, copy)
-    with open(copy / "model_params.bin", "r+b") as f:
-        f.seek(100)
-        f.write(b"\x00\x01")
+    tamper(copy / "model_params.bin")
     with pytest.raises(FormatError, match="model_params.bin: sha256 does not match"):
         TvmDecoder(copy)
     r = CliRunner().invoke(main, ["generate", str(llama_art), "hi", "--runtime", "tvm", "--max-new-tokens", "3",

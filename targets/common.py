@@ -14,6 +14,7 @@ from aqlm_compile import __version__, artifact  # noqa: E402
 from aqlm_compile import format as fmt  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
+from aqlm_compile.kernel_abi import gemm_symbol, gemv_symbol  # noqa: E402
 from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, select_kernel  # noqa: E402
 
 KERNEL_ABI = ("aqlm_gemv_OxI_bN (N fixed) / aqlm_gemm_OxI (any N): name(x[N,in], codes[out,in/g,M] int8|int16, codebooks[M,2^B,g] fp16, scales[out] f32, bias[out] f32, "
@@ -26,19 +27,6 @@ def checkpoint_layers(ckpt_dir):
     layers = {name[: -len(".codes")]: (t.shape[0], t.shape[1] * aqlm_config.in_group_size)
               for name, t in tensors.items() if name.endswith(".codes")}
     return aqlm_config, layers
-
-
-def _suffix(partitions) -> str:
-    return "_p" + "-".join(str(p) for p in partitions) if partitions and len(partitions) > 1 else ""
-
-
-def gemv_symbol(out_f: int, in_f: int, batch: int, partitions=None) -> str:
-    """The kernel symbol (also built by the ORT op library, targets/ort_op/aqlm_ort_op.cc: keep in step)."""
-    return f"aqlm_gemv_{out_f}x{in_f}_b{batch}{_suffix(partitions)}"
-
-
-def gemm_symbol(out_f: int, in_f: int, partitions=None) -> str:
-    return f"aqlm_gemm_{out_f}x{in_f}{_suffix(partitions)}"
 
 
 def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = MAX_GEMV_BATCH, fused=()):

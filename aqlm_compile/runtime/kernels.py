@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import artifact
+from ..kernel_abi import gemm_symbol, gemv_symbol
 from ..errors import ConfigError, FormatError
 
 
@@ -48,9 +49,9 @@ class KernelLibrary:
             raise ConfigError(f"{layer}: expected float32 [N, {info['in_features']}], found {x.dtype} {list(x.shape)}")
         if x.shape[0] < 1:
             raise ConfigError(f"{layer}: expected at least one row in x, found {list(x.shape)}")
-        symbol = f"aqlm_gemv_{info['out_features']}x{info['in_features']}_b{x.shape[0]}"
+        symbol = gemv_symbol(info["out_features"], info["in_features"], x.shape[0])
         if symbol not in self.manifest["kernels"]:
-            symbol = f"aqlm_gemm_{info['out_features']}x{info['in_features']}"
+            symbol = gemm_symbol(info["out_features"], info["in_features"])
         if symbol not in self.manifest["kernels"]:
             raise ConfigError(f"{layer}: no kernel for batch {x.shape[0]} in this artifact")
         try:

@@ -10,7 +10,7 @@ from aqlm_compile.errors import ConfigError
 from .gemm_decode import gemm_decode
 from .gemv_cuda import gemv_cuda
 from .gemv_direct import L1_BYTES, GemvShape, gemv_direct
-from .gemv_lut import gemv_lut
+from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped
 
 MAX_GEMV_BATCH = 8
 TARGET_KINDS = ("llvm", "cuda")
@@ -21,6 +21,7 @@ class KernelChoice:
     name: str
     reason: str
     builder: object
+    code_layout: str = OUT_MAJOR  # which codes layout the kernel reads (gemv_lut.OUT_MAJOR / GROUP_MAJOR)
 
     def build_func(self, shape: GemvShape, symbol: str):
         return self.builder(shape, name=symbol)
@@ -36,7 +37,9 @@ def use_lut(shape: GemvShape) -> bool:
         cfg.num_codebooks * cfg.codebook_size <= shape.out_features
 
 
-def select_kernel(shape: GemvShape, target_kind: str) -> KernelChoice:
+def select_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,)) -> KernelChoice:
+    """`code_layouts`: the codes layouts the caller can hand the kernel. The HF layout always; the group-major one
+    where the caller repacks the codes once at load time (then the LUT kernel reads each code once)."""
     if target_kind not in TARGET_KINDS:
         raise ConfigError(f"target kind {target_kind!r}: expected one of {', '.join(TARGET_KINDS)}")
     if shape.batch < 1:
@@ -49,6 +52,9 @@ def select_kernel(shape: GemvShape, target_kind: str) -> KernelChoice:
     if shape.batch > MAX_GEMV_BATCH:
         return KernelChoice("gemm_decode", f"batch > {MAX_GEMV_BATCH}: decode a tile of Ŵ once, reuse it per token",
                             gemm_decode)
+    if use_lut(shape) and GROUP_MAJOR in code_layouts:
+        return KernelChoice("gemv_lut_grouped", "codebooks exceed L1: per-call table of codeword·input dot products; "
+                            "group-major codes, read once", gemv_lut_grouped, GROUP_MAJOR)
     if use_lut(shape):
         return KernelChoice("gemv_lut", "codebooks exceed L1: per-call table of codeword·input dot products",
                             gemv_lut)

@@ -75,13 +75,14 @@ def _aqlm_package_kernel(cfg: AqlmConfig, x, codes, cb, scales):
 def _alternatives(shape, choice_name: str) -> dict:
     """Other CPU kernels that could serve this shape, timed too so the registry's choice is visible in the record."""
     from aqlm_compile.kernels.gemv_direct import gemv_direct
-    from aqlm_compile.kernels.gemv_lut import gemv_lut
+    from aqlm_compile.kernels.gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped
 
     if shape.batch > 8:
         return {}
-    alts = {"gemv_direct": gemv_direct}
+    alts = {"gemv_direct": (gemv_direct, OUT_MAJOR)}
     if shape.config.codebook_size <= 256:
-        alts["gemv_lut"] = gemv_lut
+        alts["gemv_lut"] = (gemv_lut, OUT_MAJOR)
+        alts["gemv_lut_grouped"] = (gemv_lut_grouped, GROUP_MAJOR)
     return {k: v for k, v in alts.items() if k != choice_name}
 
 
@@ -91,6 +92,7 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
     import tvm
 
     from aqlm_compile.kernels.gemv_direct import GemvShape
+    from aqlm_compile.kernels.gemv_lut import GROUP_MAJOR, OUT_MAJOR, to_group_major
     from aqlm_compile.kernels.registry import select_kernel
     from aqlm_compile.targets.x86 import build, x86_target
 
@@ -115,15 +117,20 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
             bias = np.zeros(out_f, np.float32)
             for batch in batches:
                 shape = GemvShape(out_f, in_f, cfg, batch)
-                choice = select_kernel(shape, "llvm")
+                # the group-major layout is repacked once here, outside the timings, as a runtime does at load time
+                # (and as the aqlm package's kernel below gets its own layout)
+                choice = select_kernel(shape, "llvm", code_layouts=(OUT_MAJOR, GROUP_MAJOR))
                 fn = build(choice.build_func(shape, "k"), target)["k"]
                 x = rng.standard_normal((batch, in_f)).astype(np.float32)
-                args = [tvm.runtime.tensor(a, dev) for a in (x, codes, cb, scales, bias)]
+                layouts = {OUT_MAJOR: codes, GROUP_MAJOR: to_group_major(codes)}
+                args = [tvm.runtime.tensor(a, dev) for a in (x, layouts[choice.code_layout], cb, scales, bias)]
                 y = tvm.runtime.empty((batch, out_f), "float32", dev)
                 xt = torch.from_numpy(x)
                 dense_fn = lambda: torch.matmul(xt, dense.T)  # noqa: E731
                 alt_fns = {name: build(b(shape, name="k"), target)["k"]
-                           for name, b in (_alternatives(shape, choice.name).items() if alternatives else [])}
+                           for name, (b, _) in (_alternatives(shape, choice.name).items() if alternatives else [])}
+                alt_args = {name: [args[0], tvm.runtime.tensor(layouts[lay], dev), *args[2:]]
+                            for name, (_, lay) in (_alternatives(shape, choice.name).items() if alternatives else [])}
                 runs = {"aqlm": [], "dense": [], "aqlm_cold": [], "dense_cold": [], **{a: [] for a in alt_fns}}
                 for _ in range(rounds):
                     for _ in range(3):
@@ -133,8 +140,8 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                     runs["aqlm_cold"].append(_median_ms(lambda: fn(*args, y), max(3, calls // 4), flush))
                     runs["dense_cold"].append(_median_ms(dense_fn, max(3, calls // 4), flush))
                     for name, afn in alt_fns.items():
-                        afn(*args, y)
-                        runs[name].append(_median_ms(lambda: afn(*args, y), calls))
+                        afn(*alt_args[name], y)
+                        runs[name].append(_median_ms(lambda: afn(*alt_args[name], y), calls))
                 ms = {k: statistics.median(v) for k, v in runs.items()}
                 ref_fn = _aqlm_package_kernel(cfg, x, codes, cb, scales) if with_aqlm_package else None
                 if ref_fn is not None:
@@ -145,7 +152,7 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                     ms["aqlm_package"] = statistics.median(_median_ms(ref_fn, calls) for _ in range(rounds))
                 lb_ms = kernel_bytes(cfg, out_f, in_f) / (bw * 1e9) * 1e3
                 rec = {"config": cfg_name, "out_features": out_f, "in_features": in_f, "batch": batch,
-                       "target": f"llvm/{target.attrs['mcpu']}", "kernel": choice.name, "ms": ms["aqlm"],
+                       "target": f"llvm/{target.attrs['mcpu']}", "kernel": choice.name, "code_layout": choice.code_layout, "ms": ms["aqlm"],
                        "ms_cold": ms["aqlm_cold"], "baseline": "torch dense fp32", "baseline_ms": ms["dense"],
                        "baseline_ms_cold": ms["dense_cold"], "speedup": ms["dense"] / ms["aqlm"],
                        "bandwidth_bound_ms": lb_ms, "measured_bandwidth_gbs": bw,

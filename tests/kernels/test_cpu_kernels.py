@@ -9,13 +9,19 @@ tvm = pytest.importorskip("tvm")
 from aqlm_compile.config import AqlmConfig  # noqa: E402
 from aqlm_compile.kernels.gemm_decode import gemm_decode  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape, gemv_direct  # noqa: E402
-from aqlm_compile.kernels.gemv_lut import gemv_lut  # noqa: E402
+from aqlm_compile.kernels.gemv_lut import gemv_lut, gemv_lut_grouped, to_group_major  # noqa: E402
 from aqlm_compile.kernels.registry import select_kernel  # noqa: E402
 from aqlm_compile.nn import AqlmLinear  # noqa: E402
 from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
 
 CONFIGS = ["1x16g8", "2x8g8", "1x8g8", "8x8g32", "2x12g8", "4x8g16", "2x8g4", "3x6g8", "2x16g8"]
-KERNELS = {"direct": gemv_direct, "lut": gemv_lut, "gemm": gemm_decode}
+KERNELS = {"direct": gemv_direct, "lut": gemv_lut, "lut_grouped": gemv_lut_grouped, "gemm": gemm_decode}
+LUTS = ("lut", "lut_grouped")
+
+
+def codes_for(kernel, codes: np.ndarray) -> np.ndarray:
+    """The codes in the layout `kernel` reads (the grouped LUT: [in/g, out, M])."""
+    return to_group_major(codes) if kernel == "lut_grouped" else codes
 
 
 def random_layer(cfg, out_f, in_f, seed=0):
@@ -31,7 +37,7 @@ def run_kernel(kernel, config, layer, x, act_dtype="float32"):
     out_f, in_f, batch = layer.out_features, layer.in_features, x.shape[0]
     lib = build(KERNELS[kernel](GemvShape(out_f, in_f, config, batch, act_dtype=act_dtype), name="k"), x86_target())
     dev = tvm.cpu()
-    args = [x.numpy(), layer.codes.numpy(),
+    args = [x.numpy(), codes_for(kernel, layer.codes.numpy()),
             layer.codebooks.detach().reshape(config.num_codebooks, config.codebook_size, -1).half().numpy(),
             layer.scales.detach().reshape(-1).numpy(), layer.bias.detach().numpy()]
     tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args]
@@ -42,8 +48,8 @@ def run_kernel(kernel, config, layer, x, act_dtype="float32"):
 
 def cases():
     for cfg in CONFIGS:
-        for kernel, batches in (("direct", [1, 3]), ("lut", [1, 3]), ("gemm", [1, 9, 21])):
-            if kernel == "lut" and AqlmConfig.parse(cfg).codebook_size > 256:
+        for kernel, batches in (("direct", [1, 3]), ("lut", [1, 3]), ("lut_grouped", [1, 3]), ("gemm", [1, 9, 21])):
+            if kernel in LUTS and AqlmConfig.parse(cfg).codebook_size > 256:
                 continue  # the table would hold 2^B entries per input group
             for batch in batches:
                 yield cfg, kernel, batch
@@ -62,7 +68,7 @@ def test_matches_torch_reference_fp32(cfg, kernel, batch):
 
 
 @pytest.mark.parametrize("cfg,kernel", [(c, k) for c in ["2x8g8", "1x16g8", "8x8g32"] for k in KERNELS
-                                        if not (k == "lut" and c == "1x16g8")])
+                                        if not (k in LUTS and c == "1x16g8")])
 def test_matches_torch_reference_fp16(cfg, kernel):
     config = AqlmConfig.parse(cfg)
     layer = random_layer(config, 64, 256, seed=2)
@@ -97,6 +103,11 @@ def test_registry_choices():
     assert pick("2x8g8", 4096, 1) == "gemv_direct"
     assert pick("1x16g8", 4096, 8) == "gemv_direct"
     assert pick("8x8g32", 4096, 1) == "gemv_lut"      # 128 KiB of codebooks: decode is the bottleneck
+    from aqlm_compile.kernels.gemv_lut import GROUP_MAJOR, OUT_MAJOR
+    grouped = select_kernel(GemvShape(4096, 4096, AqlmConfig.parse("8x8g32"), 1), "llvm", (OUT_MAJOR, GROUP_MAJOR))
+    assert (grouped.name, grouped.code_layout) == ("gemv_lut_grouped", GROUP_MAJOR)  # where the caller can repack
+    assert select_kernel(GemvShape(4096, 4096, AqlmConfig.parse("2x8g8"), 1), "llvm",
+                         (OUT_MAJOR, GROUP_MAJOR)).code_layout == OUT_MAJOR
     assert pick("8x8g32", 576, 1) == "gemv_direct"    # table (8·256 per group) too big for 576 outputs
     assert pick("2x8g8", 4096, 9) == "gemm_decode"
     assert pick("2x8g8", 4096, 4, "cuda") == "gemv_cuda"
@@ -107,12 +118,12 @@ def test_registry_choices():
         pick("2x8g8", 4096, 1, "opencl")
 
 
-@pytest.mark.parametrize("kernel", ["direct", "lut", "gemm"])
+@pytest.mark.parametrize("kernel", ["direct", "lut", "lut_grouped", "gemm"])
 @pytest.mark.parametrize("cfg", ["2x8g8", "1x16g8", "8x8g32"])
 def test_partitioned_kernels_match_separate_layers(kernel, cfg):
     """A fused layer (rows 0..31 one layer, 32..95 another, each with its own codebooks) equals the two layers."""
     config = AqlmConfig.parse(cfg)
-    if kernel == "lut" and config.codebook_size > 256:
+    if kernel in LUTS and config.codebook_size > 256:
         return  # never selected for 1x16
     parts = [random_layer(config, 32, 256, seed=5), random_layer(config, 64, 256, seed=6)]
     x = torch.randn(3 if kernel != "gemm" else 10, 256, generator=torch.Generator().manual_seed(7))
@@ -122,7 +133,7 @@ def test_partitioned_kernels_match_separate_layers(kernel, cfg):
     lib = build(KERNELS[kernel](shape, name="k"), x86_target())
     dev = tvm.cpu()
     cb = torch.cat([p.codebooks.detach().reshape(config.num_codebooks, config.codebook_size, -1) for p in parts])
-    args = [x.numpy(), torch.cat([p.codes for p in parts]).numpy(), cb.half().numpy(),
+    args = [x.numpy(), codes_for(kernel, torch.cat([p.codes for p in parts]).numpy()), cb.half().numpy(),
             torch.cat([p.scales.detach().reshape(-1) for p in parts]).numpy(),
             torch.cat([p.bias.detach() for p in parts]).numpy()]
     y = tvm.runtime.empty((x.shape[0], 96), "float32", dev)

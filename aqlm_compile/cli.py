@@ -104,7 +104,7 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="x86 ONNX: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
-              help="x86: also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
+              help="x86/arm64: also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dump_ir, fuse,
           with_tvm):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
@@ -132,7 +132,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         from .targets.arm64 import build_arm64
 
         manifest = build_arm64(checkpoint_dir, out_dir, max_batch=max_batch, with_onnx=with_onnx, dump_ir=dump_ir,
-                               fuse=fuse, **({"cpu": cpu} if cpu else {}))
+                               fuse=fuse, with_tvm=with_tvm, **({"cpu": cpu} if cpu else {}))
     click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
                f"({manifest['target_spec']['mcpu']})")
 
@@ -172,11 +172,12 @@ def generate(artifact_dir, prompt, runtime, model_kind, max_new_tokens, temperat
         decoder = TorchDecoder(artifact_dir, threads=threads)
         tok_dir = checkpoint_of(Path(artifact_dir))
     else:
-        from .runtime.tvm_runtime import TvmDecoder
+        from .runtime.emulated import open_tvm_decoder
 
         if model_kind == "portable":
             raise ConfigError("--model portable is an ONNX model: use --runtime ort")
-        decoder = TvmDecoder(artifact_dir, threads=threads, kind=model_kind)
+        # an arm64 artifact on this x86 machine runs through its own runner under qemu-user (slow: a check)
+        decoder = open_tvm_decoder(artifact_dir, threads=threads, kind=model_kind)
         tok_dir = Path(artifact_dir) / "weights"
     result = run(decoder, load_tokenizer(tok_dir), prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, seed=seed, add_bos=not no_bos)

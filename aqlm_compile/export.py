@@ -85,9 +85,9 @@ class DecoderWithCache(torch.nn.Module):
         return (logits, *present)
 
 
-def load_for_export(ckpt_dir, dtype=torch.float32):
+def load_for_export(ckpt_dir, dtype=torch.float32, dense_fp16: bool = False):
     """The checkpoint's model with each AqlmLinear traced as dequantize + linear, codebooks/scales in fp16 (their
-    checkpoint dtype: what the kernels take)."""
+    checkpoint dtype: what the kernels take). `dense_fp16`: see `keep_dense_fp16`."""
     from aqlm_compile.passes.op import export_forward
 
     model, aqlm_config, _ = fmt.load(ckpt_dir, dtype=dtype)
@@ -97,7 +97,33 @@ def load_for_export(ckpt_dir, dtype=torch.float32):
             module.codebooks.data = module.codebooks.data.half()
             module.scales.data = module.scales.data.half()
             module.forward = types.MethodType(export_forward, module)
+    if dense_fp16:
+        keep_dense_fp16(model)
     return model, aqlm_config
+
+
+def _embedding_fp16(self, ids):
+    return torch.nn.functional.embedding(ids, self.weight, self.padding_idx).float()
+
+
+def _linear_fp16(self, x):
+    return torch.nn.functional.linear(x, self.weight.float(), self.bias)
+
+
+def keep_dense_fp16(model) -> None:
+    """Store the embedding and the dense linears (the lm_head) as fp16 — their dtype in an AQLM checkpoint — and
+    compute in fp32: the graph reads `embedding(W16).float()` and `linear(x, W16.float())`, so the values are the
+    checkpoint's exactly and the runtime can stream half the bytes (SmolLM2's tied 49152×576 lm_head is the
+    largest tensor of the model). A tied weight stays one parameter."""
+    halves: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) or type(module) is torch.nn.Linear:
+            w = module.weight
+            if id(w) not in halves:
+                halves[id(w)] = torch.nn.Parameter(w.detach().half(), requires_grad=False)
+            module.weight = halves[id(w)]
+            module.forward = types.MethodType(
+                _embedding_fp16 if isinstance(module, torch.nn.Embedding) else _linear_fp16, module)
 
 
 def example_inputs(spec: DecoderSpec, seq: int = 3, past: int = 2, dtype=torch.float32):
@@ -121,11 +147,11 @@ def export_decoder(model, tokens: int | None = None):
 
 
 def export_checkpoint(ckpt_dir, dump_ir: str | Path | None = None, supports=None, fuse: bool = True,
-                      tokens: int | None = None):
+                      tokens: int | None = None, dense_fp16: bool = False):
     """Checkpoint → lowered ExportedProgram (+ the pipeline's report and the DecoderSpec)."""
     from aqlm_compile.passes.pipeline import run_pipeline
 
-    model, aqlm_config = load_for_export(ckpt_dir)
+    model, aqlm_config = load_for_export(ckpt_dir, dense_fp16=dense_fp16)
     ep, spec = export_decoder(model, tokens)
     report = run_pipeline(ep, dump_ir=dump_ir, supports=supports, name_prefix="model.", fuse=fuse)
     return ep, spec, report

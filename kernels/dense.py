@@ -2,7 +2,8 @@
 
 TVM's default CPU pipeline leaves a legalised matmul unscheduled (270 ms for SmolLM2's 576→49152 lm_head), and
 dlight's CPU GEMV rule does not match it; this kernel is the direct schedule: R rows of V-lane accumulators per
-thread-pool task, x re-read from L1, W streamed once. Any token count (symbolic N).
+thread-pool task, x re-read from L1, W streamed once. Any token count (symbolic N). W may be fp16 (an AQLM
+checkpoint's lm_head): widened in registers, accumulated in fp32, half the bytes streamed.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from .gemv_direct import _largest_divisor, tree_sum
 
 
 def dense_linear(out_features: int, in_features: int, rows: int = 4, name: str = "dense_linear",
-                 index_dtype: str = "int64"):
+                 index_dtype: str = "int64", weight_dtype: str = "float32"):
     O, I = out_features, in_features
     V = _largest_divisor(I, 16)
     R = _largest_divisor(O, rows)
 
     @T.prim_func
-    def kernel(x_h: T.handle, w: T.Buffer((O, I), "float32"), y_h: T.handle):
+    def kernel(x_h: T.handle, w: T.Buffer((O, I), weight_dtype), y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         n_tok = T.int64() if index_dtype == "int64" else T.int32()
         x = T.match_buffer(x_h, (n_tok, I), "float32")
@@ -33,7 +34,7 @@ def dense_linear(out_features: int, in_features: int, rows: int = 4, name: str =
                 for io in range(I // V):
                     for r in T.unroll(R):
                         for v in T.vectorized(V):
-                            acc[r, v] = acc[r, v] + x[n, io * V + v] * w[ob * R + r, io * V + v]
+                            acc[r, v] = acc[r, v] + x[n, io * V + v] * T.Cast("float32", w[ob * R + r, io * V + v])
                 for r in T.unroll(R):
                     y[n, ob * R + r] = tree_sum([acc[r, v] for v in range(V)])
 

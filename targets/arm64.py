@@ -1,13 +1,16 @@
 """arm64 (aarch64 Linux, NEON) target: LLVM cross-compilation linked with Debian's gcc-aarch64-linux-gnu.
 
 The artifact also carries an aarch64 runtime: `runtime/libtvm_runtime.so` and `runtime/libtvm_ffi.so` (taken from
-the aarch64 PyPI wheels of apache-tvm / apache-tvm-ffi, same versions as the compiler) and `runtime/aqlm_run`, a
+the aarch64 PyPI wheels of apache-tvm / apache-tvm-ffi, same versions as the compiler), `runtime/aqlm_run`, a
 small C++ program (targets/runner/aqlm_run.cc) that loads the kernel library and calls a kernel on tensors from a
-file. On an x86 build machine that runner executes under Debian's qemu-user, which is how correctness is checked.
+file, and `runtime/aqlm_vm_run` (targets/runner/aqlm_vm_run.cc), which runs the whole-model Relax VM library as a
+logits server for `generate --runtime tvm`. On an x86 build machine both execute under Debian's qemu-user, which is
+how correctness is checked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import struct
 import subprocess
@@ -29,7 +32,8 @@ QEMU = "qemu-aarch64"
 SYSROOT = "/usr/aarch64-linux-gnu"
 WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.15.post2")
 RUNTIME_MEMBERS = {"tvm/lib/libtvm_runtime.so": "libtvm_runtime.so", "tvm_ffi/lib/libtvm_ffi.so": "libtvm_ffi.so"}
-RUNNER_SOURCE = Path(__file__).parent / "runner" / "aqlm_run.cc"
+RUNNER_SOURCES = {"aqlm_run": Path(__file__).parent / "runner" / "aqlm_run.cc",
+                  "aqlm_vm_run": Path(__file__).parent / "runner" / "aqlm_vm_run.cc"}
 
 
 def arm64_target(cpu: str = "neoverse-n1") -> tvm.target.Target:
@@ -46,8 +50,9 @@ def require_tool(tool: str, package: str) -> str:
 
 def runtime_dir() -> Path:
     """aarch64 TVM runtime libraries and the runner, fetched/built once into the cache."""
-    out = cache_root() / "arm64-runtime-0.27.0.post1"
-    if (out / "aqlm_run").exists():
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in RUNNER_SOURCES.values())).hexdigest()[:12]
+    out = cache_root() / f"arm64-runtime-0.27.0.post1-{key}"  # a changed runner source builds a new one
+    if all((out / name).exists() for name in RUNNER_SOURCES):
         return out
     gxx = require_tool(CROSS_GXX, "g++-aarch64-linux-gnu")
     import tvm_ffi
@@ -67,18 +72,20 @@ def runtime_dir() -> Path:
         missing = [n for n in RUNTIME_MEMBERS.values() if not (dest / n).exists()]
         if missing:
             raise ConfigError(f"aarch64 wheels lack {missing}")
-        proc = subprocess.run([gxx, "-std=c++17", "-O2", f"-I{include}", str(RUNNER_SOURCE), "-o", str(dest / "aqlm_run"),
-                               f"-L{dest}", "-ltvm_ffi", "-ltvm_runtime", "-Wl,-rpath,$ORIGIN"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ConfigError(f"building the aarch64 runner failed: {proc.stderr.strip()[-500:]}")
+        for name, source in RUNNER_SOURCES.items():
+            proc = subprocess.run([gxx, "-std=c++17", "-O2", f"-I{include}", str(source), "-o", str(dest / name),
+                                   f"-L{dest}", "-ltvm_ffi", "-ltvm_runtime", "-Wl,-rpath,$ORIGIN"],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ConfigError(f"building the aarch64 {name} failed: {proc.stderr.strip()[-500:]}")
     return out
 
 
 def build_arm64(ckpt_dir, out_dir, cpu: str = "neoverse-n1", max_batch: int = 8, with_onnx: bool = True,
-                dump_ir=None, fuse: bool = True) -> dict:
-    """Cross-compile the kernels into `kernels_arm64.so` with the aarch64 TVM runtime and runner; with `with_onnx`,
-    also the (architecture-neutral) ONNX decoder files and the aarch64 ORT op library."""
+                dump_ir=None, fuse: bool = True, with_tvm: bool = True) -> dict:
+    """Cross-compile the kernels into `kernels_arm64.so` with the aarch64 TVM runtime and runners; with `with_onnx`,
+    also the (architecture-neutral) ONNX decoder files and the aarch64 ORT op library; with `with_tvm`, the whole
+    model for the Relax VM (`model_arm64.so` + params), run by `runtime/aqlm_vm_run`."""
     gcc = require_tool(CROSS_GCC, "gcc-aarch64-linux-gnu")
     from tvm.support import cc
 
@@ -95,6 +102,17 @@ def build_arm64(ckpt_dir, out_dir, cpu: str = "neoverse-n1", max_batch: int = 8,
         steps = [populate_onnx, lambda tmp: build_ort_library(
             tmp, "kernels_arm64.so", libs, cxx=require_tool(CROSS_GXX, "g++-aarch64-linux-gnu"))]
         extra["onnx"] = entry
+    if with_tvm:
+        from .relax import build_relax_model
+
+        def relax_step(tmp):
+            extra["tvm"].update(build_relax_model(
+                ckpt_dir, tmp, target, "model_arm64.so",
+                export=lambda ex, path: ex.export_library(str(path), fcompile=cc.cross_compiler(gcc))))
+            extra["tvm"]["runner"] = "runtime/aqlm_vm_run"
+
+        steps.append(relax_step)
+        extra["tvm"] = {}  # filled by relax_step before the manifest is written
     mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch, fused)
     lib = tvm.compile(mod, target=target)
     spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu, "mattr": ["+neon"]}
@@ -102,7 +120,7 @@ def build_arm64(ckpt_dir, out_dir, cpu: str = "neoverse-n1", max_batch: int = 8,
         ckpt_dir, out_dir, target_name="arm64", arch="aarch64", target_spec=spec, lib_name="kernels_arm64.so",
         export=lambda p: lib.export_library(str(p), fcompile=cc.cross_compiler(gcc)),
         aqlm_config=aqlm_config, layers=layers, kernels=kernels, extra_steps=steps,
-        extra_files={f"runtime/{name}": rt / name for name in ("libtvm_runtime.so", "libtvm_ffi.so", "aqlm_run")},
+        extra_files={f"runtime/{name}": rt / name for name in ("libtvm_runtime.so", "libtvm_ffi.so", *RUNNER_SOURCES)},
         extra_manifest=extra,
     )
 

@@ -70,8 +70,20 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
     return convert
 
 
+def _fp16_source(node):
+    """The fp16 tensor node that `node` widens to fp32 (`W16.float()`: keep_dense_fp16), else None."""
+    import torch
+
+    casts = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+    if getattr(node, "target", None) in casts and node.args[0].meta["val"].dtype == torch.float16 and \
+            node.meta["val"].dtype == torch.float32:
+        return node.args[0]
+    return None
+
+
 def _dense_converter(kernels: dict, prefix: str, generic):
-    """`aten.linear` with an fp32 2-D weight → call_tir of kernels/dense.py (else `generic`: TVM's own)."""
+    """`aten.linear` with an fp32 2-D weight → call_tir of kernels/dense.py (else `generic`: TVM's own). A weight
+    that is an fp16 tensor widened to fp32 goes to the kernel as fp16 (the widening is then dead code)."""
     import torch
     from tvm import relax
 
@@ -79,18 +91,22 @@ def _dense_converter(kernels: dict, prefix: str, generic):
 
     def convert(node, importer):
         bb = importer.block_builder
-        x, w = importer.env[node.args[0]], importer.env[node.args[1]]
+        w_node = node.args[1]
+        w_dtype = "float32"
+        if _fp16_source(w_node) is not None:
+            w_node, w_dtype = _fp16_source(w_node), "float16"
+        x, w = importer.env[node.args[0]], importer.env[w_node]
         bias = node.args[2] if len(node.args) > 2 else None
         wv, xv = node.args[1].meta["val"], node.args[0].meta["val"]
         if wv.dim() != 2 or wv.dtype != torch.float32 or xv.dtype != torch.float32:
             return generic(node, importer)
         out_f, in_f = int(wv.shape[0]), int(wv.shape[1])
         x2, x_shape, n_tok = _tokens_2d(bb, x, node.args[0], in_f)
-        key = ("dense", out_f, in_f)
+        key = ("dense", out_f, in_f, w_dtype)
         if key not in kernels:
-            symbol = f"{prefix}_dense_{out_f}x{in_f}"
-            kernels[key] = bb.add_func(dense_linear(out_f, in_f, name=symbol).with_attr("tirx.is_scheduled", True),
-                                       symbol)
+            symbol = f"{prefix}_dense_{out_f}x{in_f}" + ("_w16" if w_dtype == "float16" else "")
+            kernels[key] = bb.add_func(dense_linear(out_f, in_f, name=symbol, weight_dtype=w_dtype).with_attr(
+                "tirx.is_scheduled", True), symbol)
         y = bb.emit(relax.call_tir(kernels[key], [x2, w], relax.TensorType((n_tok, out_f), "float32")))
         y = bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
         if bias is not None:
@@ -152,7 +168,8 @@ def relax_decoder_module(ckpt_dir, dense_model_dir=None):
             fp.config.use_cache = True
             ep, spec = export_decoder(fp, tokens)
         else:
-            ep, spec, _ = export_checkpoint(ckpt_dir, fuse=False, tokens=tokens)
+            # dense layers stay fp16 as the checkpoint stores them (the lm_head streams half the bytes)
+            ep, spec, _ = export_checkpoint(ckpt_dir, fuse=False, tokens=tokens, dense_fp16=True)
         mod, detached = relax.frontend.detach_params(import_decoder(ep, tokens, prefix=name))
         names = [p.name for p in mod["main"].params]
         if params is None:
@@ -179,6 +196,7 @@ def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None, dense_
     # Everything but the AQLM kernels (attention, norms, the dense lm_head, embeddings) comes out of LegalizeOps as
     # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do.
     with target:
+        mod = relax.transform.DeadCodeElimination(["prefill", "decode"])(mod)  # e.g. the unused fp32 lm_head copy
         mod = relax.transform.LegalizeOps()(mod)
         mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
     ex = tvm.compile(mod, target=target)

@@ -153,6 +153,24 @@ def test_arm64_artifact_runs_under_qemu(built, tmp_path):
                    [x.numpy(), layer.codes.numpy(), cb, layer.scales.detach().reshape(-1).numpy(),
                     np.zeros(layer.out_features, np.float32)], (3, layer.out_features))
     assert ((torch.from_numpy(y).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    # The whole model: `generate --runtime tvm` runs the aarch64 Relax VM library through the artifact's
+    # runtime/aqlm_vm_run under qemu-user, and gives the PyTorch AQLM model's greedy tokens.
+    assert manifest["tvm"]["runner"] == "runtime/aqlm_vm_run" and "model_arm64.so" in manifest["files"]
+    assert open(art / "model_arm64.so", "rb").read(20)[18] == 183
+    tokens = {}
+    for runtime, where in (("tvm", art), ("torch", ckpt)):
+        r = CliRunner().invoke(main, ["generate", str(where), "The quick brown", "--max-new-tokens", "8", "--json",
+                                      "--runtime", runtime])
+        assert r.exit_code == 0, r.output
+        tokens[runtime] = json.loads(r.output.strip().splitlines()[-1])["new_tokens"]
+    assert len(tokens["tvm"]) == 8 and tokens["tvm"] == tokens["torch"], tokens
+    from aqlm_compile.runtime.emulated import RunnerTvmDecoder
+
+    dec = RunnerTvmDecoder(art)
+    with pytest.raises(ValueError, match="token ids: expected 0"):
+        dec.step(np.array([10**9]))  # an id past the vocabulary: a clear error before it reaches the VM
+    assert dec.step(np.array([1, 2, 3])).shape == (dec.vocab_size,)  # and the runner is still serving
+    dec.close()
 
 
 def _nvcc_or_skip():

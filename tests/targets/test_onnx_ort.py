@@ -184,3 +184,33 @@ def test_dense_baselines_through_the_same_compilers(llama_art, tiny_llama):
     for dec in (OrtDecoder(llama_art, "dense", threads=1), TvmDecoder(llama_art, threads=1, kind="dense")):
         got = dec.step(np.array(ids))
         assert np.abs(got - want.numpy()).max() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+RUNTIME_ONLY = """
+import json, sys
+class Block:  # what a deployment machine lacks: importing any of these fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("not installed here: " + name)
+BLOCKED = set(sys.argv[1].split(","))
+sys.meta_path.insert(0, Block())
+from aqlm_compile.cli import main
+main(sys.argv[2:], standalone_mode=False)
+maps = open("/proc/self/maps").read()
+print(json.dumps({"torch": "torch" in sys.modules, "tvm_compiler": "libtvm_compiler" in maps}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("runtime,blocked", [("ort", "torch,transformers,onnx,onnxscript,tvm,tvm_ffi"),
+                                             ("tvm", "torch,transformers,onnx,onnxscript,onnxruntime")])
+def test_generate_runs_without_torch_or_the_tvm_compiler(llama_art, runtime, blocked):
+    """`generate --runtime ort|tvm` on a machine with neither torch nor the TVM compiler (nor, for tvm, ORT)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, blocked, "generate", str(llama_art), "The quick brown",
+                           "--runtime", runtime, "--max-new-tokens", "6", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(json.loads(proc.stdout.strip().splitlines()[-1])["new_tokens"]) == 6
+    loaded = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert loaded == {"torch": False, "tvm_compiler": False}, loaded

@@ -148,6 +148,35 @@ def _to_device(node, importer):
 FUNCTIONS = (("prefill", None), ("decode", 1))
 
 
+def tied_parameters(ep) -> dict[str, str]:
+    """{placeholder: placeholder it duplicates} for parameters that are one tensor under two names (a tied
+    embedding / lm_head): torch.export lists both, and each would become its own copy in the params file."""
+    first, tied = {}, {}
+    params = ep.graph_signature.inputs_to_parameters
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in params:
+            continue
+        t = ep.state_dict[params[node.name]]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in first:
+            tied[node.name] = first[key]
+        else:
+            first[key] = node.name
+    return tied
+
+
+def _untie(func, values: list, tied: dict[str, str]):
+    """`func` with each duplicate parameter replaced by the one it duplicates, dropped from its inputs and from
+    `values` (the tensors of its trailing parameters, as `detach_params` returns them)."""
+    by_name = {p.name: p for p in func.params}
+    binding = {by_name[d]: by_name[o] for d, o in tied.items() if d in by_name and o in by_name}
+    if not binding:
+        return func, values
+    trailing = [p.name for p in func.params[len(func.params) - len(values):]]
+    keep = [v for name, v in zip(trailing, values) if name not in tied]
+    return func.bind_params(binding), keep
+
+
 def relax_decoder_module(ckpt_dir, dense_model_dir=None):
     """One IRModule with `prefill` (any token count) and `decode` (one token), the params (shared, in the order both
     functions take them) and the DecoderSpec. Layers are not fused here: the fused graph concatenates parameters,
@@ -171,6 +200,7 @@ def relax_decoder_module(ckpt_dir, dense_model_dir=None):
             # dense layers stay fp16 as the checkpoint stores them (the lm_head streams half the bytes)
             ep, spec, _ = export_checkpoint(ckpt_dir, fuse=False, tokens=tokens, dense_fp16=True)
         mod, detached = relax.frontend.detach_params(import_decoder(ep, tokens, prefix=name))
+        mod["main"], detached["main"] = _untie(mod["main"], detached["main"], tied_parameters(ep))  # one lm_head
         names = [p.name for p in mod["main"].params]
         if params is None:
             params, param_names = detached["main"], names

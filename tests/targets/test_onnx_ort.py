@@ -153,6 +153,10 @@ def test_tvm_decoder_matches_torch(llama_art, tiny_llama_ckpt):
     manifest = json.loads((llama_art / "manifest.json").read_text())
     assert manifest["tvm"]["functions"] == ["prefill", "decode"]
     assert {"model_x86.so", "model_params.bin"} <= set(manifest["files"])
+    # the tied embedding / lm_head is one parameter, kept fp16 as the checkpoint stores it
+    vocab = manifest["tvm"]["decoder"]["vocab_size"]
+    tables = [p for p in dec.params if p.shape[0] == vocab and len(p.shape) == 2]
+    assert len(tables) == 1 and str(tables[0].dtype) == "float16", [(p.shape, p.dtype) for p in tables]
 
 
 def test_tvm_artifact_bad_inputs(llama_art, tmp_path):

@@ -104,7 +104,7 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="x86 ONNX: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
-              help="x86/arm64: also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
+              help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dump_ir, fuse,
           with_tvm):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
@@ -119,7 +119,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         from .targets.cuda import ARCHS, build_cuda
 
         arch_list = tuple(a.strip() for a in archs.split(",")) if archs else ARCHS
-        manifest = build_cuda(checkpoint_dir, out_dir, archs=arch_list, max_batch=max_batch)
+        manifest = build_cuda(checkpoint_dir, out_dir, archs=arch_list, max_batch=max_batch, with_tvm=with_tvm)
         click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
                    f"({', '.join(arch_list)} + PTX; checked from the built file)")
         return

@@ -193,8 +193,11 @@ def check_device_code(path, archs=ARCHS, ptx_arch: str | None = PTX_ARCH) -> lis
     return inv
 
 
-def build_cuda(ckpt_dir, out_dir, archs=ARCHS, ptx_arch: str | None = PTX_ARCH, max_batch: int = 8) -> dict:
-    """Compile the GEMV kernels every quantized layer needs into `kernels_cuda.so` (host x86_64 + fat binary)."""
+def build_cuda(ckpt_dir, out_dir, archs=ARCHS, ptx_arch: str | None = PTX_ARCH, max_batch: int = 8,
+               with_tvm: bool = True) -> dict:
+    """Compile the GEMV kernels every quantized layer needs into `kernels_cuda.so` (host x86_64 + fat binary); with
+    `with_tvm`, also the whole model for the Relax VM (`model_cuda.so` + params): decode on the GEMV kernels, the
+    rest scheduled by dlight. Every library is checked for device code of each arch before the artifact is written."""
     from .common import kernel_module
 
     for a in archs:
@@ -214,8 +217,23 @@ def build_cuda(ckpt_dir, out_dir, archs=ARCHS, ptx_arch: str | None = PTX_ARCH, 
         lib.export_library(str(p))
         check_device_code(p, archs, ptx_arch)  # before the artifact is renamed into place
 
+    extra, steps = {"built_with_driver": driver}, []
+    if with_tvm:
+        from .relax import build_relax_model
+
+        def export_model(ex, path: Path):
+            ex.export_library(str(path))
+            check_device_code(path, archs, ptx_arch)
+
+        def relax_step(tmp):
+            extra["tvm"].update(build_relax_model(ckpt_dir, tmp, target, "model_cuda.so", export=export_model,
+                                                  compile_context=_multi_arch_compiler(archs, ptx_arch)))
+            extra["tvm"]["device"] = "cuda"
+
+        steps.append(relax_step)
+        extra["tvm"] = {}  # filled by relax_step before the manifest is written
     spec = {"kind": "cuda", "archs": list(archs), "ptx": ptx_arch, "host": "x86_64-linux-gnu"}
     manifest = write_artifact(ckpt_dir, out_dir, target_name="cuda", arch="+".join(archs), target_spec=spec,
                               lib_name="kernels_cuda.so", export=export, aqlm_config=aqlm_config, layers=layers,
-                              kernels=kernels, extra_manifest={"built_with_driver": driver})
+                              kernels=kernels, extra_steps=steps, extra_manifest=extra)
     return manifest

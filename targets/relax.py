@@ -8,6 +8,8 @@ GEMM kernel), each `(input_ids, attention_mask, *past_kv, *params) -> (last logi
 
 from __future__ import annotations
 
+import numpy as np
+
 from aqlm_compile.kernels.gemm_decode import gemm_decode
 from aqlm_compile.kernels.gemv_direct import GemvShape
 from aqlm_compile.kernels.registry import select_kernel
@@ -27,9 +29,28 @@ def _tokens_2d(bb, x, node_arg, in_f: int):
     return bb.emit(relax.op.reshape(x, [n_tok, in_f])), x_shape, n_tok
 
 
-def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
+def _dequantized_linear(bb, x2, codes, codebooks, scales, cfg, out_f: int, in_f: int):
+    """y = x2 · Ŵᵀ with Ŵ decoded by Relax ops (take per codebook, sum, scale): the CUDA prefill, where no AQLM
+    GEMM kernel exists yet; LegalizeOps + dlight's GPU rules schedule the gathers and the matmul."""
+    from tvm import relax
+
+    M, K, g = cfg.num_codebooks, cfg.codebook_size, cfg.in_group_size
+    # one gather over the M codebooks stacked as [M·K, g] (index code_m + m·K), then a sum over m: M separate
+    # gathers of one PrimFunc in one fused group made TVM's FuseTIR fail (RenewDefs)
+    offsets = relax.const(np.arange(M, dtype=np.int32).reshape(1, 1, M) * K, "int32")
+    idx = bb.emit(relax.op.add(relax.op.bitwise_and(relax.op.astype(codes, "int32"), relax.const(K - 1, "int32")),
+                               offsets))
+    cb = bb.emit(relax.op.astype(relax.op.reshape(codebooks, [M * K, g]), "float32"))
+    w = bb.emit(relax.op.sum(relax.op.take(cb, idx, axis=0), axis=[2]))  # [out, in/g, g]
+    w = bb.emit(relax.op.multiply(relax.op.reshape(w, [out_f, in_f]),
+                                  relax.op.reshape(relax.op.astype(scales, "float32"), [out_f, 1])))
+    return bb.emit(relax.op.matmul(x2, relax.op.permute_dims(w, [1, 0])))
+
+
+def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, device: str = "cpu"):
     """A converter for `aqlm.aqlm_gemm` nodes: reshape x to [N, in], call_tir the kernel for (shape, N), reshape back.
-    `static_tokens` = N for the decode function (GEMV), None for prefill (symbolic N: GEMM)."""
+    `static_tokens` = N for the decode function (GEMV), None for prefill (symbolic N: GEMM; on CUDA, a Relax-level
+    dequantize + matmul)."""
     from tvm import relax
 
     def convert(node, importer):
@@ -44,15 +65,25 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str):
         x2, x_shape, n_tok = _tokens_2d(bb, x, node.args[0], in_f)
         shape = GemvShape(out_f, in_f, cfg, static_tokens or 9, act_dtype=str(xv.dtype).replace("torch.", ""),
                           partitions=tuple(parts) if parts else None)
+        if device == "cuda" and not static_tokens:
+            if parts:
+                raise NotImplementedError("the CUDA Relax route takes unfused layers")
+            y = _dequantized_linear(bb, x2, codes, codebooks, scales, cfg, out_f, in_f)
+            if bias_node is not None:
+                y = bb.emit(relax.op.add(y, relax.op.astype(importer.env[bias_node], "float32")))
+            return bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
         key = (out_f, in_f, tuple(parts or ()), static_tokens)
         if key not in kernels:
             symbol = f"{prefix}_aqlm_{out_f}x{in_f}"
             if static_tokens:
-                func = select_kernel(shape, "llvm").build_func(shape, symbol)
+                func = select_kernel(shape, "cuda" if device == "cuda" else "llvm").build_func(shape, symbol)
             else:
                 func = gemm_decode(shape, name=symbol, index_dtype="int64")
             # hand-scheduled already: dlight must leave it alone
-            kernels[key] = bb.add_func(func.with_attr("tirx.is_scheduled", True), symbol)
+            func = func.with_attr("tirx.is_scheduled", True)
+            if device == "cuda":  # opaque: TVM's CUDA pipeline must not fuse a thread-bound kernel (FuseTIR fails)
+                func = func.with_attr("op_pattern", 8)
+            kernels[key] = bb.add_func(func, symbol)
         gv = kernels[key]
         pm = int(bv.shape[0])
         cb = bb.emit(relax.op.reshape(codebooks, [pm, int(bv.shape[1]), cfg.in_group_size]))
@@ -116,21 +147,25 @@ def _dense_converter(kernels: dict, prefix: str, generic):
     return convert
 
 
-def import_decoder(ep, static_tokens: int | None, prefix: str = "main"):
+def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: str = "cpu"):
     """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs). Decomposed with `aten.linear`
-    kept whole, so the remaining dense layers (lm_head) reach our dense kernel instead of an unscheduled matmul."""
+    kept whole, so the remaining dense layers (lm_head) reach our dense kernel instead of an unscheduled matmul
+    (on CPU; on CUDA TVM's own linear, scheduled by dlight)."""
     import torch
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     kernels: dict = {}
-    dense = _dense_converter(kernels, prefix, ExportedProgramImporter().convert_map["linear.default"])
+    def generic(node, importer):  # TVM's own linear, called the way custom converters are: (node, importer)
+        return ExportedProgramImporter._linear(importer, node)
+
+    dense = _dense_converter(kernels, prefix, generic) if device == "cpu" else generic
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.linear.default, None)  # keep linear whole: it maps onto kernels/dense.py
     ep = ep.run_decompositions(table)
     return from_exported_program(
         ep, keep_params_as_input=True, run_ep_decomposition=False,
-        custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix),
+        custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix, device),
                             "linear.default": dense, "to.device": _to_device})
 
 
@@ -177,7 +212,7 @@ def _untie(func, values: list, tied: dict[str, str]):
     return func.bind_params(binding), keep
 
 
-def relax_decoder_module(ckpt_dir, dense_model_dir=None):
+def relax_decoder_module(ckpt_dir, dense_model_dir=None, device: str = "cpu"):
     """One IRModule with `prefill` (any token count) and `decode` (one token), the params (shared, in the order both
     functions take them) and the DecoderSpec. Layers are not fused here: the fused graph concatenates parameters,
     which in Relax would be redone on every call. With `dense_model_dir`: the FP model through the same compiler
@@ -199,7 +234,7 @@ def relax_decoder_module(ckpt_dir, dense_model_dir=None):
         else:
             # dense layers stay fp16 as the checkpoint stores them (the lm_head streams half the bytes)
             ep, spec, _ = export_checkpoint(ckpt_dir, fuse=False, tokens=tokens, dense_fp16=True)
-        mod, detached = relax.frontend.detach_params(import_decoder(ep, tokens, prefix=name))
+        mod, detached = relax.frontend.detach_params(import_decoder(ep, tokens, prefix=name, device=device))
         mod["main"], detached["main"] = _untie(mod["main"], detached["main"], tied_parameters(ep))  # one lm_head
         names = [p.name for p in mod["main"].params]
         if params is None:
@@ -214,22 +249,41 @@ def relax_decoder_module(ckpt_dir, dense_model_dir=None):
     return merged, params, spec
 
 
+def _cuda_pipeline_without_fusion(target):
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    return tvm.transform.Sequential(cuda.library_dispatch_passes(target) + [tvm.relax.transform.LegalizeOps()] +
+                                    cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
+
+
 def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None, dense_model_dir=None,
-                      params_name: str = "model_params.bin") -> dict:
-    """Compile the whole decoder into `dest/lib_name` (+ `dest/params_name`); returns the manifest entry."""
+                      params_name: str = "model_params.bin", compile_context=None) -> dict:
+    """Compile the whole decoder into `dest/lib_name` (+ `dest/params_name`); returns the manifest entry.
+    A CUDA `target` gets the GPU kernels and dlight's GPU rules; `compile_context` wraps `tvm.compile` (the CUDA
+    target's multi-architecture nvcc callback)."""
+    import contextlib
     from pathlib import Path
 
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
-    mod, params, spec = relax_decoder_module(ckpt_dir, dense_model_dir)
+    device = "cuda" if target.kind.name == "cuda" else "cpu"
+    mod, params, spec = relax_decoder_module(ckpt_dir, dense_model_dir, device=device)
     # Everything but the AQLM kernels (attention, norms, the dense lm_head, embeddings) comes out of LegalizeOps as
-    # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do.
+    # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do. On CUDA every
+    # kernel must be bound to threads: dlight's GPU rules, and TVM's CUDA pipeline without its FuseOps/FuseTIR
+    # step, whose FuseTIR fails on the prefill function (RenewDefs: a variable defined twice).
     with target:
         mod = relax.transform.DeadCodeElimination(["prefill", "decode"])(mod)  # e.g. the unused fp32 lm_head copy
         mod = relax.transform.LegalizeOps()(mod)
-        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
-    ex = tvm.compile(mod, target=target)
+        if device == "cpu":
+            mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+        else:
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    pipeline = "default" if device == "cpu" else _cuda_pipeline_without_fusion(target)
+    with compile_context or contextlib.nullcontext():
+        ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     dest = Path(dest)
     if export is None:
         ex.export_library(str(dest / lib_name))

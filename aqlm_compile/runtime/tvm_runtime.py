@@ -17,7 +17,9 @@ from ..errors import FormatError
 class TvmDecoder:
     def __init__(self, artifact_dir: str | Path, threads: int | None = None, kind: str = "aqlm"):
         self.dir = Path(artifact_dir)
-        self.manifest = artifact.verify(self.dir)
+        manifest = artifact.read_manifest(self.dir)
+        on_gpu = manifest["target"] == "cuda"  # arch is the SM list; the host code is x86_64
+        self.manifest = artifact.verify(self.dir, expect_arch=manifest["arch"] if on_gpu else None)
         info = self.manifest.get("tvm")
         if not info:
             raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm: missing (artifact built without the whole-model "
@@ -33,7 +35,9 @@ class TvmDecoder:
         from tvm.runtime.vm import VirtualMachine
 
         self.tvm = tvm
-        self.dev = tvm.cpu()
+        self.dev = tvm.cuda(0) if on_gpu else tvm.cpu()
+        if on_gpu and not self.dev.exist:
+            raise FormatError(f"{self.dir}: a cuda artifact needs an NVIDIA GPU and its driver; none found here")
         self.vm = VirtualMachine(tvm.runtime.load_module(str(self.dir / info["library"])), self.dev)
         loaded = tvm.runtime.load_param_dict_from_file(str(self.dir / info["params"]))
         self.params = [loaded[k] for k in sorted(loaded)]

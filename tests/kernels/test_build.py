@@ -204,6 +204,10 @@ def test_cuda_artifact_embeds_sass_for_every_arch_and_ptx(cuda_artifact):
     assert sass == [(80, 80), (86, 86), (89, 89), (90, 90)]
     assert [e["sm"] for e in inv if e["kind"] == "ptx"] == [90]
     assert sum(k["kernel"] == "gemv_cuda" for k in manifest["kernels"].values()) == len(manifest["kernels"])
+    # the whole model for the Relax VM: device code for every arch too
+    assert manifest["tvm"]["library"] == "model_cuda.so" and manifest["tvm"]["device"] == "cuda"
+    inv = device_code_inventory(cuda_artifact / "model_cuda.so")
+    assert sorted({e["sm"] for e in inv if e["kind"] == "sass"}) == [80, 86, 89, 90]
 
 
 def test_device_code_check_rejects_libraries_without_it(built, tmp_path):
@@ -244,6 +248,45 @@ def test_cuda_artifact_runs_on_a_gpu(cuda_artifact, built):
         y = tvm.runtime.empty((batch, layer.out_features), "float32", dev)
         mod[f"aqlm_gemv_{layer.out_features}x{layer.in_features}_b{batch}"](*args, y)
         assert ((torch.from_numpy(y.numpy()).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    # the whole model on the GPU: the same greedy tokens as the PyTorch AQLM model
+    tokens = {}
+    for runtime, where in (("tvm", cuda_artifact), ("torch", ckpt)):
+        r = CliRunner().invoke(main, ["generate", str(where), "The quick brown", "--max-new-tokens", "8", "--json",
+                                      "--runtime", runtime])
+        assert r.exit_code == 0, r.output
+        tokens[runtime] = json.loads(r.output.strip().splitlines()[-1])["new_tokens"]
+    assert tokens["tvm"] == tokens["torch"], tokens
+
+
+def test_cuda_prefill_graph_matches_torch_on_cpu(built):
+    """The CUDA Relax route's prefill (AQLM layers decoded by Relax ops, then matmul; no GPU kernel in it), compiled
+    for the CPU so its numerics are checked on a machine without a GPU."""
+    from tvm import relax
+
+    from aqlm_compile.export import DecoderWithCache
+    from aqlm_compile.targets.relax import relax_decoder_module
+    from aqlm_compile.targets.x86 import x86_target
+
+    ckpt, _ = built
+    mod, params, spec = relax_decoder_module(ckpt, device="cuda")
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if not gv.name_hint.startswith("decode")})
+    from tvm.s_tir import dlight as dl
+
+    with x86_target():  # as build_relax_model does for the CPU
+        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(relax.transform.LegalizeOps()(mod))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=x86_target()), tvm.cpu())
+    ids = np.array([[1, 5, 9, 13, 17, 21]], np.int64)
+    empty = tvm.runtime.tensor(np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32))
+    out = vm["prefill"](tvm.runtime.tensor(ids), tvm.runtime.tensor(np.ones_like(ids)),
+                        *[empty] * (2 * spec.num_layers), *params)
+    model, _, _ = fmt.load(ckpt)
+    model.config.use_cache = True
+    with torch.no_grad():
+        want = DecoderWithCache(model).eval()(torch.from_numpy(ids), torch.ones(1, 6, dtype=torch.int64),
+                                              *[torch.zeros(1, spec.num_kv_heads, 0, spec.head_dim)] *
+                                              (2 * spec.num_layers))[0][0].numpy()
+    got = out[0].numpy()[0]
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 
 
 @pytest.mark.parametrize("cfg", ["1x16g8", "2x8g8", "1x8g8", "8x8g32"])

@@ -152,3 +152,96 @@ def run_kernel(artifact_dir, symbol: str, inputs: list[np.ndarray], out_shape, o
         if proc.returncode != 0:
             raise RuntimeError(f"aqlm_run failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
         return np.fromfile(out_file, dtype=out_dtype).reshape(out_shape)
+
+
+ORT_RUNNER_SOURCE = Path(__file__).parent / "runner" / "aqlm_ort_run.cc"
+
+
+def ort_runner_dir() -> Path:
+    """An aarch64 `aqlm_ort_run` (targets/runner/aqlm_ort_run.cc) linked against libonnxruntime from the aarch64
+    wheel of the installed onnxruntime version: checks the arm64 ORT op library under qemu-user. A test tool, not
+    part of the artifact (a deployment brings its own ONNX Runtime)."""
+    from importlib.metadata import version
+
+    ort_version = version("onnxruntime")
+    key = hashlib.sha256(ORT_RUNNER_SOURCE.read_bytes() + (ORT_RUNNER_SOURCE.parent.parent / "ort_op" / "ort_min_abi.h")
+                         .read_bytes()).hexdigest()[:12]
+    out = cache_root() / f"arm64-ort-{ort_version}-{key}"
+    if (out / "aqlm_ort_run").exists():
+        return out
+    gxx = require_tool(CROSS_GXX, "g++-aarch64-linux-gnu")
+    with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as dest:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "-d", tmp,
+               f"onnxruntime=={ort_version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigError(f"could not download the aarch64 onnxruntime wheel: {proc.stderr.strip()[-300:]}")
+        member = f"onnxruntime/capi/libonnxruntime.so.{ort_version}"
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as zf:
+                if member in zf.namelist():
+                    (dest / "libonnxruntime.so.1").write_bytes(zf.read(member))  # its SONAME
+        if not (dest / "libonnxruntime.so.1").exists():
+            raise ConfigError(f"the aarch64 onnxruntime wheel lacks {member}")
+        proc = subprocess.run([gxx, "-std=c++17", "-O2", str(ORT_RUNNER_SOURCE), "-o", str(dest / "aqlm_ort_run"),
+                               f"-L{dest}", "-l:libonnxruntime.so.1", "-Wl,-rpath,$ORIGIN"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigError(f"building the aarch64 aqlm_ort_run failed: {proc.stderr.strip()[-500:]}")
+    return out
+
+
+_FAKE_CPUINFO = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+CPU revision\t: 1
+
+"""
+
+
+def qemu_prefix() -> Path:
+    """A qemu-user `-L` prefix: the Debian aarch64 sysroot (symlinked) plus an aarch64 /proc/cpuinfo and
+    /sys/devices/system/cpu/{possible,present,online} describing one Neoverse-N1 core. qemu-user 7.2 shows the guest
+    the host's x86 /proc/cpuinfo; ONNX Runtime's cpuinfo library then finds no ARM processor and dereferences NULL
+    before main(). qemu looks a guest's absolute paths up under the prefix first, so these files take their place."""
+    out = cache_root() / "qemu-aarch64-prefix-1"
+    if (out / "proc" / "cpuinfo").exists():
+        return out
+    with atomic_dir(out) as dest:
+        for entry in Path(SYSROOT).iterdir():
+            (dest / entry.name).symlink_to(entry)
+        (dest / "proc").mkdir()
+        (dest / "proc" / "cpuinfo").write_text(_FAKE_CPUINFO)
+        cpu = dest / "sys" / "devices" / "system" / "cpu"
+        cpu.mkdir(parents=True)
+        for name in ("possible", "present", "online"):
+            (cpu / name).write_text("0\n")
+    return out
+
+
+def run_ort_model(artifact_dir, model_path, x: np.ndarray, input_name: str = "x", output_name: str = "y",
+                  emulate: bool = True) -> np.ndarray:
+    """Run a one-input ONNX model with the arm64 artifact's ORT op library registered, through ONNX Runtime's C API
+    (aarch64, under qemu-user when `emulate`); returns the first output."""
+    artifact_dir = Path(artifact_dir)
+    rt = ort_runner_dir()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        in_file, out_file = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
+        in_file.write_bytes(struct.pack("<i", x.ndim) + struct.pack(f"<{x.ndim}q", *x.shape) + x.tobytes())
+        cmd = [str(rt / "aqlm_ort_run"), str(model_path), str(artifact_dir / "libaqlm_ort.so"), input_name,
+               output_name, str(in_file), str(out_file)]
+        if emulate:
+            cmd = [require_tool(QEMU, "qemu-user"), "-L", str(qemu_prefix()), "-E", "AQLM_NUM_THREADS=1"] + cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"aqlm_ort_run failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        raw = out_file.read_bytes()
+    (ndim,) = struct.unpack("<i", raw[:4])
+    shape = struct.unpack(f"<{ndim}q", raw[4:4 + 8 * ndim])
+    return np.frombuffer(raw[4 + 8 * ndim:], dtype=np.float32).reshape(shape).copy()

@@ -153,6 +153,28 @@ def test_arm64_artifact_runs_under_qemu(built, tmp_path):
                    [x.numpy(), layer.codes.numpy(), cb, layer.scales.detach().reshape(-1).numpy(),
                     np.zeros(layer.out_features, np.float32)], (3, layer.out_features))
     assert ((torch.from_numpy(y).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    # The aarch64 ORT op library, run by ONNX Runtime itself (its aarch64 libonnxruntime, through the C API) under
+    # qemu-user on a one-node AqlmMatMul model of this layer: x [1, 3, in] -> the 3-token GEMV kernel.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from aqlm_compile.targets.arm64 import run_ort_model
+
+    cfg = manifest["quantization_config"]
+    node = helper.make_node("AqlmMatMul", ["x", "codes", "codebooks", "scales"], ["y"], domain="aqlm",
+                            num_codebooks=cfg["num_codebooks"], nbits_per_codebook=cfg["nbits_per_codebook"],
+                            in_group_size=cfg["in_group_size"], out_group_size=1)
+    graph = helper.make_graph(
+        [node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, layer.in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, layer.out_features])],
+        [numpy_helper.from_array(layer.codes.numpy(), "codes"),
+         numpy_helper.from_array(layer.codebooks.detach().half().numpy(), "codebooks"),
+         numpy_helper.from_array(layer.scales.detach().half().numpy(), "scales")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("aqlm", 1)],
+                                ir_version=10), str(tmp_path / "layer.onnx"))
+    y_ort = run_ort_model(art, tmp_path / "layer.onnx", x.numpy()[None])
+    assert y_ort.shape == (1, 3, layer.out_features)
+    assert ((torch.from_numpy(y_ort[0]).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     # The whole model: `generate --runtime tvm` runs the aarch64 Relax VM library through the artifact's
     # runtime/aqlm_vm_run under qemu-user, and gives the PyTorch AQLM model's greedy tokens.
     assert manifest["tvm"]["runner"] == "runtime/aqlm_vm_run" and "model_arm64.so" in manifest["files"]

@@ -99,18 +99,25 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
 @click.option("--max-batch", default=8, show_default=True, help="Largest token count with a GEMV kernel (1..8).")
 @click.option("--onnx/--no-onnx", "with_onnx", default=True, show_default=True,
               help="x86/arm64: also write the ONNX decoder (AqlmMatMul + portable) and the ORT op library.")
-@click.option("--dense-model", "dense_model_dir", help="x86 ONNX: also export this FP model as the dense baseline.")
+@click.option("--dense-model", "dense_model_dir", help="x86: also compile this FP model (ONNX and TVM) as the dense "
+              "baseline.")
+@click.option("--dense", "dense_from_source", is_flag=True, help="x86: --dense-model with the FP model the checkpoint "
+              "was quantized from (recorded in its config.json).")
 @click.option("--dump-ir", "dump_ir", help="x86 ONNX: write the exported graph before and after each pass to DIR.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="x86 ONNX: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
               help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
-def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dump_ir, fuse,
-          with_tvm):
+def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
+          dump_ir, fuse, with_tvm):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
     from .errors import ConfigError
 
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
+    if dense_from_source:
+        dense_model_dir = _source_model(checkpoint_dir, dense_model_dir)
+    if dense_model_dir and target != "x86":
+        raise ConfigError(f"--dense/--dense-model is for --target x86 (got --target {target})")
     if archs and target != "cuda":
         raise ConfigError(f"--arch is for --target cuda (got --target {target}; use --cpu)")
     if cpu and target == "cuda":
@@ -135,6 +142,25 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
                                fuse=fuse, with_tvm=with_tvm, **({"cpu": cpu} if cpu else {}))
     click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
                f"({manifest['target_spec']['mcpu']})")
+
+
+def _source_model(checkpoint_dir: str, dense_model_dir) -> str:
+    """The FP model a checkpoint was quantized from (`--dense`), from its config.json."""
+    from pathlib import Path
+
+    from .errors import ConfigError, FormatError
+
+    if dense_model_dir:
+        raise ConfigError("--dense and --dense-model: give one (--dense uses the checkpoint's source model)")
+    path = Path(checkpoint_dir) / "config.json"
+    try:
+        source = json.loads(path.read_text()).get("aqlm_compile", {}).get("source_model")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: not readable JSON ({exc})") from None
+    if not source or not Path(source).is_dir():
+        raise ConfigError(f"{path}: aqlm_compile.source_model: expected the FP model folder the checkpoint was "
+                          f"quantized from, found {source!r}; pass --dense-model DIR")
+    return source
 
 
 @main.command()

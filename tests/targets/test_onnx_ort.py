@@ -24,7 +24,8 @@ def build(ckpt, out, *extra):
 
 @pytest.fixture(scope="module")
 def llama_art(tiny_llama_ckpt, tiny_llama, tmp_path_factory):
-    return build(tiny_llama_ckpt, tmp_path_factory.mktemp("ort") / "llama", "--dense-model", str(tiny_llama))
+    # --dense: the FP model the checkpoint was quantized from (its config.json records it) as the dense baseline
+    return build(tiny_llama_ckpt, tmp_path_factory.mktemp("ort") / "llama", "--dense")
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,15 @@ def test_generate_cli_json_same_tokens(llama_art):
     assert len(set(map(tuple, outs.values()))) == 1, outs
     r = CliRunner().invoke(main, ["generate", str(llama_art), "hi", "--temperature", "0.8", "--seed", "3", "--json"])
     assert r.exit_code == 0 and len(json.loads(r.output.strip().splitlines()[-1])["new_tokens"]) >= 1
+
+
+def test_dense_flags_are_checked(tiny_llama_ckpt, tiny_llama, tmp_path):
+    for args, msg in ((["--target", "x86", "--dense", "--dense-model", str(tiny_llama)],
+                       "--dense and --dense-model: give one"),
+                      (["--target", "arm64", "--dense"], "is for --target x86")):
+        r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "-o", str(tmp_path / "a"), *args])
+        assert r.exit_code != 0 and msg in r.output, r.output
+        assert not (tmp_path / "a").exists()
 
 
 def test_bad_artifacts_and_inputs(llama_art, tmp_path):

@@ -39,27 +39,26 @@ def to_group_major(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(codes.transpose(1, 0, 2))
 
 
-def gemv_lut(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, block_rows: int = 512,
-             name: str = "aqlm_gemv_lut"):
-    """A TIR PrimFunc with the same signature as `gemv_direct`: (x, codes, codebooks, scales, bias, y)."""
+def _dims(shape: GemvShape, rows: int, block_rows: int):
+    """Sizes both LUT kernels use: O, I, N, g, M, J, K, mask, PM (codebook rows), R (rows per step), RB (rows per
+    thread-pool block), KV (table vector width)."""
     cfg = shape.config
     O, I, N, g, M = shape.out_features, shape.in_features, shape.batch, cfg.in_group_size, cfg.num_codebooks
     cfg.check_shape(O, I)
-    J, K, mask = I // g, cfg.codebook_size, cfg.codebook_size - 1
-    PM = shape.codebook_rows()
+    J, K = I // g, cfg.codebook_size
     quantum = min(O, shape.row_quantum)
     R = _largest_divisor(quantum, rows)
     RB = max(_largest_divisor(quantum, max(block_rows, R)), R)
-    JT = _largest_divisor(J, max(1, tile_bytes // (N * PM * K * 4)))
-    act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
-    KV = min(K, 16)
+    return O, I, N, g, M, J, K, K - 1, shape.codebook_rows(), R, RB, min(K, 16)
 
-    @T.prim_func
-    def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((PM, K, g), cbt),
-               scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
-        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+
+def _fill_table(N: int, J: int, JT: int, PM: int, K: int, g: int, KV: int):
+    """A TIR macro: table[j // JT, n, j % JT, m, k] = C_m[k] · x[n, j·g:(j+1)·g], vectorised over k from a transposed
+    fp32 copy of the codebooks, parallel over input groups."""
+
+    @T.macro
+    def fill(x, cb, table):
         cbt_ = T.alloc_buffer((PM, g, K), "float32", scope="global")
-        table = T.alloc_buffer((J // JT, N, JT, PM, K), "float32", scope="global")
         for m, k, t in T.grid(PM, K, g):
             cbt_[m, t, k] = T.Cast("float32", cb[m, k, t])
         for j in T.parallel(J):
@@ -71,6 +70,24 @@ def gemv_lut(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, block
                         for kv in T.vectorized(KV):
                             table[j // JT, n, j % JT, m, ko * KV + kv] = table[j // JT, n, j % JT, m, ko * KV + kv] + \
                                 cbt_[m, t, ko * KV + kv] * T.Cast("float32", x[n, j * g + t])
+
+    return fill
+
+
+def gemv_lut(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, block_rows: int = 512,
+             name: str = "aqlm_gemv_lut"):
+    """A TIR PrimFunc with the same signature as `gemv_direct`: (x, codes, codebooks, scales, bias, y)."""
+    O, I, N, g, M, J, K, mask, PM, R, RB, KV = _dims(shape, rows, block_rows)
+    JT = _largest_divisor(J, max(1, tile_bytes // (N * PM * K * 4)))
+    act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
+    fill_table = _fill_table(N, J, JT, PM, K, g, KV)
+
+    @T.prim_func
+    def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((PM, K, g), cbt),
+               scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        table = T.alloc_buffer((J // JT, N, JT, PM, K), "float32", scope="global")
+        fill_table(x, cb, table)
         for ob in T.parallel(O // RB):
             acc = T.alloc_buffer((N, RB), "float32", scope="global")
             part = T.alloc_buffer((R,), "float32", scope="global")
@@ -101,34 +118,16 @@ def gemv_lut_grouped(shape: GemvShape, rows: int = 2, block_rows: int = 256, nam
     input groups in order, and for each group adds Σ_m table[j, n, m, code] to `rows` rows at a time (a balanced
     tree of M adds each, so the adds do not form one chain). Measured on Zen 4 at 8x8g32: rows 2, blocks of 256
     (4096²: 0.83–0.91 ms; 11008×4096: 2.08 ms; larger blocks and more rows were no faster)."""
-    cfg = shape.config
-    O, I, N, g, M = shape.out_features, shape.in_features, shape.batch, cfg.in_group_size, cfg.num_codebooks
-    cfg.check_shape(O, I)
-    J, K, mask = I // g, cfg.codebook_size, cfg.codebook_size - 1
-    PM = shape.codebook_rows()
-    quantum = min(O, shape.row_quantum)
-    R = _largest_divisor(quantum, rows)
-    RB = max(_largest_divisor(quantum, max(block_rows, R)), R)
+    O, I, N, g, M, J, K, mask, PM, R, RB, KV = _dims(shape, rows, block_rows)
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
-    KV = min(K, 16)
+    fill_table = _fill_table(N, J, 1, PM, K, g, KV)  # one group per tile: table[j, n, 0, m, k]
 
     @T.prim_func
     def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((J, O, M), cdt), cb: T.Buffer((PM, K, g), cbt),
                scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
-        cbt_ = T.alloc_buffer((PM, g, K), "float32", scope="global")
-        table = T.alloc_buffer((J, N, PM, K), "float32", scope="global")
-        for m, k, t in T.grid(PM, K, g):
-            cbt_[m, t, k] = T.Cast("float32", cb[m, k, t])
-        for j in T.parallel(J):
-            for n, m in T.grid(N, PM):
-                for ko in range(K // KV):
-                    for kv in T.vectorized(KV):
-                        table[j, n, m, ko * KV + kv] = T.float32(0)
-                    for t in range(g):
-                        for kv in T.vectorized(KV):
-                            table[j, n, m, ko * KV + kv] = table[j, n, m, ko * KV + kv] + \
-                                cbt_[m, t, ko * KV + kv] * T.Cast("float32", x[n, j * g + t])
+        table = T.alloc_buffer((J, N, 1, PM, K), "float32", scope="global")
+        fill_table(x, cb, table)
         for ob in T.parallel(O // RB):
             acc = T.alloc_buffer((N, RB), "float32", scope="global")
             for n, r in T.grid(N, RB):
@@ -138,7 +137,7 @@ def gemv_lut_grouped(shape: GemvShape, rows: int = 2, block_rows: int = 256, nam
                     for ro in range(RB // R):
                         for r in T.unroll(R):
                             acc[n, ro * R + r] = acc[n, ro * R + r] + tree_sum([
-                                table[j, n, shape.partition_of(ob * RB + ro * R) * M + m, T.bitwise_and(
+                                table[j, n, 0, shape.partition_of(ob * RB + ro * R) * M + m, T.bitwise_and(
                                     T.Cast("int32", codes[j, ob * RB + ro * R + r, m]), mask)] for m in range(M)])
             for n, r in T.grid(N, RB):
                 y[n, ob * RB + r] = T.Cast(act, acc[n, r] * scales[ob * RB + r] + bias[ob * RB + r])

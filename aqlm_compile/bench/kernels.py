@@ -152,7 +152,8 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                     ms["aqlm_package"] = statistics.median(_median_ms(ref_fn, calls) for _ in range(rounds))
                 lb_ms = kernel_bytes(cfg, out_f, in_f) / (bw * 1e9) * 1e3
                 rec = {"config": cfg_name, "out_features": out_f, "in_features": in_f, "batch": batch,
-                       "target": f"llvm/{target.attrs['mcpu']}", "kernel": choice.name, "code_layout": choice.code_layout, "ms": ms["aqlm"],
+                       "target": f"llvm/{target.attrs['mcpu']}", "kernel": choice.name,
+                       "code_layout": choice.code_layout, "ms": ms["aqlm"],
                        "ms_cold": ms["aqlm_cold"], "baseline": "torch dense fp32", "baseline_ms": ms["dense"],
                        "baseline_ms_cold": ms["dense_cold"], "speedup": ms["dense"] / ms["aqlm"],
                        "bandwidth_bound_ms": lb_ms, "measured_bandwidth_gbs": bw,

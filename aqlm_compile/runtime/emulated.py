@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import artifact
 from ..errors import FormatError
+from .tvm_runtime import whole_model
 
 QEMU = {"aarch64": "qemu-aarch64"}
 SYSROOT = {"aarch64": "/usr/aarch64-linux-gnu"}
@@ -24,28 +25,15 @@ SYSROOT = {"aarch64": "/usr/aarch64-linux-gnu"}
 
 class RunnerTvmDecoder:
     def __init__(self, artifact_dir: str | Path, kind: str = "aqlm", emulate: bool = True, threads: int = 1):
-        self.dir = Path(artifact_dir)
-        self.manifest = artifact.verify(self.dir, expect_arch=artifact.read_manifest(self.dir)["arch"] if emulate else None)
-        info = self.manifest.get("tvm")
-        if not info:
-            raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm: missing (artifact built without the whole-model "
-                              "TVM route)")
-        if kind == "dense":
-            if "dense" not in info:
-                raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm.dense: missing (build with --dense-model)")
-            info = info["dense"]
-        runner = info.get("runner")
+        arch = artifact.read_manifest(Path(artifact_dir))["arch"]
+        info = whole_model(self, artifact_dir, kind, expect_arch=arch if emulate else None)
+        runner = info.get("runner") or self.manifest["tvm"].get("runner")
         if not runner:
             raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm.runner: missing (no runner for this target)")
-        spec = info["decoder"]
-        self.num_layers, self.num_kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
-        self.vocab_size, self.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
-        self.eos_token_ids = tuple(spec["eos_token_ids"])
         runtime = self.dir / Path(runner).parent
         cmd = [str(self.dir / runner), str(self.dir / info["library"]), str(self.dir / info["params"]),
                str(self.num_layers), str(self.num_kv_heads), str(self.head_dim)]
         env = {"TVM_NUM_THREADS": str(threads), "LD_LIBRARY_PATH": str(runtime)}
-        arch = self.manifest.get("arch")
         if emulate:
             qemu = shutil.which(QEMU.get(arch, ""))
             if qemu is None:

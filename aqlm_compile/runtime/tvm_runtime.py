@@ -14,20 +14,32 @@ from .. import artifact
 from ..errors import FormatError
 
 
+def whole_model(decoder, artifact_dir, kind: str, expect_arch: str | None = None) -> dict:
+    """Verify the artifact, set `decoder.dir/manifest` and the decoder spec (layers, KV heads, head size, vocabulary,
+    BOS/EOS) on `decoder`, and return the manifest entry of the whole-model TVM route (`kind` aqlm or dense)."""
+    decoder.dir = Path(artifact_dir)
+    decoder.manifest = artifact.verify(decoder.dir, expect_arch=expect_arch)
+    info = decoder.manifest.get("tvm")
+    if not info:
+        raise FormatError(f"{decoder.dir / artifact.MANIFEST}: tvm: missing (artifact built without the whole-model "
+                          "TVM route)")
+    if kind == "dense":
+        if "dense" not in info:
+            raise FormatError(f"{decoder.dir / artifact.MANIFEST}: tvm.dense: missing (build with --dense)")
+        info = info["dense"]
+    spec = info["decoder"]
+    decoder.num_layers, decoder.num_kv_heads = spec["num_layers"], spec["num_kv_heads"]
+    decoder.head_dim = spec["head_dim"]
+    decoder.vocab_size, decoder.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
+    decoder.eos_token_ids = tuple(spec["eos_token_ids"])
+    return info
+
+
 class TvmDecoder:
     def __init__(self, artifact_dir: str | Path, threads: int | None = None, kind: str = "aqlm"):
-        self.dir = Path(artifact_dir)
-        manifest = artifact.read_manifest(self.dir)
+        manifest = artifact.read_manifest(Path(artifact_dir))
         on_gpu = manifest["target"] == "cuda"  # arch is the SM list; the host code is x86_64
-        self.manifest = artifact.verify(self.dir, expect_arch=manifest["arch"] if on_gpu else None)
-        info = self.manifest.get("tvm")
-        if not info:
-            raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm: missing (artifact built without the whole-model "
-                              "TVM route)")
-        if kind == "dense":
-            if "dense" not in info:
-                raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm.dense: missing (build with --dense-model)")
-            info = info["dense"]
+        info = whole_model(self, artifact_dir, kind, expect_arch=manifest["arch"] if on_gpu else None)
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
         if "tvm" not in sys.modules:
             os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # runtime only: the compiler library is not loaded
@@ -44,10 +56,6 @@ class TvmDecoder:
         if len(self.params) != info["num_params"]:
             raise FormatError(f"{self.dir / info['params']}: {len(self.params)} tensors, manifest says "
                               f"{info['num_params']}")
-        spec = info["decoder"]
-        self.num_layers, self.num_kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
-        self.vocab_size, self.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
-        self.eos_token_ids = tuple(spec["eos_token_ids"])
         self.reset()
 
     def reset(self) -> None:

@@ -16,6 +16,14 @@ from aqlm_compile.errors import ConfigError, FormatError  # noqa: E402
 from aqlm_compile.runtime.kernels import KernelLibrary  # noqa: E402
 
 
+def greedy_tokens(where, runtime: str, n: int = 8) -> list[int]:
+    """`generate --json` through the CLI: the greedy token ids."""
+    r = CliRunner().invoke(main, ["generate", str(where), "The quick brown", "--max-new-tokens", str(n), "--json",
+                                  "--runtime", runtime])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output.strip().splitlines()[-1])["new_tokens"]
+
+
 @pytest.fixture(scope="module")
 def built(tiny_llama, tiny_corpus, tmp_path_factory):
     from aqlm_compile.jobs import quantize_job
@@ -179,13 +187,8 @@ def test_arm64_artifact_runs_under_qemu(built, tmp_path):
     # runtime/aqlm_vm_run under qemu-user, and gives the PyTorch AQLM model's greedy tokens.
     assert manifest["tvm"]["runner"] == "runtime/aqlm_vm_run" and "model_arm64.so" in manifest["files"]
     assert open(art / "model_arm64.so", "rb").read(20)[18] == 183
-    tokens = {}
-    for runtime, where in (("tvm", art), ("torch", ckpt)):
-        r = CliRunner().invoke(main, ["generate", str(where), "The quick brown", "--max-new-tokens", "8", "--json",
-                                      "--runtime", runtime])
-        assert r.exit_code == 0, r.output
-        tokens[runtime] = json.loads(r.output.strip().splitlines()[-1])["new_tokens"]
-    assert len(tokens["tvm"]) == 8 and tokens["tvm"] == tokens["torch"], tokens
+    tvm_tokens, torch_tokens = greedy_tokens(art, "tvm"), greedy_tokens(ckpt, "torch")
+    assert len(tvm_tokens) == 8 and tvm_tokens == torch_tokens, (tvm_tokens, torch_tokens)
     from aqlm_compile.runtime.emulated import RunnerTvmDecoder
 
     dec = RunnerTvmDecoder(art)
@@ -271,13 +274,7 @@ def test_cuda_artifact_runs_on_a_gpu(cuda_artifact, built):
         mod[f"aqlm_gemv_{layer.out_features}x{layer.in_features}_b{batch}"](*args, y)
         assert ((torch.from_numpy(y.numpy()).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     # the whole model on the GPU: the same greedy tokens as the PyTorch AQLM model
-    tokens = {}
-    for runtime, where in (("tvm", cuda_artifact), ("torch", ckpt)):
-        r = CliRunner().invoke(main, ["generate", str(where), "The quick brown", "--max-new-tokens", "8", "--json",
-                                      "--runtime", runtime])
-        assert r.exit_code == 0, r.output
-        tokens[runtime] = json.loads(r.output.strip().splitlines()[-1])["new_tokens"]
-    assert tokens["tvm"] == tokens["torch"], tokens
+    assert greedy_tokens(cuda_artifact, "tvm") == greedy_tokens(ckpt, "torch")
 
 
 def test_cuda_prefill_graph_matches_torch_on_cpu(built):

@@ -8,9 +8,11 @@ correctness check, not a fast path: qemu-user emulates every instruction.
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ class RunnerTvmDecoder:
         runtime = self.dir / Path(runner).parent
         cmd = [str(self.dir / runner), str(self.dir / info["library"]), str(self.dir / info["params"]),
                str(self.num_layers), str(self.num_kv_heads), str(self.head_dim)]
-        env = {"TVM_NUM_THREADS": str(threads), "LD_LIBRARY_PATH": str(runtime)}
+        env = {**os.environ, "TVM_NUM_THREADS": str(threads), "LD_LIBRARY_PATH": str(runtime)}
         if emulate:
             qemu = shutil.which(QEMU.get(arch, ""))
             if qemu is None:
@@ -41,16 +43,18 @@ class RunnerTvmDecoder:
                                   "which is not installed (Debian package qemu-user)")
             cmd = [qemu, "-L", SYSROOT[arch], "-E", f"LD_LIBRARY_PATH={runtime}",
                    "-E", f"TVM_NUM_THREADS={threads}"] + cmd
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=env)
+        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty runner cannot block on a full pipe
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env)
         self.length = 0
 
     def _read(self, n: int) -> bytes:
         data = self.proc.stdout.read(n)
         if data is None or len(data) != n:
             self.proc.kill()
-            err = self.proc.stderr.read().decode(errors="replace").strip()[-500:]
-            raise RuntimeError(f"{self.dir}: the model runner stopped ({self.proc.wait()}): {err}")
+            code = self.proc.wait()
+            self.stderr.seek(0)
+            err = self.stderr.read().decode(errors="replace").strip()[-500:]
+            raise RuntimeError(f"{self.dir}: the model runner stopped ({code}): {err}")
         return data
 
     def reset(self) -> None:

@@ -56,17 +56,28 @@ struct OrtCustomOp {
 };
 }  // extern "C"
 
-// OrtApi slots used (0-based positions in the function table).
+// OrtApi slots used (0-based positions in the function table), by the op library and by the test driver
+// targets/runner/aqlm_ort_run.cc. The ones only the driver uses were counted from ORT's onnxruntime_c_api.h and agree
+// with the statically checked ones around them.
 namespace ort_slot {
 constexpr int CreateStatus = 0;
+constexpr int GetErrorMessage = 2;
+constexpr int CreateEnv = 3;
+constexpr int CreateSession = 7;
+constexpr int Run = 9;
+constexpr int CreateSessionOptions = 10;
+constexpr int SetIntraOpNumThreads = 24;
 constexpr int CreateCustomOpDomain = 26;
 constexpr int CustomOpDomain_Add = 27;
 constexpr int AddCustomOpDomain = 28;
+constexpr int RegisterCustomOpsLibrary = 29;
+constexpr int CreateTensorWithDataAsOrtValue = 49;
 constexpr int GetTensorMutableData = 51;
 constexpr int GetTensorElementType = 60;
 constexpr int GetDimensionsCount = 61;
 constexpr int GetDimensions = 62;
 constexpr int GetTensorTypeAndShape = 65;
+constexpr int CreateCpuMemoryInfo = 69;
 constexpr int KernelInfoGetAttribute_int64 = 86;
 constexpr int KernelContext_GetInputCount = 88;
 constexpr int KernelContext_GetInput = 90;

@@ -19,30 +19,12 @@ struct OrtSession;
 struct OrtRunOptions;
 struct OrtMemoryInfo;
 
-// OrtApi slots (0-based, append-only table; counted from ORT's onnxruntime_c_api.h and consistent with the slots
-// ort_min_abi.h checks against ORT's static_asserts).
-namespace run_slot {
-constexpr int GetErrorMessage = 2;
-constexpr int CreateEnv = 3;
-constexpr int CreateSession = 7;
-constexpr int Run = 9;
-constexpr int CreateSessionOptions = 10;
-constexpr int SetIntraOpNumThreads = 24;
-constexpr int RegisterCustomOpsLibrary = 29;
-constexpr int CreateTensorWithDataAsOrtValue = 49;
-constexpr int GetTensorMutableData = 51;
-constexpr int GetDimensionsCount = 61;
-constexpr int GetDimensions = 62;
-constexpr int GetTensorTypeAndShape = 65;
-constexpr int CreateCpuMemoryInfo = 69;
-}  // namespace run_slot
-
 static const OrtApi* api = nullptr;
 
 static void check(OrtStatus* st, const char* what) {
   if (st == nullptr) return;
   using GetMsg = const char* (*)(const OrtStatus*);
-  fprintf(stderr, "aqlm_ort_run: %s: %s\n", what, ort_fn<GetMsg>(api, run_slot::GetErrorMessage)(st));
+  fprintf(stderr, "aqlm_ort_run: %s: %s\n", what, ort_fn<GetMsg>(api, ort_slot::GetErrorMessage)(st));
   exit(1);
 }
 
@@ -65,40 +47,40 @@ int main(int argc, char** argv) {
   fclose(in);
 
   OrtEnv* env = nullptr;
-  check(ort_fn<OrtStatus* (*)(int, const char*, OrtEnv**)>(api, run_slot::CreateEnv)(3, "aqlm_ort_run", &env), "CreateEnv");
+  check(ort_fn<OrtStatus* (*)(int, const char*, OrtEnv**)>(api, ort_slot::CreateEnv)(3, "aqlm_ort_run", &env), "CreateEnv");
   OrtSessionOptions* so = nullptr;
-  check(ort_fn<OrtStatus* (*)(OrtSessionOptions**)>(api, run_slot::CreateSessionOptions)(&so), "CreateSessionOptions");
-  check(ort_fn<OrtStatus* (*)(OrtSessionOptions*, int)>(api, run_slot::SetIntraOpNumThreads)(so, 1), "SetIntraOpNumThreads");
+  check(ort_fn<OrtStatus* (*)(OrtSessionOptions**)>(api, ort_slot::CreateSessionOptions)(&so), "CreateSessionOptions");
+  check(ort_fn<OrtStatus* (*)(OrtSessionOptions*, int)>(api, ort_slot::SetIntraOpNumThreads)(so, 1), "SetIntraOpNumThreads");
   void* handle = nullptr;
-  check(ort_fn<OrtStatus* (*)(OrtSessionOptions*, const char*, void**)>(api, run_slot::RegisterCustomOpsLibrary)(so, argv[2], &handle),
+  check(ort_fn<OrtStatus* (*)(OrtSessionOptions*, const char*, void**)>(api, ort_slot::RegisterCustomOpsLibrary)(so, argv[2], &handle),
         "RegisterCustomOpsLibrary");
   OrtSession* session = nullptr;
-  check(ort_fn<OrtStatus* (*)(OrtEnv*, const char*, const OrtSessionOptions*, OrtSession**)>(api, run_slot::CreateSession)(
+  check(ort_fn<OrtStatus* (*)(OrtEnv*, const char*, const OrtSessionOptions*, OrtSession**)>(api, ort_slot::CreateSession)(
             env, argv[1], so, &session), "CreateSession");
   OrtMemoryInfo* mem = nullptr;
-  check(ort_fn<OrtStatus* (*)(int, int, OrtMemoryInfo**)>(api, run_slot::CreateCpuMemoryInfo)(0 /* device allocator */, 0, &mem),
+  check(ort_fn<OrtStatus* (*)(int, int, OrtMemoryInfo**)>(api, ort_slot::CreateCpuMemoryInfo)(0 /* device allocator */, 0, &mem),
         "CreateCpuMemoryInfo");
   OrtValue* input = nullptr;
   check(ort_fn<OrtStatus* (*)(const OrtMemoryInfo*, void*, size_t, const int64_t*, size_t, int, OrtValue**)>(
-            api, run_slot::CreateTensorWithDataAsOrtValue)(mem, x.data(), n * 4, shape.data(), shape.size(),
+            api, ort_slot::CreateTensorWithDataAsOrtValue)(mem, x.data(), n * 4, shape.data(), shape.size(),
                                                            ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &input), "CreateTensor");
   const char* in_names[] = {argv[3]};
   const char* out_names[] = {argv[4]};
   OrtValue* output = nullptr;
   check(ort_fn<OrtStatus* (*)(OrtSession*, const OrtRunOptions*, const char* const*, const OrtValue* const*, size_t,
-                              const char* const*, size_t, OrtValue**)>(api, run_slot::Run)(
+                              const char* const*, size_t, OrtValue**)>(api, ort_slot::Run)(
             session, nullptr, in_names, &input, 1, out_names, 1, &output), "Run");
   OrtTensorTypeAndShapeInfo* info = nullptr;
-  check(ort_fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(api, run_slot::GetTensorTypeAndShape)(output, &info),
+  check(ort_fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(api, ort_slot::GetTensorTypeAndShape)(output, &info),
         "GetTensorTypeAndShape");
   size_t out_ndim = 0;
-  check(ort_fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*)>(api, run_slot::GetDimensionsCount)(info, &out_ndim),
+  check(ort_fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*)>(api, ort_slot::GetDimensionsCount)(info, &out_ndim),
         "GetDimensionsCount");
   std::vector<int64_t> out_shape(out_ndim);
-  check(ort_fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t)>(api, run_slot::GetDimensions)(
+  check(ort_fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t)>(api, ort_slot::GetDimensions)(
             info, out_shape.data(), out_ndim), "GetDimensions");
   void* data = nullptr;
-  check(ort_fn<OrtStatus* (*)(OrtValue*, void**)>(api, run_slot::GetTensorMutableData)(output, &data), "GetTensorMutableData");
+  check(ort_fn<OrtStatus* (*)(OrtValue*, void**)>(api, ort_slot::GetTensorMutableData)(output, &data), "GetTensorMutableData");
   size_t m = 1;
   for (int64_t s : out_shape) m *= static_cast<size_t>(s);
   FILE* out = fopen(argv[6], "wb");

@@ -103,13 +103,17 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
               "baseline.")
 @click.option("--dense", "dense_from_source", is_flag=True, help="x86: --dense-model with the FP model the checkpoint "
               "was quantized from (recorded in its config.json).")
+@click.option("--dense-dtype", type=click.Choice(["fp32", "fp16", "both"]), default="both", show_default=True,
+              help="x86 TVM route: the dense baseline's stored weights (fp16 = the FP16 baseline, fp32 compute).")
+@click.option("--onnx-dense/--no-onnx-dense", default=True, show_default=True,
+              help="x86: with --dense/--dense-model, also the dense ONNX model (fp32; must stay under 2 GB).")
 @click.option("--dump-ir", "dump_ir", help="x86 ONNX: write the exported graph before and after each pass to DIR.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="x86 ONNX: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
               help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
-          dump_ir, fuse, with_tvm):
+          dense_dtype, onnx_dense, dump_ir, fuse, with_tvm):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
     from .errors import ConfigError
 
@@ -134,7 +138,9 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         from .targets.x86 import build_x86
 
         manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu, max_batch=max_batch, with_onnx=with_onnx,
-                             dense_model_dir=dense_model_dir, dump_ir=dump_ir, fuse=fuse, with_tvm=with_tvm)
+                             dense_model_dir=dense_model_dir, dump_ir=dump_ir, fuse=fuse, with_tvm=with_tvm,
+                             dense_dtypes={"fp32": ("float32",), "fp16": ("float16",),
+                                           "both": ("float32", "float16")}[dense_dtype], onnx_dense=onnx_dense)
     else:
         from .targets.arm64 import build_arm64
 
@@ -167,9 +173,9 @@ def _source_model(checkpoint_dir: str, dense_model_dir) -> str:
 @click.argument("artifact_dir")
 @click.argument("prompt")
 @click.option("--runtime", type=click.Choice(["ort", "torch", "tvm"]), default="ort", show_default=True)
-@click.option("--model", "model_kind", type=click.Choice(["aqlm", "portable", "dense"]), default="aqlm",
-              show_default=True, help="The AQLM model, the FP baseline (built with --dense-model; ort and tvm), or the "
-                                      "portable ONNX model (ort, no library).")
+@click.option("--model", "model_kind", type=click.Choice(["aqlm", "portable", "dense", "dense-fp16"]), default="aqlm",
+              show_default=True, help="The AQLM model, the FP baseline (built with --dense-model; ort and tvm; "
+                                      "dense-fp16: tvm, fp16 weights), or the portable ONNX model (ort, no library).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=float)
@@ -187,6 +193,8 @@ def generate(artifact_dir, prompt, runtime, model_kind, max_new_tokens, temperat
 
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads {threads}: expected ≥ 1")
+    if runtime != "tvm" and model_kind == "dense-fp16":
+        raise ConfigError("--model dense-fp16 is built for the TVM runtime only: use --runtime tvm")
     if runtime == "ort":
         from .runtime.ort import OrtDecoder
 
@@ -202,6 +210,7 @@ def generate(artifact_dir, prompt, runtime, model_kind, max_new_tokens, temperat
 
         if model_kind == "portable":
             raise ConfigError("--model portable is an ONNX model: use --runtime ort")
+        model_kind = model_kind.replace("-", "_")
         # an arm64 artifact on this x86 machine runs through its own runner under qemu-user (slow: a check)
         decoder = open_tvm_decoder(artifact_dir, threads=threads, kind=model_kind)
         tok_dir = Path(artifact_dir) / "weights"
@@ -231,20 +240,57 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 @main.command()
-@click.option("--kernels", is_flag=True, required=True, help="Benchmark the AQLM kernels against dense baselines.")
+@click.option("--kernels", is_flag=True, help="Benchmark the AQLM kernels against dense baselines.")
+@click.option("--report", is_flag=True, help="The scoreboard: quality, speed, busy neighbour, memory and kernels "
+              "against dense FP16 and llama.cpp, in one run (benchmarks/results/<machine>/report.{json,md} + plots).")
+@click.option("--render", "render_path", help="Redraw report.md, the plots (and --readme) from this report.json.")
+@click.option("--quick", is_flag=True, help="--report on a tiny model in a few minutes (CI); llama.cpp parts are "
+              "skipped, with the reason printed, unless its tools are built.")
+@click.option("--out", "out_dir", help="--report: output folder (default benchmarks/results/<machine>; --quick: "
+              "a folder in the cache).")
+@click.option("--build-llamacpp", is_flag=True, help="--report: build llama.cpp's tools first if needed (≈10 min).")
+@click.option("--no-quantize", is_flag=True, help="--report: use only cached checkpoints (no 18+ min quantizations).")
+@click.option("--synthetic-blocks", type=int, help="--report: blocks of the Llama-2-7B-shaped model (0: none).")
+@click.option("--sections", help="--report: comma-separated subset of quality,speed,neighbour,kernels,gpu.")
+@click.option("--readme", "readme_path", help="--report/--render: update this README's generated results block.")
 @click.option("--shapes", default="4096x4096,11008x4096,4096x11008,576x576,1536x576,576x1536", show_default=True)
 @click.option("--configs", default="2x8g8,1x16g8,8x8g32,1x8g8", show_default=True)
 @click.option("--batch", "batches", default="1,4", show_default=True)
-@click.option("--rounds", default=3, show_default=True, type=int)
+@click.option("--rounds", type=int, help="Interleaved rounds (kernels: 3, report: 2, quick: 1).")
+@click.option("--threads", type=int, help="Threads for every engine/kernel (default: all cores; the aqlm package's "
+              "kernel: 1 unless given).")
+@click.option("--bf16", is_flag=True, help="--kernels: also time torch's bf16 matmul (oneDNN).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list of records.")
 @click.option("--markdown", "markdown_path", help="Also write the records as a markdown table to this file.")
 @click.option("--json-out", "json_path", help="Also write the JSON records to this file.")
-def bench(kernels, shapes, configs, batches, rounds, as_json, markdown_path, json_path):
-    """Same-run kernel timings with ratios against torch dense fp32 (CPU) and the `aqlm` package's kernel."""
+def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections,
+          readme_path, shapes, configs, batches, rounds, threads, bf16, as_json, markdown_path, json_path):
+    """Kernel timings (--kernels) or the whole scoreboard against dense FP16 and llama.cpp (--report)."""
+    from .errors import ConfigError
+
+    if sum(map(bool, (kernels, report, render_path))) != 1:
+        raise ConfigError("bench: give exactly one of --kernels, --report, --render REPORT.json")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: expected ≥ 1")
+    if rounds is not None and rounds < 1:
+        raise ConfigError(f"--rounds {rounds}: expected ≥ 1")
+    if report:
+        _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections, readme_path, rounds,
+                      threads)
+        return
+    if render_path:
+        from pathlib import Path
+
+        from .bench.render import render_all
+
+        if not Path(render_path).is_file():
+            raise ConfigError(f"--render {render_path}: no such report.json")
+        render_all(Path(render_path), readme=Path(readme_path) if readme_path else None)
+        click.echo(f"rendered {Path(render_path).parent / 'report.md'}")
+        return
     from .bench.kernels import bench_kernels, markdown_table
     from .cache import atomic_write_bytes
     from .config import AqlmConfig
-    from .errors import ConfigError
 
     cfgs = [AqlmConfig.parse(c).name for c in configs.split(",")]
     try:
@@ -253,14 +299,50 @@ def bench(kernels, shapes, configs, batches, rounds, as_json, markdown_path, jso
         raise ConfigError(f"--batch {batches!r}: expected comma-separated token counts such as 1,4,16") from None
     if any(b < 1 for b in batch_list):
         raise ConfigError(f"--batch {batches!r}: token counts must be ≥ 1")
-    records = bench_kernels(_parse_shapes(shapes), cfgs, batch_list, rounds=rounds,
-                            log=(lambda m: click.echo(m, err=True)))
+    records = bench_kernels(_parse_shapes(shapes), cfgs, batch_list, rounds=rounds or 3,
+                            log=(lambda m: click.echo(m, err=True)), threads=threads, bf16=bf16,
+                            aqlm_package_threads=threads or 1)
     if markdown_path:
         atomic_write_bytes(markdown_path, markdown_table(records).encode())
     if json_path:
         atomic_write_bytes(json_path, (json.dumps(records, indent=1) + "\n").encode())
     if as_json:
         click.echo(json.dumps(records))
+
+
+def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections, readme_path, rounds,
+                  threads):
+    from pathlib import Path
+
+    from .bench.report import ReportOptions, report_root, run_report
+    from .errors import ConfigError
+
+    kw = {"build_llamacpp": build_llamacpp, "quantize_missing": not no_quantize}
+    if threads:
+        kw["threads"] = threads
+    if rounds:
+        kw["rounds"] = rounds
+    if synthetic_blocks is not None:
+        if synthetic_blocks < 0:
+            raise ConfigError(f"--synthetic-blocks {synthetic_blocks}: expected ≥ 0")
+        kw["synthetic_blocks"] = synthetic_blocks
+    if sections:
+        known = ("quality", "speed", "neighbour", "kernels", "gpu")
+        chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
+        bad = [s for s in chosen if s not in known]
+        if bad:
+            raise ConfigError(f"--sections {sections!r}: unknown {bad}; expected some of {', '.join(known)}")
+        kw["sections"] = chosen
+    if readme_path:
+        if quick:
+            raise ConfigError("--readme: the README shows the full report only (drop --quick)")
+        kw["readme"] = Path(readme_path)
+    if out_dir:
+        kw["out_dir"] = Path(out_dir)
+    elif quick:
+        kw["out_dir"] = report_root() / "quick"
+    opts = ReportOptions.quick_defaults(**kw) if quick else ReportOptions(**kw)
+    run_report(opts, log=lambda m: click.echo(m, err=True))
 
 
 if __name__ == "__main__":

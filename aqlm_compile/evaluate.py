@@ -42,8 +42,9 @@ def quantized_bits(model) -> dict:
 def rtn_quantize_(model, nbits: int, group_size: int = 128, layer_names: list[str] | None = None) -> dict:
     """Round-to-nearest, asymmetric min-max per group of `group_size` inputs, fp16 scale and zero, in place.
 
-    Applies to the same linears the AQLM checkpoint quantizes (`layer_names`), or every block linear.
-    Returns the bits per parameter (nbits + 32/group_size).
+    Applies to the same linears the AQLM checkpoint quantizes (`layer_names`), or every block linear. A row whose
+    length is not a multiple of `group_size` (SmolLM2's 576 inputs with groups of 128) ends in one shorter group,
+    and the bits count it: bits per parameter = nbits + 32 · groups / inputs, summed exactly over the layers.
     """
     from .models import block_linears, decoder_layers
 
@@ -52,20 +53,21 @@ def rtn_quantize_(model, nbits: int, group_size: int = 128, layer_names: list[st
         lname, layers = decoder_layers(model)
         layer_names = [f"{lname}.{i}.{n}" for i, block in enumerate(layers) for n in block_linears(block)]
     levels = (1 << nbits) - 1
-    params = 0
+    params, bits = 0, 0
     for name in layer_names:
-        linear = modules[name]
-        w = linear.weight.data
+        w = modules[name].weight.data
         out_f, in_f = w.shape
-        gs = group_size if in_f % group_size == 0 else in_f
-        groups = w.float().reshape(out_f, in_f // gs, gs)
-        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = ((hi - lo) / levels).clamp_min(1e-8).half().float()
-        zero = torch.round(-lo / scale).clamp(0, levels).half().float()
-        q = torch.clamp(torch.round(groups / scale) + zero, 0, levels)
-        w.copy_(((q - zero) * scale).reshape(out_f, in_f).to(w.dtype))
+        for start in range(0, in_f, group_size):
+            groups = w[:, start : start + group_size].float()
+            lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+            scale = ((hi - lo) / levels).clamp_min(1e-8).half().float()
+            zero = torch.round(-lo / scale).clamp(0, levels).half().float()
+            q = torch.clamp(torch.round(groups / scale) + zero, 0, levels)
+            w[:, start : start + group_size] = ((q - zero) * scale).to(w.dtype)
+            bits += out_f * (groups.shape[1] * nbits + 32)
         params += out_f * in_f
-    return {"bits_per_param": nbits + 32 / group_size, "nbits": nbits, "group_size": group_size, "params": params}
+    return {"bits_per_param": bits / params if params else float("nan"), "nbits": nbits, "group_size": group_size,
+            "params": params, "bits": bits}
 
 
 def aqlm_bits_for_shapes(config: AqlmConfig, shapes: list[tuple[int, int]]) -> float:

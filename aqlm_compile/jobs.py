@@ -135,6 +135,7 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         result["rtn_ppl"] = perplexity(rtn_model, win, bos is not None, reporter=reporter, label=f"rtn{nbits} ppl")
         timings["rtn_ppl"] = round(time.perf_counter() - t, 1)
         result["rtn_bits_per_param"] = info["bits_per_param"]
-        result["rtn"] = f"{nbits}-bit round-to-nearest, asymmetric, groups of 128, fp16 scale and zero"
+        result["rtn"] = (f"{nbits}-bit round-to-nearest, asymmetric, groups of 128 (a shorter last group where the "
+                         "inputs are not a multiple of 128, counted in the bits), fp16 scale and zero")
     result["timings"] = timings
     return result

@@ -212,14 +212,15 @@ def _untie(func, values: list, tied: dict[str, str]):
     return func.bind_params(binding), keep
 
 
-def relax_decoder_module(ckpt_dir, dense_model_dir=None, device: str = "cpu"):
+def relax_decoder_module(ckpt_dir, dense_model_dir=None, device: str = "cpu", dense_fp16: bool = False):
     """One IRModule with `prefill` (any token count) and `decode` (one token), the params (shared, in the order both
     functions take them) and the DecoderSpec. Layers are not fused here: the fused graph concatenates parameters,
     which in Relax would be redone on every call. With `dense_model_dir`: the FP model through the same compiler
-    (every linear on kernels/dense.py), the same-runtime baseline."""
+    (every linear on kernels/dense.py), the same-runtime baseline; `dense_fp16` stores that model's weights as fp16
+    and computes in fp32 (the FP16 baseline: the bytes an FP16 checkpoint streams per token)."""
     from tvm import relax
 
-    from aqlm_compile.export import export_checkpoint, export_decoder
+    from aqlm_compile.export import export_checkpoint, export_decoder, keep_dense_fp16
 
     merged, params, spec = tvm.IRModule(), None, None
     for name, tokens in FUNCTIONS:
@@ -230,6 +231,8 @@ def relax_decoder_module(ckpt_dir, dense_model_dir=None, device: str = "cpu"):
 
             fp, _ = load_fp_model(Path(dense_model_dir))
             fp.config.use_cache = True
+            if dense_fp16:
+                keep_dense_fp16(fp)
             ep, spec = export_decoder(fp, tokens)
         else:
             # dense layers stay fp16 as the checkpoint stores them (the lm_head streams half the bytes)
@@ -257,7 +260,7 @@ def _cuda_pipeline_without_fusion(target):
 
 
 def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None, dense_model_dir=None,
-                      params_name: str = "model_params.bin", compile_context=None) -> dict:
+                      params_name: str = "model_params.bin", compile_context=None, dense_fp16: bool = False) -> dict:
     """Compile the whole decoder into `dest/lib_name` (+ `dest/params_name`); returns the manifest entry.
     A CUDA `target` gets the GPU kernels and dlight's GPU rules; `compile_context` wraps `tvm.compile` (the CUDA
     target's multi-architecture nvcc callback)."""
@@ -268,7 +271,7 @@ def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None, dense_
     from tvm.s_tir import dlight as dl
 
     device = "cuda" if target.kind.name == "cuda" else "cpu"
-    mod, params, spec = relax_decoder_module(ckpt_dir, dense_model_dir, device=device)
+    mod, params, spec = relax_decoder_module(ckpt_dir, dense_model_dir, device=device, dense_fp16=dense_fp16)
     # Everything but the AQLM kernels (attention, norms, the dense lm_head, embeddings) comes out of LegalizeOps as
     # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do. On CUDA every
     # kernel must be bound to threads: dlight's GPU rules, and TVM's CUDA pipeline without its FuseOps/FuseTIR

@@ -31,7 +31,8 @@ def build(prim_func, target: tvm.target.Target):
 
 
 def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, with_onnx: bool = True,
-              dense_model_dir=None, dump_ir=None, fuse: bool = True, with_tvm: bool = True) -> dict:
+              dense_model_dir=None, dump_ir=None, fuse: bool = True, with_tvm: bool = True,
+              dense_dtypes: tuple[str, ...] = ("float32", "float16"), onnx_dense: bool = True) -> dict:
     """Compile the kernels every quantized layer needs into `kernels_x86.so`, with weights and manifest; with
     `with_onnx`, also the ONNX decoder (AqlmMatMul + portable [+ dense]) and the ORT op library that runs it."""
     if platform.machine() != "x86_64":
@@ -42,7 +43,7 @@ def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, wit
     if with_onnx:
         from .ort import LIBRARY, build_ort_library, host_runtime_libs
 
-        populate_onnx, entry, fused = onnx_step(ckpt_dir, dense_model_dir, dump_ir, fuse)
+        populate_onnx, entry, fused = onnx_step(ckpt_dir, dense_model_dir if onnx_dense else None, dump_ir, fuse)
         entry["op_library"] = LIBRARY
         steps = [populate_onnx, lambda tmp: build_ort_library(tmp, "kernels_x86.so", host_runtime_libs())]
         extra["onnx"] = entry
@@ -51,10 +52,15 @@ def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, wit
 
         def relax_step(tmp):
             extra["tvm"].update(build_relax_model(ckpt_dir, tmp, target, "model_x86.so"))
-            if dense_model_dir is not None:
+            if dense_model_dir is not None and "float32" in dense_dtypes:
                 extra["tvm"]["dense"] = build_relax_model(ckpt_dir, tmp, target, "model_dense_x86.so",
                                                           dense_model_dir=dense_model_dir,
                                                           params_name="model_dense_params.bin")
+            if dense_model_dir is not None and "float16" in dense_dtypes:
+                extra["tvm"]["dense_fp16"] = build_relax_model(ckpt_dir, tmp, target, "model_dense16_x86.so",
+                                                               dense_model_dir=dense_model_dir,
+                                                               params_name="model_dense16_params.bin",
+                                                               dense_fp16=True)
 
         steps.append(relax_step)
         extra["tvm"] = {}  # filled by relax_step before the manifest is written

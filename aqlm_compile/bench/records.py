@@ -1,0 +1,91 @@
+"""Which script writes which result file under benchmarks/results/, and the fields it writes.
+
+Every figure in the repository comes from a script; a field that no script writes (a hand-typed number) is refused:
+`report.py` checks its record against these sets before writing, and tests/bench/test_records.py checks every
+committed result file against them. Adding a field to a writer means adding it here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+MACHINE = {"cpu", "arch", "cores", "memory_bytes", "simd_flags", "os", "python", "memory_bandwidth_gbs"}
+QUALITY_ROW = {"family", "name", "config", "preset", "nbits", "group_size", "qtype", "ppl", "params", "linear_params",
+               "file_bytes", "bytes_kind", "bits_per_param_linears", "bits_per_param_all", "types_written", "imatrix",
+               "eval_s", "quantize_wall_s", "quantize_peak_rss_bytes"}
+SPEED_ROW = {"model", "engine", "family", "runtime", "kind", "weights", "file_bytes", "gguf", "threads", "condition",
+             "decode_tokens", "prompt_lengths", "rounds", "error", "decode_tokens_per_s", "prefill_tokens_per_s",
+             "peak_rss_bytes", "scaled_to_blocks", "scaled_decode_tokens_per_s", "scaled_prefill_tokens_per_s",
+             "scaling"}
+SPEED_ROUND = {"decode_tokens_per_s", "prefill_tokens_per_s", "peak_rss_bytes", "load_s"}
+SUBJECT = {"tag", "label", "blocks", "scale_to_blocks", "artifact_build", "gguf_imatrix", "notes"}
+KERNEL_RECORD = {"config", "out_features", "in_features", "batch", "target", "kernel", "code_layout", "ms", "ms_cold",
+                 "baseline", "baseline_ms", "baseline_ms_cold", "speedup", "bandwidth_bound_ms",
+                 "measured_bandwidth_gbs", "cold_vs_bound", "alternatives_ms", "aqlm_package_ms",
+                 "aqlm_package_rel_diff", "aqlm_package_threads", "threads", "speedup_vs_aqlm_package", "bf16_ms",
+                 "speedup_vs_bf16"}
+REPORT = {"schema_version", "quick", "threads", "rounds", "skipped", "notes", "machine", "quality", "speed",
+          "kernels", "gpu", "wall_s", "command", "date"}
+
+# file pattern (relative to benchmarks/results) → (writer, top-level keys or None for a list, keys of each record)
+WRITERS = {
+    "*/report.json": ("aqlm-compile bench --report (aqlm_compile/bench/report.py)", REPORT, None),
+    "*/gpu.json": ("bash benchmarks/gpu.sh (aqlm_compile/bench/gpu.py)", None, None),  # checked by its own test
+    "kernels-x86*.json": ("aqlm-compile bench --kernels --json-out", None, KERNEL_RECORD),
+    "ort-op-x86.json": ("benchmarks/ort_op.py", None,
+                        {"config", "out_features", "in_features", "batch", "target", "ms", "baseline", "baseline_ms",
+                         "speedup", "rel_err", "threads", "timing_process", "portable_ms"}),
+    "ort-memory-x86.json": ("benchmarks/ort_memory.py", None,
+                            {"model", "session_init_s", "rss_after_init_mb", "rss_after_prefill_mb", "peak_rss_mb",
+                             "file_mb"}),
+    "generate-x86.json": ("benchmarks/generate_speed.py",
+                          {"prompt", "new_tokens", "machine", "artifact", "compare", "tokens_per_s",
+                           "all_tokens_per_s", "same_tokens_as_ort_aqlm", "aqlm_vs_dense", "tvm_aqlm_vs_tvm_dense"},
+                          None),
+    "smollm2-*.json": ("benchmarks/quantize_smollm2.sh",
+                       {"model", "config", "preset", "machine", "quantize_seconds", "quantize_phases_seconds", "eval",
+                        "quantize_wall_s", "quantize_peak_rss_bytes"}, None),
+}
+
+
+def writer_of(rel_path: str):
+    for pattern, spec in WRITERS.items():
+        if fnmatch.fnmatch(rel_path, pattern):
+            return spec
+    return None
+
+
+def unknown_fields(data, top: set | None, record: set | None) -> list[str]:
+    """Field paths in `data` that its writer does not write."""
+    bad = []
+    if isinstance(data, list):
+        for i, r in enumerate(data):
+            bad += [f"[{i}].{k}" for k in r if record is not None and k not in record]
+        return bad
+    if top is not None:
+        bad += [k for k in data if k not in top]
+    if top is REPORT:
+        bad += [f"machine.{k}" for k in data.get("machine", {}) if k not in MACHINE]
+        for i, r in enumerate(data.get("quality", {}).get("rows", [])):
+            bad += [f"quality.rows[{i}].{k}" for k in r if k not in QUALITY_ROW]
+        speed = data.get("speed", {})
+        for i, r in enumerate(speed.get("rows", [])):
+            bad += [f"speed.rows[{i}].{k}" for k in r if k not in SPEED_ROW]
+            for j, rnd in enumerate(r.get("rounds", [])):
+                bad += [f"speed.rows[{i}].rounds[{j}].{k}" for k in rnd if k not in SPEED_ROUND]
+        for i, s in enumerate(speed.get("subjects", [])):
+            bad += [f"speed.subjects[{i}].{k}" for k in s if k not in SUBJECT]
+        for i, r in enumerate(data.get("kernels", {}).get("records", [])):
+            bad += [f"kernels.records[{i}].{k}" for k in r if k not in KERNEL_RECORD]
+    return bad
+
+
+def check_report(data: dict) -> None:
+    bad = unknown_fields(data, REPORT, None)
+    if bad:
+        raise ValueError(f"report.json: fields no schema declares (aqlm_compile/bench/records.py): {bad[:5]}")
+
+
+def results_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "results"

@@ -4,6 +4,7 @@ whose wall time and peak RSS are recorded beside it (`<checkpoint>.run.json`), r
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,10 +40,14 @@ def ensure_checkpoint(model_dir: Path, model_tag: str, config: str, preset: str,
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     log_path = ckpt.with_name(ckpt.name + ".log")
     log(f"quantizing {model_tag} {config} --preset {preset} (log: {log_path}) ...")
+    load_before = os.getloadavg()[0]
     res = run_measured(cmd, log_path=log_path)
     if res.returncode != 0:
         raise RuntimeError(f"quantize {config} {preset} failed (exit {res.returncode}); see {log_path}: "
                            f"{res.stderr_tail.strip().splitlines()[-1] if res.stderr_tail.strip() else ''}")
-    record = {"command": " ".join(cmd[1:]), "wall_s": round(res.wall_s, 1), "peak_rss_bytes": res.peak_rss_bytes}
+    # CPU seconds and the load average say whether the wall time was measured on an otherwise idle machine
+    record = {"command": " ".join(cmd[1:]), "wall_s": round(res.wall_s, 1), "cpu_s": round(res.cpu_s, 1),
+              "peak_rss_bytes": res.peak_rss_bytes, "loadavg_1min_before": load_before,
+              "loadavg_1min_after": os.getloadavg()[0], "cores": os.cpu_count()}
     atomic_write_bytes(ckpt.with_name(ckpt.name + ".run.json"), json.dumps(record, indent=1).encode())
     return ckpt

@@ -21,6 +21,7 @@ class ChildResult:
     returncode: int
     wall_s: float
     peak_rss_bytes: int
+    cpu_s: float  # user + system CPU seconds of the child (its own: unlike ru_maxrss, times restart at exec)
     stdout: str
     stderr_tail: str
 
@@ -67,7 +68,7 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None 
             tail = err_file.read().decode(errors="replace")[-2000:]
         else:
             tail = Path(log_path).read_bytes()[-2000:].decode(errors="replace")
-        return ChildResult(proc.returncode, wall, hwm, stdout, tail)
+        return ChildResult(proc.returncode, wall, hwm, usage.ru_utime + usage.ru_stime, stdout, tail)
     finally:
         out_file.close()
         err_file.close()

@@ -88,6 +88,8 @@ def aqlm_row(windows: Windows, ckpt: Path, preset: str, run: dict | None) -> dic
            "bits_per_param_all": size * 8 / total, "eval_s": round(time.perf_counter() - t, 1)}
     if run:
         row.update({"quantize_wall_s": run["wall_s"], "quantize_peak_rss_bytes": run["peak_rss_bytes"]})
+        if "cpu_s" in run:
+            row.update({"quantize_cpu_s": run["cpu_s"], "quantize_loadavg_after": run["loadavg_1min_after"]})
     del model
     gc.collect()
     return row

@@ -106,7 +106,10 @@ def quality_table(data: dict) -> str:
         if r.get("types_written"):
             note = "wrote " + ", ".join(f"{k}×{v}" for k, v in sorted(r["types_written"].items(), key=lambda kv: -kv[1]))
         if r.get("quantize_wall_s"):
-            note += f"quantized in {r['quantize_wall_s'] / 60:.1f} min, peak RSS {r['quantize_peak_rss_bytes'] / 1e9:.1f} GB"
+            note += f"quantized in {r['quantize_wall_s'] / 60:.1f} min"
+            if r.get("quantize_cpu_s"):
+                note += f" ({r['quantize_cpu_s'] / 60:.0f} CPU-min; load average {r['quantize_loadavg_after']:.1f} at the end)"
+            note += f", peak RSS {r['quantize_peak_rss_bytes'] / 1e9:.1f} GB"
         ratio = f"{r['ppl'] / fp:.2f}" if fp else "–"
         lines.append(f"| {r['name']} | {_mb(r['file_bytes'])} | {r['bytes_kind']} | {r['bits_per_param_linears']:.3f} | "
                      f"{r['bits_per_param_all']:.3f} | {_f(r['ppl'], 2)} | {ratio} | {note} |")
@@ -189,6 +192,8 @@ def render_markdown(data: dict) -> str:
             parts += [f"## {title}", "", body]
     if data.get("gpu"):
         parts += ["## GPU", "", f"From {', '.join(data['gpu']['source'])} (`bash benchmarks/gpu.sh`).", ""]
+    if data.get("notes"):
+        parts += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     if data.get("skipped"):
         parts += ["## Not measured in this run", ""] + [f"- {k}: {v}" for k, v in data["skipped"].items()] + [""]
     parts += ["Plots: `quality_vs_bytes.png`, `speed_decode.png`, `speed_prefill.png`, `kernels_vs_batch.png`."]

@@ -57,6 +57,7 @@ class ReportOptions:
     seqlen: int = 512
     sections: tuple[str, ...] = ("quality", "speed", "neighbour", "kernels", "gpu")
     readme: Path | None = None                    # README to update (full report only)
+    notes: tuple[str, ...] = ()                   # context a person gives the run (--note), kept in report.json
 
     @classmethod
     def quick_defaults(cls, **kw) -> "ReportOptions":
@@ -92,7 +93,7 @@ class Report:
     def __init__(self, opts: ReportOptions, log=print):
         self.opts, self.log = opts, log
         self.data: dict = {"schema_version": SCHEMA_VERSION, "quick": opts.quick, "threads": opts.threads,
-                           "rounds": opts.rounds, "skipped": {}, "notes": []}
+                           "rounds": opts.rounds, "skipped": {}, "notes": list(opts.notes)}
         self.tools = None
 
     # ---------------------------------------------------------------- preparation (cached)
@@ -407,7 +408,11 @@ class Report:
         if "kernels" in o.sections:
             self.kernels()
         self.data["wall_s"] = round(time.perf_counter() - t0, 1)
-        self.data["command"] = "aqlm-compile bench --report" + (" --quick" if o.quick else "")
+        import shlex
+
+        argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("aqlm-compile", "cli.py")) else None
+        self.data["command"] = ("aqlm-compile " + shlex.join(argv) if argv and argv[0] == "bench" else
+                                "aqlm-compile bench --report" + (" --quick" if o.quick else ""))
         self.data["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         return self.data
 

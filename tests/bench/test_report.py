@@ -107,3 +107,17 @@ def test_render_updates_the_readme_block_only(quick_report, tmp_path):
 def test_bench_report_rejects_bad_input(args, message):
     r = CliRunner().invoke(main, ["bench", *args])
     assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_busy_neighbour_is_low_priority_and_stopped():
+    import os
+
+    from aqlm_compile.bench.proc import autogroup_nice, busy_neighbour
+
+    with busy_neighbour() as pid:
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+        # under autogroup scheduling a loop in its own session is low priority only if its group is
+        if autogroup_nice(pid) is not None:
+            assert autogroup_nice(pid) == 19
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

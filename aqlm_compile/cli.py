@@ -286,6 +286,7 @@ def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quant
 
         if not Path(render_path).is_file():
             raise ConfigError(f"--render {render_path}: no such report.json")
+        _check_readme(readme_path)
         render_all(Path(render_path), readme=Path(readme_path) if readme_path else None)
         click.echo(f"rendered {Path(render_path).parent / 'report.md'}")
         return
@@ -309,6 +310,22 @@ def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quant
         atomic_write_bytes(json_path, (json.dumps(records, indent=1) + "\n").encode())
     if as_json:
         click.echo(json.dumps(records))
+
+
+def _check_readme(readme_path) -> None:
+    """Before measuring for an hour: the README exists and has the generated block's markers."""
+    from pathlib import Path
+
+    from .bench.render import README_BEGIN, README_END
+    from .errors import ConfigError
+
+    if readme_path is None:
+        return
+    path = Path(readme_path)
+    text = path.read_text() if path.is_file() else None
+    if text is None or README_BEGIN not in text or README_END not in text:
+        raise ConfigError(f"--readme {readme_path}: expected a README with the lines {README_BEGIN[:22]}… and "
+                          f"{README_END} around the generated results")
 
 
 def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections, readme_path, rounds,
@@ -337,6 +354,7 @@ def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks,
     if readme_path:
         if quick:
             raise ConfigError("--readme: the README shows the full report only (drop --quick)")
+        _check_readme(readme_path)
         kw["readme"] = Path(readme_path)
     if out_dir:
         kw["out_dir"] = Path(out_dir)

@@ -129,7 +129,8 @@ def speed_tables(data: dict) -> str:
         head = ["engine", "weights", "file", "threads", "decode tok/s"] + [f"prefill {n} tok/s" for n in lengths] + \
             ["peak RSS", "decode, busy neighbour (change)"]
         if scaled:
-            head += [f"decode tok/s at {scaled} blocks (est.)", f"prefill {lengths[-1]} at {scaled} blocks (est.)"]
+            head += [f"decode tok/s at {scaled} blocks (est.)"] + \
+                ([f"prefill {lengths[-1]} at {scaled} blocks (est.)"] if lengths else [])
         out.append(f"**{s['label']}**" + (f" — built in {s['artifact_build']['wall_s'] / 60:.1f} min" if
                                           s.get("artifact_build") else ""))
         out.append("")
@@ -150,8 +151,8 @@ def speed_tables(data: dict) -> str:
                 [_f(r.get("prefill_tokens_per_s", {}).get(str(n))) for n in lengths] + \
                 [_mb(r.get("peak_rss_bytes")), busy_txt]
             if scaled:
-                cells += [_f(r.get("scaled_decode_tokens_per_s")),
-                          _f(r.get("scaled_prefill_tokens_per_s", {}).get(str(lengths[-1])))]
+                cells += [_f(r.get("scaled_decode_tokens_per_s"))] + \
+                    ([_f(r.get("scaled_prefill_tokens_per_s", {}).get(str(lengths[-1])))] if lengths else [])
             out.append("| " + " | ".join(cells) + " |")
         for n in s.get("notes", []):
             out.append(f"\n_{n}_")

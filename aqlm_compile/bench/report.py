@@ -289,17 +289,20 @@ class Report:
         return {"decode_tokens_per_s": r["decode_tokens_per_s"], "prefill_tokens_per_s": r["prefill_tokens_per_s"],
                 "peak_rss_bytes": max(res.peak_rss_bytes, r.get("peak_rss_bytes", 0)), "load_s": r["load_s"]}
 
-    def speed(self, subjects: list[Subject], neighbour: bool) -> None:
-        """Every engine × thread count, rounds interleaved; then (neighbour) decode with a busy neighbour."""
-        thread_counts = sorted({self.opts.threads, 1}, reverse=True)
+    def speed(self, subjects: list[Subject], neighbour: bool, full: bool = True) -> None:
+        """Every engine × thread count, rounds interleaved; then (neighbour) decode with a busy neighbour.
+        `full` False (`--sections neighbour` alone): only the idle and busy decode at all cores, interleaved."""
+        thread_counts = sorted({self.opts.threads, 1}, reverse=True) if full else [self.opts.threads]
+        prompts = self.opts.prompts if full else ()
         plans = []
         for s in subjects:
             gen = self.opts.gen if not s.scale_to_blocks else max(16, self.opts.gen // 2)
             for e in self.engines(s):
                 for t in thread_counts:
-                    plans.append((s, e, t, "idle", self.opts.prompts, gen))
+                    plans.append((s, e, t, "idle", prompts, gen))
                 if neighbour:
-                    plans.append((s, e, self.opts.threads, "busy neighbour (nice 19 loop)", (), gen))
+                    plans.append((s, e, self.opts.threads, "busy neighbour (nice 19 loop, low-priority group)", (),
+                                  gen))
         runs: dict[int, list] = {i: [] for i in range(len(plans))}
         errors: dict[int, str] = {}
         for rnd in range(self.opts.rounds):
@@ -404,7 +407,7 @@ class Report:
             subjects.append(syn)
         if "speed" in o.sections or "neighbour" in o.sections:
             subjects = [s for s in subjects if s.artifact is not None]
-            self.speed(subjects, neighbour="neighbour" in o.sections)
+            self.speed(subjects, neighbour="neighbour" in o.sections, full="speed" in o.sections)
         if "kernels" in o.sections:
             self.kernels()
         self.data["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -103,7 +103,8 @@ def test_render_updates_the_readme_block_only(quick_report, tmp_path):
 @pytest.mark.parametrize("args,message", [(["--report", "--kernels"], "exactly one"),
                                           (["--report", "--sections", "speed,typo"], "unknown ['typo']"),
                                           (["--report", "--quick", "--readme", "README.md"], "full report only"),
-                                          (["--render", "/nonexistent/report.json"], "no such report.json")])
+                                          (["--render", "/nonexistent/report.json"], "no such report.json"),
+                                          (["--report", "--readme", "/nonexistent/README.md"], "generated results")])
 def test_bench_report_rejects_bad_input(args, message):
     r = CliRunner().invoke(main, ["bench", *args])
     assert r.exit_code == 2 and message in r.output, r.output

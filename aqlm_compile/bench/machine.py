@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import time
 
 SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi",
               "avx512_fp16", "amx_tile", "asimd", "sve", "i8mm", "bf16")
@@ -25,20 +24,6 @@ def _cpuinfo() -> dict:
     return info
 
 
-def memory_bandwidth_gbs() -> float:
-    """Copy bandwidth (read + write bytes / s) of a 256 MB array, best of three."""
-    import numpy as np
-
-    src = np.ones(64 << 20, dtype=np.float32)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.nbytes / best / 1e9
-
-
 def machine_info(measure_bandwidth: bool = True) -> dict:
     info = _cpuinfo()
     flags = set((info.get("flags") or info.get("Features") or "").split())
@@ -52,7 +37,9 @@ def machine_info(measure_bandwidth: bool = True) -> dict:
               "simd_flags": sorted(f for f in SIMD_FLAGS if f in flags), "os": platform.platform(),
               "python": platform.python_version()}
     if measure_bandwidth:
-        record["memory_bandwidth_gbs"] = round(memory_bandwidth_gbs(), 2)
+        from .kernels import measure_bandwidth_gbs  # the same 256 MB copy the kernel table's bound uses
+
+        record["memory_bandwidth_gbs"] = round(measure_bandwidth_gbs(), 2)
     return record
 
 

@@ -89,9 +89,23 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
         click.echo("bits/param counts the quantized linears: codes + fp16 codebooks + fp16 scales")
 
 
+def _target_names() -> list[str]:
+    from .targets.registry import target_names
+
+    return target_names()
+
+
+def _targets_taking(what: str) -> str:
+    from .targets.registry import targets_with
+
+    names = targets_with(lambda t: what in t.options) if what != "dense" else targets_with(lambda t: t.dense_baseline)
+    return "/".join(names) or "no target"
+
+
 @main.command()
 @click.argument("checkpoint_dir")
-@click.option("--target", type=click.Choice(["x86", "arm64", "cuda"]), required=True)
+@click.option("--target", type=click.Choice(_target_names()), required=True,
+              help="A registered target (targets/registry.py).")
 @click.option("-o", "--output", "out_dir", help="Artifact folder (default: CHECKPOINT_DIR-<target>).")
 @click.option("--cpu", help="An LLVM CPU name; x86 also avx2 / avx512 (default: this machine's CPU; arm64: neoverse-n1).")
 @click.option("--arch", "archs", help="cuda: comma-separated SM architectures (default sm_80,sm_86,sm_89,sm_90; "
@@ -107,47 +121,37 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
               help="x86 TVM route: the dense baseline's stored weights (fp16 = the FP16 baseline, fp32 compute).")
 @click.option("--onnx-dense/--no-onnx-dense", default=True, show_default=True,
               help="x86: with --dense/--dense-model, also the dense ONNX model (fp32; must stay under 2 GB).")
-@click.option("--dump-ir", "dump_ir", help="x86 ONNX: write the exported graph before and after each pass to DIR.")
+@click.option("--dump-ir", "dump_ir", help="ONNX route: write the exported graph before and after each pass to DIR.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
-              help="x86 ONNX: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
+              help="ONNX route: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
               help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
           dense_dtype, onnx_dense, dump_ir, fuse, with_tvm):
-    """Compile every quantized layer of a checkpoint into a deployable artifact folder."""
+    """Compile every quantized layer of a checkpoint into a deployable artifact folder (targets/plan.py)."""
     from .errors import ConfigError
+    from .targets.plan import build as build_plan
+    from .targets.registry import BuildOptions, get_target
 
-    out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
+    spec = get_target(target)
     if dense_from_source:
         dense_model_dir = _source_model(checkpoint_dir, dense_model_dir)
-    if dense_model_dir and target != "x86":
-        raise ConfigError(f"--dense/--dense-model is for --target x86 (got --target {target})")
-    if archs and target != "cuda":
-        raise ConfigError(f"--arch is for --target cuda (got --target {target}; use --cpu)")
-    if cpu and target == "cuda":
-        raise ConfigError("--cpu is for --target x86/arm64 (use --arch with cuda)")
-    if target == "cuda":
-        from .targets.cuda import ARCHS, build_cuda
-
-        arch_list = tuple(a.strip() for a in archs.split(",")) if archs else ARCHS
-        manifest = build_cuda(checkpoint_dir, out_dir, archs=arch_list, max_batch=max_batch, with_tvm=with_tvm)
-        click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
-                   f"({', '.join(arch_list)} + PTX; checked from the built file)")
-        return
-    if target == "x86":
-        from .targets.x86 import build_x86
-
-        manifest = build_x86(checkpoint_dir, out_dir, cpu=cpu, max_batch=max_batch, with_onnx=with_onnx,
-                             dense_model_dir=dense_model_dir, dump_ir=dump_ir, fuse=fuse, with_tvm=with_tvm,
-                             dense_dtypes={"fp32": ("float32",), "fp16": ("float16",),
-                                           "both": ("float32", "float16")}[dense_dtype], onnx_dense=onnx_dense)
-    else:
-        from .targets.arm64 import build_arm64
-
-        manifest = build_arm64(checkpoint_dir, out_dir, max_batch=max_batch, with_onnx=with_onnx, dump_ir=dump_ir,
-                               fuse=fuse, with_tvm=with_tvm, **({"cpu": cpu} if cpu else {}))
-    click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers "
-               f"({manifest['target_spec']['mcpu']})")
+    # options a target does not read are refused, not ignored (the registry says which target reads which)
+    if dense_model_dir and not spec.dense_baseline:
+        raise ConfigError(f"--dense/--dense-model is for --target {_targets_taking('dense')} (got --target {target})")
+    if archs and "archs" not in spec.options:
+        raise ConfigError(f"--arch is for --target {_targets_taking('archs')} (got --target {target}; use --cpu)")
+    if cpu and "cpu" not in spec.options:
+        raise ConfigError(f"--cpu is for --target {_targets_taking('cpu')} (use --arch with {target})")
+    options = BuildOptions(
+        cpu=cpu, archs=tuple(a.strip() for a in archs.split(",")) if archs else None, max_batch=max_batch,
+        onnx=with_onnx, tvm=with_tvm, fuse=fuse, dump_ir=dump_ir, dense_model_dir=dense_model_dir,
+        dense_dtypes={"fp32": ("float32",), "fp16": ("float16",), "both": ("float32", "float16")}[dense_dtype],
+        onnx_dense=onnx_dense)
+    out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
+    manifest = build_plan(checkpoint_dir, spec, options, out_dir)
+    where = manifest["target_spec"].get("mcpu") or f"{manifest['arch'].replace('+', ', ')} + PTX; checked from the built file"
+    click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers ({where})")
 
 
 def _source_model(checkpoint_dir: str, dense_model_dir) -> str:

@@ -67,6 +67,22 @@ class AqlmConfig:
     def bits_per_param(self, out_features: int, in_features: int) -> float:
         return self.layer_bits(out_features, in_features) / (out_features * in_features)
 
+    @classmethod
+    def from_shapes(cls, codes_shape, codebooks_shape) -> "AqlmConfig":
+        """The config a layer's tensors describe — the one place that reads it from shapes (the graph passes, the ONNX
+        and Relax routes and the kernel requests all call this): codes [out, in/g, M], codebooks [P·M, 2^B, 1, g]
+        (P > 1 for a fused layer, see passes/fuse_shared_input.py)."""
+        if len(codes_shape) != 3 or len(codebooks_shape) != 4:
+            raise ConfigError(f"codes {list(codes_shape)} / codebooks {list(codebooks_shape)}: expected codes "
+                              "[out, in/g, M] and codebooks [M, 2^B, 1, g]")
+        pm, k, _, g = (int(v) for v in codebooks_shape)
+        m = int(codes_shape[2])
+        if m < 1 or pm % m:
+            raise ConfigError(f"codes {list(codes_shape)} and codebooks {list(codebooks_shape)} disagree on M")
+        if k < 2 or k & (k - 1):
+            raise ConfigError(f"codebooks {list(codebooks_shape)}: codebook size {k} is not a power of two")
+        return cls(num_codebooks=m, nbits_per_codebook=k.bit_length() - 1, in_group_size=g)
+
     def to_hf(self, not_quantized: list[str]) -> dict:
         return {
             "quant_method": "aqlm",

@@ -1,102 +1,43 @@
-"""Checkpoint → `torch.export` program of the whole decoder with an explicit KV cache, then the pass pipeline.
+"""A loaded checkpoint → `torch.export` program of the whole decoder with an explicit KV cache (core: no passes).
 
-One function serves prefill and decode (relax facts §2): inputs `input_ids [1, S]`, `attention_mask [1, P+S]` and
-every layer's past keys and values `[1, H_kv, P, D]` (P = 0 for prefill); outputs the last position's logits
+One function serves prefill and decode (docs/tvm-and-ort-notes.md N13): inputs `input_ids [1, S]`,
+`attention_mask [1, P+S]` and every layer's past keys and values `[1, H_kv, P, D]` (P = 0 for prefill); outputs the last position's logits
 `[1, V]` and every layer's updated keys and values `[1, H_kv, P+S, D]`. S and P are dynamic. Batch is 1.
-The attention mask is passed explicitly so transformers never traces its packed-sequence detection (facts §1).
-Each `AqlmLinear` is traced as `aqlm.dequantize` + `aten.linear`; `passes.lower_aqlm_linear` then turns each into
-one `aqlm.aqlm_gemm` node.
+The attention mask is passed explicitly so transformers never traces its packed-sequence detection
+(N12; aqlm_compile/decoder.py). Each `AqlmLinear` is traced as `aqlm.dequantize` + `aten.linear` (the op dialect,
+aqlm_compile/ops.py); the build plan (targets/plan.py) then runs the pass pipeline, whose `lower_aqlm_linear`
+turns each into one `aqlm.aqlm_gemm` node.
 """
 
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from . import format as fmt
+from .decoder import DecoderSpec, DecoderWithCache, decoder_spec  # noqa: F401  (re-exported)
 from .nn import AqlmLinear
+from .ops import export_forward
 
 
-@dataclass(frozen=True)
-class DecoderSpec:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
-
-    def kv_names(self) -> list[str]:
-        return [f"past_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
-
-    def present_names(self) -> list[str]:
-        return [f"present_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
-
-    def to_json(self) -> dict:
-        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "vocab_size": self.vocab_size, "bos_token_id": self.bos_token_id,
-                "eos_token_ids": list(self.eos_token_ids)}
-
-
-def decoder_spec(model) -> DecoderSpec:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, (list, tuple)) else [cfg.eos_token_id]
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and gen.eos_token_id is not None:
-        eos = list(eos) + list(gen.eos_token_id if isinstance(gen.eos_token_id, (list, tuple)) else [gen.eos_token_id])
-    return DecoderSpec(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), head_dim,
-                       cfg.vocab_size, cfg.bos_token_id, tuple(sorted({int(e) for e in eos if e is not None})))
-
-
-class DecoderWithCache(torch.nn.Module):
-    """(input_ids, attention_mask, *past) -> (last logits, *present); see the module docstring."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.spec = decoder_spec(model)
-
-    def forward(self, input_ids, attention_mask, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        for t in past[1:]:  # one past length for every layer: the exporter (and Relax) then use one symbol for it
-            torch._check(t.shape[2] == past[0].shape[2])
-        for i, layer in enumerate(cache.layers):
-            k, v = past[2 * i], past[2 * i + 1]
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
-        # The last position by a non-negative index: negative slices of a symbolic dimension came out of the Relax
-        # importer as garbage (NaN logits), and logits_to_keep=1 slices [-1:].
-        if getattr(self.model.config, "final_logit_softcapping", None):
-            raise NotImplementedError("final_logit_softcapping (Gemma 2) is not exported yet")
-        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                                  use_cache=True)
-        last = hidden.last_hidden_state.narrow(1, input_ids.shape[1] - 1, 1)
-        logits = self.model.lm_head(last)[:, 0, :]
-        out = hidden
-        present = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
-        return (logits, *present)
-
-
-def load_for_export(ckpt_dir, dtype=torch.float32, dense_fp16: bool = False):
-    """The checkpoint's model with each AqlmLinear traced as dequantize + linear, codebooks/scales in fp16 (their
-    checkpoint dtype: what the kernels take). `dense_fp16`: see `keep_dense_fp16`."""
-    from aqlm_compile.passes.op import export_forward
-
-    model, aqlm_config, _ = fmt.load(ckpt_dir, dtype=dtype)
+def prepare_for_export(model):
+    """`model` (a loaded checkpoint) made ready to trace, in place: each AqlmLinear traced as dequantize + linear,
+    codebooks/scales in fp16 (their checkpoint dtype: what the kernels take); the KV cache on."""
     model.config.use_cache = True
     for module in model.modules():
         if isinstance(module, AqlmLinear):
             module.codebooks.data = module.codebooks.data.half()
             module.scales.data = module.scales.data.half()
             module.forward = types.MethodType(export_forward, module)
+    return model
+
+
+def load_for_export(ckpt_dir, dtype=torch.float32, dense_fp16: bool = False):
+    """`fmt.load` + `prepare_for_export` (+ `keep_dense_fp16` with `dense_fp16`): (model, AqlmConfig). The build
+    plan loads once and calls `prepare_for_export` itself; this is for tests and tools."""
+    model, aqlm_config, _ = fmt.load(ckpt_dir, dtype=dtype)
+    prepare_for_export(model)
     if dense_fp16:
         keep_dense_fp16(model)
     return model, aqlm_config
@@ -144,14 +85,3 @@ def export_decoder(model, tokens: int | None = None):
     with torch.no_grad():
         ep = torch.export.export(wrapper, example_inputs(spec, seq=tokens or 3), dynamic_shapes=dynamic, strict=False)
     return ep, spec
-
-
-def export_checkpoint(ckpt_dir, dump_ir: str | Path | None = None, supports=None, fuse: bool = True,
-                      tokens: int | None = None, dense_fp16: bool = False):
-    """Checkpoint → lowered ExportedProgram (+ the pipeline's report and the DecoderSpec)."""
-    from aqlm_compile.passes.pipeline import run_pipeline
-
-    model, aqlm_config = load_for_export(ckpt_dir, dense_fp16=dense_fp16)
-    ep, spec = export_decoder(model, tokens)
-    report = run_pipeline(ep, dump_ir=dump_ir, supports=supports, name_prefix="model.", fuse=fuse)
-    return ep, spec, report

@@ -50,7 +50,7 @@ def save(out_dir: str | Path, model, aqlm_config: AqlmConfig, source_dir: str | 
             continue
         tensor = tensor.detach()
         state[name] = tensor.contiguous() if not tensor.is_floating_point() else tensor.to(STORAGE_DTYPE).contiguous()
-    # Module names, and the .weight spelling older transformers releases compare against (aqlm-package-facts).
+    # Module names plus the .weight spelling older transformers releases compare against (docs/tvm-and-ort-notes.md N15)
     not_quantized = []
     for name in unquantized_linear_names(model):
         not_quantized += [name, f"{name}.weight"]

@@ -1,6 +1,6 @@
 """Resident memory of each ONNX model of an artifact in ONNX Runtime: after session creation and after one prefill.
 Each model is measured in a fresh process (RSS is per process). Checks that the portable model stays compressed:
-ORT's constant folding would otherwise materialise dense weights at session creation (facts doc B.1).
+ORT's constant folding would otherwise materialise dense weights at session creation (docs/tvm-and-ort-notes.md N9).
 
     .venv/bin/python benchmarks/ort_memory.py ARTIFACT
 Writes benchmarks/results/ort-memory-x86.{json,md}.

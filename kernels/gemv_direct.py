@@ -1,10 +1,11 @@
 """Direct-decode AQLM GEMV for CPUs (decode, batch 1–8): y[n, o] = scale[o] · Σ_j Σ_t (Σ_m C_m[code[o,j,m], t]) · x[n, j·g+t] (+ bias).
 
 Schedule: output rows are split into blocks of R rows handed to the thread pool (`T.parallel`); inside a block,
-U input groups × R rows of g-wide accumulators are kept live (independent FMA chains, gotcha G9 of the facts
-doc: one chain per row is latency-bound), each group's weights are decoded once into registers (the sum of the
+U input groups × R rows of g-wide accumulators are kept live (independent FMA chains: one chain per row is
+latency-bound, docs/tvm-and-ort-notes.md N7), each group's weights are decoded once into registers (the sum of the
 M codewords, fp16→fp32) and reused for every token of the batch. Codes are read as their storage type and masked
-to B bits, so signed int8/int16 storage (and 16-bit patterns in int16) decode correctly (G10).
+to B bits, so signed int8/int16 storage (and 16-bit patterns in int16) decode correctly (docs/tvm-and-ort-notes.md
+N8).
 """
 
 from __future__ import annotations

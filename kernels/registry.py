@@ -1,10 +1,22 @@
-"""Pick a kernel for (config, target, batch), recording why. The rules come from measurements on Zen 4
-(benchmarks/results/kernels-x86.md); where two kernels exist the faster one per config is kept."""
+"""The kernel table: every AQLM kernel as a spec — name, target kinds, an `applies(shape)` rule that returns the
+reason it does not apply (or None), a builder and the codes layout it reads — in order of preference.
+
+`select_kernel` walks the table and takes the first spec that applies; every caller (the kernel library of an
+artifact, the ORT op library's symbols, the Relax route's decode and prefill functions, the kernel benchmark) goes
+through it, so a kernel is chosen in one place. `supports(config, target_kind)` answers "can this target run this
+config at all" from the same table (the build plan hands it to the lowering pass). A new kernel is one
+`register_kernel(KernelSpec(...))`, placed before the specs it should win over.
+
+The rules come from measurements on Zen 4 (benchmarks/results/kernels-x86.md); where two kernels exist the faster
+one per shape is preferred.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+from aqlm_compile.config import AqlmConfig
 from aqlm_compile.errors import ConfigError
 
 from .gemm_decode import gemm_decode
@@ -13,49 +25,134 @@ from .gemv_direct import L1_BYTES, GemvShape, gemv_direct
 from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped
 
 MAX_GEMV_BATCH = 8
-TARGET_KINDS = ("llvm", "cuda")
 
 
 @dataclass(frozen=True)
-class KernelChoice:
-    name: str
-    reason: str
-    builder: object
-    code_layout: str = OUT_MAJOR  # which codes layout the kernel reads (gemv_lut.OUT_MAJOR / GROUP_MAJOR)
+class KernelSpec:
+    """One kernel. `applies(shape, code_layouts)` → None when it can serve `shape` for a caller that can hand it those
+    codes layouts, else the reason why not. `builder(shape, name=..., dynamic_tokens=...)` → a TIR PrimFunc; None
+    for a graph-level lowering the route expands itself (the caller must ask for those with `graph_level=True`).
+    `accepts(config)` → None when the kernel can run the config at any shape, else why not."""
 
-    def build_func(self, shape: GemvShape, symbol: str):
-        return self.builder(shape, name=symbol)
+    name: str
+    target_kinds: tuple[str, ...]
+    reason: str  # why it is chosen where it applies (recorded in the manifest)
+    applies: Callable[[GemvShape, tuple[str, ...]], str | None]
+    builder: Callable | None
+    code_layout: str = OUT_MAJOR  # which codes layout the kernel reads (gemv_lut.OUT_MAJOR / GROUP_MAJOR)
+    accepts: Callable[[AqlmConfig], str | None] = lambda config: None
+
+    @property
+    def graph_level(self) -> bool:
+        return self.builder is None
+
+    def build_func(self, shape: GemvShape, symbol: str, dynamic_tokens: bool = False):
+        """The PrimFunc for `shape` named `symbol`; `dynamic_tokens`: the caller passes a symbolic token count (the
+        Relax prefill function), so index arithmetic must not overflow int32 on long prompts."""
+        if self.builder is None:
+            raise ConfigError(f"kernel {self.name}: expanded in the graph by the route, nothing to build")
+        return self.builder(shape, name=symbol, dynamic_tokens=dynamic_tokens)
+
+
+KernelChoice = KernelSpec  # what select_kernel returns
 
 
 def use_lut(shape: GemvShape) -> bool:
     """LUT when decoding is expensive — codebooks larger than L1 (8x8g32: 128 KiB) — and the table is cheap: at
-    batch 1–2 only (lookups are per token: 8x8g32 batch 4 ran 5.4 ms LUT vs 3.2 ms direct), at most 256 codewords and M·K ≤ out (the table costs M·K·in vectorised multiply-adds per token, the GEMV out·in
-    gathers: 8x8g32 at 4096² measured 0.93 ms LUT vs 2.5 ms direct)."""
+    batch 1–2 only (lookups are per token: 8x8g32 batch 4 ran 5.4 ms LUT vs 3.2 ms direct), at most 256 codewords
+    and M·K ≤ out (the table costs M·K·in vectorised multiply-adds per token, the GEMV out·in gathers: 8x8g32 at
+    4096² measured 0.93 ms LUT vs 2.5 ms direct)."""
     cfg = shape.config
     cb_bytes = cfg.num_codebooks * cfg.codebook_size * cfg.in_group_size * 2
     return shape.batch <= 2 and cfg.codebook_size <= 256 and cb_bytes > L1_BYTES and \
         cfg.num_codebooks * cfg.codebook_size <= shape.out_features
 
 
-def select_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,)) -> KernelChoice:
-    """`code_layouts`: the codes layouts the caller can hand the kernel. The HF layout always; the group-major one
-    where the caller repacks the codes once at load time (then the LUT kernel reads each code once)."""
-    if target_kind not in TARGET_KINDS:
-        raise ConfigError(f"target kind {target_kind!r}: expected one of {', '.join(TARGET_KINDS)}")
+def _gemv_batch(shape: GemvShape) -> str | None:
+    return None if shape.batch <= MAX_GEMV_BATCH else f"batch {shape.batch} > {MAX_GEMV_BATCH}: not a GEMV"
+
+
+def _lut(layout: str):
+    def applies(shape: GemvShape, layouts) -> str | None:
+        if not use_lut(shape):
+            return "codebooks fit in L1, or the table is dearer than the lookups it saves"
+        return None if layout in layouts else f"the caller cannot hand it {layout} codes"
+    return applies
+
+
+def _plain(builder):
+    """A builder that takes no `dynamic_tokens` (its index arithmetic is fixed by the static batch)."""
+    return lambda shape, name, dynamic_tokens=False: builder(shape, name=name)
+
+
+KERNELS: list[KernelSpec] = [
+    KernelSpec("gemv_cuda", ("cuda",), "GPU: warp per row, codebooks in shared memory when ≤ 32 KiB",
+               lambda shape, layouts: None if shape.batch <= MAX_GEMV_BATCH else (
+                   f"batch {shape.batch}: CUDA has the GEMV kernel only (1..{MAX_GEMV_BATCH} tokens); "
+                   "a CUDA prefill GEMM is not built yet"),
+               _plain(gemv_cuda)),
+    # The CUDA prefill: Ŵ decoded by Relax ops (gathers, sum, scale) then a matmul, scheduled by dlight
+    # (targets/relax.py `_dequantized_linear`). Graph-level: no library symbol, only the Relax route asks for it.
+    KernelSpec("relax_dequantize_matmul", ("cuda",), "GPU prefill: Relax decode of Ŵ + matmul (dlight rules)",
+               lambda shape, layouts: None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use gemv_cuda",
+               None),
+    KernelSpec("gemm_decode", ("llvm",), f"batch > {MAX_GEMV_BATCH}: decode a tile of Ŵ once, reuse it per token",
+               lambda shape, layouts: None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use a GEMV kernel",
+               lambda shape, name, dynamic_tokens=False: gemm_decode(
+                   shape, name=name, index_dtype="int64" if dynamic_tokens else "int32")),
+    KernelSpec("gemv_lut_grouped", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products; "
+               "group-major codes, read once", lambda shape, layouts: _gemv_batch(shape) or _lut(GROUP_MAJOR)(
+                   shape, layouts), _plain(gemv_lut_grouped), GROUP_MAJOR),
+    KernelSpec("gemv_lut", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products",
+               lambda shape, layouts: _gemv_batch(shape) or _lut(OUT_MAJOR)(shape, layouts), _plain(gemv_lut)),
+    KernelSpec("gemv_direct", ("llvm",), "direct decode, codebooks stay in L1/L2",
+               lambda shape, layouts: _gemv_batch(shape), _plain(gemv_direct)),
+]
+
+
+def register_kernel(spec: KernelSpec, before: str | None = None) -> None:
+    """Add `spec` to the table (before the spec named `before`, so it is preferred where both apply; else last)."""
+    if any(k.name == spec.name for k in KERNELS):
+        raise ConfigError(f"kernel {spec.name!r}: already registered")
+    index = next((i for i, k in enumerate(KERNELS) if k.name == before), len(KERNELS))
+    KERNELS.insert(index, spec)
+
+
+def target_kinds() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(kind for spec in KERNELS for kind in spec.target_kinds))
+
+
+def find_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), graph_level: bool = False):
+    """(the first spec that applies or None, {spec name: why not} for those before it)."""
+    if target_kind not in target_kinds():
+        raise ConfigError(f"target kind {target_kind!r}: expected one of {', '.join(target_kinds())}")
     if shape.batch < 1:
         raise ConfigError(f"batch {shape.batch}: expected ≥ 1")
-    if target_kind == "cuda":
-        if shape.batch > MAX_GEMV_BATCH:
-            raise ConfigError(f"batch {shape.batch}: CUDA has the GEMV kernel only (1..{MAX_GEMV_BATCH} tokens); "
-                              "a CUDA prefill GEMM is not built yet")
-        return KernelChoice("gemv_cuda", "GPU: warp per row, codebooks in shared memory when ≤ 32 KiB", gemv_cuda)
-    if shape.batch > MAX_GEMV_BATCH:
-        return KernelChoice("gemm_decode", f"batch > {MAX_GEMV_BATCH}: decode a tile of Ŵ once, reuse it per token",
-                            gemm_decode)
-    if use_lut(shape) and GROUP_MAJOR in code_layouts:
-        return KernelChoice("gemv_lut_grouped", "codebooks exceed L1: per-call table of codeword·input dot products; "
-                            "group-major codes, read once", gemv_lut_grouped, GROUP_MAJOR)
-    if use_lut(shape):
-        return KernelChoice("gemv_lut", "codebooks exceed L1: per-call table of codeword·input dot products",
-                            gemv_lut)
-    return KernelChoice("gemv_direct", "direct decode, codebooks stay in L1/L2", gemv_direct)
+    why_not = {}
+    for spec in KERNELS:
+        if target_kind not in spec.target_kinds:
+            continue
+        reason = spec.accepts(shape.config) or (
+            "expanded in the graph: only for routes that do so" if spec.graph_level and not graph_level else None) \
+            or spec.applies(shape, tuple(code_layouts))
+        if reason is None:
+            return spec, why_not
+        why_not[spec.name] = reason
+    return None, why_not
+
+
+def select_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), graph_level: bool = False):
+    """The kernel for (shape, target kind). `code_layouts`: the codes layouts the caller can hand the kernel — the HF
+    layout always; the group-major one where the caller repacks the codes once at load time (then the LUT kernel
+    reads each code once). `graph_level`: the caller (the Relax route) can expand a graph-level lowering itself."""
+    spec, why_not = find_kernel(shape, target_kind, code_layouts, graph_level)
+    if spec is None:
+        raise ConfigError(f"no {target_kind} kernel for {shape.out_features}x{shape.in_features} "
+                          f"{shape.config.name} batch {shape.batch}: " +
+                          "; ".join(f"{name}: {why}" for name, why in why_not.items()))
+    return spec
+
+
+def supports(config: AqlmConfig, target_kind: str) -> bool:
+    """Whether some kernel of `target_kind` runs `config` (at some shape)."""
+    return any(target_kind in spec.target_kinds and spec.accepts(config) is None for spec in KERNELS)

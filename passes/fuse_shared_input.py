@@ -16,7 +16,7 @@ import operator
 
 import torch
 
-from . import op as _op  # noqa: F401  (registers the ops)
+from aqlm_compile import ops as _ops  # noqa: F401  (registers the aqlm ops)
 
 
 def _fake(fn, nodes):

@@ -4,7 +4,8 @@ Matches: `w = aqlm.dequantize(codes, codebooks, scales)` (what `AqlmLinear` emit
 through dtype casts, feeding the weight input of `aten.linear(x, w, bias?)`.
 Emits: `aqlm.aqlm_gemm(x, codes, codebooks, scales, bias?)`; the dequantize (and casts) are erased, so the graph
 holds no dense weight for that layer.
-Checks: the config read from the tensor shapes must be accepted by `supports(config)` (the target's kernels);
+Checks: the config read from the tensor shapes must be accepted by `supports(config)` (the build plan passes the
+target's query of the kernel table, kernels/registry.py; the pass itself knows no target);
 a layer whose config is unsupported, or a dequantize that feeds anything but a linear, is reported by layer name in
 one error — never silently left dense.
 Where: first phase of `passes.pipeline`, on the `torch.export` program, before fusion and before the ONNX or Relax
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from aqlm_compile import ops as _ops  # noqa: F401  (registers the aqlm ops)
 from aqlm_compile.config import AqlmConfig
 from aqlm_compile.errors import ConfigError
-
-from . import op as _op  # noqa: F401  (registers the ops)
-from .op import aqlm_config_of
 
 _CASTS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout}
 _CHECKS = {torch.ops.aten._assert_tensor_metadata.default}  # export's dtype assertions on the cast input
@@ -46,8 +45,8 @@ def lower_aqlm_linear(ep, supports=lambda config: True, name_prefix: str = "") -
         codes, codebooks, scales = dq.args
         name = layer_name(ep, codes, name_prefix)
         try:
-            config = aqlm_config_of(_shape(codes), _shape(codebooks))
-        except (ValueError, ConfigError) as exc:
+            config = AqlmConfig.from_shapes(_shape(codes), _shape(codebooks))
+        except ConfigError as exc:
             problems.append(f"{name}: {exc}")
             continue
         if not supports(config):
@@ -90,8 +89,3 @@ def lower_aqlm_linear(ep, supports=lambda config: True, name_prefix: str = "") -
 def _order(graph):
     index = {n: i for i, n in enumerate(graph.nodes)}
     return lambda n: index[n]
-
-
-def cpu_supports(config: AqlmConfig) -> bool:
-    """The CPU kernels take any M, B ≤ 16 and g (kernels.registry)."""
-    return config.nbits_per_codebook <= 16 and config.out_group_size == 1

@@ -1,30 +1,46 @@
 """The pass pipeline: named phases over an exported program, each optionally followed by a dump of the graph.
 
 Phases, in order:
-1. `lower_aqlm_linear` — dequantize + linear → one `aqlm.aqlm_gemm` per AQLM layer (checks configs).
+1. `lower_aqlm_linear` — dequantize + linear → one `aqlm.aqlm_gemm` per AQLM layer (checks configs against
+   `supports`, which the build plan takes from the target's kernel table).
 2. `fuse_shared_input` — `aqlm_gemm` nodes reading the same activation (q/k/v, gate/up) → one partitioned node
-   (skipped with `fuse=False`).
-`--dump-ir DIR` writes `DIR/NN-<phase>.txt` (the FX graph) before the first phase and after each one.
+   (skipped with `fuse=False`: the Relax route takes unfused layers, see targets/relax.py).
+`dump_ir=DIR` writes `DIR/NN-<phase>.txt` (the FX graph) before the first phase and after each one.
+
+Where: the build plan (targets/plan.py) sequences export (aqlm_compile/export.py) → this pipeline → the routes; the
+exporter never calls it. A route chooses phases through the options, not by assembling its own recipe.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from aqlm_compile.cache import atomic_write_bytes
 
 from .fuse_shared_input import fuse_shared_input
-from .lower_aqlm_linear import cpu_supports, lower_aqlm_linear
+from .lower_aqlm_linear import lower_aqlm_linear
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    supports: Callable | None = None  # config -> bool (None: every config; the build plan passes the target's)
+    name_prefix: str = ""  # stripped from layer names in reports and errors (the export wrapper's attribute)
+    fuse: bool = True
+
 
 PHASES = [
-    ("lower_aqlm_linear", lambda ep, opts: lower_aqlm_linear(
-        ep, supports=opts.get("supports") or cpu_supports, name_prefix=opts.get("name_prefix", ""))),
-    ("fuse_shared_input", lambda ep, opts: fuse_shared_input(ep) if opts.get("fuse", True) else {"skipped": True}),
+    ("lower_aqlm_linear", lambda ep, o: lower_aqlm_linear(
+        ep, supports=o.supports or (lambda config: True), name_prefix=o.name_prefix)),
+    ("fuse_shared_input", lambda ep, o: fuse_shared_input(ep) if o.fuse else {"skipped": True}),
 ]
 
 
-def run_pipeline(ep, dump_ir: str | Path | None = None, **opts) -> dict:
-    """Run every phase on `ep` in place; returns {phase: its report}."""
+def run_pipeline(ep, dump_ir: str | Path | None = None, options: PipelineOptions | None = None, **opts) -> dict:
+    """Run every phase on `ep` in place; returns {phase: its report}. `opts`: PipelineOptions fields."""
+    options = options or PipelineOptions(**opts)
+
     def dump(index: int, name: str):
         if dump_ir is not None:
             text = ep.graph_module.print_readable(print_output=False)
@@ -33,6 +49,6 @@ def run_pipeline(ep, dump_ir: str | Path | None = None, **opts) -> dict:
     dump(0, "exported")
     report = {}
     for i, (name, phase) in enumerate(PHASES, start=1):
-        report[name] = phase(ep, opts)
+        report[name] = phase(ep, options)
         dump(i, name)
     return report

@@ -24,7 +24,7 @@ import numpy as np
 from aqlm_compile.cache import atomic_dir, cache_root
 from aqlm_compile.errors import ConfigError
 
-from .common import checkpoint_layers, kernel_module, onnx_step, tvm, write_artifact
+from .registry import BuildOptions, Target, Toolchain, register_target
 
 CROSS_GCC = "aarch64-linux-gnu-gcc"
 CROSS_GXX = "aarch64-linux-gnu-g++"
@@ -36,7 +36,12 @@ RUNNER_SOURCES = {"aqlm_run": Path(__file__).parent / "runner" / "aqlm_run.cc",
                   "aqlm_vm_run": Path(__file__).parent / "runner" / "aqlm_vm_run.cc"}
 
 
-def arm64_target(cpu: str = "neoverse-n1") -> tvm.target.Target:
+DEFAULT_CPU = "neoverse-n1"
+
+
+def arm64_target(cpu: str = DEFAULT_CPU):
+    from .common import tvm
+
     return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu, "mattr": ["+neon"]})
 
 
@@ -81,48 +86,31 @@ def runtime_dir() -> Path:
     return out
 
 
-def build_arm64(ckpt_dir, out_dir, cpu: str = "neoverse-n1", max_batch: int = 8, with_onnx: bool = True,
-                dump_ir=None, fuse: bool = True, with_tvm: bool = True) -> dict:
-    """Cross-compile the kernels into `kernels_arm64.so` with the aarch64 TVM runtime and runners; with `with_onnx`,
-    also the (architecture-neutral) ONNX decoder files and the aarch64 ORT op library; with `with_tvm`, the whole
-    model for the Relax VM (`model_arm64.so` + params), run by `runtime/aqlm_vm_run`."""
-    gcc = require_tool(CROSS_GCC, "gcc-aarch64-linux-gnu")
+def _toolchain(options: BuildOptions) -> Toolchain:
+    """Debian's aarch64 gcc for the libraries, g++ for the ORT op library, and the aarch64 TVM runtime + runners
+    (runtime_dir) shipped in the artifact."""
     from tvm.support import cc
 
-    aqlm_config, layers = checkpoint_layers(ckpt_dir)
-    target = arm64_target(cpu)
+    gcc = require_tool(CROSS_GCC, "gcc-aarch64-linux-gnu")
     rt = runtime_dir()
-    steps, extra, fused = [], {"runner": "runtime/aqlm_run LIB FUNCTION IN_FILE OUT_FILE"}, []
-    if with_onnx:
-        from .ort import LIBRARY, build_ort_library
+    libs = {name: rt / name for name in ("libtvm_runtime.so", "libtvm_ffi.so")}
+    return Toolchain(fcompile=cc.cross_compiler(gcc),
+                     cxx=require_tool(CROSS_GXX, "g++-aarch64-linux-gnu") if options.onnx else "g++",
+                     runtime_libs=libs,
+                     files={f"runtime/{name}": rt / name for name in (*libs, *RUNNER_SOURCES)},
+                     manifest={"runner": "runtime/aqlm_run LIB FUNCTION IN_FILE OUT_FILE"})
 
-        populate_onnx, entry, fused = onnx_step(ckpt_dir, None, dump_ir, fuse)
-        entry["op_library"] = LIBRARY
-        libs = {name: rt / name for name in ("libtvm_runtime.so", "libtvm_ffi.so")}
-        steps = [populate_onnx, lambda tmp: build_ort_library(
-            tmp, "kernels_arm64.so", libs, cxx=require_tool(CROSS_GXX, "g++-aarch64-linux-gnu"))]
-        extra["onnx"] = entry
-    if with_tvm:
-        from .relax import build_relax_model
 
-        def relax_step(tmp):
-            extra["tvm"].update(build_relax_model(
-                ckpt_dir, tmp, target, "model_arm64.so",
-                export=lambda ex, path: ex.export_library(str(path), fcompile=cc.cross_compiler(gcc))))
-            extra["tvm"]["runner"] = "runtime/aqlm_vm_run"
-
-        steps.append(relax_step)
-        extra["tvm"] = {}  # filled by relax_step before the manifest is written
-    mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch, fused)
-    lib = tvm.compile(mod, target=target)
-    spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu, "mattr": ["+neon"]}
-    return write_artifact(
-        ckpt_dir, out_dir, target_name="arm64", arch="aarch64", target_spec=spec, lib_name="kernels_arm64.so",
-        export=lambda p: lib.export_library(str(p), fcompile=cc.cross_compiler(gcc)),
-        aqlm_config=aqlm_config, layers=layers, kernels=kernels, extra_steps=steps,
-        extra_files={f"runtime/{name}": rt / name for name in ("libtvm_runtime.so", "libtvm_ffi.so", *RUNNER_SOURCES)},
-        extra_manifest=extra,
-    )
+ARM64 = register_target(Target(
+    name="arm64", kind="llvm", summary=f"aarch64 Linux, NEON (--cpu, default {DEFAULT_CPU}); cross-built, run "
+    "here under qemu-user",
+    tvm_target=lambda options: arm64_target(options.cpu or DEFAULT_CPU),
+    arch=lambda options: "aarch64",
+    target_spec=lambda t, options: {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                    "mcpu": options.cpu or DEFAULT_CPU, "mattr": ["+neon"]},
+    options=("cpu",), toolchain=_toolchain, check=lambda options: require_tool(CROSS_GCC, "gcc-aarch64-linux-gnu"),
+    runner="runtime/aqlm_vm_run",
+))
 
 
 _DTYPES = {np.dtype("float32"): (2, 32), np.dtype("float16"): (2, 16), np.dtype("int8"): (0, 8),

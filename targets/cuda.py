@@ -1,7 +1,7 @@
 """CUDA target: kernels for sm_80, sm_86, sm_89 and sm_90 plus compute_90 PTX (for newer GPUs), built on a
 machine with no GPU and no driver, and checked from the built file.
 
-Two traps this module exists to avoid (facts doc G3–G5):
+Two traps this module exists to avoid (docs/tvm-and-ort-notes.md N3–N5):
 - TVM's CUDA runtime sidecar (libtvm_runtime_cuda.so) needs the driver's libcuda.so.1. Without it TVM swallows the
   error and `tvm.compile` returns a module holding CUDA *source* only: no compiler runs, `export_library` writes a
   "CUDA" library with no device code, and nothing complains. When no driver is present we load a stub
@@ -26,7 +26,7 @@ from pathlib import Path
 from aqlm_compile.cache import cache_root
 from aqlm_compile.errors import ConfigError, FormatError
 
-from .common import checkpoint_layers, tvm, write_artifact
+from .registry import BuildOptions, Target, Toolchain, register_target
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 PTX_ARCH = "compute_90"
@@ -86,7 +86,9 @@ def ensure_cuda_codegen() -> str:
     return "stub"
 
 
-def cuda_target(arch: str = "sm_90") -> tvm.target.Target:
+def cuda_target(arch: str = "sm_90"):
+    from .common import tvm
+
     return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
 
 
@@ -193,47 +195,31 @@ def check_device_code(path, archs=ARCHS, ptx_arch: str | None = PTX_ARCH) -> lis
     return inv
 
 
-def build_cuda(ckpt_dir, out_dir, archs=ARCHS, ptx_arch: str | None = PTX_ARCH, max_batch: int = 8,
-               with_tvm: bool = True) -> dict:
-    """Compile the GEMV kernels every quantized layer needs into `kernels_cuda.so` (host x86_64 + fat binary); with
-    `with_tvm`, also the whole model for the Relax VM (`model_cuda.so` + params): decode on the GEMV kernels, the
-    rest scheduled by dlight. Every library is checked for device code of each arch before the artifact is written."""
-    from .common import kernel_module
+def _archs(options: BuildOptions) -> tuple[str, ...]:
+    return tuple(options.archs) if options.archs else ARCHS
 
-    for a in archs:
+
+def _check(options: BuildOptions) -> None:
+    for a in _archs(options):
         if not (a.startswith("sm_") and a[3:].isdigit()):
             raise ConfigError(f"--arch {a!r}: expected sm_XY (e.g. sm_80, sm_90)")
     find_nvcc()
-    driver = ensure_cuda_codegen()
-    aqlm_config, layers = checkpoint_layers(ckpt_dir)
-    mod, kernels = kernel_module(aqlm_config, layers, "cuda", max_batch)
-    target = cuda_target(max(archs, key=lambda a: int(a[3:])))
-    with _multi_arch_compiler(archs, ptx_arch), target:
-        lib = tvm.compile(mod, target=target)
-    if lib.mod.imports and lib.mod.imports[0].kind != "cuda":
-        raise FormatError(f"TVM produced a {lib.mod.imports[0].kind!r} device module, not a compiled CUDA one")
 
-    def export(p: Path):
-        lib.export_library(str(p))
-        check_device_code(p, archs, ptx_arch)  # before the artifact is renamed into place
 
-    extra, steps = {"built_with_driver": driver}, []
-    if with_tvm:
-        from .relax import build_relax_model
+def _toolchain(options: BuildOptions) -> Toolchain:
+    return Toolchain(manifest={"built_with_driver": ensure_cuda_codegen()})
 
-        def export_model(ex, path: Path):
-            ex.export_library(str(path))
-            check_device_code(path, archs, ptx_arch)
 
-        def relax_step(tmp):
-            extra["tvm"].update(build_relax_model(ckpt_dir, tmp, target, "model_cuda.so", export=export_model,
-                                                  compile_context=_multi_arch_compiler(archs, ptx_arch)))
-            extra["tvm"]["device"] = "cuda"
-
-        steps.append(relax_step)
-        extra["tvm"] = {}  # filled by relax_step before the manifest is written
-    spec = {"kind": "cuda", "archs": list(archs), "ptx": ptx_arch, "host": "x86_64-linux-gnu"}
-    manifest = write_artifact(ckpt_dir, out_dir, target_name="cuda", arch="+".join(archs), target_spec=spec,
-                              lib_name="kernels_cuda.so", export=export, aqlm_config=aqlm_config, layers=layers,
-                              kernels=kernels, extra_steps=steps, extra_manifest=extra)
-    return manifest
+# The GEMV kernels every quantized layer needs in `kernels_cuda.so` (host x86_64 + fat binary); the whole model for
+# the Relax VM (`model_cuda.so` + params): decode on the GEMV kernels, prefill as a Relax decode + matmul, the rest
+# scheduled by dlight. Every library is checked for device code of each arch before the artifact is written.
+CUDA = register_target(Target(
+    name="cuda", kind="cuda", summary="NVIDIA GPUs (--arch, default sm_80,sm_86,sm_89,sm_90 + compute_90 PTX)",
+    tvm_target=lambda options: cuda_target(max(_archs(options), key=lambda a: int(a[3:]))),
+    arch=lambda options: "+".join(_archs(options)),
+    target_spec=lambda t, options: {"kind": "cuda", "archs": list(_archs(options)), "ptx": options.ptx_arch,
+                                    "host": "x86_64-linux-gnu"},
+    routes=("tvm",), options=("archs",), toolchain=_toolchain, check=_check,
+    check_library=lambda path, options: check_device_code(path, _archs(options), options.ptx_arch),
+    compile_context=lambda options: _multi_arch_compiler(_archs(options), options.ptx_arch),
+))

@@ -7,7 +7,7 @@
   dtypes (int8/int16 codes, fp16 codebooks and scales).
 - `make_portable` adds a model-local ONNX function `aqlm.AqlmMatMul` (standard ops only), so stock ONNX Runtime
   runs the same file with no library. Its decode is tied to a runtime value (the input's shape), so ORT's constant
-  folding cannot turn it into a dense initializer at session creation (facts doc B.1): the model stays
+  folding cannot turn it into a dense initializer at session creation (docs/tvm-and-ort-notes.md N9): the model stays
   compressed in memory and pays a per-call decode instead.
 """
 
@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 from onnx.defs import OpSchema
+
+from aqlm_compile.config import AqlmConfig
 
 DOMAIN, VERSION = "aqlm", 1
 OP_TYPE = "AqlmMatMul"
@@ -64,14 +66,14 @@ def _translation():
     def aqlm_gemm(x, codes, codebooks, scales, bias=None, partitions=None):
         from onnxscript import opset18 as op
 
-        m, k, g = int(codes.shape[2]), int(codebooks.shape[1]), int(codebooks.shape[3])
+        cfg = AqlmConfig.from_shapes(tuple(codes.shape), tuple(codebooks.shape))
         inputs = [x, codes, codebooks, scales]
         if partitions:
             inputs += [bias, op.Constant(value_ints=[int(p) for p in partitions])]
         elif bias is not None:
             inputs.append(bias)
-        return opset.AqlmMatMul(*inputs, num_codebooks=m, nbits_per_codebook=(k - 1).bit_length(),
-                                in_group_size=g, out_group_size=1)
+        return opset.AqlmMatMul(*inputs, num_codebooks=cfg.num_codebooks, nbits_per_codebook=cfg.nbits_per_codebook,
+                                in_group_size=cfg.in_group_size, out_group_size=cfg.out_group_size)
 
     return aqlm_gemm
 
@@ -201,3 +203,32 @@ def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     portable.functions.append(_portable_function(opset_version))
     onnx.checker.check_model(portable, full_check=False)
     return portable
+
+
+def onnx_route(ep, spec, report, dense_model_dir=None):
+    """The ONNX route of a lowered (fused) decoder graph, to run inside the artifact's write: returns
+    (populate(tmp), manifest entry). Writes onnx/model.onnx (AqlmMatMul nodes) and onnx/model.portable.onnx (stock
+    ORT); with `dense_model_dir`, also onnx/model.dense.onnx from the FP model, the same-run baseline."""
+    entry = {"model": "onnx/model.onnx", "portable": "onnx/model.portable.onnx", "decoder": spec.to_json(),
+             "op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": VERSION},
+             "lowered_layers": len(report["lower_aqlm_linear"]["lowered"]),
+             "fused_groups": report["fuse_shared_input"].get("groups", [])}
+    if dense_model_dir is not None:
+        entry["dense"] = "onnx/model.dense.onnx"
+
+    def populate(tmp: Path):
+        from aqlm_compile.cache import atomic_write_bytes
+
+        model = export_onnx(ep, spec, tmp / entry["model"])
+        atomic_write_bytes(tmp / entry["portable"], make_portable(model).SerializeToString())
+        if dense_model_dir is not None:
+            from aqlm_compile.export import export_decoder
+            from aqlm_compile.models import load_fp_model
+
+            fp, _ = load_fp_model(Path(dense_model_dir))
+            fp.config.use_cache = True
+            dense_ep, dense_spec = export_decoder(fp)
+            export_onnx(dense_ep, dense_spec, tmp / entry["dense"])
+        onnx.checker.check_model(str(tmp / entry["portable"]))
+
+    return populate, entry

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from aqlm_compile.kernels.gemm_decode import gemm_decode
+from aqlm_compile.config import AqlmConfig
 from aqlm_compile.kernels.gemv_direct import GemvShape
-from aqlm_compile.kernels.registry import select_kernel
-from aqlm_compile.passes.op import aqlm_config_of
+from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, select_kernel
 
 from .common import tvm
 
@@ -47,10 +46,12 @@ def _dequantized_linear(bb, x2, codes, codebooks, scales, cfg, out_f: int, in_f:
     return bb.emit(relax.op.matmul(x2, relax.op.permute_dims(w, [1, 0])))
 
 
-def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, device: str = "cpu"):
-    """A converter for `aqlm.aqlm_gemm` nodes: reshape x to [N, in], call_tir the kernel for (shape, N), reshape back.
-    `static_tokens` = N for the decode function (GEMV), None for prefill (symbolic N: GEMM; on CUDA, a Relax-level
-    dequantize + matmul)."""
+def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, device: str = "cpu",
+                    target_kind: str = "llvm", chosen: dict | None = None):
+    """A converter for `aqlm.aqlm_gemm` nodes: reshape x to [N, in], call_tir the kernel the kernel table picks for
+    (shape, N), reshape back. `static_tokens` = N for the decode function (a GEMV), None for prefill (any N: the
+    table's any-batch kernel; a graph-level one, such as the CUDA prefill's Relax decode + matmul, is expanded
+    here). `chosen` collects {symbol: kernel name and reason} for the manifest."""
     from tvm import relax
 
     def convert(node, importer):
@@ -59,15 +60,16 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
         bias_node = node.args[4] if len(node.args) > 4 else None
         parts = node.kwargs.get("partitions") or (node.args[5] if len(node.args) > 5 else None)
         cv, bv = node.args[1].meta["val"], node.args[2].meta["val"]
-        cfg = aqlm_config_of(tuple(cv.shape), tuple(bv.shape))
+        cfg = AqlmConfig.from_shapes(tuple(cv.shape), tuple(bv.shape))
         out_f, in_f = int(cv.shape[0]), int(cv.shape[1]) * cfg.in_group_size
         xv = node.args[0].meta["val"]
         x2, x_shape, n_tok = _tokens_2d(bb, x, node.args[0], in_f)
-        shape = GemvShape(out_f, in_f, cfg, static_tokens or 9, act_dtype=str(xv.dtype).replace("torch.", ""),
-                          partitions=tuple(parts) if parts else None)
-        if device == "cuda" and not static_tokens:
+        shape = GemvShape(out_f, in_f, cfg, static_tokens or MAX_GEMV_BATCH + 1,
+                          act_dtype=str(xv.dtype).replace("torch.", ""), partitions=tuple(parts) if parts else None)
+        choice = select_kernel(shape, target_kind, graph_level=True)
+        if choice.graph_level:
             if parts:
-                raise NotImplementedError("the CUDA Relax route takes unfused layers")
+                raise NotImplementedError(f"{choice.name}: the Relax route takes unfused layers")
             y = _dequantized_linear(bb, x2, codes, codebooks, scales, cfg, out_f, in_f)
             if bias_node is not None:
                 y = bb.emit(relax.op.add(y, relax.op.astype(importer.env[bias_node], "float32")))
@@ -75,15 +77,14 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
         key = (out_f, in_f, tuple(parts or ()), static_tokens)
         if key not in kernels:
             symbol = f"{prefix}_aqlm_{out_f}x{in_f}"
-            if static_tokens:
-                func = select_kernel(shape, "cuda" if device == "cuda" else "llvm").build_func(shape, symbol)
-            else:
-                func = gemm_decode(shape, name=symbol, index_dtype="int64")
+            func = choice.build_func(shape, symbol, dynamic_tokens=not static_tokens)
             # hand-scheduled already: dlight must leave it alone
             func = func.with_attr("tirx.is_scheduled", True)
             if device == "cuda":  # opaque: TVM's CUDA pipeline must not fuse a thread-bound kernel (FuseTIR fails)
                 func = func.with_attr("op_pattern", 8)
             kernels[key] = bb.add_func(func, symbol)
+            if chosen is not None:
+                chosen[symbol] = {"kernel": choice.name, "reason": choice.reason}
         gv = kernels[key]
         pm = int(bv.shape[0])
         cb = bb.emit(relax.op.reshape(codebooks, [pm, int(bv.shape[1]), cfg.in_group_size]))
@@ -147,7 +148,8 @@ def _dense_converter(kernels: dict, prefix: str, generic):
     return convert
 
 
-def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: str = "cpu"):
+def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: str = "cpu",
+                   target_kind: str = "llvm", chosen: dict | None = None):
     """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs). Decomposed with `aten.linear`
     kept whole, so the remaining dense layers (lm_head) reach our dense kernel instead of an unscheduled matmul
     (on CPU; on CUDA TVM's own linear, scheduled by dlight)."""
@@ -165,7 +167,8 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
     ep = ep.run_decompositions(table)
     return from_exported_program(
         ep, keep_params_as_input=True, run_ep_decomposition=False,
-        custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix, device),
+        custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix, device,
+                                                                  target_kind, chosen),
                             "linear.default": dense, "to.device": _to_device})
 
 
@@ -212,32 +215,20 @@ def _untie(func, values: list, tied: dict[str, str]):
     return func.bind_params(binding), keep
 
 
-def relax_decoder_module(ckpt_dir, dense_model_dir=None, device: str = "cpu", dense_fp16: bool = False):
-    """One IRModule with `prefill` (any token count) and `decode` (one token), the params (shared, in the order both
-    functions take them) and the DecoderSpec. Layers are not fused here: the fused graph concatenates parameters,
-    which in Relax would be redone on every call. With `dense_model_dir`: the FP model through the same compiler
-    (every linear on kernels/dense.py), the same-runtime baseline; `dense_fp16` stores that model's weights as fp16
-    and computes in fp32 (the FP16 baseline: the bytes an FP16 checkpoint streams per token)."""
+def relax_decoder_module(graphs: dict, device: str = "cpu", target_kind: str | None = None):
+    """One IRModule with `prefill` (any token count) and `decode` (one token) from the lowered graphs
+    {"prefill"|"decode": (ExportedProgram, DecoderSpec)} (targets/plan.py `export_graphs`, or
+    `dense_relax_graphs`), the params (shared, in the order both functions take them), the DecoderSpec and the
+    kernels chosen for the AQLM layers ({symbol: kernel, reason}). Layers are not fused here: the fused graph
+    concatenates parameters, which in Relax would be redone on every call."""
     from tvm import relax
 
-    from aqlm_compile.export import export_checkpoint, export_decoder, keep_dense_fp16
-
-    merged, params, spec = tvm.IRModule(), None, None
+    target_kind = target_kind or ("cuda" if device == "cuda" else "llvm")
+    merged, params, spec, chosen = tvm.IRModule(), None, None, {}
     for name, tokens in FUNCTIONS:
-        if dense_model_dir is not None:
-            from pathlib import Path
-
-            from aqlm_compile.models import load_fp_model
-
-            fp, _ = load_fp_model(Path(dense_model_dir))
-            fp.config.use_cache = True
-            if dense_fp16:
-                keep_dense_fp16(fp)
-            ep, spec = export_decoder(fp, tokens)
-        else:
-            # dense layers stay fp16 as the checkpoint stores them (the lm_head streams half the bytes)
-            ep, spec, _ = export_checkpoint(ckpt_dir, fuse=False, tokens=tokens, dense_fp16=True)
-        mod, detached = relax.frontend.detach_params(import_decoder(ep, tokens, prefix=name, device=device))
+        ep, spec = graphs[name]
+        mod, detached = relax.frontend.detach_params(import_decoder(ep, tokens, prefix=name, device=device,
+                                                                    target_kind=target_kind, chosen=chosen))
         mod["main"], detached["main"] = _untie(mod["main"], detached["main"], tied_parameters(ep))  # one lm_head
         names = [p.name for p in mod["main"].params]
         if params is None:
@@ -249,7 +240,23 @@ def relax_decoder_module(ckpt_dir, dense_model_dir=None, device: str = "cpu", de
                 merged[name] = func.with_attr("global_symbol", name)
             else:
                 merged[gv] = func
-    return merged, params, spec
+    return merged, params, spec, chosen
+
+
+def dense_relax_graphs(dense_model_dir, fp16: bool = False) -> dict:
+    """The FP model's `prefill`/`decode` graphs (every linear on kernels/dense.py): the same-runtime baseline.
+    `fp16` stores its weights as fp16 and computes in fp32 (the FP16 baseline: the bytes an FP16 checkpoint
+    streams per token)."""
+    from pathlib import Path
+
+    from aqlm_compile.export import export_decoder, keep_dense_fp16
+    from aqlm_compile.models import load_fp_model
+
+    fp, _ = load_fp_model(Path(dense_model_dir))
+    fp.config.use_cache = True
+    if fp16:
+        keep_dense_fp16(fp)
+    return {name: export_decoder(fp, tokens) for name, tokens in FUNCTIONS}
 
 
 def _cuda_pipeline_without_fusion(target):
@@ -259,10 +266,10 @@ def _cuda_pipeline_without_fusion(target):
                                     cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
 
 
-def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None, dense_model_dir=None,
-                      params_name: str = "model_params.bin", compile_context=None, dense_fp16: bool = False) -> dict:
-    """Compile the whole decoder into `dest/lib_name` (+ `dest/params_name`); returns the manifest entry.
-    A CUDA `target` gets the GPU kernels and dlight's GPU rules; `compile_context` wraps `tvm.compile` (the CUDA
+def compile_relax_model(module, dest, target, lib_name: str, export=None, params_name: str = "model_params.bin",
+                        compile_context=None) -> dict:
+    """Compile `module` = relax_decoder_module(...) into `dest/lib_name` (+ `dest/params_name`); returns the
+    manifest entry. A CUDA `target` gets dlight's GPU rules; `compile_context` wraps `tvm.compile` (the CUDA
     target's multi-architecture nvcc callback)."""
     import contextlib
     from pathlib import Path
@@ -270,8 +277,8 @@ def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None, dense_
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
+    mod, params, spec, chosen = module
     device = "cuda" if target.kind.name == "cuda" else "cpu"
-    mod, params, spec = relax_decoder_module(ckpt_dir, dense_model_dir, device=device, dense_fp16=dense_fp16)
     # Everything but the AQLM kernels (attention, norms, the dense lm_head, embeddings) comes out of LegalizeOps as
     # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do. On CUDA every
     # kernel must be bound to threads: dlight's GPU rules, and TVM's CUDA pipeline without its FuseOps/FuseTIR
@@ -293,9 +300,10 @@ def build_relax_model(ckpt_dir, dest, target, lib_name: str, export=None, dense_
     else:
         export(ex, dest / lib_name)
     tvm.runtime.save_param_dict_to_file({f"p{i:05d}": p for i, p in enumerate(params)}, str(dest / params_name))
-    return {"library": lib_name, "params": params_name, "functions": [f for f, _ in FUNCTIONS],
-            "num_params": len(params), "decoder": spec.to_json(),
-            "signature": "(input_ids [1,S] int64, attention_mask [1,P+S] int64, *past_kv [1,H,P,D] f32, *params) "
-                         "-> (logits [1,V], *present_kv)"}
-
-
+    entry = {"library": lib_name, "params": params_name, "functions": [f for f, _ in FUNCTIONS],
+             "num_params": len(params), "decoder": spec.to_json(),
+             "signature": "(input_ids [1,S] int64, attention_mask [1,P+S] int64, *past_kv [1,H,P,D] f32, *params) "
+                          "-> (logits [1,V], *present_kv)"}
+    if chosen:
+        entry["kernels"] = chosen
+    return entry

@@ -1,4 +1,5 @@
-"""x86-64 CPU target: LLVM for the host CPU or a named one; the TVM thread pool size is set explicitly."""
+"""x86-64 CPU target: LLVM for the host CPU or a named one. Registered in targets/registry.py's table; the build
+itself is targets/plan.py's. Builds on an x86-64 machine only (its ORT op library links the host's TVM runtime)."""
 
 from __future__ import annotations
 
@@ -6,68 +7,57 @@ import platform
 
 from aqlm_compile.errors import ConfigError
 
-from .common import checkpoint_layers, kernel_module, onnx_step, tvm, write_artifact
+from .registry import BuildOptions, Target, Toolchain, register_target
 
 NAMED_CPUS = {"avx2": "haswell", "avx512": "skylake-avx512", "znver3": "znver3", "znver4": "znver4"}
 
 
 def host_cpu() -> str:
+    from .common import tvm
+
     return tvm.target.codegen.llvm_get_system_cpu()
 
 
-def x86_target(cpu: str | None = None) -> tvm.target.Target:
-    """`cpu`: None for the host, or avx2 / avx512 / an LLVM CPU name (never "native": G1)."""
+def _mcpu(cpu: str | None) -> str:
+    """`cpu`: None for the host, or avx2 / avx512 / an LLVM CPU name (never "native": docs/tvm-and-ort-notes.md
+    N1)."""
     if cpu is None:
-        mcpu = host_cpu()
-    else:
-        mcpu = NAMED_CPUS.get(cpu, cpu)
-        if mcpu == "native":
-            raise ConfigError("--cpu native: name the CPU (e.g. znver4, skylake-avx512) or leave it out for the host")
-    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "mtriple": "x86_64-linux-gnu"})
+        return host_cpu()
+    mcpu = NAMED_CPUS.get(cpu, cpu)
+    if mcpu == "native":
+        raise ConfigError("--cpu native: name the CPU (e.g. znver4, skylake-avx512) or leave it out for the host")
+    return mcpu
 
 
-def build(prim_func, target: tvm.target.Target):
-    return tvm.compile(prim_func, target=target)
+def x86_target(cpu: str | None = None):
+    from .common import tvm
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": _mcpu(cpu), "mtriple": "x86_64-linux-gnu"})
 
 
-def build_x86(ckpt_dir, out_dir, cpu: str | None = None, max_batch: int = 8, with_onnx: bool = True,
-              dense_model_dir=None, dump_ir=None, fuse: bool = True, with_tvm: bool = True,
-              dense_dtypes: tuple[str, ...] = ("float32", "float16"), onnx_dense: bool = True) -> dict:
-    """Compile the kernels every quantized layer needs into `kernels_x86.so`, with weights and manifest; with
-    `with_onnx`, also the ONNX decoder (AqlmMatMul + portable [+ dense]) and the ORT op library that runs it."""
+def _check(options: BuildOptions) -> None:
     if platform.machine() != "x86_64":
         raise ConfigError(f"--target x86: this machine is {platform.machine()}; cross-building x86 is not supported")
-    aqlm_config, layers = checkpoint_layers(ckpt_dir)
-    target = x86_target(cpu)
-    steps, extra, fused = [], {}, []
-    if with_onnx:
-        from .ort import LIBRARY, build_ort_library, host_runtime_libs
+    _mcpu(options.cpu)
 
-        populate_onnx, entry, fused = onnx_step(ckpt_dir, dense_model_dir if onnx_dense else None, dump_ir, fuse)
-        entry["op_library"] = LIBRARY
-        steps = [populate_onnx, lambda tmp: build_ort_library(tmp, "kernels_x86.so", host_runtime_libs())]
-        extra["onnx"] = entry
-    if with_tvm:
-        from .relax import build_relax_model
 
-        def relax_step(tmp):
-            extra["tvm"].update(build_relax_model(ckpt_dir, tmp, target, "model_x86.so"))
-            if dense_model_dir is not None and "float32" in dense_dtypes:
-                extra["tvm"]["dense"] = build_relax_model(ckpt_dir, tmp, target, "model_dense_x86.so",
-                                                          dense_model_dir=dense_model_dir,
-                                                          params_name="model_dense_params.bin")
-            if dense_model_dir is not None and "float16" in dense_dtypes:
-                extra["tvm"]["dense_fp16"] = build_relax_model(ckpt_dir, tmp, target, "model_dense16_x86.so",
-                                                               dense_model_dir=dense_model_dir,
-                                                               params_name="model_dense16_params.bin",
-                                                               dense_fp16=True)
+def _toolchain(options: BuildOptions) -> Toolchain:
+    from .ort import host_runtime_libs
 
-        steps.append(relax_step)
-        extra["tvm"] = {}  # filled by relax_step before the manifest is written
-    mod, kernels = kernel_module(aqlm_config, layers, "llvm", max_batch, fused)
-    lib = tvm.compile(mod, target=target)
-    spec = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "mtriple": "x86_64-linux-gnu"}
-    return write_artifact(ckpt_dir, out_dir, target_name="x86", arch="x86_64", target_spec=spec,
-                          lib_name="kernels_x86.so", export=lambda p: lib.export_library(str(p)),
-                          aqlm_config=aqlm_config, layers=layers, kernels=kernels, extra_steps=steps,
-                          extra_manifest=extra)
+    return Toolchain(runtime_libs=host_runtime_libs() if options.onnx else {})
+
+
+X86 = register_target(Target(
+    name="x86", kind="llvm", summary="x86-64 CPU (this machine's CPU, or --cpu avx2|avx512|<LLVM name>)",
+    tvm_target=lambda options: x86_target(options.cpu),
+    arch=lambda options: "x86_64",
+    target_spec=lambda t, options: {"kind": "llvm", "mcpu": str(t.attrs["mcpu"]), "mtriple": "x86_64-linux-gnu"},
+    options=("cpu",), toolchain=_toolchain, check=_check, dense_baseline=True,
+))
+
+
+def build(prim_func, target):
+    """One PrimFunc compiled for `target` (the kernel tests and `bench --kernels`; artifacts use targets/plan.py)."""
+    from .common import tvm
+
+    return tvm.compile(prim_func, target=target)

@@ -7,7 +7,7 @@ Three sections, each recorded on its own (a failure is one line in its record; t
   graph replay with CUDA events, with the weights L2-cold (rotating copies larger than the L2) and hot; achieved
   GB/s = bytes the kernel must read ÷ time, against a measured device-to-device copy bandwidth;
 - `decode`: a tiny random Llama (made here: BPE tokenizer trained from a string, random AQLM codes) compiled by
-  `build_cuda` and decoded greedily by `TvmDecoder` on the GPU and by the PyTorch reference on the CPU.
+  the build plan (`build(ckpt, "cuda", ...)`) and decoded greedily by `TvmDecoder` on the GPU and by the PyTorch reference on the CPU.
 
 Results: DIR/gpu.json (rewritten atomically after every section, so a timeout still leaves what finished) and
 DIR/gpu.md. Without a GPU the command says so and exits 2, unless `--dry-run`: then everything that needs no GPU
@@ -349,13 +349,14 @@ def make_tiny_checkpoint(root: Path, config: str = DECODE_CONFIG, seed: int = 0)
 
 def build_decode(dest: Path, archs, ptx) -> dict:
     from aqlm_compile.errors import ConfigError
-    from aqlm_compile.targets.cuda import build_cuda
+    from aqlm_compile.targets.plan import build
+    from aqlm_compile.targets.registry import BuildOptions
 
     t = time.perf_counter()
     ckpt = make_tiny_checkpoint(dest / "tiny")
     made = time.perf_counter() - t
     try:
-        build_cuda(ckpt, dest / "tiny" / "artifact", archs=tuple(archs), ptx_arch=ptx, max_batch=1)
+        build(ckpt, "cuda", BuildOptions(archs=tuple(archs), ptx_arch=ptx, max_batch=1), dest / "tiny" / "artifact")
     except ConfigError as exc:
         if "nvcc not found" in str(exc):
             raise Skip(one_line(exc)) from None

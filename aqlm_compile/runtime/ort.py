@@ -39,7 +39,8 @@ class OrtDecoder:
         threads = threads or os.cpu_count() or 1
         so = ort.SessionOptions()
         if kind == "aqlm":
-            # The AQLM op runs its own (TVM) thread pool: ORT's pool stays at one thread, not spinning (facts B-G4).
+            # The AQLM op runs its own (TVM) thread pool: ORT's pool stays at one thread, not spinning
+            # (docs/tvm-and-ort-notes.md N11).
             os.environ.setdefault("AQLM_NUM_THREADS", str(threads))
             so.intra_op_num_threads = 1
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")

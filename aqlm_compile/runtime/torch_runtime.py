@@ -24,7 +24,7 @@ class TorchDecoder:
         import torch
 
         from .. import format as fmt
-        from ..export import DecoderWithCache
+        from ..decoder import DecoderWithCache
 
         if threads:
             torch.set_num_threads(threads)

@@ -149,7 +149,7 @@ const char* type_name(ONNXTensorElementDataType t) {
   }
 }
 
-// 64-byte aligned scratch: the generated kernels assume aligned data (facts doc G6).
+// 64-byte aligned scratch: the generated kernels assume aligned data (docs/tvm-and-ort-notes.md N6).
 struct Aligned {
   void* ptr = nullptr;
   size_t bytes = 0;

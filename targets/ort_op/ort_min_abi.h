@@ -2,7 +2,8 @@
 // headers. The OrtApi table is append-only, so each function is reached by its fixed slot number (checked against
 // ORT's own static_asserts, e.g. ReleaseCustomOpDomain == 101). OrtCustomOp is declared up to the members of struct
 // version 16 (KernelComputeV2, which returns a status instead of throwing across the C ABI); we claim version 16
-// and fill every member up to there (facts doc B-G2: the version must describe the struct actually filled).
+// and fill every member up to there (docs/tvm-and-ort-notes.md N10: the version must describe the struct actually
+// filled).
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
     size_t n = bits / 8;
     for (int64_t s : shapes[i]) n *= s;
     size_t padded = (n + 63) / 64 * 64 + 64;
-    buffers[i] = aligned_alloc(64, padded);  // generated code assumes 64-byte alignment (facts doc G6)
+    buffers[i] = aligned_alloc(64, padded);  // generated code assumes 64-byte alignment (docs/tvm-and-ort-notes.md N6)
     memset(buffers[i], 0, padded);
     if (i + 1 < count && !read_exact(in, buffers[i], n)) { fprintf(stderr, "aqlm_run: short data %d\n", i); return 2; }
     DLTensor& t = tensors[i];

@@ -25,7 +25,7 @@
 
 namespace ffi = tvm::ffi;
 
-struct AlignedAlloc {  // generated code assumes 64-byte aligned arrays (facts doc G6)
+struct AlignedAlloc {  // generated code assumes 64-byte aligned arrays (docs/tvm-and-ort-notes.md N6)
   void AllocData(DLTensor* t) {
     size_t n = (ffi::GetDataSize(*t) + 63) / 64 * 64 + 64;
     t->data = aligned_alloc(64, n);

@@ -127,9 +127,9 @@ def test_bad_artifacts_and_inputs(llama_art, tmp_path):
 
 
 def test_portable_model_is_not_constant_folded_into_dense_weights(llama_art, tmp_path):
-    """ORT folds initializer-only subgraphs at session creation (facts doc B.1): the portable model's decode must
-    depend on a runtime value, so ORT's optimized graph holds no dense weight, gathered codewords or int64 index of
-    any AQLM layer."""
+    """ORT folds initializer-only subgraphs at session creation (docs/tvm-and-ort-notes.md N9): the portable
+    model's decode must depend on a runtime value, so ORT's optimized graph holds no dense weight, gathered codewords
+    or int64 index of any AQLM layer."""
     import onnxruntime as ort
 
     src = onnx.load(str(llama_art / "onnx/model.portable.onnx"))

@@ -1,4 +1,5 @@
-"""The `aqlm` torch ops that carry AQLM layers through `torch.export`.
+"""The `aqlm` op dialect: the torch ops that carry AQLM layers through `torch.export` (core: the exporter emits
+them, the passes rewrite them, the ONNX and Relax routes consume them).
 
 - `aqlm::dequantize(codes, codebooks, scales) -> W [out, in] fp32`: what an `AqlmLinear` emits when exported (a
   Q/DQ-style pattern: dequantize, then an ordinary `aten.linear`). Nothing is lost: every tensor of the layer stays
@@ -6,8 +7,8 @@
 - `aqlm::aqlm_gemm(x, codes, codebooks, scales, bias?) -> y`: one node per AQLM layer, what `lower_aqlm_linear`
   rewrites the pattern into and what the ONNX (`aqlm.AqlmMatMul`) and Relax (`call_tir` of kernels/) routes
   consume. The config is visible from the input shapes: M = codes.shape[2], K = codebooks.shape[1],
-  g = codebooks.shape[3] (`aqlm_config_of`). (Named `aqlm_gemm`, not `linear`: converter maps key ops by name
-  only, and `linear.default` would collide with aten's — relax facts §3.)
+  g = codebooks.shape[3] (`AqlmConfig.from_shapes`). (Named `aqlm_gemm`, not `linear`: converter maps key ops by
+  name only, and `linear.default` would collide with aten's — docs/tvm-and-ort-notes.md N14.)
 
 Both have a reference implementation (the same decode as `AqlmLinear`) and a fake one, so they export as single
 nodes and run eagerly for the before/after tests.
@@ -18,12 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aqlm_compile.config import AqlmConfig
-from aqlm_compile.nn import decode_weight
+from .config import AqlmConfig
+from .nn import decode_weight
 
 
 def _decode(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    nbits = (codebooks.shape[1] - 1).bit_length()
+    nbits = AqlmConfig.from_shapes(codes.shape, codebooks.shape).nbits_per_codebook
     unsigned = codes.to(torch.int64) % (1 << nbits)
     return decode_weight(unsigned, codebooks.float(), scales.float())
 
@@ -55,15 +56,6 @@ def aqlm_gemm(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
 @aqlm_gemm.register_fake
 def _(x, codes, codebooks, scales, bias=None, partitions=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
-
-
-def aqlm_config_of(codes_shape, codebooks_shape) -> AqlmConfig:
-    """The AqlmConfig an op's inputs describe (codes [out, in/g, M], codebooks [P·M, K, 1, g])."""
-    pm, k, _, g = codebooks_shape
-    m = codes_shape[2]
-    if pm % m:
-        raise ValueError(f"codes {list(codes_shape)} and codebooks {list(codebooks_shape)} disagree on M")
-    return AqlmConfig(num_codebooks=int(m), nbits_per_codebook=(int(k) - 1).bit_length(), in_group_size=int(g))
 
 
 def export_forward(layer, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,213 @@
+"""The build plan: one recipe from an AQLM checkpoint to an artifact folder, for every registered target.
+
+`build(checkpoint, target, options)`, in order:
+1. **check** — the target's own checks (host, tools, option values) and the generic ones, before anything is read;
+2. **load** — the checkpoint is loaded and validated exactly once (`format.load`);
+3. **export** — each graph a route needs is exported once from that model (aqlm_compile/export.py): the ONNX
+   route's decoder (any token count), the Relax route's `prefill` (any token count) and `decode` (one token);
+4. **passes** — the pass pipeline on each graph (passes/pipeline.py), with the target's `supports` from the
+   kernel table; layers are fused for the ONNX route only (the Relax route would redo the parameter
+   concatenation on every call);
+5. **kernel requests** — every quantized layer of the checkpoint (the kernel library's per-layer ABI, which
+   runtime/kernels.py and the ORT op library call) plus every `aqlm_gemm` node of the lowered graphs (fused
+   shapes): for each, a GEMV per batch 1..max_batch and an any-batch kernel where the kernel table has one for the
+   target kind, each chosen by `kernels.registry.select_kernel`;
+6. **compile and write** — the kernel library, then each route (ONNX decoder + portable twin + ORT op library;
+   Relax VM library + params; the dense baselines), all into a temporary folder that is renamed into place with
+   the manifest (sha256 of every file) — nothing half-written is left behind.
+
+Targets (targets/registry.py) only supply data and toolchain hooks; nothing here names a target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aqlm_compile.config import AqlmConfig
+from aqlm_compile.errors import ConfigError
+
+from .registry import BuildOptions, Target, get_target
+
+DECODER_PREFIX = "model."  # the export wrapper's attribute: stripped from layer names in reports
+
+
+@dataclass(frozen=True)
+class KernelRequest:
+    out_features: int
+    in_features: int
+    config: AqlmConfig
+    partitions: tuple[int, ...] | None = None  # a fused layer (passes/fuse_shared_input.py)
+
+
+@dataclass
+class Graphs:
+    """The lowered graphs of one build: `onnx` = (ExportedProgram, DecoderSpec, pass report) or None; `relax` =
+    {"prefill"|"decode": (ExportedProgram, DecoderSpec)}."""
+
+    onnx: tuple | None = None
+    relax: dict = field(default_factory=dict)
+
+
+RELAX_FUNCTIONS = (("prefill", None), ("decode", 1))  # (function, fixed token count or None for any)
+
+
+def supports_for(target: Target):
+    """config → bool, from the kernel table for this target's kind (what `lower_aqlm_linear` checks)."""
+    from aqlm_compile.kernels.registry import supports
+
+    return lambda config: supports(config, target.kind)
+
+
+def export_graphs(model, routes, options: BuildOptions, supports=None) -> Graphs:
+    """Export (once each) and lower the graphs the `routes` need from a loaded checkpoint `model` (changed in place:
+    traced as the op dialect; for the Relax route its dense weights are then kept fp16, as stored)."""
+    from aqlm_compile.export import export_decoder, keep_dense_fp16, prepare_for_export
+    from aqlm_compile.passes.pipeline import PipelineOptions, run_pipeline
+
+    prepare_for_export(model)
+    graphs = Graphs()
+    if "onnx" in routes:
+        ep, spec = export_decoder(model)
+        report = run_pipeline(ep, dump_ir=options.dump_ir, options=PipelineOptions(
+            supports=supports, name_prefix=DECODER_PREFIX, fuse=options.fuse))
+        graphs.onnx = (ep, spec, report)
+    if "tvm" in routes:
+        # after the ONNX export: that graph holds the fp32 tensors it was traced with; these read the fp16 ones
+        keep_dense_fp16(model)
+        for name, tokens in RELAX_FUNCTIONS:
+            ep, spec = export_decoder(model, tokens)
+            run_pipeline(ep, options=PipelineOptions(supports=supports, name_prefix=DECODER_PREFIX, fuse=False))
+            graphs.relax[name] = (ep, spec)
+    return graphs
+
+
+def relax_graphs(ckpt_dir, supports=None) -> dict:
+    """The Relax route's lowered `prefill`/`decode` graphs of a checkpoint (a tool for tests)."""
+    from aqlm_compile import format as fmt
+
+    model, _, _ = fmt.load(ckpt_dir)
+    return export_graphs(model, ("tvm",), BuildOptions(), supports).relax
+
+
+def kernel_requests(layers: dict, aqlm_config: AqlmConfig, graphs: Graphs) -> list[KernelRequest]:
+    """Every checkpoint layer (unfused) and every `aqlm_gemm` node of the lowered graphs, each shape once."""
+    import torch
+
+    from aqlm_compile import ops  # noqa: F401  (registers torch.ops.aqlm)
+
+    found = {(o, i, None): KernelRequest(o, i, aqlm_config) for o, i in layers.values()}
+    eps = ([graphs.onnx[0]] if graphs.onnx else []) + [ep for ep, _ in graphs.relax.values()]
+    for ep in eps:
+        for node in ep.graph_module.graph.nodes:
+            if node.target is not torch.ops.aqlm.aqlm_gemm.default:
+                continue
+            cv, bv = node.args[1].meta["val"], node.args[2].meta["val"]
+            config = AqlmConfig.from_shapes(tuple(cv.shape), tuple(bv.shape))
+            parts = node.kwargs.get("partitions") or (node.args[5] if len(node.args) > 5 else None)
+            parts = tuple(int(p) for p in parts) if parts and len(parts) > 1 else None
+            key = (int(cv.shape[0]), int(cv.shape[1]) * config.in_group_size, parts)
+            found.setdefault(key, KernelRequest(*key[:2], config, parts))
+    return [found[k] for k in sorted(found, key=lambda k: (k[0], k[1], k[2] or ()))]
+
+
+def _layers(model) -> dict:
+    from aqlm_compile import format as fmt
+
+    return {name: (m.out_features, m.in_features) for name, m in fmt.quantized_modules(model).items()}
+
+
+def _check_options(target: Target, options: BuildOptions) -> None:
+    from aqlm_compile.kernels.registry import MAX_GEMV_BATCH
+
+    if not 1 <= options.max_batch <= MAX_GEMV_BATCH:
+        raise ConfigError(f"--max-batch {options.max_batch}: expected 1..{MAX_GEMV_BATCH}")
+    if options.dense_model_dir is not None and not target.dense_baseline:
+        raise ConfigError(f"--dense/--dense-model: target {target.name} has no dense baseline")
+    target.check(options)
+
+
+def build(checkpoint, target: str | Target, options: BuildOptions | None = None, out_dir=None) -> dict:
+    """Build `checkpoint` for `target` into `out_dir` (default `<checkpoint>-<target>`); returns the manifest."""
+    from aqlm_compile import format as fmt
+
+    from . import common  # noqa: F401  (sizes TVM's thread pool before anything starts TVM)
+
+    target = get_target(target) if isinstance(target, str) else target
+    options = options or BuildOptions()
+    out_dir = Path(out_dir or f"{str(checkpoint).rstrip('/')}-{target.name}")
+    _check_options(target, options)
+    toolchain = target.toolchain(options)
+    routes = [r for r in target.routes if getattr(options, r)]
+    model, aqlm_config, _ = fmt.load(checkpoint)  # the one load + validation of this build
+    layers = _layers(model)
+    graphs = export_graphs(model, routes, options, supports_for(target))
+    del model
+
+    from .common import kernel_library, tvm, write_artifact
+
+    tvm_target = target.tvm_target(options)
+    mod, kernels = kernel_library(kernel_requests(layers, aqlm_config, graphs), target.kind, options.max_batch)
+    with target.compile_context(options), tvm_target:
+        lib = tvm.compile(mod, target=tvm_target)
+    lib_name = f"kernels_{target.name}.so"
+
+    def export_lib(path: Path, module=None):
+        (module or lib).export_library(str(path), **({"fcompile": toolchain.fcompile} if toolchain.fcompile else {}))
+        if target.check_library is not None:
+            target.check_library(path, options)  # before the artifact is renamed into place
+
+    extra, steps = dict(toolchain.manifest), []
+    if graphs.onnx is not None:
+        steps += _onnx_route(target, options, toolchain, graphs.onnx, lib_name, extra)
+    if graphs.relax:
+        steps.append(_relax_route(target, options, graphs.relax, tvm_target, export_lib, extra))
+    return write_artifact(checkpoint, out_dir, target_name=target.name, arch=target.arch(options),
+                          target_spec=target.target_spec(tvm_target, options), lib_name=lib_name,
+                          export=export_lib, aqlm_config=aqlm_config, layers=layers, kernels=kernels,
+                          extra_steps=steps, extra_manifest=extra, extra_files=toolchain.files)
+
+
+def _onnx_route(target: Target, options: BuildOptions, toolchain, onnx_graph, lib_name: str, extra: dict) -> list:
+    """The ONNX decoder (AqlmMatMul nodes), its portable twin, the dense ONNX baseline, the ORT op library."""
+    from .onnx import onnx_route
+    from .ort import LIBRARY, build_ort_library
+
+    dense_dir = options.dense_model_dir if options.onnx_dense else None
+    populate, entry = onnx_route(*onnx_graph, dense_model_dir=dense_dir)
+    entry["op_library"] = LIBRARY
+    extra["onnx"] = entry
+    return [populate, lambda tmp: build_ort_library(tmp, lib_name, toolchain.runtime_libs, cxx=toolchain.cxx)]
+
+
+def _relax_route(target: Target, options: BuildOptions, relax: dict, tvm_target, export_lib, extra: dict):
+    """The whole model for the Relax VM (+ the dense FP32/FP16 baselines through the same compiler)."""
+    from .relax import compile_relax_model, dense_relax_graphs, relax_decoder_module
+
+    extra["tvm"] = {}  # filled by the step, before the manifest is written
+
+    def step(tmp: Path):
+        def export_model(ex, path: Path):
+            export_lib(path, ex)
+
+        compile_ctx = target.compile_context(options)
+        entry = compile_relax_model(relax_decoder_module(relax, device=target.device, target_kind=target.kind),
+                                    tmp, tvm_target, f"model_{target.name}.so", export=export_model,
+                                    compile_context=compile_ctx)
+        if target.runner:
+            entry["runner"] = target.runner
+        if target.device != "cpu":
+            entry["device"] = target.device
+        if options.dense_model_dir is not None:
+            for key, dtype, lib, params in (("dense", "float32", "model_dense", "model_dense_params.bin"),
+                                            ("dense_fp16", "float16", "model_dense16", "model_dense16_params.bin")):
+                if dtype in options.dense_dtypes:
+                    graphs = dense_relax_graphs(options.dense_model_dir, fp16=dtype == "float16")
+                    entry[key] = compile_relax_model(
+                        relax_decoder_module(graphs, device=target.device, target_kind=target.kind), tmp,
+                        tvm_target, f"{lib}_{target.name}.so", export=export_model, params_name=params,
+                        compile_context=target.compile_context(options))
+        extra["tvm"].update(entry)
+
+    return step
+

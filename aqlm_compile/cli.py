@@ -19,6 +19,34 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+def _target_names() -> list[str]:
+    from .targets.registry import target_names
+
+    return target_names()
+
+
+class _RegistryChoice(click.Choice):
+    """A choice among the names of a registry, read at parse time (one registered later is accepted too)."""
+
+    def __init__(self, names):
+        self._names = names
+        super().__init__(())
+
+    @property
+    def choices(self):
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value):  # click.Choice assigns in __init__; the registry is the source
+        pass
+
+
+def _method_names() -> list[str]:
+    from .quantize.methods import method_names  # torch-free
+
+    return method_names()
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="aqlm-compile")
 def main():
@@ -30,6 +58,8 @@ def main():
 @click.option("-o", "--output", "out_dir", required=True, help="Checkpoint directory to write (HF AQLM format).")
 @click.option("--config", default="2x8g8", show_default=True, help="MxBgG: M codebooks of 2^B codewords, groups of g.")
 @click.option("--dataset", default="brown", show_default=True, help="'brown', a .txt file or a folder of .txt files.")
+@click.option("--method", type=_RegistryChoice(_method_names), default="aqlm", show_default=True,
+              help="Quantization method (a registered one: aqlm_compile/quantize/methods.py).")
 @click.option("--preset", type=click.Choice(["fast", "quality", "paper", "tiny"]), default="fast", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last saved block.")
@@ -39,7 +69,7 @@ def main():
 @click.option("--beam-size", type=int, help="Override the preset's beam width.")
 @click.option("--num-blocks", type=int, help="Quantize only the first N blocks (the rest stay in float).")
 @click.option("--quiet", is_flag=True, help="Progress bars only, no per-block lines.")
-def quantize(model_dir, out_dir, config, dataset, preset, seed, resume, device, nsamples, seqlen, beam_size,
+def quantize(model_dir, out_dir, config, dataset, method, preset, seed, resume, device, nsamples, seqlen, beam_size,
              num_blocks, quiet):
     """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
     from .jobs import quantize_job
@@ -47,7 +77,8 @@ def quantize(model_dir, out_dir, config, dataset, preset, seed, resume, device, 
 
     reporter = default_reporter(quiet)
     try:
-        quantize_job(model_dir, out_dir, config=config, dataset=dataset, preset=preset, seed=seed, resume=resume,
+        quantize_job(model_dir, out_dir, config=config, dataset=dataset, method=method, preset=preset, seed=seed,
+                     resume=resume,
                      device=device, num_blocks=num_blocks, reporter=reporter,
                      overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size})
     finally:
@@ -89,12 +120,6 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
         click.echo("bits/param counts the quantized linears: codes + fp16 codebooks + fp16 scales")
 
 
-def _target_names() -> list[str]:
-    from .targets.registry import target_names
-
-    return target_names()
-
-
 def _targets_taking(what: str) -> str:
     from .targets.registry import targets_with
 
@@ -104,7 +129,7 @@ def _targets_taking(what: str) -> str:
 
 @main.command()
 @click.argument("checkpoint_dir")
-@click.option("--target", type=click.Choice(_target_names()), required=True,
+@click.option("--target", type=_RegistryChoice(_target_names), required=True,
               help="A registered target (targets/registry.py).")
 @click.option("-o", "--output", "out_dir", help="Artifact folder (default: CHECKPOINT_DIR-<target>).")
 @click.option("--cpu", help="An LLVM CPU name; x86 also avx2 / avx512 (default: this machine's CPU; arm64: neoverse-n1).")

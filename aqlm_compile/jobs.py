@@ -25,9 +25,11 @@ def work_folder_for(out_dir: Path) -> Path:
 
 
 def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", dataset: str | None = "brown",
-                 preset: str = "fast", seed: int = 0, resume: bool = False, device: str = "auto",
-                 num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
+                 preset: str = "fast", method: str = "aqlm", seed: int = 0, resume: bool = False,
+                 device: str = "auto", num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
                  stop_after_block: int | None = None) -> dict:
+    """Quantize `model_dir` with `method` (a name in `quantize.methods`; AQLM by default) at `preset` plus
+    `overrides` (settings fields), and write the checkpoint to `out_dir`. Returns the run's report."""
     import torch
 
     from . import format as fmt
@@ -35,11 +37,12 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", dat
     from .models import load_fp_model, resolve_model_dir
     from .progress import Reporter
     from .quantize.pipeline import quantize_model
-    from .quantize.presets import get_preset
+    from .quantize.methods import get_method
 
     reporter = reporter or Reporter()
     aqlm_config = AqlmConfig.parse(config)
-    settings = get_preset(preset, **(overrides or {}))
+    quantizer = get_method(method).from_preset(preset, overrides)
+    settings = quantizer.settings
     out = Path(out_dir)
     if out.exists() and not fmt.is_checkpoint(out) and any(out.iterdir()):
         raise ModelError(f"{out}: exists and is not an AQLM checkpoint; refusing to overwrite it")
@@ -55,19 +58,21 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", dat
     ids = tokenize(tokenizer, corpus.calibration)
     tokens = calibration_windows(ids, settings.nsamples, settings.seqlen, seed).to(device)
     load_seconds = time.perf_counter() - start
-    reporter.log(f"model {source} | {aqlm_config.name} | preset {preset} | {settings.nsamples} x {settings.seqlen} "
-                 f"calibration tokens from {corpus.name} ({len(ids)} tokens) | device {device}")
-    fingerprint = {"model": str(source.resolve()), "config": aqlm_config.name, "settings": settings.to_dict(),
-                   "seed": seed, "dataset": corpus.name, "num_blocks": num_blocks}
+    reporter.log(f"model {source} | {aqlm_config.name} | {quantizer.name} preset {preset} | {settings.nsamples} x "
+                 f"{settings.seqlen} calibration tokens from {corpus.name} ({len(ids)} tokens) | device {device}")
+    # quantize_model adds the method and its settings to the fingerprint
+    fingerprint = {"model": str(source.resolve()), "config": aqlm_config.name, "seed": seed, "dataset": corpus.name,
+                   "num_blocks": num_blocks}
     work = fmt.WorkFolder(work_folder_for(out))
     torch.manual_seed(seed)
-    report = quantize_model(model, tokens, aqlm_config, settings, seed=seed, work=work, resume=resume,
+    report = quantize_model(model, tokens, aqlm_config, quantizer, seed=seed, work=work, resume=resume,
                             fingerprint=fingerprint, reporter=reporter, num_blocks=num_blocks,
                             stop_after_block=stop_after_block)
     report["timings"]["load"] = round(load_seconds, 1)
     report["seconds"] = round(time.perf_counter() - start, 1)
     model.to("cpu")
-    metadata = {"preset": preset, "seed": seed, "dataset": corpus.name, "settings": settings.to_dict(),
+    # config.json's aqlm_compile.method: {"name", "version", "settings"}; quantization_config stays the HF one
+    metadata = {"preset": preset, "seed": seed, "dataset": corpus.name, "method": quantizer.record(),
                 "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
                 "timings": report["timings"], "seconds": report["seconds"]}
     fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,

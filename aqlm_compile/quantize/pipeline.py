@@ -1,6 +1,7 @@
-"""Blocks in order, each quantized on the outputs of the already-quantized blocks (reference §2.2):
-capture block-0 inputs → per block: FP outputs + XXᵀ → AQ per linear → block fine-tuning → quantized outputs
-→ save (resumable) → optional global KL fine-tuning."""
+"""The block loop, the same for every quantization method (reference §2.2): blocks in order, each quantized on the
+outputs of the already-quantized blocks. Capture block-0 inputs → per block: FP outputs + XXᵀ → the method's
+`quantize_block` → quantized outputs → save (resumable) → after the last block, the method's `finish`.
+Methods (AQLM's AQ + block fine-tuning + global fine-tuning, and others) live behind `methods.py`."""
 
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ from ..format import WorkFolder, replace_module
 from ..models import block_linears, decoder_layers
 from ..nn import AqlmLinear
 from ..progress import Reporter
-from .block import BlockRunner, collect_hessians, finetune_block
-from .global_ft import global_finetune
-from .layer import quantize_weight
-from .presets import QuantizeSettings
+from .block import BlockRunner, collect_hessians
+from .methods import BlockContext, QuantizationMethod, RunContext
 
 FORWARD_BATCH = 8
 
@@ -27,7 +26,7 @@ class _Captured(Exception):
 
 def capture_inputs(model, first_block, tokens: torch.Tensor, with_teacher: bool):
     """Inputs to block 0 for every sequence, the block's keyword arguments (batch 1), and — when asked — the FP
-    model's final hidden states (the teacher for global fine-tuning)."""
+    model's final hidden states (the teacher, for methods that fine-tune end to end: `needs_teacher()`)."""
     inputs, kwargs_box = [], {}
 
     def hook(module, args, kwargs):
@@ -61,48 +60,45 @@ def split_train_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, tor
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
-def _generator(seed: int, *parts: int) -> torch.Generator:
-    value = seed
-    for p in parts:
-        value = (value * 1_000_003 + p + 1) % (1 << 62)
-    return torch.Generator().manual_seed(value)
-
-
 def _quantize_block_linears(block, config: AqlmConfig) -> None:
-    """Replace every linear of a block by an empty AqlmLinear of the same shape (for loading a saved block)."""
+    """Replace every linear of a block by an empty AqlmLinear of the same shape (for loading a saved block: every
+    method leaves the linears of the blocks it quantized as AqlmLinear of the run's config)."""
     for name, linear in block_linears(block).items():
         replace_module(block, name, AqlmLinear(linear.in_features, linear.out_features, config,
                                                bias=linear.bias is not None, dtype=linear.weight.dtype))
 
 
-def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, settings: QuantizeSettings, seed: int = 0,
+def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: QuantizationMethod, seed: int = 0,
                    work: WorkFolder | None = None, resume: bool = False, fingerprint: dict | None = None,
                    reporter: Reporter | None = None, num_blocks: int | None = None,
                    stop_after_block: int | None = None) -> dict:
-    """Quantize `model` in place. `tokens`: [nsamples, seqlen] calibration windows. Returns a report dict.
+    """Quantize `model` in place with `method`. `tokens`: [nsamples, seqlen] calibration windows. Returns a report
+    dict: per-block reports, whatever the method's `finish` returned, timings per phase.
 
+    `fingerprint` identifies the run for `resume` (model, config, seed, data); the method's name, version and
+    settings are added to it here, so a work folder is never resumed under another method or other settings.
     `num_blocks` quantizes only the first N blocks (the rest stay in float). `stop_after_block` raises
     KeyboardInterrupt after that block is saved (used by tests to simulate an interruption).
     """
     reporter = reporter or Reporter()
-    timings: dict[str, float] = {"capture": 0.0, "hessian": 0.0, "aq": 0.0, "block_ft": 0.0, "forward": 0.0,
-                                 "global_ft": 0.0}
+    timings: dict[str, float] = {"capture": 0.0, "hessian": 0.0, **{p: 0.0 for p in method.phases}, "forward": 0.0}
     torch.manual_seed(seed)
     _, layers = decoder_layers(model)
     n_blocks = len(layers) if num_blocks is None else min(num_blocks, len(layers))
-    train_idx, val_idx = split_train_val(tokens.shape[0], settings.val_size, seed)
+    train_idx, val_idx = split_train_val(tokens.shape[0], method.settings.val_size, seed)
     for p in model.parameters():
         p.requires_grad_(False)
 
     t0 = time.perf_counter()
-    with_teacher = settings.global_epochs > 0
-    inputs, kwargs, teacher = capture_inputs(model, layers[0], tokens, with_teacher)
+    inputs, kwargs, teacher = capture_inputs(model, layers[0], tokens, method.needs_teacher())
     runner = BlockRunner(kwargs)
     timings["capture"] += time.perf_counter() - t0
+    run = RunContext(config=config, seed=seed, tokens=tokens, train_idx=train_idx, val_idx=val_idx, runner=runner,
+                     reporter=reporter, teacher=teacher, timings=timings)
 
     start = 0
     if work is not None:
-        start = work.start(fingerprint or {}, resume)
+        start = work.start({**(fingerprint or {}), "method": method.record()}, resume)
         if start > n_blocks:
             raise ValueError(f"work folder says {start} blocks are done, but only {n_blocks} are to be quantized")
         for i in range(start):
@@ -119,57 +115,31 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, settings: Qu
         block = layers[i]
         linears = block_linears(block)
         block_start = time.perf_counter()
-        t = time.perf_counter()
-        targets, hessians = collect_hessians(block, linears, runner, inputs, FORWARD_BATCH)
-        timings["hessian"] += time.perf_counter() - t
+        with run.timed("hessian"):
+            targets, hessians = collect_hessians(block, linears, runner, inputs, FORWARD_BATCH)
 
-        layer_reports = {}
-        layer_task = reporter.task(f"  block {i}: layers", len(linears))
-        t = time.perf_counter()
-        for li, (name, linear) in enumerate(linears.items()):
-            reporter.update(layer_task, f"  block {i}: {name}")
-            result = quantize_weight(linear.weight.detach(), hessians[name], config, settings, _generator(seed, i, li))
-            new = AqlmLinear.from_parts(result.codes, result.codebooks, result.scales, config,
-                                        bias=None if linear.bias is None else linear.bias.detach())
-            new.requires_grad_(False)
-            replace_module(block, name, new)
-            layer_reports[name] = {"relative_error": result.relative_error, "rounds": len(result.losses) - 1,
-                                   "seconds": round(result.seconds, 2)}
-            reporter.advance(layer_task)
-        timings["aq"] += time.perf_counter() - t
-        del hessians
-        reporter.update(layer_task, f"  block {i}: fine-tuning")
+        ctx = BlockContext(run=run, index=i, linears=linears, inputs=inputs, targets=targets, hessians=hessians)
+        del hessians  # the context holds them, so that the method can free them early
+        method_report = method.quantize_block(block, ctx)
+        del ctx
 
-        t = time.perf_counter()
-        ft = finetune_block(block, runner, inputs, targets, train_idx, val_idx, settings, _generator(seed, i, 999))
-        timings["block_ft"] += time.perf_counter() - t
-
-        t = time.perf_counter()
-        outputs = runner.run(block, inputs, FORWARD_BATCH)
-        out_err = ((outputs - targets).pow(2).sum() / targets.pow(2).sum()).item()
-        timings["forward"] += time.perf_counter() - t
+        with run.timed("forward"):
+            outputs = runner.run(block, inputs, FORWARD_BATCH)
+            out_err = ((outputs - targets).pow(2).sum() / targets.pow(2).sum()).item()
         inputs = outputs
         del targets
-        report = {"block": i, "layers": layer_reports, "finetune": ft, "output_relative_mse": out_err,
+        report = {"block": i, **method_report, "output_relative_mse": out_err,
                   "seconds": round(time.perf_counter() - block_start, 2)}
         reports.append(report)
-        worst = max(layer_reports.items(), key=lambda kv: kv[1]["relative_error"])
-        reporter.log(f"block {i:3d}: output rel. MSE {out_err:.4f}  worst layer {worst[0]} {worst[1]['relative_error']:.4f}"
-                     f"  ft epochs {ft.get('epochs', 0)}  {report['seconds']:.1f}s")
+        summary = method.describe_block(method_report)
+        reporter.log(f"block {i:3d}: output rel. MSE {out_err:.4f}  " + (f"{summary}  " if summary else "")
+                     + f"{report['seconds']:.1f}s")
         if work is not None:
             work.save_block(i, block.state_dict(), inputs, report)
         reporter.advance(block_task)
         if stop_after_block is not None and i == stop_after_block:
             raise KeyboardInterrupt(f"stopped after block {i} (stop_after_block)")
 
-    global_report = {"steps": 0}
-    if with_teacher:
-        t = time.perf_counter()
-        total = max(1, int(settings.global_epochs * len(train_idx) / settings.global_batch_size + 0.999))
-        gtask = reporter.task("global fine-tuning", total)
-        global_report = global_finetune(model, tokens, teacher, train_idx, val_idx, settings, _generator(seed, 10**6),
-                                        on_step=lambda loss: reporter.advance(gtask))
-        timings["global_ft"] += time.perf_counter() - t
-        reporter.log(f"global fine-tuning: {global_report}")
-    return {"blocks": reports, "global_finetune": global_report, "timings": {k: round(v, 1) for k, v in timings.items()},
-            "quantized_blocks": n_blocks}
+    finish_report = method.finish(model, run)
+    return {"method": {"name": method.name, "version": method.settings.version}, "blocks": reports, **finish_report,
+            "timings": {k: round(v, 1) for k, v in timings.items()}, "quantized_blocks": n_blocks}

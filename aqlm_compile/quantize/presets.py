@@ -1,18 +1,22 @@
-"""Named bundles of quantization settings (`--preset fast|quality|paper`)."""
+"""AQLM's settings (the settings dataclass of the `"aqlm"` method, `aqlm_method.py`) and its named bundles
+(`--preset fast|quality|paper|tiny`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from ..errors import ConfigError
+from .methods import MethodSettings
 
 
 @dataclass(frozen=True)
-class QuantizeSettings:
-    # calibration data
-    nsamples: int = 64
-    val_size: int = 8
-    seqlen: int = 512
+class QuantizeSettings(MethodSettings):
+    """Settings of the "aqlm" method. Recorded in checkpoints with `version`: bump it when a field's meaning
+    changes. The calibration fields (nsamples, val_size, seqlen) come first, from `MethodSettings`."""
+
+    version: ClassVar[int] = 1
+
     # per-layer AQ
     kmeans_iters: int = 50
     kmeans_max_points: int | None = None  # fit k-means on at most this many groups per codebook
@@ -33,8 +37,10 @@ class QuantizeSettings:
     global_lr: float = 1e-5
     global_batch_size: int = 1
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def checked(self) -> QuantizeSettings:
+        if self.codebook_solver not in ("cg", "adam"):
+            raise ConfigError(f"codebook_solver {self.codebook_solver!r}: expected 'cg' or 'adam'")
+        return super().checked()
 
 
 PRESETS = {
@@ -76,9 +82,4 @@ def get_preset(name: str, **overrides) -> QuantizeSettings:
     unknown = set(clean) - set(QuantizeSettings.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    settings = replace(PRESETS[name], **clean)
-    if settings.codebook_solver not in ("cg", "adam"):
-        raise ConfigError(f"codebook_solver {settings.codebook_solver!r}: expected 'cg' or 'adam'")
-    if settings.val_size >= settings.nsamples:
-        raise ConfigError(f"val_size {settings.val_size}: expected fewer than nsamples {settings.nsamples}")
-    return settings
+    return replace(PRESETS[name], **clean).checked()

@@ -1,0 +1,77 @@
+"""AQLM as a quantization method (`"aqlm"`, registered in `methods.METHODS`): per block, additive quantization of
+each linear on its Hessian (`layer.py`), then block fine-tuning with codes frozen (`block.py`); after the last
+block, optional global KL fine-tuning (`global_ft.py`). Settings: `presets.QuantizeSettings` and its presets."""
+
+from __future__ import annotations
+
+from ..format import replace_module
+from ..nn import AqlmLinear
+from .block import finetune_block
+from .global_ft import global_finetune
+from .layer import quantize_weight
+from .methods import BlockContext, QuantizationMethod, RunContext, register_method
+from .presets import PRESETS, QuantizeSettings, get_preset
+
+# The stream of block i's fine-tuning: layer streams are (i, 0..n_linears-1), so any fixed index past them works;
+# 999 is what checkpoints made before the method seam used, and changing it would change every result.
+_FINETUNE_STREAM = 999
+# The global fine-tuning stream, likewise fixed by earlier checkpoints.
+_GLOBAL_STREAM = 10**6
+
+
+@register_method
+class AqlmMethod(QuantizationMethod):
+    name = "aqlm"
+    settings_class = QuantizeSettings
+    presets = PRESETS
+    phases = ("aq", "block_ft", "global_ft")
+
+    settings: QuantizeSettings
+
+    @classmethod
+    def from_preset(cls, preset: str, overrides: dict | None = None) -> AqlmMethod:
+        # get_preset keeps the messages the CLI and tests already know for bad presets and overrides
+        return cls(get_preset(preset, **(overrides or {})))
+
+    def needs_teacher(self) -> bool:
+        return self.settings.global_epochs > 0
+
+    def quantize_block(self, block, ctx: BlockContext) -> dict:
+        run, settings, i = ctx.run, self.settings, ctx.index
+        layer_reports = {}
+        layer_task = run.reporter.task(f"  block {i}: layers", len(ctx.linears))
+        with run.timed("aq"):
+            for li, (name, linear) in enumerate(ctx.linears.items()):
+                run.reporter.update(layer_task, f"  block {i}: {name}")
+                result = quantize_weight(linear.weight.detach(), ctx.hessians[name], run.config, settings,
+                                         run.generator(i, li))
+                new = AqlmLinear.from_parts(result.codes, result.codebooks, result.scales, run.config,
+                                            bias=None if linear.bias is None else linear.bias.detach())
+                new.requires_grad_(False)
+                replace_module(block, name, new)
+                layer_reports[name] = {"relative_error": result.relative_error, "rounds": len(result.losses) - 1,
+                                       "seconds": round(result.seconds, 2)}
+                run.reporter.advance(layer_task)
+        ctx.hessians = None  # fine-tuning works on activations only; free the Hessians before it allocates
+        run.reporter.update(layer_task, f"  block {i}: fine-tuning")
+        with run.timed("block_ft"):
+            ft = finetune_block(block, run.runner, ctx.inputs, ctx.targets, run.train_idx, run.val_idx, settings,
+                                run.generator(i, _FINETUNE_STREAM))
+        return {"layers": layer_reports, "finetune": ft}
+
+    def describe_block(self, report: dict) -> str:
+        worst_name, worst = max(report["layers"].items(), key=lambda kv: kv[1]["relative_error"])
+        epochs = report["finetune"].get("epochs", 0)
+        return f"worst layer {worst_name} {worst['relative_error']:.4f}  ft epochs {epochs}"
+
+    def finish(self, model, ctx: RunContext) -> dict:
+        if not self.needs_teacher():
+            return {"global_finetune": {"steps": 0}}
+        settings = self.settings
+        with ctx.timed("global_ft"):
+            total = max(1, int(settings.global_epochs * len(ctx.train_idx) / settings.global_batch_size + 0.999))
+            gtask = ctx.reporter.task("global fine-tuning", total)
+            report = global_finetune(model, ctx.tokens, ctx.teacher, ctx.train_idx, ctx.val_idx, settings,
+                                     ctx.generator(_GLOBAL_STREAM), on_step=lambda loss: ctx.reporter.advance(gtask))
+        ctx.reporter.log(f"global fine-tuning: {report}")
+        return {"global_finetune": report}

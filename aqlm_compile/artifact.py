@@ -18,7 +18,6 @@ from .errors import FormatError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-ARCH_OF_TARGET = {"x86": "x86_64", "arm64": "aarch64", "cuda": "x86_64"}
 
 
 def write(out_dir: str | Path, populate, manifest: dict) -> Path:

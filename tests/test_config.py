@@ -18,7 +18,7 @@ def test_parse_rejects(bad):
 
 
 def test_bits_match_paper():
-    # Llama-2 70B gate_proj (8192 -> 28672) at 2x8g8: 2.002 bits (reference §1)
+    # Llama-2 70B gate_proj (8192 -> 28672) at 2x8g8: 2.002 bits (AQLM paper, App. H)
     assert AqlmConfig.parse("2x8g8").bits_per_param(28672, 8192) == pytest.approx(2.002, abs=1e-3)
     # the 1x16g8 codebook costs 0.5 bit on a 4096x4096 matrix
     assert AqlmConfig.parse("1x16g8").bits_per_param(4096, 4096) == pytest.approx(2.0 + 0.5 + 16 / 4096, abs=1e-6)

@@ -1,4 +1,4 @@
-"""Code update by beam search over the fully connected MRF of one layer (reference §2.6).
+"""Code update by beam search over the fully connected MRF of one layer (docs/quantization.md step 4).
 
 Rows are independent. For slot (group j, codebook m) every hypothesis of every row tries all K codewords, and
 the best `beam_size` hypotheses per row survive. Scoring is incremental: we keep P = R·H (R = W − Ŵ, the

@@ -1,5 +1,5 @@
 """One transformer block: run it over the calibration activations (collecting XXᵀ per linear) and fine-tune it
-with codes frozen on the MSE to the FP block's outputs (reference §2.2, §2.3, §2.8)."""
+with codes frozen on the MSE to the FP block's outputs (docs/quantization.md steps 2, 3 and 5)."""
 
 from __future__ import annotations
 

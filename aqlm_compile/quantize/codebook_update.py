@@ -1,4 +1,4 @@
-"""Codebook and scale update with codes fixed (reference §2.5): Adam on tr(ΔW H ΔWᵀ)/out.
+"""Codebook and scale update with codes fixed (docs/quantization.md step 4): Adam on tr(ΔW H ΔWᵀ)/out.
 
 The gradient of the quadratic loss w.r.t. Ŵ is 2·ΔW·H/out, so each step costs one [out, in]×[in, in] matmul
 (autograd would spend two). The loss is divided by mean(diag H) so Adam's epsilon means the same for every layer.

@@ -1,4 +1,4 @@
-"""Residual k-means initialisation of AQ codebooks (reference §2.4)."""
+"""Residual k-means initialisation of AQ codebooks (docs/quantization.md step 4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """One linear layer: residual k-means init, then rounds of (codebook/scale update, beam search on codes) until
-the relative improvement of the loss falls below the tolerance (reference §2.4–2.7).
+the relative improvement of the loss falls below the tolerance (docs/quantization.md step 4).
 
 The codebook update is either the reference's Adam (`codebook_solver="adam"`) or an exact least-squares solve
 (`"cg"`: preconditioned conjugate gradients on the codebooks, then closed-form row scales), which reaches a

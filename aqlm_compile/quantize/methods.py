@@ -1,4 +1,4 @@
-"""The seam between the block loop and a quantization method (issue 12, item 4).
+"""The seam between the block loop and a quantization method.
 
 `pipeline.quantize_model` is method-agnostic: it captures block 0's inputs, and for each block in order runs the
 FP block (its outputs become the targets; H = mean xxᵀ per linear), calls the method's `quantize_block`, runs the

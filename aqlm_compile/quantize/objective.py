@@ -1,4 +1,4 @@
-"""The per-layer AQ objective ||WX - ŴX||^2 = tr(ΔW H ΔWᵀ), H = XXᵀ/N (reference §2.3, §2.5)."""
+"""The per-layer AQ objective ||WX - ŴX||^2 = tr(ΔW H ΔWᵀ), H = XXᵀ/N (docs/quantization.md steps 3–4)."""
 
 from __future__ import annotations
 

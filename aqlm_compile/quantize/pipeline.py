@@ -1,4 +1,4 @@
-"""The block loop, the same for every quantization method (reference §2.2): blocks in order, each quantized on the
+"""The block loop, the same for every quantization method (docs/quantization.md step 2): blocks in order, each quantized on the
 outputs of the already-quantized blocks. Capture block-0 inputs → per block: FP outputs + XXᵀ → the method's
 `quantize_block` → quantized outputs → save (resumable) → after the last block, the method's `finish`.
 Methods (AQLM's AQ + block fine-tuning + global fine-tuning, and others) live behind `methods.py`."""

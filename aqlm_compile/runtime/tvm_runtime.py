@@ -39,7 +39,9 @@ def whole_model(decoder, artifact_dir, kind: str, expect_arch: str | None = None
 class TvmDecoder:
     def __init__(self, artifact_dir: str | Path, threads: int | None = None, kind: str = "aqlm"):
         manifest = artifact.read_manifest(Path(artifact_dir))
-        on_gpu = manifest["target"] == "cuda"  # arch is the SM list; the host code is x86_64
+        # the device the build plan compiled the whole model for (tvm.device; absent: the CPU). On a GPU the arch
+        # is the SM list and the host code is this machine's, so only the sha256 are checked here.
+        on_gpu = (manifest.get("tvm") or {}).get("device", "cpu") == "cuda"
         info = whole_model(self, artifact_dir, kind, expect_arch=manifest["arch"] if on_gpu else None)
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
         if "tvm" not in sys.modules and not on_gpu:

@@ -16,6 +16,8 @@ nodes and run eagerly for the before/after tests.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -62,3 +64,25 @@ def export_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """`AqlmLinear.forward` as it is traced for export: dequantize (one op) + aten.linear."""
     w = torch.ops.aqlm.dequantize(layer.codes, layer.codebooks, layer.scales)
     return F.linear(x, w.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+@dataclass(frozen=True)
+class GemmLayer:
+    """What one `aqlm.aqlm_gemm` node of an exported graph computes (`gemm_layer`)."""
+
+    out_features: int
+    in_features: int
+    config: AqlmConfig
+    partitions: tuple[int, ...] | None  # a fused layer's row partitions (passes/fuse_shared_input.py)
+    has_bias: bool
+
+
+def gemm_layer(node) -> GemmLayer:
+    """Read an `aqlm.aqlm_gemm` FX node (from its inputs' fake values): the one reader of the op's arguments for the
+    build plan's kernel requests and the Relax route."""
+    codes, codebooks = node.args[1].meta["val"], node.args[2].meta["val"]
+    bias = node.args[4] if len(node.args) > 4 else node.kwargs.get("bias")
+    parts = node.kwargs.get("partitions") or (node.args[5] if len(node.args) > 5 else None)
+    config = AqlmConfig.from_shapes(tuple(codes.shape), tuple(codebooks.shape))
+    return GemmLayer(int(codes.shape[0]), int(codes.shape[1]) * config.in_group_size, config,
+                     tuple(int(p) for p in parts) if parts else None, bias is not None)

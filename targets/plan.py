@@ -94,20 +94,17 @@ def kernel_requests(layers: dict, aqlm_config: AqlmConfig, graphs: Graphs) -> li
     """Every checkpoint layer (unfused) and every `aqlm_gemm` node of the lowered graphs, each shape once."""
     import torch
 
-    from aqlm_compile import ops  # noqa: F401  (registers torch.ops.aqlm)
+    from aqlm_compile.ops import gemm_layer  # (importing ops registers torch.ops.aqlm)
 
     found = {(o, i, None): KernelRequest(o, i, aqlm_config) for o, i in layers.values()}
     eps = ([graphs.onnx[0]] if graphs.onnx else []) + [ep for ep, _ in graphs.relax.values()]
     for ep in eps:
         for node in ep.graph_module.graph.nodes:
-            if node.target is not torch.ops.aqlm.aqlm_gemm.default:
-                continue
-            cv, bv = node.args[1].meta["val"], node.args[2].meta["val"]
-            config = AqlmConfig.from_shapes(tuple(cv.shape), tuple(bv.shape))
-            parts = node.kwargs.get("partitions") or (node.args[5] if len(node.args) > 5 else None)
-            parts = tuple(int(p) for p in parts) if parts and len(parts) > 1 else None
-            key = (int(cv.shape[0]), int(cv.shape[1]) * config.in_group_size, parts)
-            found.setdefault(key, KernelRequest(*key[:2], config, parts))
+            if node.target is torch.ops.aqlm.aqlm_gemm.default:
+                g = gemm_layer(node)
+                parts = g.partitions if g.partitions and len(g.partitions) > 1 else None
+                key = (g.out_features, g.in_features, parts)
+                found.setdefault(key, KernelRequest(g.out_features, g.in_features, g.config, parts))
     return [found[k] for k in sorted(found, key=lambda k: (k[0], k[1], k[2] or ()))]
 
 

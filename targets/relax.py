@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aqlm_compile.config import AqlmConfig
+from aqlm_compile.ops import gemm_layer
 from aqlm_compile.kernels.gemv_direct import GemvShape
 from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, select_kernel
 
@@ -58,14 +58,13 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
         bb = importer.block_builder
         x, codes, codebooks, scales = (importer.env[a] for a in node.args[:4])
         bias_node = node.args[4] if len(node.args) > 4 else None
-        parts = node.kwargs.get("partitions") or (node.args[5] if len(node.args) > 5 else None)
-        cv, bv = node.args[1].meta["val"], node.args[2].meta["val"]
-        cfg = AqlmConfig.from_shapes(tuple(cv.shape), tuple(bv.shape))
-        out_f, in_f = int(cv.shape[0]), int(cv.shape[1]) * cfg.in_group_size
+        layer = gemm_layer(node)
+        cfg, parts, out_f, in_f = layer.config, layer.partitions, layer.out_features, layer.in_features
+        bv = node.args[2].meta["val"]
         xv = node.args[0].meta["val"]
         x2, x_shape, n_tok = _tokens_2d(bb, x, node.args[0], in_f)
         shape = GemvShape(out_f, in_f, cfg, static_tokens or MAX_GEMV_BATCH + 1,
-                          act_dtype=str(xv.dtype).replace("torch.", ""), partitions=tuple(parts) if parts else None)
+                          act_dtype=str(xv.dtype).replace("torch.", ""), partitions=parts)
         choice = select_kernel(shape, target_kind, graph_level=True)
         if choice.graph_level:
             if parts:

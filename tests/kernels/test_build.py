@@ -292,7 +292,7 @@ def test_cuda_prefill_graph_matches_torch_on_cpu(built):
     mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if not gv.name_hint.startswith("decode")})
     from tvm.s_tir import dlight as dl
 
-    with x86_target():  # as build_relax_model does for the CPU
+    with x86_target():  # as compile_relax_model does for the CPU
         mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(relax.transform.LegalizeOps()(mod))
     vm = relax.VirtualMachine(tvm.compile(mod, target=x86_target()), tvm.cpu())
     ids = np.array([[1, 5, 9, 13, 17, 21]], np.int64)

@@ -53,10 +53,11 @@ RELAX_FUNCTIONS = (("prefill", None), ("decode", 1))  # (function, fixed token c
 
 
 def supports_for(target: Target):
-    """config → bool, from the kernel table for this target's kind (what `lower_aqlm_linear` checks)."""
+    """config → bool: the kernel table has kernels of this target's kind for it and the target accepts it (what
+    `lower_aqlm_linear` checks)."""
     from aqlm_compile.kernels.registry import supports
 
-    return lambda config: supports(config, target.kind)
+    return lambda config: supports(config, target.kind) and target.accepts_config(config) is None
 
 
 def export_graphs(model, routes, options: BuildOptions, supports=None) -> Graphs:

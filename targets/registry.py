@@ -1,7 +1,8 @@
 """Targets as data: one `Target` record per target family, in a registry the CLI and the build plan read.
 
 A record says what the build plan (targets/plan.py) needs to know about a target and nothing else: the TVM
-target it compiles for, the kernel-table kind it asks kernels of (kernels/registry.py), the routes it can build
+target it compiles for, the kernel-table kind it asks kernels of (kernels/registry.py: the kernels it can build
+are that kind's specs, and the configs it supports are theirs, narrowed by `accepts_config`), the routes it can build
 besides its kernel library (the ONNX decoder + ORT op library, the whole model for the TVM runtime's Relax VM), the
 architecture runtimes check, its toolchain (cross compiler, runtime libraries and runners shipped in the artifact),
 its checks before building and after (e.g. the CUDA device-code check) and which build options it reads.
@@ -70,6 +71,9 @@ class Target:
     compile_context: Callable[[BuildOptions], Any] = lambda options: contextlib.nullcontext()
     runner: str | None = None  # the whole-model runner shipped in the artifact (manifest tvm.runner)
     dense_baseline: bool = False  # can also compile an FP model as the same-run baseline
+    # Which AQLM configs it takes, beyond what its kind's kernels run (kernels/registry.py `supports`): None when
+    # it takes the config, else why not. The lowering pass reports every layer it refuses, by name.
+    accepts_config: Callable[[Any], str | None] = lambda config: None
 
     @property
     def device(self) -> str:

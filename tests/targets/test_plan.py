@@ -158,6 +158,18 @@ def test_unsupported_config_is_refused_by_the_lowering_with_the_target_query(tin
         export_graphs(model, ("onnx",), BuildOptions(), supports=lambda config: config.num_codebooks != 2)
 
 
+def test_a_target_that_refuses_a_config_fails_before_writing(tiny_llama_ckpt, tmp_path):
+    """`Target.accepts_config` narrows what the kernel table supports: every refused layer is named, nothing written."""
+    from aqlm_compile.targets.plan import build
+    from aqlm_compile.targets.registry import BuildOptions
+    from aqlm_compile.targets.x86 import X86
+
+    picky = dataclasses.replace(X86, name="x86-no-2x8", accepts_config=lambda c: "no 2x8" if c.name == "2x8g8" else None)
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.q_proj: config 2x8g8 has no kernel"):
+        build(tiny_llama_ckpt, picky, BuildOptions(onnx=False), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
 def test_bad_target_options_name_the_targets_that_take_them(tiny_llama_ckpt, tmp_path):
     r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "--target", "arm64", "--dense-model", str(tmp_path),
                                   "-o", str(tmp_path / "a")])

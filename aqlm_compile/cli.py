@@ -60,7 +60,9 @@ def main():
 @click.option("--dataset", default="brown", show_default=True, help="'brown', a .txt file or a folder of .txt files.")
 @click.option("--method", type=_RegistryChoice(_method_names), default="aqlm", show_default=True,
               help="Quantization method (a registered one: aqlm_compile/quantize/methods.py).")
-@click.option("--preset", type=click.Choice(["fast", "quality", "paper", "tiny"]), default="fast", show_default=True)
+@click.option("--preset", default="fast", show_default=True,
+              help="The method's preset (aqlm: fast, quality, paper, tiny); a name the method does not have is "
+                   "refused with the list of those it has.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last saved block.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

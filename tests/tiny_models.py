@@ -73,3 +73,17 @@ def tamper(path: Path, offset: int = 100) -> None:
         old = f.read(4)
         f.seek(offset)
         f.write(bytes(b ^ 0xFF for b in old))
+
+
+def greedy_tokens(where, runtime: str, n: int = 8) -> list[int]:
+    """`aqlm-compile generate --json` through the CLI (in process): the greedy token ids."""
+    import json
+
+    from click.testing import CliRunner
+
+    from aqlm_compile.cli import main
+
+    r = CliRunner().invoke(main, ["generate", str(where), "The quick brown", "--max-new-tokens", str(n), "--json",
+                                  "--runtime", runtime])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output.strip().splitlines()[-1])["new_tokens"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import tamper
+from tiny_models import greedy_tokens, tamper
 
 tvm = pytest.importorskip("tvm")
 
@@ -14,14 +14,6 @@ from aqlm_compile import format as fmt  # noqa: E402
 from aqlm_compile.cli import main  # noqa: E402
 from aqlm_compile.errors import ConfigError, FormatError  # noqa: E402
 from aqlm_compile.runtime.kernels import KernelLibrary  # noqa: E402
-
-
-def greedy_tokens(where, runtime: str, n: int = 8) -> list[int]:
-    """`generate --json` through the CLI: the greedy token ids."""
-    r = CliRunner().invoke(main, ["generate", str(where), "The quick brown", "--max-new-tokens", str(n), "--json",
-                                  "--runtime", runtime])
-    assert r.exit_code == 0, r.output
-    return json.loads(r.output.strip().splitlines()[-1])["new_tokens"]
 
 
 @pytest.fixture(scope="module")

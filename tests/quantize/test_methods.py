@@ -159,3 +159,16 @@ def test_listing_methods_does_not_load_torch():
             "print(method_names(), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("] ")[1].strip() == "False" and "'aqlm'" in out
+
+
+def test_cli_method_and_preset_come_from_the_registry(tmp_path):
+    """`quantize --method` lists the registered methods; `--preset` is checked by the method (its own list)."""
+    from click.testing import CliRunner
+
+    from aqlm_compile.cli import main
+
+    r = CliRunner().invoke(main, ["quantize", "-o", str(tmp_path / "out"), "--preset", "nope"])
+    assert r.exit_code == 2 and "preset 'nope': expected one of fast, quality, paper, tiny" in r.output, r.output
+    r = CliRunner().invoke(main, ["quantize", "-o", str(tmp_path / "out"), "--method", "nope"])
+    assert r.exit_code == 2 and "Invalid value for '--method'" in r.output and "aqlm" in r.output
+    assert not (tmp_path / "out").exists()

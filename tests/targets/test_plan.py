@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import greedy_tokens
 
 pytest.importorskip("tvm")
 
@@ -16,13 +17,6 @@ from aqlm_compile.cli import main  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_llama_x86_kernels.json"
-
-
-def greedy(where, runtime: str, n: int = 6) -> list[int]:
-    r = CliRunner().invoke(main, ["generate", str(where), "The quick brown", "--max-new-tokens", str(n), "--json",
-                                  "--runtime", runtime])
-    assert r.exit_code == 0, r.output
-    return json.loads(r.output.strip().splitlines()[-1])["new_tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +65,9 @@ def test_kernel_choices_are_those_of_the_build_before_the_plan(counted_build):
 
 def test_plan_artifact_generates_the_torch_tokens(counted_build, tiny_llama_ckpt):
     art, _, _ = counted_build
-    want = greedy(tiny_llama_ckpt, "torch")
-    assert greedy(art, "tvm") == want
-    assert greedy(art, "ort") == want
+    want = greedy_tokens(tiny_llama_ckpt, "torch")
+    assert greedy_tokens(art, "tvm") == want
+    assert greedy_tokens(art, "ort") == want
 
 
 def test_a_toy_target_needs_only_its_registration(tiny_llama_ckpt, tmp_path):
@@ -94,7 +88,7 @@ def test_a_toy_target_needs_only_its_registration(tiny_llama_ckpt, tmp_path):
         manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
         assert manifest["target"] == toy.name and manifest["target_spec"]["mcpu"] == "haswell"
         assert "onnx" not in manifest and (tmp_path / "a" / f"model_{toy.name}.so").is_file()
-        assert greedy(tmp_path / "a", "tvm") == greedy(tiny_llama_ckpt, "torch")
+        assert greedy_tokens(tmp_path / "a", "tvm") == greedy_tokens(tiny_llama_ckpt, "torch")
         model, _, _ = fmt.load(tiny_llama_ckpt)
         layer = dict(model.named_modules())["model.layers.0.mlp.down_proj"]
         x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))

@@ -147,6 +147,38 @@ def _dense_converter(kernels: dict, prefix: str, generic):
     return convert
 
 
+def _bmm_converter(kernels: dict, prefix: str):
+    """`aten.bmm` (attention's QKᵀ and PV once torch.export decomposes scaled_dot_product_attention) on fp32 3-D
+    tensors → call_tir of kernels/batch_matmul.py; TVM's default CPU pipeline would leave the legalised matmul
+    unscheduled (13.8 of 15.4 s of a 512-token SmolLM2 prefill). Anything else: Relax's own matmul."""
+    import torch
+    from tvm import relax
+
+    from aqlm_compile.kernels.batch_matmul import batch_matmul
+
+    def static(d):
+        return int(d) if isinstance(d, int) else None  # a SymInt (prompt/past length) stays symbolic
+
+    def convert(node, importer):
+        bb = importer.block_builder
+        a, b = importer.env[node.args[0]], importer.env[node.args[1]]
+        av, bv = node.args[0].meta["val"], node.args[1].meta["val"]
+        if av.dim() != 3 or bv.dim() != 3 or av.dtype != torch.float32 or bv.dtype != torch.float32 or \
+                static(av.shape[0]) is None:
+            return bb.emit(relax.op.matmul(a, b, out_dtype="float32"))
+        batch, k_dim, n_dim = int(av.shape[0]), static(av.shape[2]), static(bv.shape[2])
+        key = ("bmm", batch, k_dim, n_dim)
+        if key not in kernels:
+            symbol = f"{prefix}_bmm_{batch}x{k_dim or 'k'}x{n_dim or 'n'}"
+            kernels[key] = bb.add_func(batch_matmul(batch, k_dim, n_dim, name=symbol).with_attr(
+                "tirx.is_scheduled", True), symbol)
+        a_shape, b_shape = bb.normalize(a).ty.shape, bb.normalize(b).ty.shape
+        return bb.emit(relax.call_tir(kernels[key], [a, b],
+                                      relax.TensorType((a_shape[0], a_shape[1], b_shape[2]), "float32")))
+
+    return convert
+
+
 def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: str = "cpu",
                    target_kind: str = "llvm", chosen: dict | None = None):
     """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs). Decomposed with `aten.linear`
@@ -160,7 +192,8 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
     def generic(node, importer):  # TVM's own linear, called the way custom converters are: (node, importer)
         return ExportedProgramImporter._linear(importer, node)
 
-    dense = _dense_converter(kernels, prefix, generic) if device == "cpu" else generic
+    cpu = device == "cpu"
+    dense = _dense_converter(kernels, prefix, generic) if cpu else generic
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.linear.default, None)  # keep linear whole: it maps onto kernels/dense.py
     ep = ep.run_decompositions(table)
@@ -168,7 +201,8 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
         ep, keep_params_as_input=True, run_ep_decomposition=False,
         custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix, device,
                                                                   target_kind, chosen),
-                            "linear.default": dense, "to.device": _to_device})
+                            "linear.default": dense, "to.device": _to_device,
+                            **({"bmm.default": _bmm_converter(kernels, prefix)} if cpu else {})})
 
 
 def _to_device(node, importer):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -67,6 +68,23 @@ class ReportOptions:
                     seqlen=128)
         base.update(kw)
         return cls(**base)
+
+
+def compiler_fingerprint() -> str:
+    """12 hex digits of the sha256 of every source the build reads (core, passes, kernels, targets): a cached
+    artifact is reused only if the compiler that built it is this one."""
+    import hashlib
+
+    import aqlm_compile
+    from aqlm_compile import kernels, passes, targets
+
+    digest = hashlib.sha256()
+    roots = [Path(aqlm_compile.__file__).parent, *(Path(m.__file__).parent for m in (passes, kernels, targets))]
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cc", ".h") and p.is_file()
+                           and "bench" not in p.relative_to(root).parts and "__pycache__" not in p.parts):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def report_root() -> Path:
@@ -149,9 +167,15 @@ class Report:
 
     def build_artifact(self, subject: Subject, ckpt: Path, dense_dtype: str = "both", onnx_dense: bool = True):
         """The x86 artifact of `ckpt` with the dense baselines, built once (in a child: its time and RSS recorded)."""
-        art = report_root() / "artifacts" / f"{ckpt.name}-x86"
+        # keyed by the compiler's sources too: an artifact built by an older compiler is not measured as this one
+        stem = f"{ckpt.name}-x86"
+        art = report_root() / "artifacts" / f"{stem}-{compiler_fingerprint()}"
         record = art.with_name(art.name + ".build.json")
         if not (art / "manifest.json").is_file():
+            olds = [*art.parent.glob(f"{stem}-*"), *art.parent.glob(f"{stem}.*"), art.parent / stem]
+            for old in olds:  # the same checkpoint's artifacts (and their logs) from other compilers
+                if old.exists() and not old.name.startswith(art.name):
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
             cmd = [sys.executable, "-m", "aqlm_compile.cli", "build", str(ckpt), "--target", "x86", "-o", str(art),
                    "--dense-model", str(subject.fp_dir), "--dense-dtype", dense_dtype]
             if not onnx_dense:

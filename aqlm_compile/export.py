@@ -85,3 +85,12 @@ def export_decoder(model, tokens: int | None = None):
     with torch.no_grad():
         ep = torch.export.export(wrapper, example_inputs(spec, seq=tokens or 3), dynamic_shapes=dynamic, strict=False)
     return ep, spec
+
+
+def scales_for_kernels(model) -> None:
+    """Each AqlmLinear's scales as the compiled kernels take them — fp32, one per output row — stored once in the
+    graph's parameters instead of converted on every call (the whole-model TVM route). The values are the
+    checkpoint's fp16 ones exactly. A new parameter object, so a graph exported before keeps its own."""
+    for module in model.modules():
+        if isinstance(module, AqlmLinear):
+            module.scales = torch.nn.Parameter(module.scales.detach().float().reshape(-1), requires_grad=False)

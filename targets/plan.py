@@ -63,7 +63,7 @@ def supports_for(target: Target):
 def export_graphs(model, routes, options: BuildOptions, supports=None) -> Graphs:
     """Export (once each) and lower the graphs the `routes` need from a loaded checkpoint `model` (changed in place:
     traced as the op dialect; for the Relax route its dense weights are then kept fp16, as stored)."""
-    from aqlm_compile.export import export_decoder, keep_dense_fp16, prepare_for_export
+    from aqlm_compile.export import export_decoder, keep_dense_fp16, prepare_for_export, scales_for_kernels
     from aqlm_compile.passes.pipeline import PipelineOptions, run_pipeline
 
     prepare_for_export(model)
@@ -74,8 +74,10 @@ def export_graphs(model, routes, options: BuildOptions, supports=None) -> Graphs
             supports=supports, name_prefix=DECODER_PREFIX, fuse=options.fuse))
         graphs.onnx = (ep, spec, report)
     if "tvm" in routes:
-        # after the ONNX export: that graph holds the fp32 tensors it was traced with; these read the fp16 ones
+        # after the ONNX export: that graph holds the tensors it was traced with; these read fp16 dense weights
+        # and the scales as the kernels take them
         keep_dense_fp16(model)
+        scales_for_kernels(model)
         for name, tokens in RELAX_FUNCTIONS:
             ep, spec = export_decoder(model, tokens)
             run_pipeline(ep, options=PipelineOptions(supports=supports, name_prefix=DECODER_PREFIX, fuse=False))

@@ -89,11 +89,19 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
         cb = bb.emit(relax.op.reshape(codebooks, [pm, int(bv.shape[1]), cfg.in_group_size]))
         if str(bv.dtype) != "torch.float16":
             cb = bb.emit(relax.op.astype(cb, "float16"))
-        sc = bb.emit(relax.op.astype(relax.op.reshape(scales, [out_f]), "float32"))
+        # The kernels take fp32 scales [out] and an fp32 bias: the build plan stores the scales that way
+        # (export.scales_for_kernels) so no call converts them, and an absent bias is one constant in the library —
+        # a conversion or a fill per layer per token would be two more VM calls and allocations each.
+        sv = node.args[3].meta["val"]
+        sc = scales if sv.dim() == 1 else bb.emit(relax.op.reshape(scales, [out_f]))
+        if str(sv.dtype) != "torch.float32":
+            sc = bb.emit(relax.op.astype(sc, "float32"))
         if bias_node is not None:
-            bias = bb.emit(relax.op.astype(importer.env[bias_node], "float32"))
+            bias = importer.env[bias_node]
+            if str(bias_node.meta["val"].dtype) != "torch.float32":
+                bias = bb.emit(relax.op.astype(bias, "float32"))
         else:
-            bias = bb.emit(relax.op.zeros(relax.ShapeExpr([out_f]), "float32"))
+            bias = relax.const(np.zeros(out_f, np.float32))
         y = bb.emit(relax.call_tir(gv, [x2, codes, cb, sc, bias],
                                    relax.TensorType((n_tok, out_f), shape.act_dtype)))
         return bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))

@@ -94,3 +94,42 @@ def scales_for_kernels(model) -> None:
     for module in model.modules():
         if isinstance(module, AqlmLinear):
             module.scales = torch.nn.Parameter(module.scales.detach().float().reshape(-1), requires_grad=False)
+
+
+def rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (W8 int8 [O, I], s fp32 [O]) with W ≈ W8 · s (a zero row keeps scale 1)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def keep_head_int8(model) -> None:
+    """The dense linears (the lm_head) — and an embedding tied to one — stored as int8 rows with a per-row fp32
+    scale (`rows_int8`): half the bytes of fp16 streamed per token for the head. The head computes
+    `aqlm.linear_rows_int8`; the embedding reads its row and scale (`embedding(W8) · s[id]`). A tied pair stays
+    one pair of parameters. Apply after `keep_dense_fp16`."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    heads = {id(m.weight) for m in linears}
+    chosen = [(m, m in linears) for m in model.modules()
+              if m in linears or (isinstance(m, torch.nn.Embedding) and id(m.weight) in heads)]
+    done: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+    for module, _ in chosen:
+        if id(module.weight) not in done:
+            w8, s = rows_int8(module.weight)
+            done[id(module.weight)] = (torch.nn.Parameter(w8, requires_grad=False),
+                                       torch.nn.Parameter(s, requires_grad=False))
+    for module, is_linear in chosen:
+        module.weight8, module.row_scales = done[id(module.weight)]
+        del module.weight  # the fp16 copy must not become a (dead) parameter of the exported graph
+        module.forward = types.MethodType(_linear_rows_int8 if is_linear else _embedding_rows_int8, module)
+
+
+def _linear_rows_int8(self, x):
+    y = torch.ops.aqlm.linear_rows_int8(x, self.weight8, self.row_scales)
+    return y if self.bias is None else y + self.bias.float()
+
+
+def _embedding_rows_int8(self, ids):
+    rows = torch.nn.functional.embedding(ids, self.weight8).float()
+    return rows * torch.nn.functional.embedding(ids, self.row_scales.unsqueeze(1))

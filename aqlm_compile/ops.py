@@ -60,6 +60,17 @@ def _(x, codes, codebooks, scales, bias=None, partitions=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
+@torch.library.custom_op("aqlm::linear_rows_int8", mutates_args=())
+def linear_rows_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = (x · W8ᵀ) · s: a dense layer stored as int8 rows with one fp32 scale per row (export.keep_head_int8)."""
+    return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+
+
+@linear_rows_int8.register_fake
+def _(x, weight, scales):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def export_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """`AqlmLinear.forward` as it is traced for export: dequantize (one op) + aten.linear."""
     w = torch.ops.aqlm.dequantize(layer.codes, layer.codebooks, layer.scales)

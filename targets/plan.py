@@ -63,7 +63,8 @@ def supports_for(target: Target):
 def export_graphs(model, routes, options: BuildOptions, supports=None) -> Graphs:
     """Export (once each) and lower the graphs the `routes` need from a loaded checkpoint `model` (changed in place:
     traced as the op dialect; for the Relax route its dense weights are then kept fp16, as stored)."""
-    from aqlm_compile.export import export_decoder, keep_dense_fp16, prepare_for_export, scales_for_kernels
+    from aqlm_compile.export import (export_decoder, keep_dense_fp16, keep_head_int8, prepare_for_export,
+                                     scales_for_kernels)
     from aqlm_compile.passes.pipeline import PipelineOptions, run_pipeline
 
     prepare_for_export(model)
@@ -77,6 +78,8 @@ def export_graphs(model, routes, options: BuildOptions, supports=None) -> Graphs
         # after the ONNX export: that graph holds the tensors it was traced with; these read fp16 dense weights
         # and the scales as the kernels take them
         keep_dense_fp16(model)
+        if options.head == "int8":
+            keep_head_int8(model)
         scales_for_kernels(model)
         for name, tokens in RELAX_FUNCTIONS:
             ep, spec = export_decoder(model, tokens)
@@ -120,6 +123,8 @@ def _layers(model) -> dict:
 def _check_options(target: Target, options: BuildOptions) -> None:
     from aqlm_compile.kernels.registry import MAX_GEMV_BATCH
 
+    if options.head not in ("fp16", "int8"):
+        raise ConfigError(f"--head {options.head!r}: expected fp16 or int8")
     if not 1 <= options.max_batch <= MAX_GEMV_BATCH:
         raise ConfigError(f"--max-batch {options.max_batch}: expected 1..{MAX_GEMV_BATCH}")
     if options.dense_model_dir is not None and not target.dense_baseline:
@@ -194,6 +199,7 @@ def _relax_route(target: Target, options: BuildOptions, relax: dict, tvm_target,
         entry = compile_relax_model(relax_decoder_module(relax, device=target.device, target_kind=target.kind),
                                     tmp, tvm_target, f"model_{target.name}.so", export=export_model,
                                     compile_context=compile_ctx)
+        entry["head"] = {"fp16": "fp16 (as stored)", "int8": "int8 rows, fp32 scale per row"}[options.head]
         if target.runner:
             entry["runner"] = target.runner
         if target.device != "cpu":

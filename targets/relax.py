@@ -155,6 +155,29 @@ def _dense_converter(kernels: dict, prefix: str, generic):
     return convert
 
 
+def _rows_int8_converter(kernels: dict, prefix: str):
+    """`aqlm.linear_rows_int8(x, W8, s)` (the int8 head: export.keep_head_int8) → call_tir of kernels/dense.py with
+    int8 rows and per-row scales."""
+    from tvm import relax
+
+    from aqlm_compile.kernels.dense import dense_linear
+
+    def convert(node, importer):
+        bb = importer.block_builder
+        x, w, sc = (importer.env[a] for a in node.args[:3])
+        out_f, in_f = (int(d) for d in node.args[1].meta["val"].shape)
+        x2, x_shape, n_tok = _tokens_2d(bb, x, node.args[0], in_f)
+        key = ("dense_rows_int8", out_f, in_f)
+        if key not in kernels:
+            symbol = f"{prefix}_dense_{out_f}x{in_f}_w8"
+            kernels[key] = bb.add_func(dense_linear(out_f, in_f, name=symbol, weight_dtype="int8", row_scales=True)
+                                       .with_attr("tirx.is_scheduled", True), symbol)
+        y = bb.emit(relax.call_tir(kernels[key], [x2, w, sc], relax.TensorType((n_tok, out_f), "float32")))
+        return bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
+
+    return convert
+
+
 def _bmm_converter(kernels: dict, prefix: str):
     """`aten.bmm` (attention's QKᵀ and PV once torch.export decomposes scaled_dot_product_attention) on fp32 3-D
     tensors → call_tir of kernels/batch_matmul.py; TVM's default CPU pipeline would leave the legalised matmul
@@ -210,6 +233,7 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
         custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix, device,
                                                                   target_kind, chosen),
                             "linear.default": dense, "to.device": _to_device,
+                            "linear_rows_int8.default": _rows_int8_converter(kernels, prefix),
                             **({"bmm.default": _bmm_converter(kernels, prefix)} if cpu else {})})
 
 

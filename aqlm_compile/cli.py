@@ -155,7 +155,7 @@ def _targets_taking(what: str) -> str:
               help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
 @click.option("--head", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="TVM route: the dense lm_head (and an embedding tied to it) as stored, or int8 rows with a per-row "
-                   "scale (half the bytes per token; SmolLM2 2x8g8 held-out PPL +0.25%).")
+                   "scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
           dense_dtype, onnx_dense, dump_ir, fuse, with_tvm, head):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder (targets/plan.py)."""

@@ -17,14 +17,23 @@ from .gemv_direct import _largest_divisor, tree_sum
 def dense_linear(out_features: int, in_features: int, rows: int = 4, name: str = "dense_linear",
                  index_dtype: str = "int64", weight_dtype: str = "float32", row_scales: bool = False):
     """`name(x[n, I], w[O, I], y[n, O])`, or with `row_scales` `name(x, w, s[O], y)` with y = (x · wᵀ) · s."""
-    if row_scales:
-        return _dense_rows_scaled(out_features, in_features, rows, name, index_dtype, weight_dtype)
     O, I = out_features, in_features
     V = _largest_divisor(I, 16)
     R = _largest_divisor(O, rows)
 
+    @T.macro
+    def rows_dot(x, w, acc, n, ob):
+        """acc[r, :] = lane partial sums of x[n] · w[ob·R + r] for the R rows of block `ob`."""
+        for r in T.unroll(R):
+            for v in T.vectorized(V):
+                acc[r, v] = T.float32(0)
+        for io in range(I // V):
+            for r in T.unroll(R):
+                for v in T.vectorized(V):
+                    acc[r, v] = acc[r, v] + x[n, io * V + v] * T.Cast("float32", w[ob * R + r, io * V + v])
+
     @T.prim_func
-    def kernel(x_h: T.handle, w: T.Buffer((O, I), weight_dtype), y_h: T.handle):
+    def plain(x_h: T.handle, w: T.Buffer((O, I), weight_dtype), y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         n_tok = T.int64() if index_dtype == "int64" else T.int32()
         x = T.match_buffer(x_h, (n_tok, I), "float32")
@@ -32,25 +41,12 @@ def dense_linear(out_features: int, in_features: int, rows: int = 4, name: str =
         for ob in T.parallel(O // R):
             for n in range(n_tok):
                 acc = T.alloc_buffer((R, V), "float32", scope="global")
-                for r in T.unroll(R):
-                    for v in T.vectorized(V):
-                        acc[r, v] = T.float32(0)
-                for io in range(I // V):
-                    for r in T.unroll(R):
-                        for v in T.vectorized(V):
-                            acc[r, v] = acc[r, v] + x[n, io * V + v] * T.Cast("float32", w[ob * R + r, io * V + v])
+                rows_dot(x, w, acc, n, ob)
                 for r in T.unroll(R):
                     y[n, ob * R + r] = tree_sum([acc[r, v] for v in range(V)])
 
-    return kernel
-
-
-def _dense_rows_scaled(O: int, I: int, rows: int, name: str, index_dtype: str, weight_dtype: str):
-    V = _largest_divisor(I, 16)
-    R = _largest_divisor(O, rows)
-
     @T.prim_func
-    def kernel(x_h: T.handle, w: T.Buffer((O, I), weight_dtype), s: T.Buffer((O,), "float32"), y_h: T.handle):
+    def scaled(x_h: T.handle, w: T.Buffer((O, I), weight_dtype), s: T.Buffer((O,), "float32"), y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         n_tok = T.int64() if index_dtype == "int64" else T.int32()
         x = T.match_buffer(x_h, (n_tok, I), "float32")
@@ -58,14 +54,8 @@ def _dense_rows_scaled(O: int, I: int, rows: int, name: str, index_dtype: str, w
         for ob in T.parallel(O // R):
             for n in range(n_tok):
                 acc = T.alloc_buffer((R, V), "float32", scope="global")
-                for r in T.unroll(R):
-                    for v in T.vectorized(V):
-                        acc[r, v] = T.float32(0)
-                for io in range(I // V):
-                    for r in T.unroll(R):
-                        for v in T.vectorized(V):
-                            acc[r, v] = acc[r, v] + x[n, io * V + v] * T.Cast("float32", w[ob * R + r, io * V + v])
+                rows_dot(x, w, acc, n, ob)
                 for r in T.unroll(R):
                     y[n, ob * R + r] = tree_sum([acc[r, v] for v in range(V)]) * s[ob * R + r]
 
-    return kernel
+    return scaled if row_scales else plain

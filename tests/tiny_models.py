@@ -87,3 +87,21 @@ def greedy_tokens(where, runtime: str, n: int = 8) -> list[int]:
                                   "--runtime", runtime])
     assert r.exit_code == 0, r.output
     return json.loads(r.output.strip().splitlines()[-1])["new_tokens"]
+
+
+def torch_prefill_logits(ckpt, ids):
+    """The PyTorch AQLM model's last-position logits for a prompt from an empty cache (the reference for a compiled
+    prefill), as numpy."""
+    import torch
+
+    from aqlm_compile import format as fmt
+    from aqlm_compile.decoder import DecoderWithCache
+
+    model, _, _ = fmt.load(ckpt)
+    model.config.use_cache = True
+    wrapper = DecoderWithCache(model).eval()
+    spec = wrapper.spec
+    ids = torch.as_tensor(ids).reshape(1, -1)
+    with torch.no_grad():
+        return wrapper(ids, torch.ones(1, ids.shape[1], dtype=torch.int64),
+                       *[torch.zeros(1, spec.num_kv_heads, 0, spec.head_dim)] * (2 * spec.num_layers))[0][0].numpy()

@@ -28,10 +28,8 @@ def test_batch_matmul_matches_numpy(k_fixed, n_fixed):
 
 def test_prefill_attention_runs_on_the_batch_matmul_kernel(tiny_llama_ckpt, tmp_path):
     """The Relax prefill's QKᵀ and PV are the scheduled kernel (not a legalised matmul), with the torch logits."""
-    import torch
+    from tiny_models import torch_prefill_logits
 
-    from aqlm_compile import format as fmt
-    from aqlm_compile.decoder import DecoderWithCache
     from aqlm_compile.targets.plan import relax_graphs
     from aqlm_compile.targets.relax import compile_relax_model, relax_decoder_module
 
@@ -45,10 +43,5 @@ def test_prefill_attention_runs_on_the_batch_matmul_kernel(tiny_llama_ckpt, tmp_
     empty = tvm.runtime.tensor(np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32))
     got = vm["prefill"](tvm.runtime.tensor(ids), tvm.runtime.tensor(np.ones_like(ids)),
                         *[empty] * (2 * spec.num_layers), *params)[0].numpy()[0]
-    model, _, _ = fmt.load(tiny_llama_ckpt)
-    model.config.use_cache = True
-    with torch.no_grad():
-        want = DecoderWithCache(model).eval()(torch.from_numpy(ids), torch.ones(1, 9, dtype=torch.int64),
-                                              *[torch.zeros(1, spec.num_kv_heads, 0, spec.head_dim)] *
-                                              (2 * spec.num_layers))[0][0].numpy()
+    want = torch_prefill_logits(tiny_llama_ckpt, ids)
     assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import greedy_tokens, tamper
+from tiny_models import greedy_tokens, tamper, torch_prefill_logits
 
 tvm = pytest.importorskip("tvm")
 
@@ -274,7 +274,6 @@ def test_cuda_prefill_graph_matches_torch_on_cpu(built):
     for the CPU so its numerics are checked on a machine without a GPU."""
     from tvm import relax
 
-    from aqlm_compile.export import DecoderWithCache
     from aqlm_compile.targets.plan import relax_graphs
     from aqlm_compile.targets.relax import relax_decoder_module
     from aqlm_compile.targets.x86 import x86_target
@@ -291,12 +290,7 @@ def test_cuda_prefill_graph_matches_torch_on_cpu(built):
     empty = tvm.runtime.tensor(np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32))
     out = vm["prefill"](tvm.runtime.tensor(ids), tvm.runtime.tensor(np.ones_like(ids)),
                         *[empty] * (2 * spec.num_layers), *params)
-    model, _, _ = fmt.load(ckpt)
-    model.config.use_cache = True
-    with torch.no_grad():
-        want = DecoderWithCache(model).eval()(torch.from_numpy(ids), torch.ones(1, 6, dtype=torch.int64),
-                                              *[torch.zeros(1, spec.num_kv_heads, 0, spec.head_dim)] *
-                                              (2 * spec.num_layers))[0][0].numpy()
+    want = torch_prefill_logits(ckpt, ids)
     got = out[0].numpy()[0]
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 

@@ -40,7 +40,7 @@ def test_int8_head_artifact_matches_torch_with_that_head(tiny_llama_ckpt, tmp_pa
     ids = np.array([1, 5, 9, 13, 17, 21, 25], np.int64)
     dec = TvmDecoder(tmp_path / "int8")
     got = [dec.step(ids), dec.step(np.array([3])), dec.step(np.array([7]))]
-    wrapper, past = DecoderWithCache(model).eval(), None
+    wrapper = DecoderWithCache(model).eval()
     spec = wrapper.spec
     kv = [torch.zeros(1, spec.num_kv_heads, 0, spec.head_dim)] * (2 * spec.num_layers)
     want, length = [], 0

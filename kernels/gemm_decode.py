@@ -16,9 +16,11 @@ from .gemv_direct import GemvShape, _largest_divisor
 
 
 def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 128, token_block: int = 4, rows: int = 4, vector: int = 16,
-                name: str = "aqlm_gemm", index_dtype: str = "int32"):
+                name: str = "aqlm_gemm", index_dtype: str = "int32", code_layout: str = "out_major"):
     """A TIR PrimFunc `name(x[n, I], codes, codebooks, scales, bias, y[n, O])` for any token count n ≥ 1
-    (`shape.batch` is ignored)."""
+    (`shape.batch` is ignored). `code_layout`: "out_major" (HF codes[O, I/g, M]) or "row_tiled64" (the same tensor
+    holding [O/64, I/g, M, 64]: kernels/gemv_lut_vbmi.py; the decode function's LUT kernel reads it, and both
+    functions share the codes)."""
     cfg = shape.config
     O, I, g, M = shape.out_features, shape.in_features, cfg.in_group_size, cfg.num_codebooks
     cfg.check_shape(O, I)
@@ -31,6 +33,16 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 128, token
     JB = KB // g
     NB = token_block
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
+    tiled = code_layout == "row_tiled64"
+    if tiled and (O % 64 or OB % 64):
+        raise ValueError(f"gemm_decode {O}x{I}: row-tiled codes need rows and row blocks in multiples of 64")
+    if code_layout not in ("out_major", "row_tiled64"):
+        raise ValueError(f"gemm_decode: unknown codes layout {code_layout!r}")
+
+    def code(codes, flat, o, j, m):
+        if tiled:  # o = ob·OB + row: its tile and lane
+            return flat[(o // 64) * (J * M * 64) + j * (M * 64) + m * 64 + o % 64]
+        return codes[o, j, m]
 
     @T.prim_func
     def kernel(x_h: T.handle, codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((PM, K, g), cbt),
@@ -39,6 +51,7 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 128, token
         n_tok = T.int64() if index_dtype == "int64" else T.int32()  # Relax passes int64 shape variables
         x = T.match_buffer(x_h, (n_tok, I), act)
         y = T.match_buffer(y_h, (n_tok, O), act)
+        flat = T.decl_buffer((O * J * M,), cdt, data=codes.data)
         for ob in T.parallel(O // OB):
             w = T.alloc_buffer((OB, KB), "float32", scope="global")
             acc_y = T.alloc_buffer((n_tok, OB, V), "float32", scope="global")
@@ -50,11 +63,11 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 128, token
                 for o, jj in T.grid(OB, JB):
                     for t in T.vectorized(g):
                         w[o, jj * g + t] = T.Cast("float32", cb[shape.partition_of(ob * OB) * M, T.bitwise_and(
-                            T.Cast("int32", codes[ob * OB + o, kb * JB + jj, 0]), mask), t])
+                            T.Cast("int32", code(codes, flat, ob * OB + o, kb * JB + jj, 0)), mask), t])
                     for m in range(1, M):
                         for t in T.vectorized(g):
                             w[o, jj * g + t] = w[o, jj * g + t] + T.Cast("float32", cb[shape.partition_of(ob * OB) * M + m, T.bitwise_and(
-                                T.Cast("int32", codes[ob * OB + o, kb * JB + jj, m]), mask), t])
+                                T.Cast("int32", code(codes, flat, ob * OB + o, kb * JB + jj, m)), mask), t])
                 for nb in range((n_tok + NB - 1) // NB):
                     for orow in range(OB // RO):
                         for n, r in T.grid(NB, RO):

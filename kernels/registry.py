@@ -23,6 +23,9 @@ from .gemm_decode import gemm_decode
 from .gemv_cuda import gemv_cuda
 from .gemv_direct import L1_BYTES, GemvShape, gemv_direct
 from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped
+from .gemv_lut_vbmi import REQUIRED_FEATURES as VBMI_FEATURES
+from .gemv_lut_vbmi import ROW_TILED, gemv_lut_vbmi
+from .gemv_lut_vbmi import applies as vbmi_applies
 
 MAX_GEMV_BATCH = 8
 
@@ -39,8 +42,9 @@ class KernelSpec:
     reason: str  # why it is chosen where it applies (recorded in the manifest)
     applies: Callable[[GemvShape, tuple[str, ...]], str | None]
     builder: Callable | None
-    code_layout: str = OUT_MAJOR  # which codes layout the kernel reads (gemv_lut.OUT_MAJOR / GROUP_MAJOR)
+    code_layout: str = OUT_MAJOR  # which codes layout the kernel reads (OUT_MAJOR / GROUP_MAJOR / ROW_TILED)
     accepts: Callable[[AqlmConfig], str | None] = lambda config: None
+    requires: tuple[str, ...] = ()  # CPU features (LLVM names) the target must have: the caller passes its own
 
     @property
     def graph_level(self) -> bool:
@@ -96,10 +100,20 @@ KERNELS: list[KernelSpec] = [
     KernelSpec("relax_dequantize_matmul", ("cuda",), "GPU prefill: Relax decode of Ŵ + matmul (dlight rules)",
                lambda shape, layouts: None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use gemv_cuda",
                None),
+    KernelSpec("gemm_decode_row_tiled", ("llvm",), f"batch > {MAX_GEMV_BATCH}: gemm_decode reading row-tiled codes "
+               "(the codes the decode function's LUT kernel reads: one copy for both)",
+               lambda shape, layouts: None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use a GEMV kernel",
+               lambda shape, name, dynamic_tokens=False: gemm_decode(
+                   shape, name=name, index_dtype="int64" if dynamic_tokens else "int32", code_layout=ROW_TILED),
+               ROW_TILED),
     KernelSpec("gemm_decode", ("llvm",), f"batch > {MAX_GEMV_BATCH}: decode a tile of Ŵ once, reuse it per token",
                lambda shape, layouts: None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use a GEMV kernel",
                lambda shape, name, dynamic_tokens=False: gemm_decode(
                    shape, name=name, index_dtype="int64" if dynamic_tokens else "int32")),
+    KernelSpec("gemv_lut_vbmi", ("llvm",), "AVX-512 VBMI: int8 table of codeword·input dot products, 64 rows per "
+               "byte permute (vpermi2b), row-tiled codes streamed once",
+               lambda shape, layouts: _gemv_batch(shape) or vbmi_applies(shape), _plain(gemv_lut_vbmi), ROW_TILED,
+               requires=VBMI_FEATURES),
     KernelSpec("gemv_lut_grouped", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products; "
                "group-major codes, read once", lambda shape, layouts: _gemv_batch(shape) or _lut(GROUP_MAJOR)(
                    shape, layouts), _plain(gemv_lut_grouped), GROUP_MAJOR),
@@ -122,7 +136,13 @@ def target_kinds() -> tuple[str, ...]:
     return tuple(dict.fromkeys(kind for spec in KERNELS for kind in spec.target_kinds))
 
 
-def find_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), graph_level: bool = False):
+def required_features() -> tuple[str, ...]:
+    """Every CPU feature some kernel requires (what a target reports to `select_kernel`)."""
+    return tuple(dict.fromkeys(f for spec in KERNELS for f in spec.requires))
+
+
+def find_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), graph_level: bool = False,
+                features=frozenset()):
     """(the first spec that applies or None, {spec name: why not} for those before it)."""
     if target_kind not in target_kinds():
         raise ConfigError(f"target kind {target_kind!r}: expected one of {', '.join(target_kinds())}")
@@ -132,8 +152,12 @@ def find_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), g
     for spec in KERNELS:
         if target_kind not in spec.target_kinds:
             continue
+        missing = [f for f in spec.requires if f not in features]
         reason = spec.accepts(shape.config) or (
             "expanded in the graph: only for routes that do so" if spec.graph_level and not graph_level else None) \
+            or (f"the target lacks {', '.join(missing)}" if missing else None) \
+            or (None if spec.code_layout in code_layouts or spec.graph_level else
+                f"reads {spec.code_layout} codes; the caller hands {', '.join(code_layouts)}") \
             or spec.applies(shape, tuple(code_layouts))
         if reason is None:
             return spec, why_not
@@ -141,16 +165,33 @@ def find_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), g
     return None, why_not
 
 
-def select_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), graph_level: bool = False):
+def select_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), graph_level: bool = False,
+                  features=frozenset()):
     """The kernel for (shape, target kind). `code_layouts`: the codes layouts the caller can hand the kernel — the HF
     layout always; the group-major one where the caller repacks the codes once at load time (then the LUT kernel
-    reads each code once). `graph_level`: the caller (the Relax route) can expand a graph-level lowering itself."""
-    spec, why_not = find_kernel(shape, target_kind, code_layouts, graph_level)
+    reads each code once). `graph_level`: the caller (the Relax route) can expand a graph-level lowering itself.
+    `features`: the target's CPU features among `required_features()`."""
+    spec, why_not = find_kernel(shape, target_kind, code_layouts, graph_level, features)
     if spec is None:
         raise ConfigError(f"no {target_kind} kernel for {shape.out_features}x{shape.in_features} "
                           f"{shape.config.name} batch {shape.batch}: " +
                           "; ".join(f"{name}: {why}" for name, why in why_not.items()))
     return spec
+
+
+def codes_layout(shape: GemvShape, target_kind: str, layouts, features=frozenset(), graph_level: bool = False) -> str:
+    """The one codes layout to store a layer in, among `layouts` (the ones the caller can repack to), for a caller
+    that runs it at every batch (the decode GEMVs and the any-token prefill): the layout of the kernel chosen at
+    batch 1, if the prefill has a kernel for it too; else the HF layout."""
+    import dataclasses
+
+    gemv, _ = find_kernel(dataclasses.replace(shape, batch=1), target_kind, tuple(layouts), graph_level, features)
+    if gemv is not None and not gemv.graph_level:
+        gemm, _ = find_kernel(dataclasses.replace(shape, batch=MAX_GEMV_BATCH + 1), target_kind,
+                              (gemv.code_layout,), graph_level, features)
+        if gemm is not None:
+            return gemv.code_layout
+    return OUT_MAJOR
 
 
 def supports(config: AqlmConfig, target_kind: str) -> bool:

@@ -15,10 +15,20 @@ from aqlm_compile import __version__, artifact  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
 from aqlm_compile.kernel_abi import gemm_symbol, gemv_symbol  # noqa: E402
-from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, find_kernel, select_kernel  # noqa: E402
+from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, find_kernel, required_features, select_kernel  # noqa: E402
 
 KERNEL_ABI = ("aqlm_gemv_OxI_bN (N fixed) / aqlm_gemm_OxI (any N): name(x[N,in], codes[out,in/g,M] int8|int16, codebooks[M,2^B,g] fp16, scales[out] f32, bias[out] f32, "
               "y[N,out]); arrays 64-byte aligned")
+
+
+def target_features(tvm_target) -> frozenset:
+    """The CPU features among those some kernel requires (kernels.registry `required_features`) that `tvm_target`
+    compiles for: its -mcpu and -mattr as LLVM reads them. None for a non-LLVM target."""
+    if tvm_target.kind.name != "llvm":
+        return frozenset()
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    return frozenset(f for f in required_features() if llvm_cpu_has_features([f], tvm_target))
 
 
 def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH):

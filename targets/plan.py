@@ -187,6 +187,7 @@ def _onnx_route(target: Target, options: BuildOptions, toolchain, onnx_graph, li
 
 def _relax_route(target: Target, options: BuildOptions, relax: dict, tvm_target, export_lib, extra: dict):
     """The whole model for the Relax VM (+ the dense FP32/FP16 baselines through the same compiler)."""
+    from .common import target_features
     from .relax import compile_relax_model, dense_relax_graphs, relax_decoder_module
 
     extra["tvm"] = {}  # filled by the step, before the manifest is written
@@ -196,7 +197,8 @@ def _relax_route(target: Target, options: BuildOptions, relax: dict, tvm_target,
             export_lib(path, ex)
 
         compile_ctx = target.compile_context(options)
-        entry = compile_relax_model(relax_decoder_module(relax, device=target.device, target_kind=target.kind),
+        entry = compile_relax_model(relax_decoder_module(relax, device=target.device, target_kind=target.kind,
+                                                         features=target_features(tvm_target)),
                                     tmp, tvm_target, f"model_{target.name}.so", export=export_model,
                                     compile_context=compile_ctx)
         entry["head"] = {"fp16": "fp16 (as stored)", "int8": "int8 rows, fp32 scale per row"}[options.head]
@@ -210,7 +212,8 @@ def _relax_route(target: Target, options: BuildOptions, relax: dict, tvm_target,
                 if dtype in options.dense_dtypes:
                     graphs = dense_relax_graphs(options.dense_model_dir, fp16=dtype == "float16")
                     entry[key] = compile_relax_model(
-                        relax_decoder_module(graphs, device=target.device, target_kind=target.kind), tmp,
+                        relax_decoder_module(graphs, device=target.device, target_kind=target.kind,
+                                             features=target_features(tvm_target)), tmp,
                         tvm_target, f"{lib}_{target.name}.so", export=export_model, params_name=params,
                         compile_context=target.compile_context(options))
         extra["tvm"].update(entry)

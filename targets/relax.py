@@ -12,7 +12,9 @@ import numpy as np
 
 from aqlm_compile.ops import gemm_layer
 from aqlm_compile.kernels.gemv_direct import GemvShape
-from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, select_kernel
+from aqlm_compile.kernels.gemv_lut import OUT_MAJOR
+from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED, to_row_tiled
+from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, codes_layout, select_kernel
 
 from .common import tvm
 
@@ -47,11 +49,14 @@ def _dequantized_linear(bb, x2, codes, codebooks, scales, cfg, out_f: int, in_f:
 
 
 def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, device: str = "cpu",
-                    target_kind: str = "llvm", chosen: dict | None = None):
+                    target_kind: str = "llvm", chosen: dict | None = None, features=frozenset(),
+                    layouts: dict | None = None):
     """A converter for `aqlm.aqlm_gemm` nodes: reshape x to [N, in], call_tir the kernel the kernel table picks for
     (shape, N), reshape back. `static_tokens` = N for the decode function (a GEMV), None for prefill (any N: the
     table's any-batch kernel; a graph-level one, such as the CUDA prefill's Relax decode + matmul, is expanded
-    here). `chosen` collects {symbol: kernel name and reason} for the manifest."""
+    here). `chosen` collects {symbol: kernel name and reason} for the manifest. `features`: the target's CPU
+    features (kernels.registry `required_features`). `layouts` collects {codes parameter: codes layout} for the
+    layers whose kernels read codes repacked at build time (`repack_codes`); the others read the HF layout."""
     from tvm import relax
 
     def convert(node, importer):
@@ -65,7 +70,14 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
         x2, x_shape, n_tok = _tokens_2d(bb, x, node.args[0], in_f)
         shape = GemvShape(out_f, in_f, cfg, static_tokens or MAX_GEMV_BATCH + 1,
                           act_dtype=str(xv.dtype).replace("torch.", ""), partitions=parts)
-        choice = select_kernel(shape, target_kind, graph_level=True)
+        # One layout per layer for both functions (they share the codes): row-tiled where the decode GEMV is the
+        # byte-permute LUT kernel and the codes are a parameter the build can repack.
+        layout = OUT_MAJOR
+        if layouts is not None and node.args[1].op == "placeholder":
+            layout = codes_layout(shape, target_kind, (OUT_MAJOR, ROW_TILED), features, graph_level=True)
+            if layouts.setdefault(node.args[1].name, layout) != layout:
+                raise RuntimeError(f"{node.args[1].name}: the prefill and decode kernels want different codes layouts")
+        choice = select_kernel(shape, target_kind, (layout,), graph_level=True, features=features)
         if choice.graph_level:
             if parts:
                 raise NotImplementedError(f"{choice.name}: the Relax route takes unfused layers")
@@ -73,9 +85,9 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
             if bias_node is not None:
                 y = bb.emit(relax.op.add(y, relax.op.astype(importer.env[bias_node], "float32")))
             return bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
-        key = (out_f, in_f, tuple(parts or ()), static_tokens)
+        key = (out_f, in_f, tuple(parts or ()), static_tokens, layout)
         if key not in kernels:
-            symbol = f"{prefix}_aqlm_{out_f}x{in_f}"
+            symbol = f"{prefix}_aqlm_{out_f}x{in_f}" + ("" if layout == OUT_MAJOR else "_tiled")
             func = choice.build_func(shape, symbol, dynamic_tokens=not static_tokens)
             # hand-scheduled already: dlight must leave it alone
             func = func.with_attr("tirx.is_scheduled", True)
@@ -211,7 +223,8 @@ def _bmm_converter(kernels: dict, prefix: str):
 
 
 def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: str = "cpu",
-                   target_kind: str = "llvm", chosen: dict | None = None):
+                   target_kind: str = "llvm", chosen: dict | None = None, features=frozenset(),
+                   layouts: dict | None = None):
     """The lowered ExportedProgram `ep` as a Relax IRModule (params kept as inputs). Decomposed with `aten.linear`
     kept whole, so the remaining dense layers (lm_head) reach our dense kernel instead of an unscheduled matmul
     (on CPU; on CUDA TVM's own linear, scheduled by dlight)."""
@@ -231,7 +244,7 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
     return from_exported_program(
         ep, keep_params_as_input=True, run_ep_decomposition=False,
         custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix, device,
-                                                                  target_kind, chosen),
+                                                                  target_kind, chosen, features, layouts),
                             "linear.default": dense, "to.device": _to_device,
                             "linear_rows_int8.default": _rows_int8_converter(kernels, prefix),
                             **({"bmm.default": _bmm_converter(kernels, prefix)} if cpu else {})})
@@ -280,20 +293,37 @@ def _untie(func, values: list, tied: dict[str, str]):
     return func.bind_params(binding), keep
 
 
-def relax_decoder_module(graphs: dict, device: str = "cpu", target_kind: str | None = None):
+REPACK = {ROW_TILED: to_row_tiled}
+
+
+def repack_codes(params: list, names: list[str], layouts: dict) -> list:
+    """`params` (tensors of the trailing parameters `names`) with each codes parameter in `layouts` rewritten into
+    its layout (same shape and dtype, bytes reordered once here instead of on every call)."""
+    out = list(params)
+    trailing = names[len(names) - len(params):]
+    for i, name in enumerate(trailing):
+        layout = layouts.get(name, OUT_MAJOR)
+        if layout != OUT_MAJOR:
+            out[i] = tvm.runtime.tensor(REPACK[layout](out[i].numpy()))
+    return out
+
+
+def relax_decoder_module(graphs: dict, device: str = "cpu", target_kind: str | None = None, features=frozenset()):
     """One IRModule with `prefill` (any token count) and `decode` (one token) from the lowered graphs
     {"prefill"|"decode": (ExportedProgram, DecoderSpec)} (targets/plan.py `export_graphs`, or
     `dense_relax_graphs`), the params (shared, in the order both functions take them), the DecoderSpec and the
     kernels chosen for the AQLM layers ({symbol: kernel, reason}). Layers are not fused here: the fused graph
-    concatenates parameters, which in Relax would be redone on every call."""
+    concatenates parameters, which in Relax would be redone on every call. `features`: the target's CPU features
+    (targets/common.py `target_features`); codes that a chosen kernel reads in another layout are repacked."""
     from tvm import relax
 
     target_kind = target_kind or ("cuda" if device == "cuda" else "llvm")
-    merged, params, spec, chosen = tvm.IRModule(), None, None, {}
+    merged, params, spec, chosen, layouts = tvm.IRModule(), None, None, {}, {}
     for name, tokens in FUNCTIONS:
         ep, spec = graphs[name]
         mod, detached = relax.frontend.detach_params(import_decoder(ep, tokens, prefix=name, device=device,
-                                                                    target_kind=target_kind, chosen=chosen))
+                                                                    target_kind=target_kind, chosen=chosen,
+                                                                    features=features, layouts=layouts))
         mod["main"], detached["main"] = _untie(mod["main"], detached["main"], tied_parameters(ep))  # one lm_head
         names = [p.name for p in mod["main"].params]
         if params is None:
@@ -305,6 +335,11 @@ def relax_decoder_module(graphs: dict, device: str = "cpu", target_kind: str | N
                 merged[name] = func.with_attr("global_symbol", name)
             else:
                 merged[gv] = func
+    if any(layout != OUT_MAJOR for layout in layouts.values()):
+        unknown = set(layouts) - set(param_names)
+        if unknown:  # the placeholder names must be the Relax parameter names, or the wrong tensor is repacked
+            raise RuntimeError(f"codes parameters {sorted(unknown)} are not among the Relax parameters")
+        params = repack_codes(params, param_names, layouts)
     return merged, params, spec, chosen
 
 

@@ -1,0 +1,103 @@
+"""What the int8 table of the byte-permute LUT kernel (kernels/gemv_lut_vbmi.py) costs in accuracy, measured where it
+runs: the decode function. Two x86 artifacts of one checkpoint — one whose decode GEMVs are the LUT kernel, one
+built for a CPU without AVX-512 VBMI (`--cpu znver3`: the fp32 direct-decode kernels, the reference) — score the
+scoreboard's held-out windows (Brown ck*–cr*, BOS-prefixed, 512 tokens) token by token through the TVM runtime's
+`decode` (teacher-forced: every position after the first is one decode step on the KV cache), interleaved per
+window. Reports both perplexities and how often the two artifacts' next-token argmax agree.
+
+    .venv/bin/python benchmarks/lut_decode_ppl.py LUT_ARTIFACT REFERENCE_ARTIFACT [--windows N]
+
+Writes benchmarks/results/<machine>/lut-decode-ppl-<checkpoint>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max()
+    return z - math.log(np.exp(z).sum())
+
+
+def _kernels(art: Path) -> dict:
+    manifest = json.loads((art / "manifest.json").read_text())
+    counts: dict = {}
+    for entry in (manifest.get("tvm", {}).get("kernels") or {}).values():
+        counts[entry["kernel"]] = counts.get(entry["kernel"], 0) + 1
+    return {"cpu": manifest["target_spec"].get("mcpu"), "relax_kernels": counts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("lut_artifact", type=Path)
+    ap.add_argument("reference_artifact", type=Path)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--name", help="what the result files are named after (default: the LUT artifact's folder)")
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from aqlm_compile.bench.machine import machine_info, machine_slug
+    from aqlm_compile.cache import atomic_write_bytes
+    from aqlm_compile.data import eval_windows, load_corpus, tokenize
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    start = time.time()
+    tok = AutoTokenizer.from_pretrained(args.lut_artifact)
+    windows = eval_windows(tokenize(tok, load_corpus("brown").heldout), args.seqlen, args.windows, tok.bos_token_id)
+    windows = np.asarray(windows)
+    decoders = {"lut": TvmDecoder(args.lut_artifact), "reference": TvmDecoder(args.reference_artifact)}
+    nll = {k: 0.0 for k in decoders}
+    agree, count = 0, 0
+    for w, window in enumerate(windows):
+        for dec in decoders.values():
+            dec.reset()
+        for pos in range(len(window) - 1):
+            argmax = {}
+            for name, dec in decoders.items():  # interleaved: the same step on both, one after the other
+                logits = dec.step(window[pos:pos + 1])
+                nll[name] -= _log_softmax(logits)[int(window[pos + 1])]
+                argmax[name] = int(np.argmax(logits))
+            agree += argmax["lut"] == argmax["reference"]
+            count += 1
+        print(f"window {w + 1}/{len(windows)}: " + ", ".join(
+            f"{k} PPL {math.exp(v / count):.3f}" for k, v in nll.items()), flush=True)
+    ppl = {k: math.exp(v / count) for k, v in nll.items()}
+    machine = machine_info(measure_bandwidth=False)
+    name = args.name or args.lut_artifact.name
+    result = {"what": "held-out Brown PPL scored token by token through the TVM runtime's decode function: LUT "
+                      "(int8 table) artifact vs the fp32 direct-decode artifact of the same checkpoint",
+              "command": f"python benchmarks/lut_decode_ppl.py {args.lut_artifact} {args.reference_artifact} "
+                         f"--windows {args.windows}" + (f" --name {args.name}" if args.name else ""),
+              "windows": int(len(windows)), "seqlen": args.seqlen, "decode_steps": count,
+              "ppl_lut": ppl["lut"], "ppl_reference": ppl["reference"],
+              "ppl_increase_pct": round(100 * (ppl["lut"] / ppl["reference"] - 1), 3),
+              "argmax_agreement": agree / count,
+              "lut_artifact": _kernels(args.lut_artifact), "reference_artifact": _kernels(args.reference_artifact),
+              "machine": machine, "wall_s": round(time.time() - start, 1)}
+    out = ROOT / "benchmarks" / "results" / machine_slug(machine)
+    stem = f"lut-decode-ppl-{name}"
+    atomic_write_bytes(out / f"{stem}.json", (json.dumps(result, indent=1) + "\n").encode())
+    md = (f"# int8-table LUT kernel: decode accuracy, {name}\n\n"
+          f"{result['windows']} windows × {args.seqlen} tokens, every position after the first one decode step "
+          f"({count} steps per artifact).\n\n| decode GEMVs | held-out PPL |\n|---|---|\n"
+          f"| fp32 direct decode (`--cpu {result['reference_artifact']['cpu']}`) | {ppl['reference']:.3f} |\n"
+          f"| int8-table LUT, vpermi2b (`--cpu {result['lut_artifact']['cpu']}`) | {ppl['lut']:.3f} |\n\n"
+          f"PPL {result['ppl_increase_pct']:+.2f}%; next-token argmax agreement {100 * agree / count:.2f}%. "
+          f"Command: `{result['command']}`.\n")
+    atomic_write_bytes(out / f"{stem}.md", md.encode())
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,8 @@ from .gemv_direct import L1_BYTES, GemvShape, gemv_direct
 from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped
 from .gemv_lut_vbmi import REQUIRED_FEATURES as VBMI_FEATURES
 from .gemv_lut_vbmi import ROW_TILED, gemv_lut_vbmi
-from .gemv_lut_vbmi import applies as vbmi_applies
+from .gemv_lut_vbmi import pays_off as vbmi_pays_off
+from .gemv_lut_vbmi import unsupported as vbmi_unsupported
 
 MAX_GEMV_BATCH = 8
 
@@ -112,7 +113,7 @@ KERNELS: list[KernelSpec] = [
                    shape, name=name, index_dtype="int64" if dynamic_tokens else "int32")),
     KernelSpec("gemv_lut_vbmi", ("llvm",), "AVX-512 VBMI: int8 table of codeword·input dot products, 64 rows per "
                "byte permute (vpermi2b), row-tiled codes streamed once",
-               lambda shape, layouts: _gemv_batch(shape) or vbmi_applies(shape), _plain(gemv_lut_vbmi), ROW_TILED,
+               lambda shape, layouts: _gemv_batch(shape) or vbmi_unsupported(shape) or vbmi_pays_off(shape), _plain(gemv_lut_vbmi), ROW_TILED,
                requires=VBMI_FEATURES),
     KernelSpec("gemv_lut_grouped", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products; "
                "group-major codes, read once", lambda shape, layouts: _gemv_batch(shape) or _lut(GROUP_MAJOR)(

@@ -62,10 +62,10 @@ def test_row_tiled_layout_round_trips_and_keeps_the_shape():
 
 
 @needs_vbmi
-@pytest.mark.parametrize("out_f,in_f,batch,parts,parallel", [
-    (256, 576, 1, None, False), (576, 256, 3, None, True), (512, 1024, 1, (256, 256), True),
-    (1024, 1024, 8, None, None)])
-def test_lut_vbmi_matches_reference_within_the_int8_table_error(out_f, in_f, batch, parts, parallel):
+@pytest.mark.parametrize("out_f,in_f,batch,parts,chunks", [
+    (256, 576, 1, None, 8), (576, 256, 3, None, 1), (512, 1024, 1, (256, 256), 8), (1024, 1024, 8, None, 2),
+    (64, 72, 2, None, 8)])  # 9 input groups: scale blocks of 3, one task
+def test_lut_vbmi_matches_reference_within_the_int8_table_error(out_f, in_f, batch, parts, chunks):
     """The int8 table rounds each partial dot product to 1/127 of its block's peak: ≤ 2% relative error (random
     data: ≈ 0.9%), and the rounding is unbiased — a systematic error (wrong code, wrong half, wrong partition or
     scale) would be ≥ 10× that."""
@@ -73,7 +73,7 @@ def test_lut_vbmi_matches_reference_within_the_int8_table_error(out_f, in_f, bat
     codes, cb, scales, bias = _layer(cfg, out_f, in_f, parts)
     x = np.random.default_rng(1).standard_normal((batch, in_f)).astype(np.float32)
     shape = GemvShape(out_f, in_f, cfg, batch, partitions=parts)
-    got = _run(gemv_lut_vbmi(shape, name="k", parallel=parallel), x, codes, cb, scales, bias)
+    got = _run(gemv_lut_vbmi(shape, name="k", chunks=chunks), x, codes, cb, scales, bias)
     want = _reference(x, codes, cb, scales, bias, cfg, list(parts) if parts else None)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert 1e-4 < err < 0.02, err  # > 1e-4: it really is the int8 table (an fp32 table would be ~1e-7)
@@ -92,25 +92,27 @@ def test_gemm_decode_reads_row_tiled_codes_exactly(batch):
 
 def test_the_table_picks_the_layout_per_layer_and_target():
     cfg = AqlmConfig.parse("2x8g8")
-    big, small = GemvShape(576, 576, cfg, 1), GemvShape(192, 576, cfg, 1)
+    big, small = GemvShape(1536, 576, cfg, 1), GemvShape(576, 576, cfg, 1)
     layouts = (OUT_MAJOR, ROW_TILED)
     assert codes_layout(big, "llvm", layouts, VBMI) == ROW_TILED
     assert select_kernel(big, "llvm", (ROW_TILED,), features=VBMI).name == "gemv_lut_vbmi"
-    assert select_kernel(GemvShape(576, 576, cfg, 9), "llvm", (ROW_TILED,), features=VBMI).name == \
+    assert select_kernel(GemvShape(1536, 576, cfg, 9), "llvm", (ROW_TILED,), features=VBMI).name == \
         "gemm_decode_row_tiled"
-    assert codes_layout(small, "llvm", layouts, VBMI) == OUT_MAJOR  # < 256 rows: the direct kernel is faster
+    assert codes_layout(small, "llvm", layouts, VBMI) == OUT_MAJOR  # 576×576: the direct kernel is faster
+    assert codes_layout(GemvShape(576, 1536, cfg, 1), "llvm", layouts, VBMI) == ROW_TILED
+    assert codes_layout(GemvShape(1536, 576, cfg, 1, partitions=(768, 768)), "llvm", layouts, VBMI) == ROW_TILED
     assert codes_layout(big, "llvm", layouts, frozenset()) == OUT_MAJOR  # a CPU without VBMI (e.g. --cpu znver3)
     assert codes_layout(big, "llvm", (OUT_MAJOR,), VBMI) == OUT_MAJOR  # a caller that cannot repack (the ORT op)
-    assert codes_layout(GemvShape(576, 576, AqlmConfig.parse("1x16g8"), 1), "llvm", layouts, VBMI) == OUT_MAJOR
+    assert codes_layout(GemvShape(1536, 576, AqlmConfig.parse("1x16g8"), 1), "llvm", layouts, VBMI) == OUT_MAJOR
     assert target_features(x86_target("znver3")) == frozenset()
     assert target_features(x86_target("znver4")) >= VBMI
 
 
 @needs_vbmi
 def test_a_model_built_with_the_lut_kernel_decodes_the_torch_tokens(tmp_path_factory, tiny_llama):
-    """A 2-block Llama with 256 hidden / 512 FFN (random codes): q/o/gate/up/down take the LUT kernel (row-tiled
-    codes shared with the prefill GEMM), k/v (128 rows) the direct one; the TVM runtime's and ORT's greedy tokens
-    are PyTorch's."""
+    """A 2-block Llama with 256 hidden / 1024 FFN (random codes): gate/up/down take the LUT kernel (row-tiled codes
+    shared with the prefill GEMM), q/k/v/o the direct one; the TVM runtime's and ORT's greedy tokens are
+    PyTorch's."""
     import json
 
     from click.testing import CliRunner
@@ -121,7 +123,7 @@ def test_a_model_built_with_the_lut_kernel_decodes_the_torch_tokens(tmp_path_fac
 
     root = tmp_path_factory.mktemp("mid")
     fp = make_fp_model(root / "fp", 2, tiny_llama, shapes=dict(
-        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256))
     ckpt = make_aqlm_checkpoint(fp, root / "ckpt", "2x8g8")
     art = root / "art"

@@ -8,11 +8,16 @@ def _suffix(partitions) -> str:
     return "_p" + "-".join(str(p) for p in partitions) if partitions and len(partitions) > 1 else ""
 
 
-def gemv_symbol(out_f: int, in_f: int, batch: int, partitions=None) -> str:
+# A kernel that reads row-tiled codes ([out/64, in/g, M, 64] in the HF-shaped tensor: kernels/gemv_lut_vbmi.py) has
+# this suffix; the ORT op looks for it first and then hands the kernel a row-tiled copy of the codes.
+ROW_TILED_SUFFIX = "_rt64"
+
+
+def gemv_symbol(out_f: int, in_f: int, batch: int, partitions=None, row_tiled: bool = False) -> str:
     """GEMV for exactly `batch` tokens."""
-    return f"aqlm_gemv_{out_f}x{in_f}_b{batch}{_suffix(partitions)}"
+    return f"aqlm_gemv_{out_f}x{in_f}_b{batch}{_suffix(partitions)}" + (ROW_TILED_SUFFIX if row_tiled else "")
 
 
-def gemm_symbol(out_f: int, in_f: int, partitions=None) -> str:
+def gemm_symbol(out_f: int, in_f: int, partitions=None, row_tiled: bool = False) -> str:
     """GEMM for any token count."""
-    return f"aqlm_gemm_{out_f}x{in_f}{_suffix(partitions)}"
+    return f"aqlm_gemm_{out_f}x{in_f}{_suffix(partitions)}" + (ROW_TILED_SUFFIX if row_tiled else "")

@@ -1,29 +1,27 @@
 """Byte-permute lookup-table AQLM GEMV for x86 CPUs with AVX-512 VBMI (decode, batch 1–8), for 8-bit codes (Kx8).
 
-The T-MAC route (Wei et al. 2024) applied to AQLM's 256-entry codebooks. Two phases in one call:
+The T-MAC route (Wei et al. 2024) applied to AQLM's 256-entry codebooks. Per input group j, codebook m and token n,
+the table holds the 256 partial dot products t[n, j, m, k] = C_m[k] · x[n, j·g:(j+1)·g] (fp32, vectorised over k
+from a transposed fp32 copy of the codebooks), rounded to 16 bits with one scale per token per block of
+`group_block` groups (scale = peak |t| over the block / 32767) and stored as two byte planes: the signed high byte
+and the low byte. Rows go in tiles of 64 (one zmm register of int8 codes): for each group and codebook the 64
+codes of a tile are one 64-byte load, and `vpermi2b` looks 64 rows up at once in a 128-entry half of a plane (two
+registers); the code's top bit picks the half (codes are stored signed: code ≥ 128 ⇔ byte < 0). Each plane's bytes
+add up in int16 over a block (no overflow: ≤ 255·M per group), then in fp32 as (Σhigh·256 + Σlow) × the block's
+scale; y = scale[o] · Σ (+ bias).
 
-1. The table. For every input group j, codebook m and token n, the 256 partial dot products
-   t[n, j, m, k] = C_m[k] · x[n, j·g:(j+1)·g] (fp32, vectorised over k from a transposed fp32 copy of the
-   codebooks), quantized to int8 with one scale per token per block of `group_block` input groups
-   (scale = max |t| over the block / 127, round to nearest). A block is a thread-pool task.
-2. The lookups. Rows go in tiles of 64 (one zmm register of int8 codes): for each input group and codebook the 64
-   codes of a tile are one 64-byte load, and `vpermi2b` looks 64 rows up at once in a 128-entry half of the
-   table (two registers); the code's top bit picks the half (codes are stored signed: code ≥ 128 ⇔ byte < 0).
-   The int8 partial sums accumulate in int16 over a block (≤ 2·127·M per group: a block of up to 128/M groups
-   cannot overflow), then in fp32 times the block's scale; y = scale[o] · acc (+ bias).
+Work is split over the input groups (see `gemv_lut_vbmi`). Measured on the 2-vCPU Zen 4 VM, 2 threads, 2x8g8
+(benchmarks in the function docstrings): 4096² 0.22 ms against 0.54 for `gemv_direct`, 11008×4096 0.62 vs 1.59.
 
-Four instructions per 64 rows × g weights × codebook, so the kernel streams its codes at memory speed
-(4096² 2x8g8: 0.28 ms against 0.99 ms for `gemv_direct`, Zen 4, 2 threads); the table costs M·K·g
-multiply-adds per input group, which is why small layers (out ≲ 256) stay on the direct kernel (kernels.registry).
+Why two planes: one int8 plane (`planes=1`) halves the lookups (4096² 0.13 ms) but its rounding (0.9% relative
+error per layer output on random data) cost SmolLM2-135M 2x8g8 +1.1% held-out PPL and 7.5% of next-token argmaxes
+when only its gate/up/down layers used it (benchmarks/lut_decode_ppl.py, 8 windows; the result file of the
+two-plane table is the one in benchmarks/results). The two-plane table is within 1e-4 of fp32.
 
 Codes layout: ROW_TILED, codes[out/64, in/g, M, 64] — the 64 rows of a tile for one (group, codebook) contiguous —
 stored in a tensor of the HF shape [out, in/g, M] (`to_row_tiled`, done once at build time), so the tensor keeps its
 shape and dtype through the graph and only its byte order changes. `gemm_decode` reads the same layout, so the
 prefill and decode functions share one copy of the codes.
-
-Accuracy: the int8 table is an approximation (0.7–1% relative error per layer output on random data, the int8
-rounding floor); the fp32 kernels stay the reference and the decode PPL of both is measured
-(benchmarks/lut_decode_ppl.py).
 """
 
 from __future__ import annotations
@@ -79,7 +77,8 @@ def pays_off(shape: GemvShape) -> str | None:
     return f"{rows} rows per table × {shape.in_features} inputs: the table costs more than the lookups save"
 
 
-def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, name: str = "aqlm_gemv_lut_vbmi"):
+def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, planes: int = 2,
+                  name: str = "aqlm_gemv_lut_vbmi"):
     """A TIR PrimFunc `name(x[N, I], codes[O, I/g, M] (ROW_TILED bytes), codebooks[P·M, 256, g], scales[O],
     bias[O], y[N, O])`.
 
@@ -97,13 +96,47 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, name:
     if why:
         raise ValueError(f"gemv_lut_vbmi {O}x{I} {cfg.name}: {why}")
     J, K, TR, KV = I // g, 256, TILE_ROWS, 16
-    JB = _largest_divisor(J, min(group_block, 128 // M))  # groups per table scale
+    if planes not in (1, 2):
+        raise ValueError(f"planes {planes}: expected 1 (int8 table) or 2 (16-bit table as two byte planes)")
+    QMAX = 127 if planes == 1 else 32767
+    # int16 block sums must not overflow: a byte lookup is ≤ 255 in magnitude, M of them per group
+    JB = _largest_divisor(J, min(group_block, 32767 // (255 * M)))  # groups per table scale
     NBLK = J // JB
     C = _largest_divisor(NBLK, chunks)  # thread-pool tasks
     BC = NBLK // C  # scale blocks per task
     JC = BC * JB  # input groups per task
     PM = shape.codebook_rows()
     act, cbt_dtype = shape.act_dtype, shape.codebook_dtype
+
+    @T.macro
+    def quantize(table, tf, n, j, jj, pm, k, inv_scale):
+        """table[·, n, j, pm, k] = round(tf · inv_scale): one int8 plane, or the high (signed) and low byte of an
+        int16 (the low byte's bits stored in an int8, zero-extended when looked up)."""
+        if planes == 1:
+            table[0, n, j, pm, k] = T.Cast("int8", T.Cast("int32", T.nearbyint(tf[jj, pm, k] * inv_scale)))
+        else:
+            table[0, n, j, pm, k] = T.Cast("int8", T.shift_right(
+                T.Cast("int32", T.nearbyint(tf[jj, pm, k] * inv_scale)), 8))
+            table[1, n, j, pm, k] = T.Cast("int8", T.bitwise_and(
+                T.Cast("int32", T.nearbyint(tf[jj, pm, k] * inv_scale)), 255))
+
+    def lookup(table, q, n, j, pm, idx):
+        """64 bytes of plane q, entry idx[r] for each row r: vpermi2b in each 128-entry half, the top bit picks."""
+        low = T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
+                                      table[q, n, j, pm, T.ramp(0, 1, 64)], idx, table[q, n, j, pm, T.ramp(64, 1, 64)])
+        high = T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
+                                       table[q, n, j, pm, T.ramp(128, 1, 64)], idx,
+                                       table[q, n, j, pm, T.ramp(192, 1, 64)])
+        return T.Select(idx < T.Broadcast(T.int8(0), TR), high, low)
+
+    def widen(q, v):  # sign-extend the high plane, zero-extend the low one
+        w = T.Cast("int16x64", v)
+        return w if q == 0 else T.bitwise_and(w, T.Broadcast(T.int16(255), TR))
+
+    def combine(part, n, r):
+        if planes == 1:
+            return T.Cast("float32", part[0, n, r])
+        return T.Cast("float32", part[0, n, r]) * T.float32(256) + T.Cast("float32", part[1, n, r])
 
     @T.prim_func
     def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), "int8"), cb: T.Buffer((PM, K, g), cbt_dtype),
@@ -115,7 +148,7 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, name:
         for pm, k, t in T.grid(PM, K, g):
             cbt[pm, t, k] = T.Cast("float32", cb[pm, k, t])
         for c in T.parallel(C):
-            table = T.alloc_buffer((N, JC, PM, K), "int8", scope="global")
+            table = T.alloc_buffer((planes, N, JC, PM, K), "int8", scope="global")
             table_scale = T.alloc_buffer((N, BC), "float32", scope="global")
             tf = T.alloc_buffer((JB, PM, K), "float32", scope="global")
             peak = T.alloc_buffer((KV,), "float32", scope="global")
@@ -136,39 +169,33 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, name:
                 s[0] = T.float32(1e-30)  # an all-zero block: any scale, the table is zeros
                 for v in range(KV):
                     s[0] = T.max(s[0], peak[v])
-                table_scale[n, bb] = s[0] / T.float32(127)
+                table_scale[n, bb] = s[0] / T.float32(QMAX)
                 for jj, pm in T.grid(JB, PM):
                     for k in T.vectorized(K):
-                        table[n, bb * JB + jj, pm, k] = T.Cast(
-                            "int8", T.nearbyint(tf[jj, pm, k] * (T.float32(127) / s[0])))
+                        quantize(table, tf, n, bb * JB + jj, jj, pm, k, T.float32(QMAX) / s[0])
             for ob in range(O // TR):  # every row tile over this task's groups
                 acc = T.alloc_buffer((N, TR), "float32", scope="global")
-                part = T.alloc_buffer((N, TR), "int16", scope="global")
+                part = T.alloc_buffer((planes, N, TR), "int16", scope="global")
                 for n in range(N):
                     for r in T.vectorized(TR):
                         acc[n, r] = T.float32(0)
                 for bb in range(BC):
-                    for n in range(N):
+                    for q, n in T.grid(planes, N):
                         for r in T.vectorized(TR):
-                            part[n, r] = T.int16(0)
+                            part[q, n, r] = T.int16(0)
                     for jj in range(JB):
                         for m in T.unroll(M):
                             for n in range(N):
                                 idx = tiles[ob, c * JC + bb * JB + jj, m, T.ramp(0, 1, TR)]
                                 pm = shape.partition_of(ob * TR) * M + m
-                                low = T.call_llvm_pure_intrin(
-                                    "int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
-                                    table[n, bb * JB + jj, pm, T.ramp(0, 1, 64)], idx,
-                                    table[n, bb * JB + jj, pm, T.ramp(64, 1, 64)])
-                                high = T.call_llvm_pure_intrin(
-                                    "int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
-                                    table[n, bb * JB + jj, pm, T.ramp(128, 1, 64)], idx,
-                                    table[n, bb * JB + jj, pm, T.ramp(192, 1, 64)])
-                                part[n, T.ramp(0, 1, TR)] = part[n, T.ramp(0, 1, TR)] + T.Cast(
-                                    "int16x64", T.Select(idx < T.Broadcast(T.int8(0), TR), high, low))
+                                part[0, n, T.ramp(0, 1, TR)] = part[0, n, T.ramp(0, 1, TR)] + widen(
+                                    0, lookup(table, 0, n, bb * JB + jj, pm, idx))
+                                if planes == 2:
+                                    part[1, n, T.ramp(0, 1, TR)] = part[1, n, T.ramp(0, 1, TR)] + widen(
+                                        1, lookup(table, 1, n, bb * JB + jj, pm, idx))
                     for n in range(N):
                         for r in T.vectorized(TR):
-                            acc[n, r] = acc[n, r] + T.Cast("float32", part[n, r]) * table_scale[n, bb]
+                            acc[n, r] = acc[n, r] + combine(part, n, r) * table_scale[n, bb]
                 for n in range(N):
                     for r in T.vectorized(TR):
                         partial[c, n, ob * TR + r] = acc[n, r]

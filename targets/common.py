@@ -15,10 +15,14 @@ from aqlm_compile import __version__, artifact  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
 from aqlm_compile.kernel_abi import gemm_symbol, gemv_symbol  # noqa: E402
-from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, find_kernel, required_features, select_kernel  # noqa: E402
+from aqlm_compile.kernels.gemv_lut import OUT_MAJOR  # noqa: E402
+from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED  # noqa: E402
+from aqlm_compile.kernels.registry import (MAX_GEMV_BATCH, codes_layout, find_kernel, required_features,  # noqa: E402
+                                           select_kernel)
 
 KERNEL_ABI = ("aqlm_gemv_OxI_bN (N fixed) / aqlm_gemm_OxI (any N): name(x[N,in], codes[out,in/g,M] int8|int16, codebooks[M,2^B,g] fp16, scales[out] f32, bias[out] f32, "
-              "y[N,out]); arrays 64-byte aligned")
+              "y[N,out]); arrays 64-byte aligned; a symbol ending in _rt64 reads the codes row-tiled "
+              "([out/64,in/g,M,64] in the same tensor)")
 
 
 def target_features(tvm_target) -> frozenset:
@@ -31,23 +35,28 @@ def target_features(tvm_target) -> frozenset:
     return frozenset(f for f in required_features() if llvm_cpu_has_features([f], tvm_target))
 
 
-def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH):
+def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, features=frozenset()):
     """One IRModule for the artifact's kernel library: for each requested shape (targets/plan.py `KernelRequest`) a
     GEMV per batch size 1..max_batch and, where the kernel table has a library kernel for any token count on this
-    target kind (the CPU prefill GEMM), that one too. `kernels` records which kernel each symbol is and why."""
+    target kind (the CPU prefill GEMM), that one too. `kernels` records which kernel each symbol is and why.
+    `features`: the target's CPU features (`target_features`). A shape whose kernels read row-tiled codes gets
+    symbols ending in ROW_TILED_SUFFIX; the ORT op repacks the codes for them once."""
     if not 1 <= max_batch <= MAX_GEMV_BATCH:
         raise ConfigError(f"--max-batch {max_batch}: expected 1..{MAX_GEMV_BATCH}")
     funcs, kernels = {}, {}
     for req in requests:
         out_f, in_f, parts = req.out_features, req.in_features, req.partitions
-        entries = [(gemv_symbol(out_f, in_f, b, parts), b) for b in range(1, max_batch + 1)]
+        layout = codes_layout(GemvShape(out_f, in_f, req.config, 1, partitions=parts), target_kind,
+                              (OUT_MAJOR, ROW_TILED), features)
+        tiled = layout == ROW_TILED
+        entries = [(gemv_symbol(out_f, in_f, b, parts, tiled), b) for b in range(1, max_batch + 1)]
         any_batch, _ = find_kernel(GemvShape(out_f, in_f, req.config, MAX_GEMV_BATCH + 1, partitions=parts),
-                                   target_kind)
+                                   target_kind, (layout,), features=features)
         if any_batch is not None:
-            entries.append((gemm_symbol(out_f, in_f, parts), None))
+            entries.append((gemm_symbol(out_f, in_f, parts, tiled), None))
         for symbol, batch in entries:
             shape = GemvShape(out_f, in_f, req.config, batch or MAX_GEMV_BATCH + 1, partitions=parts)
-            choice = select_kernel(shape, target_kind)
+            choice = select_kernel(shape, target_kind, (layout,), features=features)
             funcs[symbol] = choice.build_func(shape, symbol)
             kernels[symbol] = {"kernel": choice.name, "reason": choice.reason, "out_features": out_f,
                                "in_features": in_f, "batch": batch if batch else "any",
@@ -55,13 +64,15 @@ def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH):
     return tvm.IRModule(funcs), kernels
 
 
-def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = MAX_GEMV_BATCH, fused=()):
+def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = MAX_GEMV_BATCH, fused=(),
+                  features=frozenset()):
     """`kernel_library` for one config: `layers` {name: (out, in)} and `fused` [(out, in, partitions)] (tools, tests)."""
     from .plan import KernelRequest
 
     shapes = sorted({(o, i, None) for o, i in layers.values()} | {(o, i, tuple(p)) for o, i, p in fused},
                     key=lambda s: (s[0], s[1], s[2] or ()))
-    return kernel_library([KernelRequest(o, i, aqlm_config, p) for o, i, p in shapes], target_kind, max_batch)
+    return kernel_library([KernelRequest(o, i, aqlm_config, p) for o, i, p in shapes], target_kind, max_batch,
+                          features)
 
 
 def write_artifact(ckpt_dir, out_dir, *, target_name: str, arch: str, target_spec: dict, lib_name: str,

@@ -149,10 +149,11 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     graphs = export_graphs(model, routes, options, supports_for(target))
     del model
 
-    from .common import kernel_library, tvm, write_artifact
+    from .common import kernel_library, target_features, tvm, write_artifact
 
     tvm_target = target.tvm_target(options)
-    mod, kernels = kernel_library(kernel_requests(layers, aqlm_config, graphs), target.kind, options.max_batch)
+    mod, kernels = kernel_library(kernel_requests(layers, aqlm_config, graphs), target.kind, options.max_batch,
+                                  target_features(tvm_target))
     with target.compile_context(options), tvm_target:
         lib = tvm.compile(mod, target=tvm_target)
     lib_name = f"kernels_{target.name}.so"

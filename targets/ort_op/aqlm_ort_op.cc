@@ -169,8 +169,44 @@ struct Kernel {
   Aligned scales, bias;  // fp32 copies, 64-byte aligned like every array the kernels read
   std::vector<unsigned char> scales_src;  // the scales these fp32 values came from (skip reconverting if unchanged)
   Aligned x_copy, codes_copy, cb_copy, y_copy;
+  // Row-tiled copy of the codes for kernels whose symbol ends in "_rt64" (kernel_abi.py ROW_TILED_SUFFIX), made
+  // once: codes are initializers, constant at a fixed address for the session; the address, size and a sample of
+  // the bytes say whether the copy is still the one of these codes.
+  Aligned codes_tiled;
+  const void* tiled_src = nullptr;
+  size_t tiled_bytes = 0;
+  uint64_t tiled_sample = 0;
   std::map<std::string, tvm::ffi::Function> functions;
+  std::map<std::string, bool> row_tiled;  // symbol → whether it is the _rt64 variant
 };
+
+// A cheap fingerprint of a code tensor: 64 bytes at 64 evenly spaced places (FNV-1a).
+uint64_t sample_bytes(const unsigned char* p, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < 64 && n; ++i) {
+    const unsigned char* q = p + (n - 1) * i / 63;
+    for (size_t b = 0; b < 64 && q + b < p + n; ++b) h = (h ^ q[b]) * 1099511628211ull;
+  }
+  return h;
+}
+
+// codes[O, J, M] → [O/64, J, M, 64] (the 64 rows of a tile innermost): kernels/gemv_lut_vbmi.py `to_row_tiled`.
+void* row_tiled_codes(Kernel* k, const void* src, int64_t O, int64_t J, int64_t M, size_t code_bytes) {
+  const size_t bytes = O * J * M * code_bytes;
+  const uint64_t sample = sample_bytes(static_cast<const unsigned char*>(src), bytes);
+  if (k->tiled_src == src && k->tiled_bytes == bytes && k->tiled_sample == sample) return k->codes_tiled.ptr;
+  auto* dst = static_cast<unsigned char*>(k->codes_tiled.get(bytes));
+  const auto* in = static_cast<const unsigned char*>(src);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t j = 0; j < J; ++j)
+      for (int64_t m = 0; m < M; ++m)
+        std::memcpy(dst + ((((o / 64) * J + j) * M + m) * 64 + o % 64) * code_bytes,
+                    in + ((o * J + j) * M + m) * code_bytes, code_bytes);
+  k->tiled_src = src;
+  k->tiled_bytes = bytes;
+  k->tiled_sample = sample;
+  return dst;
+}
 
 DLTensor dl(void* data, DLDataType dtype, std::vector<int64_t>& shape) {
   DLTensor t;
@@ -282,15 +318,18 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   std::string symbol = N <= 8 ? gemv : gemm;
   auto it = k->functions.find(symbol);
   if (it == k->functions.end()) {
-    auto f = (*mod)->GetFunction(symbol);
-    if (!f.has_value() && symbol == gemv) {
-      symbol = gemm;
-      f = (*mod)->GetFunction(symbol);
+    // the row-tiled variant first (the library has one or the other for a shape), then the GEMM for any N
+    decltype((*mod)->GetFunction(gemv)) f;
+    bool tiled = false;
+    for (const std::string& name : N <= 8 ? std::vector<std::string>{gemv, gemm} : std::vector<std::string>{gemm}) {
+      if ((f = (*mod)->GetFunction(name + "_rt64")).has_value()) { tiled = true; break; }
+      if ((f = (*mod)->GetFunction(name)).has_value()) break;
     }
     if (!f.has_value())
       return make_error(ORT_FAIL, "the kernel library has no kernel for a " + std::to_string(I) + "->" + std::to_string(O) +
                         " layer with " + std::to_string(N) + " tokens (" + symbol + "): was it built from this checkpoint?");
     it = k->functions.emplace(symbol, f.value()).first;
+    k->row_tiled[symbol] = tiled;
   }
 
   const size_t code_bytes = k->B <= 8 ? 1 : 2;
@@ -298,7 +337,9 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(N * O * 4);
   DLTensor args[6] = {
       dl(aligned_or_copy(x.data, N * I * 4, k->x_copy), DLDataType{kDLFloat, 32, 1}, x_shape),
-      dl(aligned_or_copy(codes.data, O * J * k->M * code_bytes, k->codes_copy), DLDataType{kDLInt, uint8_t(8 * code_bytes), 1}, codes_shape),
+      dl(k->row_tiled[symbol] ? row_tiled_codes(k, codes.data, O, J, k->M, code_bytes)
+                              : aligned_or_copy(codes.data, O * J * k->M * code_bytes, k->codes_copy),
+         DLDataType{kDLInt, uint8_t(8 * code_bytes), 1}, codes_shape),
       dl(aligned_or_copy(cb.data, P * k->M * K * k->g * 2, k->cb_copy), DLDataType{kDLFloat, 16, 1}, cb_shape),
       dl(scales, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(bias, DLDataType{kDLFloat, 32, 1}, o_shape),

@@ -1,10 +1,12 @@
-"""What the int8 table of the byte-permute LUT kernel (kernels/gemv_lut_vbmi.py) costs in accuracy, measured where it
-runs: the decode function. Two x86 artifacts of one checkpoint — one whose decode GEMVs are the LUT kernel, one
+"""What the quantized table of the byte-permute LUT kernel (kernels/gemv_lut_vbmi.py: 16 bits in two byte planes)
+costs in accuracy, measured where it runs: the decode function. Two x86 artifacts of one checkpoint — one whose decode GEMVs are the LUT kernel, one
 built for a CPU without AVX-512 VBMI (`--cpu znver3`: the fp32 direct-decode kernels, the reference) — score the
 scoreboard's held-out windows (Brown ck*–cr*, BOS-prefixed, 512 tokens) token by token through the TVM runtime's
 `decode` (teacher-forced: every position after the first is one decode step on the KV cache), interleaved per
 window. Reports both perplexities and how often the two artifacts' next-token argmax agree.
 
+    aqlm-compile build CKPT --target x86 --output LUT_ARTIFACT                  # an AVX-512 VBMI host
+    aqlm-compile build CKPT --target x86 --cpu znver3 --no-onnx --output REFERENCE_ARTIFACT
     .venv/bin/python benchmarks/lut_decode_ppl.py LUT_ARTIFACT REFERENCE_ARTIFACT [--windows N]
 
 Writes benchmarks/results/<machine>/lut-decode-ppl-<checkpoint>.{json,md}.
@@ -53,7 +55,7 @@ def main() -> None:
     from aqlm_compile.runtime.tvm_runtime import TvmDecoder
 
     start = time.time()
-    tok = AutoTokenizer.from_pretrained(args.lut_artifact)
+    tok = AutoTokenizer.from_pretrained(args.lut_artifact / "weights")  # the checkpoint files the artifact ships
     windows = eval_windows(tokenize(tok, load_corpus("brown").heldout), args.seqlen, args.windows, tok.bos_token_id)
     windows = np.asarray(windows)
     decoders = {"lut": TvmDecoder(args.lut_artifact), "reference": TvmDecoder(args.reference_artifact)}
@@ -76,7 +78,7 @@ def main() -> None:
     machine = machine_info(measure_bandwidth=False)
     name = args.name or args.lut_artifact.name
     result = {"what": "held-out Brown PPL scored token by token through the TVM runtime's decode function: LUT "
-                      "(int8 table) artifact vs the fp32 direct-decode artifact of the same checkpoint",
+                      "(16-bit table, two byte planes) artifact vs the fp32 direct-decode artifact of the same checkpoint",
               "command": f"python benchmarks/lut_decode_ppl.py {args.lut_artifact} {args.reference_artifact} "
                          f"--windows {args.windows}" + (f" --name {args.name}" if args.name else ""),
               "windows": int(len(windows)), "seqlen": args.seqlen, "decode_steps": count,
@@ -88,11 +90,12 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / machine_slug(machine)
     stem = f"lut-decode-ppl-{name}"
     atomic_write_bytes(out / f"{stem}.json", (json.dumps(result, indent=1) + "\n").encode())
-    md = (f"# int8-table LUT kernel: decode accuracy, {name}\n\n"
+    md = (f"# LUT kernel (16-bit table, two byte planes): decode accuracy, {name}\n\n"
           f"{result['windows']} windows × {args.seqlen} tokens, every position after the first one decode step "
           f"({count} steps per artifact).\n\n| decode GEMVs | held-out PPL |\n|---|---|\n"
           f"| fp32 direct decode (`--cpu {result['reference_artifact']['cpu']}`) | {ppl['reference']:.3f} |\n"
-          f"| int8-table LUT, vpermi2b (`--cpu {result['lut_artifact']['cpu']}`) | {ppl['lut']:.3f} |\n\n"
+          f"| LUT, 16-bit table, vpermi2b (`--cpu {result['lut_artifact']['cpu']}`; kernels "
+          f"{result['lut_artifact']['relax_kernels']}) | {ppl['lut']:.3f} |\n\n"
           f"PPL {result['ppl_increase_pct']:+.2f}%; next-token argmax agreement {100 * agree / count:.2f}%. "
           f"Command: `{result['command']}`.\n")
     atomic_write_bytes(out / f"{stem}.md", md.encode())

@@ -73,8 +73,9 @@ def _aqlm_package_kernel(cfg: AqlmConfig, x, codes, cb, scales, threads: int = 1
     return lambda: numba_gemm_lut(xt, codes_t, cb_t, sc_t, None)
 
 
-def _alternatives(shape, choice_name: str) -> dict:
+def _alternatives(shape, choice_name: str, features=frozenset()) -> dict:
     """Other CPU kernels that could serve this shape, timed too so the registry's choice is visible in the record."""
+    from aqlm_compile.kernels import gemv_lut_vbmi
     from aqlm_compile.kernels.gemv_direct import gemv_direct
     from aqlm_compile.kernels.gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped
 
@@ -84,6 +85,8 @@ def _alternatives(shape, choice_name: str) -> dict:
     if shape.config.codebook_size <= 256:
         alts["gemv_lut"] = (gemv_lut, OUT_MAJOR)
         alts["gemv_lut_grouped"] = (gemv_lut_grouped, GROUP_MAJOR)
+    if set(gemv_lut_vbmi.REQUIRED_FEATURES) <= set(features) and gemv_lut_vbmi.unsupported(shape) is None:
+        alts["gemv_lut_vbmi"] = (gemv_lut_vbmi.gemv_lut_vbmi, gemv_lut_vbmi.ROW_TILED)
     return {k: v for k, v in alts.items() if k != choice_name}
 
 
@@ -97,11 +100,14 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
 
     from aqlm_compile.kernels.gemv_direct import GemvShape
     from aqlm_compile.kernels.gemv_lut import GROUP_MAJOR, OUT_MAJOR, to_group_major
+    from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED, to_row_tiled
     from aqlm_compile.kernels.registry import select_kernel
+    from aqlm_compile.targets.common import target_features
     from aqlm_compile.targets.x86 import build, x86_target
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     target = x86_target()
+    features = target_features(target)
     dev = tvm.cpu()
     bw = measure_bandwidth_gbs()
     flush_buf = np.ones(48 << 20, dtype=np.float32)  # 192 MB > L3
@@ -123,10 +129,13 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                 shape = GemvShape(out_f, in_f, cfg, batch)
                 # the group-major layout is repacked once here, outside the timings, as a runtime does at load time
                 # (and as the aqlm package's kernel below gets its own layout)
-                choice = select_kernel(shape, "llvm", code_layouts=(OUT_MAJOR, GROUP_MAJOR))
+                choice = select_kernel(shape, "llvm", code_layouts=(OUT_MAJOR, GROUP_MAJOR, ROW_TILED),
+                                       features=features)
                 fn = build(choice.build_func(shape, "k"), target)["k"]
                 x = rng.standard_normal((batch, in_f)).astype(np.float32)
                 layouts = {OUT_MAJOR: codes, GROUP_MAJOR: to_group_major(codes)}
+                if out_f % 64 == 0:
+                    layouts[ROW_TILED] = to_row_tiled(codes)
                 args = [tvm.runtime.tensor(a, dev) for a in (x, layouts[choice.code_layout], cb, scales, bias)]
                 y = tvm.runtime.empty((batch, out_f), "float32", dev)
                 xt = torch.from_numpy(x)
@@ -135,9 +144,9 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                     xt16, dense16 = xt.to(torch.bfloat16), dense.to(torch.bfloat16)
                     bf16_fn = lambda: torch.matmul(xt16, dense16.T)  # noqa: E731
                 alt_fns = {name: build(b(shape, name="k"), target)["k"]
-                           for name, (b, _) in (_alternatives(shape, choice.name).items() if alternatives else [])}
+                           for name, (b, _) in (_alternatives(shape, choice.name, features).items() if alternatives else [])}
                 alt_args = {name: [args[0], tvm.runtime.tensor(layouts[lay], dev), *args[2:]]
-                            for name, (_, lay) in (_alternatives(shape, choice.name).items() if alternatives else [])}
+                            for name, (_, lay) in (_alternatives(shape, choice.name, features).items() if alternatives else [])}
                 runs = {"aqlm": [], "dense": [], "aqlm_cold": [], "dense_cold": [], **{a: [] for a in alt_fns}}
                 if bf16:
                     runs["dense_bf16"] = []

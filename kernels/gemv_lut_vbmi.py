@@ -78,7 +78,7 @@ def pays_off(shape: GemvShape) -> str | None:
 
 
 def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, planes: int = 2,
-                  name: str = "aqlm_gemv_lut_vbmi"):
+                  prefetch: int = 1, name: str = "aqlm_gemv_lut_vbmi"):
     """A TIR PrimFunc `name(x[N, I], codes[O, I/g, M] (ROW_TILED bytes), codebooks[P·M, 256, g], scales[O],
     bias[O], y[N, O])`.
 
@@ -88,7 +88,9 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
     the partials are added (times the row scales, plus bias) at the end. Split over rows instead, every thread
     needs the whole table, which then crosses between cores and is re-read from L2 per row tile (measured on the
     2-vCPU Zen 4 VM: 4096² 0.21 vs 0.14 ms, 576×1536 51 vs 24 µs). `group_block`: input groups sharing one table
-    scale (the largest divisor of I/g not above it)."""
+    scale (the largest divisor of I/g not above it). `prefetch`: software-prefetch each 64-byte line of codes this
+    many row tiles ahead (a task reads one 64·M·groups-byte run per tile, jumping between runs, which the hardware
+    prefetcher follows late; with weights from DRAM, 11008×4096 1.23 → 0.86 ms and 4096² 0.47 → 0.34 ms; 0: off)."""
     cfg = shape.config
     O, I, N, g, M = shape.out_features, shape.in_features, shape.batch, cfg.in_group_size, cfg.num_codebooks
     cfg.check_shape(O, I)
@@ -186,6 +188,10 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
                     for jj in range(JB):
                         for m in T.unroll(M):
                             for n in range(N):
+                                if prefetch > 0:  # the same line of the tile `prefetch` ahead
+                                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                                        tiles[T.min(ob + prefetch, O // TR - 1), c * JC + bb * JB + jj, m, 0]),
+                                        T.int32(0), T.int32(3), T.int32(1)))
                                 idx = tiles[ob, c * JC + bb * JB + jj, m, T.ramp(0, 1, TR)]
                                 pm = shape.partition_of(ob * TR) * M + m
                                 part[0, n, T.ramp(0, 1, TR)] = part[0, n, T.ramp(0, 1, TR)] + widen(

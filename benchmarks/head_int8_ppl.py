@@ -9,7 +9,6 @@ Writes benchmarks/results/<machine>/head-int8-ppl-<checkpoint>.{json,md}.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ def main() -> None:
 
     from aqlm_compile import format as fmt
     from aqlm_compile.bench.machine import machine_info, machine_slug
-    from aqlm_compile.cache import atomic_write_bytes
+    from aqlm_compile.bench.records import write_result
     from aqlm_compile.data import eval_windows, load_corpus, tokenize
     from aqlm_compile.evaluate import perplexity
     from aqlm_compile.export import rows_int8
@@ -52,13 +51,11 @@ def main() -> None:
               "machine": machine, "wall_s": round(time.time() - start, 1)}
     out = ROOT / "benchmarks" / "results" / machine_slug(machine)
     name = f"head-int8-ppl-{ckpt.name}"
-    atomic_write_bytes(out / f"{name}.json", (json.dumps(result, indent=1) + "\n").encode())
     md = (f"# int8 head: {ckpt.name}\n\n| head | held-out PPL | head bytes |\n|---|---|---|\n"
           f"| fp16 (as stored) | {ppl_fp16:.3f} | {result['head_bytes_fp16']:,} |\n"
           f"| int8 rows + fp32 scale per row | {ppl_int8:.3f} | {result['head_bytes_int8']:,} |\n\n"
           f"PPL +{result['ppl_increase_pct']:.2f}%; tied embedding: {tied}. Command: `{result['command']}`.\n")
-    atomic_write_bytes(out / f"{name}.md", md.encode())
-    print(md)
+    write_result(out, name, result, md)
 
 
 if __name__ == "__main__":

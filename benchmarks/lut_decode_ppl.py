@@ -50,7 +50,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from aqlm_compile.bench.machine import machine_info, machine_slug
-    from aqlm_compile.cache import atomic_write_bytes
+    from aqlm_compile.bench.records import write_result
     from aqlm_compile.data import eval_windows, load_corpus, tokenize
     from aqlm_compile.runtime.tvm_runtime import TvmDecoder
 
@@ -89,7 +89,6 @@ def main() -> None:
               "machine": machine, "wall_s": round(time.time() - start, 1)}
     out = ROOT / "benchmarks" / "results" / machine_slug(machine)
     stem = f"lut-decode-ppl-{name}"
-    atomic_write_bytes(out / f"{stem}.json", (json.dumps(result, indent=1) + "\n").encode())
     md = (f"# LUT kernel (16-bit table, two byte planes): decode accuracy, {name}\n\n"
           f"{result['windows']} windows × {args.seqlen} tokens, every position after the first one decode step "
           f"({count} steps per artifact).\n\n| decode GEMVs | held-out PPL |\n|---|---|\n"
@@ -98,8 +97,7 @@ def main() -> None:
           f"{result['lut_artifact']['relax_kernels']}) | {ppl['lut']:.3f} |\n\n"
           f"PPL {result['ppl_increase_pct']:+.2f}%; next-token argmax agreement {100 * agree / count:.2f}%. "
           f"Command: `{result['command']}`.\n")
-    atomic_write_bytes(out / f"{stem}.md", md.encode())
-    print(md)
+    write_result(out, stem, result, md)
 
 
 if __name__ == "__main__":

@@ -104,3 +104,15 @@ def check_report(data: dict) -> None:
 
 def results_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def write_result(out_dir: Path, stem: str, result: dict, markdown: str) -> None:
+    """`out_dir/stem.json` (the record, a declared writer's fields) and `stem.md` (its table), each written whole
+    (temp file + rename), and the table printed: what every benchmark script ends with."""
+    import json
+
+    from ..cache import atomic_write_bytes
+
+    atomic_write_bytes(Path(out_dir) / f"{stem}.json", (json.dumps(result, indent=1) + "\n").encode())
+    atomic_write_bytes(Path(out_dir) / f"{stem}.md", markdown.encode())
+    print(markdown)

@@ -3,7 +3,6 @@ against the torch reference; the kernel table's choice of layout per layer; a wh
 
 import numpy as np
 import pytest
-import torch
 
 tvm = pytest.importorskip("tvm")
 

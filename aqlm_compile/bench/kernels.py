@@ -101,7 +101,7 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
     from aqlm_compile.kernels.gemv_direct import GemvShape
     from aqlm_compile.kernels.gemv_lut import GROUP_MAJOR, OUT_MAJOR, to_group_major
     from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED, to_row_tiled
-    from aqlm_compile.kernels.registry import select_kernel
+    from aqlm_compile.kernels.registry import codes_layout, select_kernel
     from aqlm_compile.targets.common import target_features
     from aqlm_compile.targets.x86 import build, x86_target
 
@@ -129,8 +129,11 @@ def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, wi
                 shape = GemvShape(out_f, in_f, cfg, batch)
                 # the group-major layout is repacked once here, outside the timings, as a runtime does at load time
                 # (and as the aqlm package's kernel below gets its own layout)
-                choice = select_kernel(shape, "llvm", code_layouts=(OUT_MAJOR, GROUP_MAJOR, ROW_TILED),
-                                       features=features)
+                # row-tiled codes where an artifact would store this layer so (its decode GEMV is the VBMI LUT
+                # kernel): then its prefill GEMM reads them too
+                tiled = codes_layout(shape, "llvm", (OUT_MAJOR, ROW_TILED), features) == ROW_TILED
+                choice = select_kernel(shape, "llvm", code_layouts=(OUT_MAJOR, GROUP_MAJOR) + ((ROW_TILED,) if tiled
+                                                                                          else ()), features=features)
                 fn = build(choice.build_func(shape, "k"), target)["k"]
                 x = rng.standard_normal((batch, in_f)).astype(np.float32)
                 layouts = {OUT_MAJOR: codes, GROUP_MAJOR: to_group_major(codes)}

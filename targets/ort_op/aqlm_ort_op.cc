@@ -180,12 +180,18 @@ struct Kernel {
   std::map<std::string, bool> row_tiled;  // symbol → whether it is the _rt64 variant
 };
 
-// A cheap fingerprint of a code tensor: 64 bytes at 64 evenly spaced places (FNV-1a).
+// A cheap fingerprint of a code tensor, checked on every call: 64 words of 8 bytes at evenly spaced places
+// (FNV-1a over whole words; tens of nanoseconds, not a pass over the codes).
 uint64_t sample_bytes(const unsigned char* p, size_t n) {
   uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < 64 && n; ++i) {
-    const unsigned char* q = p + (n - 1) * i / 63;
-    for (size_t b = 0; b < 64 && q + b < p + n; ++b) h = (h ^ q[b]) * 1099511628211ull;
+  if (n < 8) {
+    for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+  }
+  for (size_t i = 0; i < 64; ++i) {
+    uint64_t w;
+    std::memcpy(&w, p + (n - 8) * i / 63, 8);
+    h = (h ^ w) * 1099511628211ull;
   }
   return h;
 }

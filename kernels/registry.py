@@ -46,6 +46,8 @@ class KernelSpec:
     code_layout: str = OUT_MAJOR  # which codes layout the kernel reads (OUT_MAJOR / GROUP_MAJOR / ROW_TILED)
     accepts: Callable[[AqlmConfig], str | None] = lambda config: None
     requires: tuple[str, ...] = ()  # CPU features (LLVM names) the target must have: the caller passes its own
+    # CPU features where another kernel was measured faster: the spec does not apply on a target that has one
+    excluded_by: tuple[str, ...] = ()
 
     @property
     def graph_level(self) -> bool:
@@ -71,6 +73,22 @@ def use_lut(shape: GemvShape) -> bool:
     cb_bytes = cfg.num_codebooks * cfg.codebook_size * cfg.in_group_size * 2
     return shape.batch <= 2 and cfg.codebook_size <= 256 and cb_bytes > L1_BYTES and \
         cfg.num_codebooks * cfg.codebook_size <= shape.out_features
+
+
+def avx2_lut_pays_off(shape: GemvShape) -> str | None:
+    """Where the fp32 table beats decoding on a CPU with AVX2 but no AVX-512 (measured on Zen 1, 2 threads, 2x8g8,
+    batch 1: 1536x576 0.088 vs 0.243 ms direct, 4096² 1.35 vs 3.18, 11008x4096 4.2 vs 8.9, 4096x11008 4.5 vs 8.8;
+    576x576 even, 576x1536 0.218 vs 0.161 and 192x576 0.039 vs 0.028 lose): there, widening fp16 codewords and
+    FMAs on 128-bit units cost ≈ 7 cycles per group, more than M table lookups. The table costs M·K·in multiply-adds
+    per token, so it pays where the rows are at least 2·M·K; lookups are per token, so at batch 1–2 only."""
+    cfg = shape.config
+    if cfg.codebook_size > 256:
+        return f"{cfg.codebook_size} codewords: the table would not fit in L2"
+    if shape.batch > 2:
+        return f"batch {shape.batch} > 2: lookups per token cost more than one decode"
+    if shape.out_features < 2 * cfg.num_codebooks * cfg.codebook_size:
+        return f"{shape.out_features} rows < 2·M·K: the table costs more than the decode it saves"
+    return None
 
 
 def _gemv_batch(shape: GemvShape) -> str | None:
@@ -118,6 +136,10 @@ KERNELS: list[KernelSpec] = [
     KernelSpec("gemv_lut_grouped", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products; "
                "group-major codes, read once", lambda shape, layouts: _gemv_batch(shape) or _lut(GROUP_MAJOR)(
                    shape, layouts), _plain(gemv_lut_grouped), GROUP_MAJOR),
+    KernelSpec("gemv_lut_avx2", ("llvm",), "AVX2 without AVX-512: decoding fp16 codewords costs more than a per-call "
+               "fp32 table of codeword·input dot products and M lookups per group (HF codes, shared with the prefill)",
+               lambda shape, layouts: _gemv_batch(shape) or avx2_lut_pays_off(shape), _plain(gemv_lut),
+               requires=("avx2",), excluded_by=("avx512f",)),
     KernelSpec("gemv_lut", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products",
                lambda shape, layouts: _gemv_batch(shape) or _lut(OUT_MAJOR)(shape, layouts), _plain(gemv_lut)),
     KernelSpec("gemv_direct", ("llvm",), "direct decode, codebooks stay in L1/L2",
@@ -138,8 +160,9 @@ def target_kinds() -> tuple[str, ...]:
 
 
 def required_features() -> tuple[str, ...]:
-    """Every CPU feature some kernel requires (what a target reports to `select_kernel`)."""
-    return tuple(dict.fromkeys(f for spec in KERNELS for f in spec.requires))
+    """Every CPU feature some kernel's rule reads, required or excluding (what a target reports to
+    `select_kernel`)."""
+    return tuple(dict.fromkeys(f for spec in KERNELS for f in spec.requires + spec.excluded_by))
 
 
 def find_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), graph_level: bool = False,
@@ -154,9 +177,11 @@ def find_kernel(shape: GemvShape, target_kind: str, code_layouts=(OUT_MAJOR,), g
         if target_kind not in spec.target_kinds:
             continue
         missing = [f for f in spec.requires if f not in features]
+        beaten = [f for f in spec.excluded_by if f in features]
         reason = spec.accepts(shape.config) or (
             "expanded in the graph: only for routes that do so" if spec.graph_level and not graph_level else None) \
             or (f"the target lacks {', '.join(missing)}" if missing else None) \
+            or (f"the target has {', '.join(beaten)}: another kernel is faster there" if beaten else None) \
             or (None if spec.code_layout in code_layouts or spec.graph_level else
                 f"reads {spec.code_layout} codes; the caller hands {', '.join(code_layouts)}") \
             or spec.applies(shape, tuple(code_layouts))

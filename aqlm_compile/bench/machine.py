@@ -43,8 +43,20 @@ def machine_info(measure_bandwidth: bool = True) -> dict:
     return record
 
 
+def simd_tier(info: dict) -> str:
+    """The widest vector ISA of `info["simd_flags"]` that the kernels use: avx512, avx2, sve, asimd (else "scalar").
+    Machines that report the same model name ("AMD EPYC") can be a Zen 1 with AVX2 only or a Zen 4 with AVX-512
+    VBMI, whose kernels and figures differ; the tier keeps their results apart."""
+    flags = set(info.get("simd_flags") or ())
+    for tier, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("sve", "sve"), ("asimd", "asimd")):
+        if flag in flags:
+            return tier
+    return "scalar"
+
+
 def machine_slug(info: dict | None = None) -> str:
-    """A folder name for the machine's results: CPU model, architecture and core count (e.g. amd-epyc-x86_64-2c)."""
+    """A folder name for the machine's results: CPU model, SIMD tier, architecture and core count (e.g.
+    amd-epyc-avx512-x86_64-2c)."""
     info = info or machine_info(measure_bandwidth=False)
     cpu = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-") or "cpu"
-    return f"{cpu}-{info['arch']}-{info['cores']}c"
+    return f"{cpu}-{simd_tier(info)}-{info['arch']}-{info['cores']}c"

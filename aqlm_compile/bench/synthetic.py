@@ -107,9 +107,12 @@ def make_aqlm_checkpoint(fp_dir: Path, out_dir: Path, config: str = "2x8g8", see
                 module.scales.fill_(1.0)
                 if module.bias is not None:
                     module.bias.zero_()
+        stored = set(f.keys())
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name.rsplit(".", 1)[0] in names:
                 continue
+            if name not in stored and getattr(hf_config, "tie_word_embeddings", False):
+                continue  # the tied lm_head: the embedding, copied under its own name (e.g. SmolLM2)
             tensor.copy_(f.get_tensor(name))
     fmt.save(out_dir, model, cfg, source_dir=fp_dir, metadata={"synthetic": True, "seed": seed})
     return out_dir

@@ -110,6 +110,16 @@ def test_registry_choices():
                          (OUT_MAJOR, GROUP_MAJOR)).code_layout == OUT_MAJOR
     assert pick("8x8g32", 576, 1) == "gemv_direct"    # table (8·256 per group) too big for 576 outputs
     assert pick("2x8g8", 4096, 9) == "gemm_decode"
+    # AVX2 without AVX-512 (Zen 1): the fp32 table beats decoding where the rows are ≥ 2·M·K, at batch 1–2
+    avx2 = lambda out_f, in_f, batch, features: select_kernel(  # noqa: E731
+        GemvShape(out_f, in_f, AqlmConfig.parse("2x8g8"), batch), "llvm", features=features).name
+    assert avx2(1536, 576, 1, {"avx2"}) == "gemv_lut_avx2"
+    assert avx2(4096, 11008, 2, {"avx2"}) == "gemv_lut_avx2"
+    assert avx2(576, 1536, 1, {"avx2"}) == "gemv_direct"    # 576 rows < 2·2·256
+    assert avx2(4096, 4096, 4, {"avx2"}) == "gemv_direct"   # lookups per token
+    assert avx2(4096, 4096, 1, {"avx2", "avx512f"}) == "gemv_direct"  # AVX-512 decodes fast enough
+    assert avx2(4096, 4096, 1, set()) == "gemv_direct"
+    assert avx2(4096, 4096, 9, {"avx2"}) == "gemm_decode"
     assert pick("2x8g8", 4096, 4, "cuda") == "gemv_cuda"
     from aqlm_compile.errors import ConfigError
     with pytest.raises(ConfigError, match="CUDA has the GEMV kernel only"):

@@ -7,8 +7,9 @@ through it, so a kernel is chosen in one place. `supports(config, target_kind)` 
 config at all" from the same table (the build plan hands it to the lowering pass). A new kernel is one
 `register_kernel(KernelSpec(...))`, placed before the specs it should win over.
 
-The rules come from measurements on Zen 4 (benchmarks/results/kernels-x86.md); where two kernels exist the faster
-one per shape is preferred.
+The rules come from measurements on Zen 4 (benchmarks/results/kernels-x86.md) and, for AVX2 CPUs without AVX-512,
+on Zen 1 (`gemv_lut_avx2`; `excluded_by` keeps such a rule off the CPUs where another kernel wins); where two
+kernels exist the faster one per shape is preferred.
 """
 
 from __future__ import annotations

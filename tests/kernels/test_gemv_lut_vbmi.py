@@ -107,8 +107,8 @@ def test_the_table_picks_the_layout_per_layer_and_target():
     assert codes_layout(big, "llvm", layouts, frozenset()) == OUT_MAJOR  # a CPU without VBMI (e.g. --cpu znver3)
     assert codes_layout(big, "llvm", (OUT_MAJOR,), VBMI) == OUT_MAJOR  # a caller that cannot repack (the ORT op)
     assert codes_layout(GemvShape(1536, 576, AqlmConfig.parse("1x16g8"), 1), "llvm", layouts, VBMI) == OUT_MAJOR
-    assert target_features(x86_target("znver3")) == frozenset()
-    assert target_features(x86_target("znver4")) >= VBMI
+    assert target_features(x86_target("znver3")) == {"avx2"}  # AVX2, no AVX-512: gemv_lut_avx2's rule
+    assert target_features(x86_target("znver4")) >= VBMI | {"avx2", "avx512f"}
 
 
 @needs_vbmi

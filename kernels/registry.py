@@ -77,9 +77,9 @@ def use_lut(shape: GemvShape) -> bool:
 
 
 def avx2_lut_pays_off(shape: GemvShape) -> str | None:
-    """Where the fp32 table beats decoding on a CPU with AVX2 but no AVX-512 (measured on Zen 1, 2 threads, 2x8g8,
-    batch 1: 1536x576 0.088 vs 0.243 ms direct, 4096² 1.35 vs 3.18, 11008x4096 4.2 vs 8.9, 4096x11008 4.5 vs 8.8;
-    576x576 even, 576x1536 0.218 vs 0.161 and 192x576 0.039 vs 0.028 lose): there, widening fp16 codewords and
+    """Where the fp32 table beats decoding on a CPU with AVX2 but no AVX-512 (Zen 1, 2 threads, 2x8g8, batch 1; the
+    recorded run is benchmarks/results/amd-epyc-avx2-x86_64-2c/kernels-vs-d19f621.md: 4096² 6.28 → 3.00 ms,
+    1536x576 0.293 → 0.211; in exploratory runs 576x576 was even and 576x1536 and 192x576 lost): there, widening fp16 codewords and
     FMAs on 128-bit units cost ≈ 7 cycles per group, more than M table lookups. The table costs M·K·in multiply-adds
     per token, so it pays where the rows are at least 2·M·K; lookups are per token, so at batch 1–2 only."""
     cfg = shape.config

@@ -23,7 +23,7 @@ from aqlm_compile.errors import ConfigError
 from .gemm_decode import gemm_decode
 from .gemv_cuda import gemv_cuda
 from .gemv_direct import L1_BYTES, GemvShape, gemv_direct
-from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped
+from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped, gemv_lut_split
 from .gemv_lut_vbmi import REQUIRED_FEATURES as VBMI_FEATURES
 from .gemv_lut_vbmi import ROW_TILED, gemv_lut_vbmi
 from .gemv_lut_vbmi import pays_off as vbmi_pays_off
@@ -92,6 +92,27 @@ def avx2_lut_pays_off(shape: GemvShape) -> str | None:
     return None
 
 
+SPLIT_CODES_BYTES = 512 * 1024  # Zen 1's L2 per core
+
+
+def avx2_lut_split_pays_off(shape: GemvShape) -> str | None:
+    """Where `gemv_lut_split` (thread-pool tasks over tiles of input groups, each filling its own tile of the table)
+    beats both `gemv_lut` and decoding on an AVX2 CPU without AVX-512: small layers, whose codes stay in L2 while
+    each tile task reads its slice of every row. Zen 1, 2 threads, 2x8g8 batch 1: every SmolLM2 layer shape (192 to
+    1536 rows, in 576 or 1536), including those where `gemv_lut` lost to decoding (576x576: 40 µs vs 122 µs direct);
+    at 4096² (4 MiB of codes) it was no faster than `gemv_lut` and at 11008x4096 2.4x slower."""
+    cfg = shape.config
+    if cfg.codebook_size > 256:
+        return f"{cfg.codebook_size} codewords: the table would not fit in L2"
+    if shape.batch > 2:
+        return f"batch {shape.batch} > 2: lookups per token cost more than one decode"
+    code_bytes = shape.out_features * shape.in_features // cfg.in_group_size * cfg.num_codebooks * \
+        (1 if cfg.nbits_per_codebook <= 8 else 2)
+    if code_bytes > SPLIT_CODES_BYTES:
+        return f"{code_bytes} bytes of codes > {SPLIT_CODES_BYTES}: every tile task would re-read them from memory"
+    return None
+
+
 def _gemv_batch(shape: GemvShape) -> str | None:
     return None if shape.batch <= MAX_GEMV_BATCH else f"batch {shape.batch} > {MAX_GEMV_BATCH}: not a GEMV"
 
@@ -137,6 +158,11 @@ KERNELS: list[KernelSpec] = [
     KernelSpec("gemv_lut_grouped", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products; "
                "group-major codes, read once", lambda shape, layouts: _gemv_batch(shape) or _lut(GROUP_MAJOR)(
                    shape, layouts), _plain(gemv_lut_grouped), GROUP_MAJOR),
+    KernelSpec("gemv_lut_split_avx2", ("llvm",), "AVX2 without AVX-512, a layer whose codes fit in L2: per-call fp32 "
+               "table, each thread-pool task fills and reads its own tile of input groups (no table line crosses "
+               "cores), then the tiles' partial sums are added",
+               lambda shape, layouts: _gemv_batch(shape) or avx2_lut_split_pays_off(shape), _plain(gemv_lut_split),
+               requires=("avx2",), excluded_by=("avx512f",)),
     KernelSpec("gemv_lut_avx2", ("llvm",), "AVX2 without AVX-512: decoding fp16 codewords costs more than a per-call "
                "fp32 table of codeword·input dot products and M lookups per group (HF codes, shared with the prefill)",
                lambda shape, layouts: _gemv_batch(shape) or avx2_lut_pays_off(shape), _plain(gemv_lut),

@@ -9,14 +9,15 @@ tvm = pytest.importorskip("tvm")
 from aqlm_compile.config import AqlmConfig  # noqa: E402
 from aqlm_compile.kernels.gemm_decode import gemm_decode  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape, gemv_direct  # noqa: E402
-from aqlm_compile.kernels.gemv_lut import gemv_lut, gemv_lut_grouped, to_group_major  # noqa: E402
+from aqlm_compile.kernels.gemv_lut import gemv_lut, gemv_lut_grouped, gemv_lut_split, to_group_major  # noqa: E402
 from aqlm_compile.kernels.registry import select_kernel  # noqa: E402
 from aqlm_compile.nn import AqlmLinear  # noqa: E402
 from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
 
 CONFIGS = ["1x16g8", "2x8g8", "1x8g8", "8x8g32", "2x12g8", "4x8g16", "2x8g4", "3x6g8", "2x16g8"]
-KERNELS = {"direct": gemv_direct, "lut": gemv_lut, "lut_grouped": gemv_lut_grouped, "gemm": gemm_decode}
-LUTS = ("lut", "lut_grouped")
+KERNELS = {"direct": gemv_direct, "lut": gemv_lut, "lut_grouped": gemv_lut_grouped, "lut_split": gemv_lut_split,
+           "gemm": gemm_decode}
+LUTS = ("lut", "lut_grouped", "lut_split")
 
 
 def codes_for(kernel, codes: np.ndarray) -> np.ndarray:
@@ -48,7 +49,8 @@ def run_kernel(kernel, config, layer, x, act_dtype="float32"):
 
 def cases():
     for cfg in CONFIGS:
-        for kernel, batches in (("direct", [1, 3]), ("lut", [1, 3]), ("lut_grouped", [1, 3]), ("gemm", [1, 9, 21])):
+        for kernel, batches in (("direct", [1, 3]), ("lut", [1, 3]), ("lut_grouped", [1, 3]), ("lut_split", [1, 2]),
+                                ("gemm", [1, 9, 21])):
             if kernel in LUTS and AqlmConfig.parse(cfg).codebook_size > 256:
                 continue  # the table would hold 2^B entries per input group
             for batch in batches:
@@ -113,9 +115,16 @@ def test_registry_choices():
     # AVX2 without AVX-512 (Zen 1): the fp32 table beats decoding where the rows are ≥ 2·M·K, at batch 1–2
     avx2 = lambda out_f, in_f, batch, features: select_kernel(  # noqa: E731
         GemvShape(out_f, in_f, AqlmConfig.parse("2x8g8"), batch), "llvm", features=features).name
-    assert avx2(1536, 576, 1, {"avx2"}) == "gemv_lut_avx2"
+    assert avx2(4096, 4096, 1, {"avx2"}) == "gemv_lut_avx2"
     assert avx2(4096, 11008, 2, {"avx2"}) == "gemv_lut_avx2"
-    assert avx2(576, 1536, 1, {"avx2"}) == "gemv_direct"    # 576 rows < 2·2·256
+    # codes that fit in L2 (SmolLM2's layers): one table tile per task
+    assert avx2(1536, 576, 1, {"avx2"}) == "gemv_lut_split_avx2"
+    assert avx2(576, 1536, 2, {"avx2"}) == "gemv_lut_split_avx2"
+    assert avx2(192, 576, 1, {"avx2"}) == "gemv_lut_split_avx2"
+    assert avx2(3072, 576, 1, {"avx2"}) == "gemv_lut_split_avx2"  # fused gate/up: 432 KiB of codes
+    assert avx2(4096, 1024, 1, {"avx2"}) == "gemv_lut_avx2"       # 1 MiB of codes
+    assert avx2(576, 1536, 3, {"avx2"}) == "gemv_direct"
+    assert avx2(576, 576, 1, {"avx2", "avx512f"}) == "gemv_direct"
     assert avx2(4096, 4096, 4, {"avx2"}) == "gemv_direct"   # lookups per token
     assert avx2(4096, 4096, 1, {"avx2", "avx512f"}) == "gemv_direct"  # AVX-512 decodes fast enough
     assert avx2(4096, 4096, 1, set()) == "gemv_direct"
@@ -128,7 +137,7 @@ def test_registry_choices():
         pick("2x8g8", 4096, 1, "opencl")
 
 
-@pytest.mark.parametrize("kernel", ["direct", "lut", "lut_grouped", "gemm"])
+@pytest.mark.parametrize("kernel", ["direct", "lut", "lut_grouped", "lut_split", "gemm"])
 @pytest.mark.parametrize("cfg", ["2x8g8", "1x16g8", "8x8g32"])
 def test_partitioned_kernels_match_separate_layers(kernel, cfg):
     """A fused layer (rows 0..31 one layer, 32..95 another, each with its own codebooks) equals the two layers."""

@@ -155,13 +155,36 @@ def gemv_lut_grouped(shape: GemvShape, rows: int = 2, block_rows: int = 256, nam
     return kernel
 
 
-def gemv_lut_split(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, name: str = "aqlm_gemv_lut_split"):
+def _split_tile(shape: GemvShape, tile_bytes: int = 16 * 1024, max_tasks: int | None = None) -> int:
+    """Input groups per tile of `gemv_lut_split`: the largest divisor of in/g whose table slice fits `tile_bytes`,
+    then grown (to the next divisor) until there are at most `max_tasks` tiles."""
+    cfg = shape.config
+    J = shape.in_features // cfg.in_group_size
+    jt = _largest_divisor(J, max(1, tile_bytes // (shape.batch * shape.codebook_rows() * cfg.codebook_size * 4)))
+    while max_tasks and J // jt > max_tasks:
+        jt = next(d for d in range(jt + 1, J + 1) if J % d == 0)
+    return jt
+
+
+SPLIT_MAX_TASKS = 16
+
+
+def split_tasks(shape: GemvShape) -> int:
+    """How many thread-pool tasks `gemv_lut_split` makes for `shape` (its tiles of input groups)."""
+    return shape.in_features // shape.config.in_group_size // _split_tile(shape, max_tasks=SPLIT_MAX_TASKS)
+
+
+def gemv_lut_split(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, max_tasks: int | None = SPLIT_MAX_TASKS,
+                   name: str = "aqlm_gemv_lut_split"):
     """`gemv_lut` with the thread-pool tasks over tiles of input groups (see the module docstring): same signature
     (x, codes[out, in/g, M] (HF layout), codebooks, scales, bias, y). Measured on Zen 1, 2 threads, 2x8g8 batch 1
     (hot caches): 1536x576 107 µs (gemv_lut 152, gemv_direct 338), 576x1536 91–150 (180, 179), 576x576 40 (46–97,
-    122), 192x576 28–31 (31–39, 43)."""
+    122), 192x576 28–31 (31–39, 43). At most `max_tasks` tiles (past that the tiles grow beyond 16 KiB, into L2):
+    every tile adds a row of partial sums for the last, single-threaded loop, and a fused layer's table holds every
+    partition's codebooks, so 16 KiB tiles are few groups wide (fused q/k/v of SmolLM2: 36 tiles; single runs on a
+    noisy Zen 1: 186–322 µs with 36 tiles, 127 with 16)."""
     O, I, N, g, M, J, K, mask, PM, R, RB, KV = _dims(shape, rows, 512)
-    JT = _largest_divisor(J, max(1, tile_bytes // (N * PM * K * 4)))
+    JT = _split_tile(shape, tile_bytes, max_tasks)
     C = J // JT
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
 

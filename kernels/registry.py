@@ -23,7 +23,7 @@ from aqlm_compile.errors import ConfigError
 from .gemm_decode import gemm_decode
 from .gemv_cuda import gemv_cuda
 from .gemv_direct import L1_BYTES, GemvShape, gemv_direct
-from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped, gemv_lut_split
+from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped, gemv_lut_split, split_tasks
 from .gemv_lut_vbmi import REQUIRED_FEATURES as VBMI_FEATURES
 from .gemv_lut_vbmi import ROW_TILED, gemv_lut_vbmi
 from .gemv_lut_vbmi import pays_off as vbmi_pays_off
@@ -93,19 +93,30 @@ def avx2_lut_pays_off(shape: GemvShape) -> str | None:
 
 
 SPLIT_CODES_BYTES = 512 * 1024  # Zen 1's L2 per core
+SPLIT_MIN_IN = 512
+SPLIT_MIN_TASKS = 4  # gemv_lut_split's tasks are its tiles of input groups: SmolLM2's layers have 9 to 36
 
 
 def avx2_lut_split_pays_off(shape: GemvShape) -> str | None:
     """Where `gemv_lut_split` (thread-pool tasks over tiles of input groups, each filling its own tile of the table)
     beats both `gemv_lut` and decoding on an AVX2 CPU without AVX-512: small layers, whose codes stay in L2 while
-    each tile task reads its slice of every row. Zen 1, 2 threads, 2x8g8 batch 1: every SmolLM2 layer shape (192 to
-    1536 rows, in 576 or 1536), including those where `gemv_lut` lost to decoding (576x576: 40 µs vs 122 µs direct);
-    at 4096² (4 MiB of codes) it was no faster than `gemv_lut` and at 11008x4096 2.4x slower."""
+    each tile task reads its slice of every row, and not too few rows for the table. Zen 1, 2 threads, 2x8g8 batch
+    1 (benchmarks/results/amd-epyc-avx2-x86_64-2c/kernels-vs-cbb52ef.md): every SmolLM2 layer shape, 192 to 3072
+    rows (fused), in 576 or 1536, including those where `gemv_lut` lost to decoding (576x576: 0.069 vs 0.128 ms
+    direct; 192x576, the fewest rows measured, 0.037 vs 0.045); at 4096² (4 MiB of codes) it was no faster than
+    `gemv_lut` and at 11008x4096 2.4x slower (exploratory runs)."""
     cfg = shape.config
     if cfg.codebook_size > 256:
         return f"{cfg.codebook_size} codewords: the table would not fit in L2"
     if shape.batch > 2:
         return f"batch {shape.batch} > 2: lookups per token cost more than one decode"
+    if 4 * shape.out_features < shape.codebook_rows() * cfg.codebook_size:
+        return f"{shape.out_features} rows < P·M·K/4: the table's P·M·K·in multiply-adds (every partition's " \
+               "codebooks) cost more than decoding the rows"
+    if shape.in_features < SPLIT_MIN_IN:
+        return f"in {shape.in_features} < {SPLIT_MIN_IN}: a few tiles of little work each (measured from 576 up)"
+    if split_tasks(shape) < SPLIT_MIN_TASKS:
+        return f"{split_tasks(shape)} tiles of input groups < {SPLIT_MIN_TASKS}: too few tasks for the thread pool"
     code_bytes = shape.out_features * shape.in_features // cfg.in_group_size * cfg.num_codebooks * \
         (1 if cfg.nbits_per_codebook <= 8 else 2)
     if code_bytes > SPLIT_CODES_BYTES:

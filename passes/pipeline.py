@@ -4,7 +4,10 @@ Phases, in order:
 1. `lower_aqlm_linear` — dequantize + linear → one `aqlm.aqlm_gemm` per AQLM layer (checks configs against
    `supports`, which the build plan takes from the target's kernel table).
 2. `fuse_shared_input` — `aqlm_gemm` nodes reading the same activation (q/k/v, gate/up) → one partitioned node
-   (skipped with `fuse=False`: the Relax route takes unfused layers, see targets/relax.py).
+   (skipped with `fuse=False`: the Relax route's default).
+3. `fold_parameter_cats` — the parameter cats of the fused layers → one parameter each (with `fold_cats=True`: the
+   Relax route with `build --fuse-tvm`, whose functions take parameters as inputs and would otherwise concatenate
+   them on every call).
 `dump_ir=DIR` writes `DIR/NN-<phase>.txt` (the FX graph) before the first phase and after each one.
 
 Where: the build plan (targets/plan.py) sequences export (aqlm_compile/export.py) → this pipeline → the routes; the
@@ -19,6 +22,7 @@ from typing import Callable
 
 from aqlm_compile.cache import atomic_write_bytes
 
+from .fold_parameter_cats import fold_parameter_cats
 from .fuse_shared_input import fuse_shared_input
 from .lower_aqlm_linear import lower_aqlm_linear
 
@@ -28,12 +32,14 @@ class PipelineOptions:
     supports: Callable | None = None  # config -> bool (None: every config; the build plan passes the target's)
     name_prefix: str = ""  # stripped from layer names in reports and errors (the export wrapper's attribute)
     fuse: bool = True
+    fold_cats: bool = False
 
 
 PHASES = [
     ("lower_aqlm_linear", lambda ep, o: lower_aqlm_linear(
         ep, supports=o.supports or (lambda config: True), name_prefix=o.name_prefix)),
     ("fuse_shared_input", lambda ep, o: fuse_shared_input(ep) if o.fuse else {"skipped": True}),
+    ("fold_parameter_cats", lambda ep, o: fold_parameter_cats(ep) if o.fold_cats else {"skipped": True}),
 ]
 
 

@@ -60,9 +60,11 @@ def supports_for(target: Target):
     return lambda config: supports(config, target.kind) and target.accepts_config(config) is None
 
 
-def export_graphs(model, routes, options: BuildOptions, supports=None) -> Graphs:
+def export_graphs(model, routes, options: BuildOptions, supports=None, relax_fuse: bool = False) -> Graphs:
     """Export (once each) and lower the graphs the `routes` need from a loaded checkpoint `model` (changed in place:
-    traced as the op dialect; for the Relax route its dense weights are then kept fp16, as stored)."""
+    traced as the op dialect; for the Relax route its dense weights are then kept fp16, as stored). `relax_fuse`:
+    the Relax route fuses q/k/v and gate/up too, their parameters concatenated once here (`--fuse-tvm`: CPU
+    targets only, whose every kernel takes fused layers; the CUDA prefill decodes Ŵ in the graph, unfused)."""
     from aqlm_compile.export import (export_decoder, keep_dense_fp16, keep_head_int8, prepare_for_export,
                                      scales_for_kernels)
     from aqlm_compile.passes.pipeline import PipelineOptions, run_pipeline
@@ -83,17 +85,19 @@ def export_graphs(model, routes, options: BuildOptions, supports=None) -> Graphs
         scales_for_kernels(model)
         for name, tokens in RELAX_FUNCTIONS:
             ep, spec = export_decoder(model, tokens)
-            run_pipeline(ep, options=PipelineOptions(supports=supports, name_prefix=DECODER_PREFIX, fuse=False))
+            run_pipeline(ep, options=PipelineOptions(supports=supports, name_prefix=DECODER_PREFIX, fuse=relax_fuse,
+                                                     fold_cats=relax_fuse))
             graphs.relax[name] = (ep, spec)
     return graphs
 
 
-def relax_graphs(ckpt_dir, supports=None) -> dict:
-    """The Relax route's lowered `prefill`/`decode` graphs of a checkpoint (a tool for tests)."""
+def relax_graphs(ckpt_dir, supports=None, fuse: bool = False) -> dict:
+    """The Relax route's lowered `prefill`/`decode` graphs of a checkpoint (a tool for tests; `fuse`: as
+    `build --fuse-tvm` makes them)."""
     from aqlm_compile import format as fmt
 
     model, _, _ = fmt.load(ckpt_dir)
-    return export_graphs(model, ("tvm",), BuildOptions(), supports).relax
+    return export_graphs(model, ("tvm",), BuildOptions(), supports, relax_fuse=fuse).relax
 
 
 def kernel_requests(layers: dict, aqlm_config: AqlmConfig, graphs: Graphs) -> list[KernelRequest]:
@@ -123,6 +127,8 @@ def _layers(model) -> dict:
 def _check_options(target: Target, options: BuildOptions) -> None:
     from aqlm_compile.kernels.registry import MAX_GEMV_BATCH
 
+    if options.fuse_tvm and target.device != "cpu":
+        raise ConfigError(f"--fuse-tvm: CPU targets only (the {target.name} prefill decodes Ŵ in the graph, unfused)")
     if options.head not in ("fp16", "int8"):
         raise ConfigError(f"--head {options.head!r}: expected fp16 or int8")
     if not 1 <= options.max_batch <= MAX_GEMV_BATCH:
@@ -146,7 +152,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     routes = [r for r in target.routes if getattr(options, r)]
     model, aqlm_config, _ = fmt.load(checkpoint)  # the one load + validation of this build
     layers = _layers(model)
-    graphs = export_graphs(model, routes, options, supports_for(target))
+    graphs = export_graphs(model, routes, options, supports_for(target), relax_fuse=options.fuse_tvm)
     del model
 
     from .common import kernel_library, target_features, tvm, write_artifact

@@ -38,6 +38,7 @@ class BuildOptions:
     onnx: bool = True  # the ONNX route (where the target has it)
     tvm: bool = True  # the whole-model Relax VM route
     fuse: bool = True  # fuse layers sharing an input (ONNX route)
+    fuse_tvm: bool = False  # the same in the Relax route (CPU targets; measured slower on Zen 1, opt-in)
     dump_ir: str | None = None  # write the ONNX route's graph before/after each pass here
     dense_model_dir: str | None = None  # also compile this FP model as the dense baseline (dense_baseline targets)
     dense_dtypes: tuple[str, ...] = ("float32", "float16")  # the baseline's stored weights in the TVM route

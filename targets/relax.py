@@ -87,7 +87,8 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
             return bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
         key = (out_f, in_f, tuple(parts or ()), static_tokens, layout)
         if key not in kernels:
-            symbol = f"{prefix}_aqlm_{out_f}x{in_f}" + ("" if layout == OUT_MAJOR else "_tiled")
+            symbol = f"{prefix}_aqlm_{out_f}x{in_f}" + (f"_p{'-'.join(map(str, parts))}" if parts else "") + \
+                ("" if layout == OUT_MAJOR else "_tiled")
             func = choice.build_func(shape, symbol, dynamic_tokens=not static_tokens)
             # hand-scheduled already: dlight must leave it alone
             func = func.with_attr("tirx.is_scheduled", True)
@@ -312,8 +313,9 @@ def relax_decoder_module(graphs: dict, device: str = "cpu", target_kind: str | N
     """One IRModule with `prefill` (any token count) and `decode` (one token) from the lowered graphs
     {"prefill"|"decode": (ExportedProgram, DecoderSpec)} (targets/plan.py `export_graphs`, or
     `dense_relax_graphs`), the params (shared, in the order both functions take them), the DecoderSpec and the
-    kernels chosen for the AQLM layers ({symbol: kernel, reason}). Layers are not fused here: the fused graph
-    concatenates parameters, which in Relax would be redone on every call. `features`: the target's CPU features
+    kernels chosen for the AQLM layers ({symbol: kernel, reason}). Layers are unfused unless the build asked for
+    `--fuse-tvm`; fused ones (q/k/v, gate/up) come with their parameters already concatenated
+    (passes/fold_parameter_cats.py), so no call concatenates them. `features`: the target's CPU features
     (targets/common.py `target_features`); codes that a chosen kernel reads in another layout are repacked."""
     from tvm import relax
 

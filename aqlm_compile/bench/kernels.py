@@ -77,7 +77,7 @@ def _alternatives(shape, choice_name: str, features=frozenset()) -> dict:
     """Other CPU kernels that could serve this shape, timed too so the registry's choice is visible in the record."""
     from aqlm_compile.kernels import gemv_lut_vbmi
     from aqlm_compile.kernels.gemv_direct import gemv_direct
-    from aqlm_compile.kernels.gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped
+    from aqlm_compile.kernels.gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped, gemv_lut_split
 
     if shape.batch > 8:
         return {}
@@ -85,9 +85,12 @@ def _alternatives(shape, choice_name: str, features=frozenset()) -> dict:
     if shape.config.codebook_size <= 256:
         alts["gemv_lut"] = (gemv_lut, OUT_MAJOR)
         alts["gemv_lut_grouped"] = (gemv_lut_grouped, GROUP_MAJOR)
+        alts["gemv_lut_split"] = (gemv_lut_split, OUT_MAJOR)
     if set(gemv_lut_vbmi.REQUIRED_FEATURES) <= set(features) and gemv_lut_vbmi.unsupported(shape) is None:
         alts["gemv_lut_vbmi"] = (gemv_lut_vbmi.gemv_lut_vbmi, gemv_lut_vbmi.ROW_TILED)
-    return {k: v for k, v in alts.items() if k != choice_name}
+    # a spec's name may differ from its builder's (gemv_lut_split_avx2 builds gemv_lut_split): the choice itself is
+    # not an alternative
+    return {k: v for k, v in alts.items() if k != choice_name and f"{k}_avx2" != choice_name}
 
 
 def bench_kernels(shapes, configs, batches, rounds: int = 3, calls: int = 20, with_aqlm_package: bool = True,

@@ -50,6 +50,8 @@ WRITERS = {
     "*/profile-*.json": ("benchmarks/profile_relax.py",
                          {"what", "command", "artifact", "function", "tokens", "past", "threads", "calls", "machine",
                           "uninstrumented_ms", "instrumented_sum_ms", "primfuncs_ms", "builtins_ms", "rows"}, None),
+    "*/decode-ab-*.json": ("benchmarks/decode_ab.py",
+                           {"what", "command", "past", "rounds", "steps", "threads", "machine", "wall_s", "rows"}, None),
     "*/head-int8-ppl-*.json": ("benchmarks/head_int8_ppl.py",
                                {"what", "command", "checkpoint", "config", "tied_embedding", "windows", "seqlen",
                                 "ppl_fp16_head", "ppl_int8_head", "ppl_increase_pct", "head_bytes_fp16",

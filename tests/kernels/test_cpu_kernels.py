@@ -124,6 +124,8 @@ def test_registry_choices():
     assert avx2(3072, 576, 1, {"avx2"}) == "gemv_lut_split_avx2"  # fused gate/up: 432 KiB of codes
     assert avx2(4096, 1024, 1, {"avx2"}) == "gemv_lut_avx2"       # 1 MiB of codes
     assert avx2(576, 1536, 3, {"avx2"}) == "gemv_direct"
+    assert avx2(96, 576, 1, {"avx2"}) == "gemv_direct"            # too few rows for the table
+    assert avx2(256, 256, 1, {"avx2"}) == "gemv_direct"           # narrow input: few tiles of little work
     assert avx2(576, 576, 1, {"avx2", "avx512f"}) == "gemv_direct"
     assert avx2(4096, 4096, 4, {"avx2"}) == "gemv_direct"   # lookups per token
     assert avx2(4096, 4096, 1, {"avx2", "avx512f"}) == "gemv_direct"  # AVX-512 decodes fast enough

@@ -66,8 +66,9 @@ def test_pipeline_dumps_ir_after_each_phase(exported, tmp_path):
     ep, _ = exported
     report = run_pipeline(ep, dump_ir=tmp_path, name_prefix="model.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00-exported.txt", "01-lower_aqlm_linear.txt",
-                                                          "02-fuse_shared_input.txt"]
+                                                          "02-fuse_shared_input.txt", "03-fold_parameter_cats.txt"]
     assert "aqlm.dequantize" in (tmp_path / "00-exported.txt").read_text()
     assert "aqlm.aqlm_gemm" in (tmp_path / "01-lower_aqlm_linear.txt").read_text()
     assert "partitions = [64, 32, 32]" in (tmp_path / "02-fuse_shared_input.txt").read_text()
     assert len(report["lower_aqlm_linear"]["lowered"]) == 14
+    assert report["fold_parameter_cats"] == {"skipped": True}  # the ONNX route's default: ORT folds the cats

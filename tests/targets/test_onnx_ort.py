@@ -228,3 +228,30 @@ def test_generate_runs_without_torch_or_the_tvm_compiler(llama_art, runtime, blo
     assert len(json.loads(proc.stdout.strip().splitlines()[-1])["new_tokens"]) == 6
     loaded = json.loads(proc.stderr.strip().splitlines()[-1])
     assert loaded == {"torch": False, "tvm_compiler": False}, loaded
+
+
+@pytest.mark.parametrize("arch,fused_away", [("llama", 2 * (6 + 3)), ("qwen2", None)])
+def test_tvm_fused_layers_match_torch(arch, fused_away, request, tmp_path):
+    """`--fuse-tvm`: the Relax route with q/k/v and gate/up fused (parameters concatenated at build time) equals
+    torch; per block of the tiny Llama, q/k/v's 9 parameters and gate/up's 6 become 3 and 3 (Qwen2, with q/k/v
+    biases: fewer parameters, count not pinned)."""
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    ckpt = request.getfixturevalue(f"tiny_{arch}_ckpt")
+    art = build(ckpt, tmp_path / "fused", "--no-onnx", "--fuse-tvm")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert any("_p" in s for s in manifest["tvm"]["kernels"]), manifest["tvm"]["kernels"]  # partitioned kernels
+    unfused = json.loads((request.getfixturevalue(f"{arch}_art") / "manifest.json").read_text())
+    fewer = unfused["tvm"]["num_params"] - manifest["tvm"]["num_params"]
+    assert fewer == fused_away if fused_away is not None else fewer > 0
+    steps = [[1, 5, 9, 13, 17, 21, 25, 29], [7], [8]]
+    dec = TvmDecoder(art, threads=1)
+    for ids, want in zip(steps, torch_logits(ckpt, steps)):
+        got = dec.step(np.array(ids))
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), ids
+
+
+def test_fuse_tvm_is_refused_for_cuda(tiny_llama_ckpt, tmp_path):
+    r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "--target", "cuda", "--fuse-tvm",
+                                  "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--fuse-tvm: CPU targets only" in r.output, r.output

@@ -1,0 +1,112 @@
+"""A/B of whole-model decode steps in the TVM runtime: two or more artifacts of the same checkpoint, interleaved in
+one process, same thread count — did a build change make a decode step faster?
+
+    .venv/bin/python benchmarks/decode_ab.py ART_A ART_B [...] --tag NAME [--past 64] [--rounds 8] [--steps 20]
+                                              [--threads 2]
+
+Each round times `steps` decode calls (one token after `past` cached tokens, random KV cache, the same inputs for
+every artifact) of each artifact in turn, alternating which goes first; the median step of a round is kept and the
+median over rounds reported, with every round's figure (the spread shows the machine's noise). The logits of each
+artifact are compared with the first one's (max |Δ| and the argmax), since a faster build must compute the same
+thing. Writes benchmarks/results/<machine>/decode-ab-<tag>.{json,md}. Nothing else should run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(artifact: Path, past: int, seed: int = 0):
+    """(the decode function bound to fixed inputs, the manifest's kernels) of an artifact's TVM route."""
+    import numpy as np
+
+    from aqlm_compile import artifact as art
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    d = TvmDecoder(artifact)  # checks the artifact (sha256 of every file) before loading it
+    rng = np.random.default_rng(seed)
+    t = lambda a: d.tvm.runtime.tensor(a, d.dev)  # noqa: E731
+    kv = [t(rng.standard_normal((1, d.num_kv_heads, past, d.head_dim)).astype(np.float32))
+          for _ in range(2 * d.num_layers)]
+    ids = t(np.array([[rng.integers(0, d.vocab_size)]], np.int64))
+    mask = t(np.ones((1, past + 1), np.int64))
+    fn = d.vm["decode"]
+    call_args = [ids, mask, *kv, *d.params]
+    return (lambda: fn(*call_args)), (art.read_manifest(Path(artifact)).get("tvm") or {}).get("kernels", {})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("--tag", required=True, help="names the result files: decode-ab-<tag>")
+    ap.add_argument("--past", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", help="output folder (default benchmarks/results/<machine>)")
+    args = ap.parse_args()
+    if len(args.artifacts) < 2:
+        sys.exit("decode_ab: give at least two artifacts")
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's pool starts (docs/tvm-and-ort-notes.md N2)
+
+    import numpy as np
+
+    from aqlm_compile.bench.machine import machine_info, machine_slug
+    from aqlm_compile.cache import atomic_write_bytes
+
+    start = time.time()
+    arts = [Path(a) for a in args.artifacts]
+    calls, kernels = zip(*(load(a, args.past) for a in arts))
+    outs = [c() for c in calls]  # warm-up; the logits to compare
+    logits = [np.asarray(o[0].numpy(), np.float64) for o in outs]
+    rounds = {str(a): [] for a in arts}
+    for r in range(args.rounds):
+        order = list(range(len(arts)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            time.sleep(0.2)
+            steps = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                calls[i]()
+                steps.append(time.perf_counter() - t0)
+            rounds[str(arts[i])].append(statistics.median(steps) * 1e3)
+    machine = machine_info()
+    rows = []
+    for a, lg, k in zip(arts, logits, kernels):
+        ms = rounds[str(a)]
+        rows.append({"artifact": str(a), "median_ms": statistics.median(ms), "rounds_ms": ms,
+                     "tokens_per_s": 1e3 / statistics.median(ms),
+                     "max_abs_logit_diff_vs_first": float(np.abs(lg - logits[0]).max()),
+                     "same_argmax_as_first": bool(lg.argmax() == logits[0].argmax()),
+                     "kernels": sorted({v["kernel"] for s, v in k.items() if s.startswith("decode_")})})
+    record = {"what": "TVM runtime decode step, artifacts interleaved", "command": " ".join(sys.argv),
+              "past": args.past, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
+              "machine": machine, "wall_s": round(time.time() - start, 1), "rows": rows}
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / machine_slug(machine)
+    base = out / f"decode-ab-{args.tag}"
+    atomic_write_bytes(base.with_suffix(".json"), (json.dumps(record, indent=1) + "\n").encode())
+    lines = [f"# Decode A/B: {args.tag}", "",
+             f"{machine['cpu']}, {args.threads} threads; one decode step after {args.past} cached tokens; median of "
+             f"{args.steps} steps per round, {args.rounds} rounds interleaved. Command: `{record['command']}`.", "",
+             "| artifact | median ms/step | tokens/s | rounds (ms) | max abs logit diff vs first | same argmax | "
+             "decode kernels |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {Path(row['artifact']).name} | {row['median_ms']:.2f} | {row['tokens_per_s']:.1f} | "
+                     f"{', '.join(f'{x:.1f}' for x in row['rounds_ms'])} | {row['max_abs_logit_diff_vs_first']:.2e} | "
+                     f"{row['same_argmax_as_first']} | {', '.join(row['kernels'])} |")
+    atomic_write_bytes(base.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

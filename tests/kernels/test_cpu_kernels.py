@@ -161,3 +161,25 @@ def test_partitioned_kernels_match_separate_layers(kernel, cfg):
     lib["k"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args], y)
     err = ((torch.from_numpy(y.numpy()).double() - ref).abs().max() / ref.abs().max()).item()
     assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("max_tasks,tasks", [(None, 4), (2, 2), (1, 1)])
+def test_lut_split_tiles_grow_to_the_task_limit(max_tasks, tasks):
+    """gemv_lut_split with fewer tasks than 16 KiB tiles: the tiles grow (2x8g8, in 256: four 8-group tiles → two of
+    16 groups → one of 32) and the result does not change."""
+    from aqlm_compile.kernels.gemv_lut import _split_tile
+
+    config = AqlmConfig.parse("2x8g8")
+    layer = random_layer(config, 96, 256, seed=8)
+    shape = GemvShape(96, 256, config, 1)
+    assert 256 // 8 // _split_tile(shape, max_tasks=max_tasks) == tasks
+    lib = build(gemv_lut_split(shape, max_tasks=max_tasks, name="k"), x86_target())
+    dev = tvm.cpu()
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(9))
+    args = [x.numpy(), layer.codes.numpy(), layer.codebooks.detach().reshape(2, 256, -1).half().numpy(),
+            layer.scales.detach().reshape(-1).numpy(), layer.bias.detach().numpy()]
+    y = tvm.runtime.empty((1, 96), "float32", dev)
+    lib["k"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args], y)
+    with torch.no_grad():
+        ref = x.double() @ layer.weight().double().T + layer.bias.double()
+    assert ((torch.from_numpy(y.numpy()).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5

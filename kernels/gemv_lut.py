@@ -84,6 +84,23 @@ def _fill_table(N: int, J: int, JT: int, PM: int, K: int, g: int, KV: int):
     return fill
 
 
+def _tile_lookups(shape: GemvShape, R: int, JT: int, M: int, mask: int):
+    """A TIR macro: part[r] = Σ_{jj < JT} Σ_m table[tile, n, jj, p·M + m, code[row + r, j0 + jj, m]] for R rows from
+    `row` (p: their partition) — the inner step of `gemv_lut` and `gemv_lut_split` (R independent add chains)."""
+
+    @T.macro
+    def lookups(part, table, codes, tile, n, row, j0):
+        for r in T.unroll(R):
+            part[r] = T.float32(0)
+        for jj in T.unroll(JT):
+            for m in T.unroll(M):
+                for r in T.unroll(R):
+                    part[r] = part[r] + table[tile, n, jj, shape.partition_of(row) * M + m, T.bitwise_and(
+                        T.Cast("int32", codes[row + r, j0 + jj, m]), mask)]
+
+    return lookups
+
+
 def gemv_lut(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, block_rows: int = 512,
              name: str = "aqlm_gemv_lut"):
     """A TIR PrimFunc with the same signature as `gemv_direct`: (x, codes, codebooks, scales, bias, y)."""
@@ -91,6 +108,7 @@ def gemv_lut(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, block
     JT = _largest_divisor(J, max(1, tile_bytes // (N * PM * K * 4)))
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
     fill_table = _fill_table(N, J, JT, PM, K, g, KV)
+    lookups = _tile_lookups(shape, R, JT, M, mask)
 
     @T.prim_func
     def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((PM, K, g), cbt),
@@ -106,13 +124,7 @@ def gemv_lut(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024, block
             for jt in range(J // JT):
                 for n in range(N):
                     for rb in range(RB // R):
-                        for r in T.unroll(R):
-                            part[r] = T.float32(0)
-                        for jj in T.unroll(JT):
-                            for m in T.unroll(M):
-                                for r in T.unroll(R):
-                                    part[r] = part[r] + table[jt, n, jj, shape.partition_of(ob * RB + rb * R) * M + m, T.bitwise_and(
-                                        T.Cast("int32", codes[ob * RB + rb * R + r, jt * JT + jj, m]), mask)]
+                        lookups(part, table, codes, jt, n, ob * RB + rb * R, jt * JT)
                         for r in T.unroll(R):
                             acc[n, rb * R + r] = acc[n, rb * R + r] + part[r]
             for n, r in T.grid(N, RB):
@@ -187,6 +199,7 @@ def gemv_lut_split(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024,
     JT = _split_tile(shape, tile_bytes, max_tasks)
     C = J // JT
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
+    lookups = _tile_lookups(shape, R, JT, M, mask)
 
     @T.prim_func
     def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer((PM, K, g), cbt),
@@ -198,25 +211,19 @@ def gemv_lut_split(shape: GemvShape, rows: int = 8, tile_bytes: int = 16 * 1024,
         for m, k, t in T.grid(PM, K, g):
             cbt_[m, t, k] = T.Cast("float32", cb[m, k, t])
         for c in T.parallel(C):
-            table = T.alloc_buffer((N, JT, PM, K), "float32", scope="global")
+            table = T.alloc_buffer((1, N, JT, PM, K), "float32", scope="global")
             part = T.alloc_buffer((R,), "float32", scope="global")
             for jj, n, m in T.grid(JT, N, PM):
                 for ko in range(K // KV):
                     for kv in T.vectorized(KV):
-                        table[n, jj, m, ko * KV + kv] = T.float32(0)
+                        table[0, n, jj, m, ko * KV + kv] = T.float32(0)
                     for t in range(g):
                         for kv in T.vectorized(KV):
-                            table[n, jj, m, ko * KV + kv] = table[n, jj, m, ko * KV + kv] + \
+                            table[0, n, jj, m, ko * KV + kv] = table[0, n, jj, m, ko * KV + kv] + \
                                 cbt_[m, t, ko * KV + kv] * T.Cast("float32", x[n, (c * JT + jj) * g + t])
             for n in range(N):
                 for rb in range(O // R):
-                    for r in T.unroll(R):
-                        part[r] = T.float32(0)
-                    for jj in T.unroll(JT):
-                        for m in T.unroll(M):
-                            for r in T.unroll(R):
-                                part[r] = part[r] + table[n, jj, shape.partition_of(rb * R) * M + m, T.bitwise_and(
-                                    T.Cast("int32", codes[rb * R + r, c * JT + jj, m]), mask)]
+                    lookups(part, table, codes, 0, n, rb * R, c * JT)
                     for r in T.unroll(R):
                         partial[c, n, rb * R + r] = part[r]
         # the tiles' partial sums, added row-contiguously (vectorisable) rather than one row at a time over tiles

@@ -152,9 +152,14 @@ def _targets_taking(what: str) -> str:
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="ONNX route: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
 @click.option("--fuse-tvm/--no-fuse-tvm", "fuse_tvm", default=False, show_default=True,
-              help="TVM route, CPU targets: fuse them too, parameters concatenated at build time (on a Zen 1, "
+              help="TVM route, CPU targets: fuse q/k/v and gate/up too, parameters concatenated at build time (on a Zen 1, "
                    "interleaved runs of the SmolLM2 decode put it 11% ahead of and 10% behind the unfused build: "
                    "benchmarks/results/amd-epyc-avx2-x86_64-2c/decode-ab-*.md).")
+@click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
+              help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
+@click.option("--head", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
+              help="TVM route: the dense lm_head (and an embedding tied to it) as stored, or int8 rows with a per-row "
+                   "scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
           dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, head):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder (targets/plan.py)."""

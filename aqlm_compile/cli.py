@@ -57,6 +57,9 @@ def main():
 @click.argument("model_dir", required=False)
 @click.option("-o", "--output", "out_dir", required=True, help="Checkpoint directory to write (HF AQLM format).")
 @click.option("--config", default="2x8g8", show_default=True, help="MxBgG: M codebooks of 2^B codewords, groups of g.")
+@click.option("--head-config", help="Also quantize the lm_head, with this MxBgG config (e.g. 2x8g8; a tied embedding "
+              "is then stored on its own). Default: the lm_head stays fp16. Only a head with --config's config keeps "
+              "the checkpoint loadable in transformers + aqlm.")
 @click.option("--dataset", default="brown", show_default=True, help="'brown', a .txt file or a folder of .txt files.")
 @click.option("--method", type=_RegistryChoice(_method_names), default="aqlm", show_default=True,
               help="Quantization method (a registered one: aqlm_compile/quantize/methods.py).")
@@ -71,16 +74,16 @@ def main():
 @click.option("--beam-size", type=int, help="Override the preset's beam width.")
 @click.option("--num-blocks", type=int, help="Quantize only the first N blocks (the rest stay in float).")
 @click.option("--quiet", is_flag=True, help="Progress bars only, no per-block lines.")
-def quantize(model_dir, out_dir, config, dataset, method, preset, seed, resume, device, nsamples, seqlen, beam_size,
-             num_blocks, quiet):
+def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples, seqlen,
+             beam_size, num_blocks, quiet):
     """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
     from .jobs import quantize_job
     from .progress import default_reporter
 
     reporter = default_reporter(quiet)
     try:
-        quantize_job(model_dir, out_dir, config=config, dataset=dataset, method=method, preset=preset, seed=seed,
-                     resume=resume,
+        quantize_job(model_dir, out_dir, config=config, head_config=head_config, dataset=dataset, method=method,
+                     preset=preset, seed=seed, resume=resume,
                      device=device, num_blocks=num_blocks, reporter=reporter,
                      overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size})
     finally:

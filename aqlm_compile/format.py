@@ -4,7 +4,11 @@ Per quantized linear `<name>`: `<name>.codes` int8 (B ≤ 8) / int16 (B ≤ 16) 
 reference stores them; `<name>.codebooks` [M, 2^B, 1, g]; `<name>.scales` [out, 1, 1, 1]; optional `<name>.bias`.
 Every other tensor keeps its HF name. `config.json` is the model's config plus `quantization_config`
 {quant_method "aqlm", nbits_per_codebook, num_codebooks, out_group_size, in_group_size,
-linear_weights_not_to_quantize} and our own `aqlm_compile` block (source model, settings, timings).
+linear_weights_not_to_quantize} and our own `aqlm_compile` block (source model, settings, timings, and
+`layer_configs` {layer: "MxBgG"} for the layers whose config differs from quantization_config's — e.g. an lm_head
+quantized with its own config. transformers + `aqlm` build every layer from the one quantization_config, so only a
+checkpoint without `layer_configs` loads there; ours loads either.) A quantized lm_head is stored like any other
+quantized linear, with `tie_word_embeddings` false and the embedding stored on its own.
 
 Also here: the resumable work folder of an interrupted quantization run (per-block tensors + activations).
 """
@@ -54,9 +58,11 @@ def save(out_dir: str | Path, model, aqlm_config: AqlmConfig, source_dir: str | 
     not_quantized = []
     for name in unquantized_linear_names(model):
         not_quantized += [name, f"{name}.weight"]
+    quantized = quantized_modules(model)
     for name in ("model.embed_tokens", "lm_head"):
-        if name not in not_quantized:
+        if name not in not_quantized and name not in quantized:
             not_quantized += [name, f"{name}.weight"]
+    layer_configs = {name: m.config.name for name, m in quantized.items() if m.config != aqlm_config}
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["quantization_config"] = aqlm_config.to_hf(not_quantized)
@@ -65,7 +71,7 @@ def save(out_dir: str | Path, model, aqlm_config: AqlmConfig, source_dir: str | 
     config["use_cache"] = True
     config["aqlm_compile"] = {"format_version": 1, "config": aqlm_config.name,
                               "source_model": str(Path(source_dir).resolve()) if source_dir else None,
-                              **(metadata or {})}
+                              **({"layer_configs": layer_configs} if layer_configs else {}), **(metadata or {})}
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -109,6 +115,21 @@ def _read_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def layer_configs(config: dict, where: str) -> dict[str, AqlmConfig]:
+    """config.json's `aqlm_compile.layer_configs`: {layer name: its AqlmConfig} where it differs from the model's."""
+    block = config.get("aqlm_compile", {})
+    raw = block.get("layer_configs", {}) if isinstance(block, dict) else {}
+    if not isinstance(raw, dict):
+        raise FormatError(f"{where}: aqlm_compile.layer_configs: expected an object {{layer: 'MxBgG'}}")
+    out = {}
+    for name, text in raw.items():
+        try:
+            out[name] = AqlmConfig.parse(text if isinstance(text, str) else repr(text))
+        except ConfigError as exc:
+            raise FormatError(f"{where}: aqlm_compile.layer_configs.{name}: {exc}") from None
+    return out
+
+
 def validate(ckpt_dir: str | Path) -> tuple[AqlmConfig, dict, dict[str, torch.Tensor]]:
     """Check config.json and every AQLM tensor's dtype, shape and code range. Returns (config, hf config, tensors)."""
     ckpt_dir = Path(ckpt_dir)
@@ -123,14 +144,19 @@ def validate(ckpt_dir: str | Path) -> tuple[AqlmConfig, dict, dict[str, torch.Te
     not_q = config["quantization_config"].get("linear_weights_not_to_quantize", [])
     if not isinstance(not_q, list) or not all(isinstance(x, str) for x in not_q):
         raise FormatError(f"{where}: quantization_config.linear_weights_not_to_quantize: expected a list of names")
+    own = layer_configs(config, where)
     tensors = _read_tensors(ckpt_dir)
     wfile = ckpt_dir / WEIGHTS
-    m, k, g = aqlm_config.num_codebooks, aqlm_config.codebook_size, aqlm_config.in_group_size
     layers = sorted(name[: -len(".codes")] for name in tensors if name.endswith(".codes"))
     if not layers:
         raise FormatError(f"{wfile}: no '<layer>.codes' tensors (nothing is quantized)")
-    want_dtype = code_dtype(aqlm_config)
+    unknown = sorted(set(own) - set(layers))
+    if unknown:
+        raise FormatError(f"{where}: aqlm_compile.layer_configs.{unknown[0]}: no such quantized layer in {wfile.name}")
     for layer in layers:
+        layer_config = own.get(layer, aqlm_config)
+        m, k, g = layer_config.num_codebooks, layer_config.codebook_size, layer_config.in_group_size
+        want_dtype = code_dtype(layer_config)
         codes = tensors[f"{layer}.codes"]
         for part in ("codebooks", "scales"):
             if f"{layer}.{part}" not in tensors:
@@ -139,10 +165,10 @@ def validate(ckpt_dir: str | Path) -> tuple[AqlmConfig, dict, dict[str, torch.Te
         if codes.dtype != want_dtype or codes.dim() != 3 or codes.shape[2] != m:
             raise FormatError(f"{wfile}: {layer}.codes: expected {str(want_dtype)[6:]} [out, in/{g}, {m}], "
                               f"found {str(codes.dtype)[6:]} {list(codes.shape)}")
-        half = 1 << (aqlm_config.nbits_per_codebook - 1)
+        half = 1 << (layer_config.nbits_per_codebook - 1)
         if codes.numel() and (int(codes.min()) < -half or int(codes.max()) >= half):
             raise FormatError(f"{wfile}: {layer}.codes: values outside [{-half}, {half - 1}] for "
-                              f"{aqlm_config.nbits_per_codebook}-bit codes")
+                              f"{layer_config.nbits_per_codebook}-bit codes")
         checks = {"codebooks": [m, k, 1, g], "scales": [out, 1, 1, 1]}
         for part, shape in checks.items():
             t = tensors[f"{layer}.{part}"]
@@ -168,17 +194,19 @@ def _build_model(ckpt_dir: Path, raw: dict, aqlm_config, tensors, dtype):
     hf_config.use_cache = False
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
     layers = sorted(name[: -len(".codes")] for name in tensors if name.endswith(".codes"))
+    own = layer_configs(raw, str(ckpt_dir / "config.json"))
     modules = dict(model.named_modules())
     for layer in layers:
         linear = modules.get(layer)
         if not isinstance(linear, torch.nn.Linear):
             raise FormatError(f"{ckpt_dir / WEIGHTS}: {layer}.codes: the model has no linear layer named {layer}")
         codes = tensors[f"{layer}.codes"]
-        if codes.shape[0] != linear.out_features or codes.shape[1] * aqlm_config.in_group_size != linear.in_features:
+        cfg = own.get(layer, aqlm_config)
+        if codes.shape[0] != linear.out_features or codes.shape[1] * cfg.in_group_size != linear.in_features:
             raise FormatError(f"{ckpt_dir / WEIGHTS}: {layer}.codes: expected [{linear.out_features}, "
-                              f"{linear.in_features // aqlm_config.in_group_size}, {aqlm_config.num_codebooks}] for a "
+                              f"{linear.in_features // cfg.in_group_size}, {cfg.num_codebooks}] for a "
                               f"{linear.in_features}->{linear.out_features} layer, found {list(codes.shape)}")
-        replace_module(model, layer, AqlmLinear(linear.in_features, linear.out_features, aqlm_config,
+        replace_module(model, layer, AqlmLinear(linear.in_features, linear.out_features, cfg,
                                                 bias=linear.bias is not None, dtype=dtype))
     expected = set(model.state_dict())
     if getattr(hf_config, "tie_word_embeddings", False):

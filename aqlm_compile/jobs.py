@@ -24,12 +24,14 @@ def work_folder_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.work"
 
 
-def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", dataset: str | None = "brown",
+def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", head_config: str | None = None,
+                 dataset: str | None = "brown",
                  preset: str = "fast", method: str = "aqlm", seed: int = 0, resume: bool = False,
                  device: str = "auto", num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
                  stop_after_block: int | None = None) -> dict:
     """Quantize `model_dir` with `method` (a name in `quantize.methods`; AQLM by default) at `preset` plus
-    `overrides` (settings fields), and write the checkpoint to `out_dir`. Returns the run's report."""
+    `overrides` (settings fields), and write the checkpoint to `out_dir`. `head_config` also quantizes the lm_head
+    with that config. Returns the run's report."""
     import torch
 
     from . import format as fmt
@@ -41,6 +43,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", dat
 
     reporter = reporter or Reporter()
     aqlm_config = AqlmConfig.parse(config)
+    head_aqlm = None if head_config is None else AqlmConfig.parse(head_config)
     quantizer = get_method(method).from_preset(preset, overrides)
     settings = quantizer.settings
     out = Path(out_dir)
@@ -54,6 +57,11 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", dat
     for name, linear in ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
         if ".layers." in f".{name}." and linear.in_features % aqlm_config.in_group_size:
             aqlm_config.check_shape(linear.out_features, linear.in_features, name)
+    if head_aqlm is not None:
+        head = model.get_output_embeddings()
+        if type(head) is not torch.nn.Linear:
+            raise ModelError(f"--head-config: {source}: the model's lm_head is not a linear layer")
+        head_aqlm.check_shape(head.out_features, head.in_features, "lm_head")
     corpus = load_corpus(dataset)
     ids = tokenize(tokenizer, corpus.calibration)
     tokens = calibration_windows(ids, settings.nsamples, settings.seqlen, seed).to(device)
@@ -62,17 +70,18 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", dat
                  f"{settings.seqlen} calibration tokens from {corpus.name} ({len(ids)} tokens) | device {device}")
     # quantize_model adds the method and its settings to the fingerprint
     fingerprint = {"model": str(source.resolve()), "config": aqlm_config.name, "seed": seed, "dataset": corpus.name,
-                   "num_blocks": num_blocks}
+                   "num_blocks": num_blocks, **({"head_config": head_aqlm.name} if head_aqlm else {})}
     work = fmt.WorkFolder(work_folder_for(out))
     torch.manual_seed(seed)
     report = quantize_model(model, tokens, aqlm_config, quantizer, seed=seed, work=work, resume=resume,
                             fingerprint=fingerprint, reporter=reporter, num_blocks=num_blocks,
-                            stop_after_block=stop_after_block)
+                            stop_after_block=stop_after_block, head_config=head_aqlm)
     report["timings"]["load"] = round(load_seconds, 1)
     report["seconds"] = round(time.perf_counter() - start, 1)
     model.to("cpu")
     # config.json's aqlm_compile.method: {"name", "version", "settings"}; quantization_config stays the HF one
-    metadata = {"preset": preset, "seed": seed, "dataset": corpus.name, "method": quantizer.record(),
+    metadata = {**({"head_config": head_aqlm.name} if head_aqlm else {}), "preset": preset, "seed": seed,
+                "dataset": corpus.name, "method": quantizer.record(),
                 "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
                 "timings": report["timings"], "seconds": report["seconds"]}
     fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,

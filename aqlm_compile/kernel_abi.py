@@ -13,11 +13,21 @@ def _suffix(partitions) -> str:
 ROW_TILED_SUFFIX = "_rt64"
 
 
-def gemv_symbol(out_f: int, in_f: int, batch: int, partitions=None, row_tiled: bool = False) -> str:
-    """GEMV for exactly `batch` tokens."""
-    return f"aqlm_gemv_{out_f}x{in_f}_b{batch}{_suffix(partitions)}" + (ROW_TILED_SUFFIX if row_tiled else "")
+def config_suffix(config_name: str | None) -> str:
+    """A layer quantized with another config than the artifact's (manifest `aqlm_config`; e.g. an lm_head of its own
+    config): its kernels' names end in `_c<MxBgG>` (before any row-tiled suffix), so two layers of one shape and
+    different configs never share a kernel. The ORT op looks for `_c<M>x<B>g<g>` of its node first."""
+    return f"_c{config_name}" if config_name else ""
 
 
-def gemm_symbol(out_f: int, in_f: int, partitions=None, row_tiled: bool = False) -> str:
+def gemv_symbol(out_f: int, in_f: int, batch: int, partitions=None, row_tiled: bool = False,
+                config_name: str | None = None) -> str:
+    """GEMV for exactly `batch` tokens (`config_name`: only for a layer whose config is not the artifact's)."""
+    return (f"aqlm_gemv_{out_f}x{in_f}_b{batch}{_suffix(partitions)}{config_suffix(config_name)}"
+            + (ROW_TILED_SUFFIX if row_tiled else ""))
+
+
+def gemm_symbol(out_f: int, in_f: int, partitions=None, row_tiled: bool = False, config_name: str | None = None) -> str:
     """GEMM for any token count."""
-    return f"aqlm_gemm_{out_f}x{in_f}{_suffix(partitions)}" + (ROW_TILED_SUFFIX if row_tiled else "")
+    return (f"aqlm_gemm_{out_f}x{in_f}{_suffix(partitions)}{config_suffix(config_name)}"
+            + (ROW_TILED_SUFFIX if row_tiled else ""))

@@ -35,12 +35,14 @@ def target_features(tvm_target) -> frozenset:
     return frozenset(f for f in required_features() if llvm_cpu_has_features([f], tvm_target))
 
 
-def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, features=frozenset()):
+def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, features=frozenset(),
+                   artifact_config=None):
     """One IRModule for the artifact's kernel library: for each requested shape (targets/plan.py `KernelRequest`) a
     GEMV per batch size 1..max_batch and, where the kernel table has a library kernel for any token count on this
     target kind (the CPU prefill GEMM), that one too. `kernels` records which kernel each symbol is and why.
     `features`: the target's CPU features (`target_features`). A shape whose kernels read row-tiled codes gets
-    symbols ending in ROW_TILED_SUFFIX; the ORT op repacks the codes for them once."""
+    symbols ending in ROW_TILED_SUFFIX; the ORT op repacks the codes for them once. A request whose config is not
+    `artifact_config` (the manifest's) gets symbols with its config's suffix (kernel_abi.config_suffix)."""
     if not 1 <= max_batch <= MAX_GEMV_BATCH:
         raise ConfigError(f"--max-batch {max_batch}: expected 1..{MAX_GEMV_BATCH}")
     funcs, kernels = {}, {}
@@ -49,17 +51,19 @@ def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, 
         layout = codes_layout(GemvShape(out_f, in_f, req.config, 1, partitions=parts), target_kind,
                               (OUT_MAJOR, ROW_TILED), features)
         tiled = layout == ROW_TILED
-        entries = [(gemv_symbol(out_f, in_f, b, parts, tiled), b) for b in range(1, max_batch + 1)]
+        own = req.config.name if artifact_config is not None and req.config != artifact_config else None
+        entries = [(gemv_symbol(out_f, in_f, b, parts, tiled, own), b) for b in range(1, max_batch + 1)]
         any_batch, _ = find_kernel(GemvShape(out_f, in_f, req.config, MAX_GEMV_BATCH + 1, partitions=parts),
                                    target_kind, (layout,), features=features)
         if any_batch is not None:
-            entries.append((gemm_symbol(out_f, in_f, parts, tiled), None))
+            entries.append((gemm_symbol(out_f, in_f, parts, tiled, own), None))
         for symbol, batch in entries:
             shape = GemvShape(out_f, in_f, req.config, batch or MAX_GEMV_BATCH + 1, partitions=parts)
             choice = select_kernel(shape, target_kind, (layout,), features=features)
             funcs[symbol] = choice.build_func(shape, symbol)
             kernels[symbol] = {"kernel": choice.name, "reason": choice.reason, "out_features": out_f,
                                "in_features": in_f, "batch": batch if batch else "any",
+                               **({"config": own} if own else {}),
                                **({"partitions": list(parts)} if parts else {})}
     return tvm.IRModule(funcs), kernels
 
@@ -69,7 +73,7 @@ def kernel_module(aqlm_config, layers: dict, target_kind: str, max_batch: int = 
     """`kernel_library` for one config: `layers` {name: (out, in)} and `fused` [(out, in, partitions)] (tools, tests)."""
     from .plan import KernelRequest
 
-    shapes = sorted({(o, i, None) for o, i in layers.values()} | {(o, i, tuple(p)) for o, i, p in fused},
+    shapes = sorted({(o, i, None) for o, i, *_ in layers.values()} | {(o, i, tuple(p)) for o, i, p in fused},
                     key=lambda s: (s[0], s[1], s[2] or ()))
     return kernel_library([KernelRequest(o, i, aqlm_config, p) for o, i, p in shapes], target_kind, max_batch,
                           features)
@@ -95,7 +99,8 @@ def write_artifact(ckpt_dir, out_dir, *, target_name: str, arch: str, target_spe
         "tools": {"aqlm_compile": __version__, "tvm": tvm.__version__, "torch": torch.__version__},
         "aqlm_config": aqlm_config.name, "quantization_config": aqlm_config.to_hf([]),
         "kernel_library": lib_name, "kernels": kernels,
-        "layers": {name: {"out_features": o, "in_features": i} for name, (o, i) in sorted(layers.items())},
+        "layers": {name: {"out_features": o, "in_features": i, **({"config": c.name} if c != aqlm_config else {})}
+                   for name, (o, i, c) in sorted(layers.items())},
         "kernel_abi": KERNEL_ABI, **(extra_manifest or {}),
     }
     artifact.write(out_dir, populate, manifest)

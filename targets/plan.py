@@ -101,27 +101,28 @@ def relax_graphs(ckpt_dir, supports=None, fuse: bool = False) -> dict:
 
 
 def kernel_requests(layers: dict, aqlm_config: AqlmConfig, graphs: Graphs) -> list[KernelRequest]:
-    """Every checkpoint layer (unfused) and every `aqlm_gemm` node of the lowered graphs, each shape once."""
+    """Every checkpoint layer (`layers` {name: (out, in, AqlmConfig)}, unfused) and every `aqlm_gemm` node of the
+    lowered graphs, each (shape, config) once."""
     import torch
 
     from aqlm_compile.ops import gemm_layer  # (importing ops registers torch.ops.aqlm)
 
-    found = {(o, i, None): KernelRequest(o, i, aqlm_config) for o, i in layers.values()}
+    found = {(o, i, None, c.name): KernelRequest(o, i, c) for o, i, c in layers.values()}
     eps = ([graphs.onnx[0]] if graphs.onnx else []) + [ep for ep, _ in graphs.relax.values()]
     for ep in eps:
         for node in ep.graph_module.graph.nodes:
             if node.target is torch.ops.aqlm.aqlm_gemm.default:
                 g = gemm_layer(node)
                 parts = g.partitions if g.partitions and len(g.partitions) > 1 else None
-                key = (g.out_features, g.in_features, parts)
+                key = (g.out_features, g.in_features, parts, g.config.name)
                 found.setdefault(key, KernelRequest(g.out_features, g.in_features, g.config, parts))
-    return [found[k] for k in sorted(found, key=lambda k: (k[0], k[1], k[2] or ()))]
+    return [found[k] for k in sorted(found, key=lambda k: (k[0], k[1], k[2] or (), k[3]))]
 
 
 def _layers(model) -> dict:
     from aqlm_compile import format as fmt
 
-    return {name: (m.out_features, m.in_features) for name, m in fmt.quantized_modules(model).items()}
+    return {name: (m.out_features, m.in_features, m.config) for name, m in fmt.quantized_modules(model).items()}
 
 
 def _check_options(target: Target, options: BuildOptions) -> None:
@@ -159,7 +160,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
 
     tvm_target = target.tvm_target(options)
     mod, kernels = kernel_library(kernel_requests(layers, aqlm_config, graphs), target.kind, options.max_batch,
-                                  target_features(tvm_target))
+                                  target_features(tvm_target), artifact_config=aqlm_config)
     with target.compile_context(options), tvm_target:
         lib = tvm.compile(mod, target=tvm_target)
     lib_name = f"kernels_{target.name}.so"

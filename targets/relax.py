@@ -85,10 +85,12 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
             if bias_node is not None:
                 y = bb.emit(relax.op.add(y, relax.op.astype(importer.env[bias_node], "float32")))
             return bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
-        key = (out_f, in_f, tuple(parts or ()), static_tokens, layout)
+        key = (out_f, in_f, tuple(parts or ()), static_tokens, layout, cfg.name)
         if key not in kernels:
+            # a second config for one shape (an lm_head of its own config) gets its config in the name
+            clash = any(k[:5] == key[:5] for k in kernels if isinstance(k, tuple) and len(k) == 6)
             symbol = f"{prefix}_aqlm_{out_f}x{in_f}" + (f"_p{'-'.join(map(str, parts))}" if parts else "") + \
-                ("" if layout == OUT_MAJOR else "_tiled")
+                (f"_c{cfg.name}" if clash else "") + ("" if layout == OUT_MAJOR else "_tiled")
             func = choice.build_func(shape, symbol, dynamic_tokens=not static_tokens)
             # hand-scheduled already: dlight must leave it alone
             func = func.with_attr("tirx.is_scheduled", True)

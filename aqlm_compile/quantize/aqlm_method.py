@@ -17,6 +17,8 @@ from .presets import PRESETS, QuantizeSettings, get_preset
 _FINETUNE_STREAM = 999
 # The global fine-tuning stream, likewise fixed by earlier checkpoints.
 _GLOBAL_STREAM = 10**6
+# The lm_head's AQ stream (new with the quantized head; any index no block or phase uses).
+_HEAD_STREAM = 10**6 + 1
 
 
 @register_method
@@ -64,6 +66,15 @@ class AqlmMethod(QuantizationMethod):
         epochs = report["finetune"].get("epochs", 0)
         return f"worst layer {worst_name} {worst['relative_error']:.4f}  ft epochs {epochs}"
 
+    def quantize_head(self, head, hessian, config, ctx: RunContext):
+        with ctx.timed("aq"):
+            result = quantize_weight(head.weight.detach(), hessian, config, self.settings, ctx.generator(_HEAD_STREAM))
+        new = AqlmLinear.from_parts(result.codes, result.codebooks, result.scales, config,
+                                    bias=None if head.bias is None else head.bias.detach())
+        new.requires_grad_(False)
+        return new, {"config": config.name, "relative_error": result.relative_error, "rounds": len(result.losses) - 1,
+                     "seconds": round(result.seconds, 2)}
+
     def finish(self, model, ctx: RunContext) -> dict:
         if not self.needs_teacher():
             return {"global_finetune": {"steps": 0}}
@@ -72,6 +83,7 @@ class AqlmMethod(QuantizationMethod):
             total = max(1, int(settings.global_epochs * len(ctx.train_idx) / settings.global_batch_size + 0.999))
             gtask = ctx.reporter.task("global fine-tuning", total)
             report = global_finetune(model, ctx.tokens, ctx.teacher, ctx.train_idx, ctx.val_idx, settings,
-                                     ctx.generator(_GLOBAL_STREAM), on_step=lambda loss: ctx.reporter.advance(gtask))
+                                     ctx.generator(_GLOBAL_STREAM), on_step=lambda loss: ctx.reporter.advance(gtask),
+                                     teacher_head=ctx.teacher_head)
         ctx.reporter.log(f"global fine-tuning: {report}")
         return {"global_finetune": report}

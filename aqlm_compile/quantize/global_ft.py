@@ -21,13 +21,17 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx: torch.Tensor,
                     val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator,
-                    on_step=None) -> dict:
-    """Trains every floating parameter except embeddings and lm_head. Keeps the best state on validation."""
+                    on_step=None, teacher_head=None) -> dict:
+    """Trains every floating parameter except the embeddings and a dense lm_head (a quantized head's codebooks and
+    scales train like the blocks'). Keeps the best state on validation. `teacher_head`: the FP lm_head when the
+    model's own head is quantized (the teacher's logits must not go through it)."""
     if settings.global_epochs <= 0:
         return {"steps": 0}
     head = model.get_output_embeddings()
+    teacher_head = teacher_head if teacher_head is not None else head
     embed = model.get_input_embeddings()
-    frozen = {id(p) for p in list(head.parameters()) + list(embed.parameters())}
+    dense_head = list(head.parameters()) if type(head) is torch.nn.Linear else []
+    frozen = {id(p) for p in dense_head + list(embed.parameters())}
     params = []
     for p in model.parameters():
         trainable = p.dtype.is_floating_point and id(p) not in frozen
@@ -41,7 +45,7 @@ def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, t
     def loss_on(idx):
         hidden = base(input_ids=tokens[idx]).last_hidden_state
         with torch.no_grad():
-            teacher = head(teacher_hidden[idx])
+            teacher = teacher_head(teacher_hidden[idx])
         return kl_loss(head(hidden), teacher)
 
     def val_loss():

@@ -104,6 +104,8 @@ class RunContext:
     reporter: Reporter
     teacher: torch.Tensor | None  # the FP model's final hidden states, captured only if `needs_teacher()`
     timings: dict[str, float]  # seconds per phase, reported by the job
+    # The FP lm_head once the run has quantized the head: the teacher's logits come from it, not the student's
+    teacher_head: torch.nn.Module | None = None
 
     def generator(self, *parts: int) -> torch.Generator:
         return derive_generator(self.seed, *parts)
@@ -171,6 +173,12 @@ class QuantizationMethod:
     def describe_block(self, report: dict[str, Any]) -> str:
         """A few words for the per-block log line, from what `quantize_block` returned."""
         return ""
+
+    def quantize_head(self, head, hessian: torch.Tensor, config, ctx: RunContext):
+        """Quantize the lm_head (an nn.Linear) with `config` on H = mean xxᵀ of its inputs (the final norm's outputs
+        on the quantized model's activations). Returns (AqlmLinear, report dict). Runs after the last block,
+        before `finish`, only when the run asks for a quantized head."""
+        raise ConfigError(f"method {self.name!r} cannot quantize the lm_head")
 
     def finish(self, model, ctx: RunContext) -> dict[str, Any]:
         """Runs once after every block is quantized; its result is merged into the run's report."""

@@ -1,6 +1,8 @@
 """The block loop, the same for every quantization method (docs/quantization.md step 2): blocks in order, each quantized on the
 outputs of the already-quantized blocks. Capture block-0 inputs → per block: FP outputs + XXᵀ → the method's
-`quantize_block` → quantized outputs → save (resumable) → after the last block, the method's `finish`.
+`quantize_block` → quantized outputs → save (resumable) → after the last block, optionally the lm_head (its own
+config: H of the final norm's outputs on the quantized model's activations, the method's `quantize_head`; a tied
+embedding is untied and stays as it was) → the method's `finish`.
 Methods (AQLM's AQ + block fine-tuning + global fine-tuning, and others) live behind `methods.py`."""
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import time
 import torch
 
 from ..config import AqlmConfig
+from ..errors import ModelError
 from ..format import WorkFolder, replace_module
 from ..models import block_linears, decoder_layers
 from ..nn import AqlmLinear
@@ -68,17 +71,57 @@ def _quantize_block_linears(block, config: AqlmConfig) -> None:
                                                bias=linear.bias is not None, dtype=linear.weight.dtype))
 
 
+def final_norm(model):
+    """The norm between the last block and the lm_head (`model.model.norm` in Llama, Qwen2, Mistral, ...)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    norm = getattr(base, "norm", None)
+    if not isinstance(norm, torch.nn.Module):
+        raise ModelError(f"{type(model).__name__}: no final norm found (model.model.norm): cannot calibrate the lm_head")
+    return norm
+
+
+def head_hessian(model, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """H = mean xxᵀ of the lm_head's inputs, x = final_norm(last block's outputs); fp64 accumulation as for blocks."""
+    norm = final_norm(model)
+    total = torch.zeros(hidden.shape[-1], hidden.shape[-1], dtype=torch.float64, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], batch_size):
+            x = norm(hidden[start : start + batch_size]).reshape(-1, hidden.shape[-1]).float()
+            total += (x.T @ x).double()
+    return (total / (hidden.shape[0] * hidden.shape[1])).float()
+
+
+def quantize_head(model, hidden: torch.Tensor, config: AqlmConfig, method: QuantizationMethod,
+                  run: RunContext) -> dict:
+    """Replace the lm_head by an AqlmLinear of `config`, quantized on the final norm of `hidden`. A tied embedding
+    keeps the weights it had (the checkpoint then stores both, untied)."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ModelError(f"{type(model).__name__}: the lm_head is a {type(head).__name__}, not a linear layer")
+    config.check_shape(head.out_features, head.in_features, "lm_head")
+    new, report = method.quantize_head(head, head_hessian(model, hidden, FORWARD_BATCH), config, run)
+    embedding = model.get_input_embeddings()
+    if embedding is not None and embedding.weight is head.weight:
+        embedding.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    names = [n for n, m in model.named_modules() if m is head]
+    replace_module(model, names[0], new)
+    run.teacher_head = head
+    return report
+
+
 def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: QuantizationMethod, seed: int = 0,
                    work: WorkFolder | None = None, resume: bool = False, fingerprint: dict | None = None,
                    reporter: Reporter | None = None, num_blocks: int | None = None,
-                   stop_after_block: int | None = None) -> dict:
+                   stop_after_block: int | None = None, head_config: AqlmConfig | None = None) -> dict:
     """Quantize `model` in place with `method`. `tokens`: [nsamples, seqlen] calibration windows. Returns a report
     dict: per-block reports, whatever the method's `finish` returned, timings per phase.
 
     `fingerprint` identifies the run for `resume` (model, config, seed, data); the method's name, version and
     settings are added to it here, so a work folder is never resumed under another method or other settings.
     `num_blocks` quantizes only the first N blocks (the rest stay in float). `stop_after_block` raises
-    KeyboardInterrupt after that block is saved (used by tests to simulate an interruption).
+    KeyboardInterrupt after that block is saved (used by tests to simulate an interruption). `head_config`
+    also quantizes the lm_head, with that config (it may differ from the blocks').
     """
     reporter = reporter or Reporter()
     timings: dict[str, float] = {"capture": 0.0, "hessian": 0.0, **{p: 0.0 for p in method.phases}, "forward": 0.0}
@@ -140,6 +183,15 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         if stop_after_block is not None and i == stop_after_block:
             raise KeyboardInterrupt(f"stopped after block {i} (stop_after_block)")
 
+    head_report = None
+    if head_config is not None:
+        with run.timed("forward"):
+            for layer in layers[n_blocks:]:  # blocks left in float still feed the head
+                inputs = runner.run(layer, inputs, FORWARD_BATCH)
+        head_report = quantize_head(model, inputs, head_config, method, run)
+        reporter.log(f"lm_head: {head_config.name}, relative error {head_report['relative_error']:.4f}  "
+                     f"{head_report['seconds']:.1f}s")
     finish_report = method.finish(model, run)
-    return {"method": {"name": method.name, "version": method.settings.version}, "blocks": reports, **finish_report,
+    return {"method": {"name": method.name, "version": method.settings.version}, "blocks": reports,
+            **({"lm_head": head_report} if head_report else {}), **finish_report,
             "timings": {k: round(v, 1) for k, v in timings.items()}, "quantized_blocks": n_blocks}

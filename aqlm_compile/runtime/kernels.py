@@ -49,9 +49,10 @@ class KernelLibrary:
             raise ConfigError(f"{layer}: expected float32 [N, {info['in_features']}], found {x.dtype} {list(x.shape)}")
         if x.shape[0] < 1:
             raise ConfigError(f"{layer}: expected at least one row in x, found {list(x.shape)}")
-        symbol = gemv_symbol(info["out_features"], info["in_features"], x.shape[0])
+        own = info.get("config")  # a layer whose config is not the artifact's has its own kernels
+        symbol = gemv_symbol(info["out_features"], info["in_features"], x.shape[0], config_name=own)
         if symbol not in self.manifest["kernels"]:
-            symbol = gemm_symbol(info["out_features"], info["in_features"])
+            symbol = gemm_symbol(info["out_features"], info["in_features"], config_name=own)
         if symbol not in self.manifest["kernels"]:
             raise ConfigError(f"{layer}: no kernel for batch {x.shape[0]} in this artifact")
         try:

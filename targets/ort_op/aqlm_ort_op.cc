@@ -324,12 +324,18 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   std::string symbol = N <= 8 ? gemv : gemm;
   auto it = k->functions.find(symbol);
   if (it == k->functions.end()) {
-    // the row-tiled variant first (the library has one or the other for a shape), then the GEMM for any N
+    // the row-tiled variant first (the library has one or the other for a shape), then the GEMM for any N; for each,
+    // first the name with this node's config (a layer whose config is not the artifact's: kernel_abi.config_suffix),
+    // then the plain name (the artifact's config)
+    const std::string own = "_c" + std::to_string(k->M) + "x" + std::to_string(k->B) + "g" + std::to_string(k->g);
     decltype((*mod)->GetFunction(gemv)) f;
     bool tiled = false;
-    for (const std::string& name : N <= 8 ? std::vector<std::string>{gemv, gemm} : std::vector<std::string>{gemm}) {
-      if ((f = (*mod)->GetFunction(name + "_rt64")).has_value()) { tiled = true; break; }
-      if ((f = (*mod)->GetFunction(name)).has_value()) break;
+    for (const std::string& base : N <= 8 ? std::vector<std::string>{gemv, gemm} : std::vector<std::string>{gemm}) {
+      for (const std::string& name : {base + own, base}) {
+        if ((f = (*mod)->GetFunction(name + "_rt64")).has_value()) { tiled = true; break; }
+        if ((f = (*mod)->GetFunction(name)).has_value()) break;
+      }
+      if (f.has_value()) break;
     }
     if (!f.has_value())
       return make_error(ORT_FAIL, "the kernel library has no kernel for a " + std::to_string(I) + "->" + std::to_string(O) +

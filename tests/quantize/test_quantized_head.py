@@ -1,0 +1,144 @@
+"""`quantize --head-config`: the lm_head quantized too (issue 14 item 1), with the body's config (a uniform checkpoint
+that transformers + aqlm still load) or its own (recorded in config.json's aqlm_compile.layer_configs); the
+artifacts built from it run in ORT and the TVM runtime with the logits of the PyTorch model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aqlm_compile import format as fmt
+from aqlm_compile.cli import main
+from aqlm_compile.errors import FormatError
+from aqlm_compile.nn import AqlmLinear
+
+TINY = {"kmeans_iters": 3, "max_rounds": 1}
+
+
+def _quantize(model_dir, corpus, out, head_config, **kw):
+    from aqlm_compile.jobs import quantize_job
+
+    return quantize_job(str(model_dir), str(out), config="2x8g8", head_config=head_config, dataset=str(corpus),
+                        preset="tiny", device="cpu", overrides=TINY, **kw)
+
+
+@pytest.fixture(scope="module")
+def head_ckpts(tiny_llama, tiny_corpus, tmp_path_factory):
+    """The tiny Llama (tied embedding) with its head at the body's 2x8g8, and at its own 1x8g8."""
+    root = tmp_path_factory.mktemp("head")
+    for cfg in ("2x8g8", "1x8g8"):
+        _quantize(tiny_llama, tiny_corpus, root / cfg, cfg)
+    return {cfg: root / cfg for cfg in ("2x8g8", "1x8g8")}
+
+
+def test_head_is_quantized_and_untied(head_ckpts, tiny_llama):
+    fp = json.loads((tiny_llama / "config.json").read_text())
+    assert fp["tie_word_embeddings"] is True
+    for cfg, ckpt in head_ckpts.items():
+        raw = json.loads((ckpt / "config.json").read_text())
+        assert raw["tie_word_embeddings"] is False
+        assert "lm_head" not in raw["quantization_config"]["linear_weights_not_to_quantize"]
+        assert raw["aqlm_compile"]["head_config"] == cfg
+        model, config, _ = fmt.load(ckpt)
+        assert isinstance(model.lm_head, AqlmLinear) and model.lm_head.config.name == cfg
+        assert model.model.embed_tokens.weight is not model.lm_head.codebooks
+        report = json.loads((ckpt / "quantize_report.json").read_text())
+        assert report["lm_head"]["config"] == cfg and 0 <= report["lm_head"]["relative_error"] < 1
+    assert "layer_configs" not in json.loads((head_ckpts["2x8g8"] / "config.json").read_text())["aqlm_compile"]
+    assert json.loads((head_ckpts["1x8g8"] / "config.json").read_text())["aqlm_compile"]["layer_configs"] == \
+        {"lm_head": "1x8g8"}
+
+
+def test_embedding_keeps_the_fp_rows(head_ckpts, tiny_llama):
+    from aqlm_compile.models import load_fp_model
+
+    fp, _ = load_fp_model(tiny_llama)
+    model, _, _ = fmt.load(head_ckpts["2x8g8"])
+    # stored as fp16, like every unquantized tensor of the checkpoint
+    assert torch.equal(model.model.embed_tokens.weight, fp.model.embed_tokens.weight.half().float())
+
+
+def test_uniform_head_checkpoint_loads_in_transformers(head_ckpts, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
+    from test_hf_compat import compare
+
+    compare(head_ckpts["2x8g8"], tmp_path, 200)
+
+
+def test_layer_configs_are_validated(head_ckpts, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "bad"
+    shutil.copytree(head_ckpts["1x8g8"], ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    for value, message in (({"lm_head": "2x8g8"}, "lm_head.codes: expected int8 [out, in/8, 2]"),
+                           ({"lm_head": "banana"}, "aqlm_compile.layer_configs.lm_head: config 'banana'"),
+                           ({"model.nope": "1x8g8"}, "aqlm_compile.layer_configs.model.nope: no such quantized layer"),
+                           ([1], "aqlm_compile.layer_configs: expected an object")):
+        raw["aqlm_compile"]["layer_configs"] = value
+        (ckpt / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(FormatError, match=message.replace("[", r"\[").replace(".", r"\.")):
+            fmt.validate(ckpt)
+    raw["aqlm_compile"].pop("layer_configs")  # the mixed head read as the body's config: a clear shape error
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(FormatError, match="lm_head.codes"):
+        fmt.validate(ckpt)
+
+
+def test_head_config_errors_are_one_line(tiny_llama, tiny_corpus, tmp_path):
+    r = CliRunner().invoke(main, ["quantize", str(tiny_llama), "-o", str(tmp_path / "x"), "--head-config", "2x8g7",
+                                  "--dataset", str(tiny_corpus), "--preset", "tiny"])
+    assert r.exit_code == 2 and "error:" in r.output and "in_group_size 7" in r.output, r.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_keeps_the_head_config(tiny_llama, tiny_corpus, tmp_path):
+    """An interrupted run resumes into the same checkpoint; a resume with another head config is refused."""
+    out = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(tiny_llama, tiny_corpus, out, "2x8g8", stop_after_block=0)
+    with pytest.raises(FormatError, match="head_config"):
+        _quantize(tiny_llama, tiny_corpus, out, "1x8g8", resume=True)
+
+
+def torch_logits(ckpt, steps):
+    """Logits of the PyTorch model for each step of a cached decode (`steps`: token lists)."""
+    from aqlm_compile.decoder import DecoderWithCache
+
+    model, _, _ = fmt.load(ckpt)
+    model.config.use_cache = True
+    wrap = DecoderWithCache(model).eval()
+    past = [torch.zeros(1, wrap.spec.num_kv_heads, 0, wrap.spec.head_dim)] * (2 * wrap.spec.num_layers)
+    out, length = [], 0
+    for ids in steps:
+        with torch.no_grad():
+            res = wrap(torch.tensor([ids]), torch.ones(1, length + len(ids), dtype=torch.int64), *past)
+        past, length = list(res[1:]), length + len(ids)
+        out.append(res[0][0].numpy())
+    return out
+
+
+@pytest.mark.parametrize("cfg", ["2x8g8", "1x8g8"])
+def test_artifacts_with_quantized_head_match_torch(cfg, head_ckpts, tmp_path):
+    from aqlm_compile.runtime.ort import OrtDecoder
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    ckpt = head_ckpts[cfg]
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(tmp_path / "art")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    vocab, hidden = manifest["layers"]["lm_head"]["out_features"], manifest["layers"]["lm_head"]["in_features"]
+    own = None if cfg == "2x8g8" else cfg  # the manifest's aqlm_config is the body's
+    assert manifest["layers"]["lm_head"].get("config") == own
+    assert f"aqlm_gemv_{vocab}x{hidden}_b1" + (f"_c{own}" if own else "") in manifest["kernels"]
+    steps = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8]]
+    want = torch_logits(ckpt, steps)
+    for dec in (TvmDecoder(tmp_path / "art", threads=1), OrtDecoder(tmp_path / "art", threads=1)):
+        for ids, w in zip(steps, want):
+            got = dec.step(np.array(ids))
+            assert np.abs(got - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), (type(dec).__name__, ids)

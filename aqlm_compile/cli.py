@@ -123,6 +123,9 @@ def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
         click.echo(f"{name:<28} {ppl_s:>12} {bits:>11.3f}")
     if "config" in result:
         click.echo("bits/param counts the quantized linears: codes + fp16 codebooks + fp16 scales")
+        click.echo(f"whole checkpoint: {result['file_bytes'] / 1e6:.1f} MB (model.safetensors) = "
+                   f"{result['bits_per_param_all']:.3f} bits/param over all {result['params_all'] / 1e6:.1f} M "
+                   "parameters (embeddings, norms and an fp16 lm_head included)")
 
 
 def _targets_taking(what: str) -> str:

@@ -39,6 +39,34 @@ def quantized_bits(model) -> dict:
     return {"bits": bits, "params": params, "bits_per_param": bits / params if params else float("nan")}
 
 
+def param_counts(model, head_untied: bool = False) -> tuple[int, int]:
+    """(every parameter of the model counted once — a tied embedding/lm_head is one tensor, an AqlmLinear counts
+    out × in —, the block linears' parameters). `head_untied`: the lm_head was tied to the embedding in the FP model
+    and untied only to quantize it (`quantize --head-config`), so it is not counted again: the figures stay those of
+    the model the user started from."""
+    from .models import block_linears, decoder_layers
+
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    for m in model.modules():
+        if isinstance(m, AqlmLinear):
+            total += m.out_features * m.in_features - m.codes.numel() - m.codebooks.numel() - m.scales.numel()
+    if head_untied:
+        head = model.get_output_embeddings()
+        total -= head.out_features * head.in_features + (0 if head.bias is None else head.out_features)
+    linear = 0
+    _, layers = decoder_layers(model)
+    for block in layers:
+        for m in block.modules():
+            if isinstance(m, AqlmLinear):
+                linear += m.out_features * m.in_features
+        linear += sum(lin.weight.numel() for lin in block_linears(block).values())
+    return total, linear
+
+
 def rtn_quantize_(model, nbits: int, group_size: int = 128, layer_names: list[str] | None = None) -> dict:
     """Round-to-nearest, asymmetric min-max per group of `group_size` inputs, fp16 scale and zero, in place.
 

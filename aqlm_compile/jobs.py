@@ -80,7 +80,8 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", hea
     report["seconds"] = round(time.perf_counter() - start, 1)
     model.to("cpu")
     # config.json's aqlm_compile.method: {"name", "version", "settings"}; quantization_config stays the HF one
-    metadata = {**({"head_config": head_aqlm.name} if head_aqlm else {}), "preset": preset, "seed": seed,
+    head = {"head_config": head_aqlm.name, "head_untied": report["lm_head"]["untied"]} if head_aqlm else {}
+    metadata = {**head, "preset": preset, "seed": seed,
                 "dataset": corpus.name, "method": quantizer.record(),
                 "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
                 "timings": report["timings"], "seconds": report["seconds"]}
@@ -98,7 +99,7 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
 
     from . import format as fmt
     from .data import eval_windows, load_corpus, tokenize
-    from .evaluate import perplexity, quantized_bits, rtn_quantize_
+    from .evaluate import param_counts, perplexity, quantized_bits, rtn_quantize_
     from .models import load_fp_model, resolve_model_dir
     from .progress import Reporter
 
@@ -115,6 +116,11 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         source = meta.get("source_model")
         layer_names = list(fmt.quantized_modules(model))
         result.update({"config": aqlm_config.name, "quantized_layers": len(layer_names), **quantized_bits(model)})
+        # the whole model (embeddings, norms, an fp16 head, ...): the file's bytes over every parameter
+        params_all, _ = param_counts(model, head_untied=bool(meta.get("head_untied")))
+        file_bytes = (target / fmt.WEIGHTS).stat().st_size
+        result.update({"file_bytes": file_bytes, "params_all": params_all,
+                       "bits_per_param_all": file_bytes * 8 / params_all})
     else:
         source = str(resolve_model_dir(path))
         model, tokenizer = load_fp_model(Path(source))

@@ -38,25 +38,10 @@ class Windows:
         return perplexity(model, self.tokens, self.bos is not None)
 
 
-def _param_counts(model) -> tuple[int, int]:
-    """(all parameters counted once — a tied embedding/lm_head is one tensor —, block-linear parameters)."""
-    from ..models import block_linears, decoder_layers
-    from ..nn import AqlmLinear
+def _param_counts(model, meta: dict | None = None) -> tuple[int, int]:
+    from ..evaluate import param_counts
 
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    linear = 0
-    _, layers = decoder_layers(model)
-    for block in layers:
-        for m in block.modules():
-            if isinstance(m, AqlmLinear):
-                total += m.out_features * m.in_features - sum(p.numel() for p in m.parameters(recurse=False))
-                linear += m.out_features * m.in_features
-        linear += sum(lin.weight.numel() for lin in block_linears(block).values())
-    return total, linear
+    return param_counts(model, head_untied=bool((meta or {}).get("head_untied")))
 
 
 def fp_row(windows: Windows, fp_dir: Path) -> dict:
@@ -77,7 +62,7 @@ def aqlm_row(windows: Windows, ckpt: Path, preset: str, run: dict | None) -> dic
     from ..evaluate import quantized_bits
 
     model, cfg, meta = fmt.load(ckpt)
-    total, _ = _param_counts(model)
+    total, _ = _param_counts(model, meta)
     qb = quantized_bits(model)
     t = time.perf_counter()
     ppl = windows.ppl(model)

@@ -101,7 +101,8 @@ def quantize_head(model, hidden: torch.Tensor, config: AqlmConfig, method: Quant
     config.check_shape(head.out_features, head.in_features, "lm_head")
     new, report = method.quantize_head(head, head_hessian(model, hidden, FORWARD_BATCH), config, run)
     embedding = model.get_input_embeddings()
-    if embedding is not None and embedding.weight is head.weight:
+    report["untied"] = embedding is not None and embedding.weight is head.weight
+    if report["untied"]:
         embedding.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False
     names = [n for n, m in model.named_modules() if m is head]

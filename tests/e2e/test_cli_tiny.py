@@ -39,10 +39,18 @@ def test_quantize_and_eval(arch, request, tiny_corpus, tmp_path):
             bits += codes.numel() * 8 + tensors[f"{layer}.codebooks"].numel() * 16 + tensors[f"{layer}.scales"].numel() * 16
             params += codes.shape[0] * codes.shape[1] * 8
     assert result["bits_per_param"] == pytest.approx(bits / params, rel=1e-12)
+    # the whole file over every parameter of the FP model (a tied embedding/lm_head counted once)
+    from aqlm_compile.models import load_fp_model
+
+    fp, _ = load_fp_model(model_dir)
+    assert result["params_all"] == sum(p.numel() for p in fp.parameters())
+    assert result["file_bytes"] == (out / "model.safetensors").stat().st_size
+    assert result["bits_per_param_all"] == pytest.approx(result["file_bytes"] * 8 / result["params_all"])
+    assert result["bits_per_param_all"] > result["bits_per_param"]  # the fp16 embedding costs more than 2 bits
     # an AQLM model of a random-weight LM stays close to it (both near-uniform over the vocabulary)
     assert abs(result["ppl"] - result["fp_ppl"]) / result["fp_ppl"] < 0.2
     r = run(["eval", str(out), "--dataset", str(tiny_corpus), "--seqlen", "32", "--windows", "4"])
-    assert "AQLM 2x8g8" in r.output and "RTN" in r.output
+    assert "AQLM 2x8g8" in r.output and "RTN" in r.output and "whole checkpoint:" in r.output
 
 
 def test_quantized_model_tracks_fp_outputs(tiny_llama, tiny_corpus, tmp_path):

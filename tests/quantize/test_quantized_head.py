@@ -46,9 +46,22 @@ def test_head_is_quantized_and_untied(head_ckpts, tiny_llama):
         assert model.model.embed_tokens.weight is not model.lm_head.codebooks
         report = json.loads((ckpt / "quantize_report.json").read_text())
         assert report["lm_head"]["config"] == cfg and 0 <= report["lm_head"]["relative_error"] < 1
+        assert raw["aqlm_compile"]["head_untied"] is True and report["lm_head"]["untied"] is True
     assert "layer_configs" not in json.loads((head_ckpts["2x8g8"] / "config.json").read_text())["aqlm_compile"]
     assert json.loads((head_ckpts["1x8g8"] / "config.json").read_text())["aqlm_compile"]["layer_configs"] == \
         {"lm_head": "1x8g8"}
+
+
+def test_eval_counts_the_untied_head_once(head_ckpts, tiny_llama, tiny_corpus):
+    """`eval`'s whole-model figures: the FP model's parameters (the untied head not counted twice), the file's bytes."""
+    from aqlm_compile.jobs import eval_job
+    from aqlm_compile.models import load_fp_model
+
+    fp, _ = load_fp_model(tiny_llama)
+    result = eval_job(str(head_ckpts["2x8g8"]), dataset=str(tiny_corpus), seqlen=32, windows=2, rtn=False, fp=False)
+    assert result["params_all"] == sum(p.numel() for p in fp.parameters())
+    assert result["bits_per_param_all"] == pytest.approx(
+        (head_ckpts["2x8g8"] / "model.safetensors").stat().st_size * 8 / result["params_all"])
 
 
 def test_embedding_keeps_the_fp_rows(head_ckpts, tiny_llama):

@@ -163,11 +163,15 @@ def _targets_taking(what: str) -> str:
                    "benchmarks/results/amd-epyc-avx2-x86_64-2c/decode-ab-*.md).")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
               help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
+@click.option("--embedding", type=click.Choice(["stored", "int8", "head"]), default="stored", show_default=True,
+              help="The input embedding in the artifact (ONNX and TVM routes): as stored (fp16), int8 rows with a per-row "
+                   "scale, or 'head': rows decoded from the AQLM lm_head of a checkpoint quantized with --head-config "
+                   "whose embedding was tied to it (no bytes of its own).")
 @click.option("--head", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="TVM route: the dense lm_head (and an embedding tied to it) as stored, or int8 rows with a per-row "
                    "scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
-          dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, head):
+          dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder (targets/plan.py)."""
     from .errors import ConfigError
     from .targets.plan import build as build_plan
@@ -187,7 +191,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         cpu=cpu, archs=tuple(a.strip() for a in archs.split(",")) if archs else None, max_batch=max_batch,
         onnx=with_onnx, tvm=with_tvm, fuse=fuse, fuse_tvm=fuse_tvm, dump_ir=dump_ir, dense_model_dir=dense_model_dir,
         dense_dtypes={"fp32": ("float32",), "fp16": ("float16",), "both": ("float32", "float16")}[dense_dtype],
-        onnx_dense=onnx_dense, head=head)
+        onnx_dense=onnx_dense, head=head, embedding=embedding)
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
     manifest = build_plan(checkpoint_dir, spec, options, out_dir)
     where = manifest["target_spec"].get("mcpu") or f"{manifest['arch'].replace('+', ', ')} + PTX; checked from the built file"

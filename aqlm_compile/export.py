@@ -59,7 +59,9 @@ def keep_dense_fp16(model) -> None:
     halves: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding) or type(module) is torch.nn.Linear:
-            w = module.weight
+            w = getattr(module, "weight", None)
+            if w is None:  # a compact embedding (`compact_embedding`) has no dense weight left
+                continue
             if id(w) not in halves:
                 halves[id(w)] = torch.nn.Parameter(w.detach().half(), requires_grad=False)
             module.weight = halves[id(w)]
@@ -112,7 +114,7 @@ def keep_head_int8(model) -> None:
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     heads = {id(m.weight) for m in linears}
     chosen = [(m, m in linears) for m in model.modules()
-              if m in linears or (isinstance(m, torch.nn.Embedding) and id(m.weight) in heads)]
+              if m in linears or (isinstance(m, torch.nn.Embedding) and id(getattr(m, "weight", None)) in heads)]
     done: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     for module, _ in chosen:
         if id(module.weight) not in done:
@@ -133,3 +135,54 @@ def _linear_rows_int8(self, x):
 def _embedding_rows_int8(self, ids):
     rows = torch.nn.functional.embedding(ids, self.weight8).float()
     return rows * torch.nn.functional.embedding(ids, self.row_scales.unsqueeze(1))
+
+
+EMBEDDINGS = ("stored", "int8", "head")
+
+
+def compact_embedding(model, kind: str) -> None:
+    """The input embedding in a compact form, in place (the `build --embedding` option; issue 14 item 2). Only one
+    row is read per token, so any form costs nothing at decode; what it saves is the artifact's bytes.
+
+    - "stored": unchanged (fp16 as the checkpoint stores it; tied to a dense head, `--head` decides).
+    - "int8": int8 rows with one fp32 scale per row (`rows_int8`): half of fp16.
+    - "head": rows decoded from the quantized lm_head's AQLM codes — for a model whose embedding was the head's
+      weight before `quantize --head-config` untied them (config.json `aqlm_compile.head_untied`); the embedding
+      then costs no bytes at all. Row r = scales[r] · Σ_m codebooks[m, codes[r, :, m]], the head's own decode.
+
+    Works in eager mode (the PyTorch model the artifact is compared with) and under torch.export."""
+    if kind not in EMBEDDINGS:
+        raise ValueError(f"embedding {kind!r}: expected one of {', '.join(EMBEDDINGS)}")
+    if kind == "stored":
+        return
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, torch.nn.Embedding):
+        raise ValueError(f"--embedding {kind}: the input embedding is a {type(emb).__name__}, not nn.Embedding")
+    if kind == "int8":
+        w8, s = rows_int8(emb.weight)
+        emb.weight8 = torch.nn.Parameter(w8, requires_grad=False)
+        emb.row_scales = torch.nn.Parameter(s, requires_grad=False)
+        del emb.weight
+        emb.forward = types.MethodType(_embedding_rows_int8, emb)
+        return
+    head = model.get_output_embeddings()
+    if not isinstance(head, AqlmLinear) or (head.out_features, head.in_features) != tuple(emb.weight.shape):
+        raise ValueError("--embedding head: the lm_head is not an AQLM layer of the embedding's shape "
+                         "(quantize with --head-config)")
+    del emb.weight
+    object.__setattr__(emb, "head", head)  # a reference, not a submodule: the head's tensors stay one copy
+    emb.forward = types.MethodType(_embedding_from_head, emb)
+
+
+def _embedding_from_head(self, ids):
+    head = self.head
+    m, k = head.config.num_codebooks, head.config.codebook_size
+    flat = ids.reshape(-1)
+    # index_select on the parameters as they are (no reshape first): exported as a Gather on the head's own
+    # initializers, never a folded copy of them
+    codes = torch.index_select(head.codes, 0, flat).to(torch.int64) % k  # [T, J, M]: signed storage as 0..K-1
+    codes = codes + torch.arange(m, device=codes.device) * k
+    books = head.codebooks.reshape(m * k, -1).float()  # [M·K, g] (fp32: summed as the kernels sum)
+    rows = books[codes].sum(-2).flatten(-2)  # [T, J·g]
+    scales = torch.index_select(head.scales, 0, flat).float().reshape(-1, 1)
+    return (rows * scales).reshape(*ids.shape, -1)

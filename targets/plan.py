@@ -65,11 +65,15 @@ def export_graphs(model, routes, options: BuildOptions, supports=None, relax_fus
     traced as the op dialect; for the Relax route its dense weights are then kept fp16, as stored). `relax_fuse`:
     the Relax route fuses q/k/v and gate/up too, their parameters concatenated once here (`--fuse-tvm`: CPU
     targets only, whose every kernel takes fused layers; the CUDA prefill decodes Ŵ in the graph, unfused)."""
-    from aqlm_compile.export import (export_decoder, keep_dense_fp16, keep_head_int8, prepare_for_export,
-                                     scales_for_kernels)
+    from aqlm_compile.export import (compact_embedding, export_decoder, keep_dense_fp16, keep_head_int8,
+                                     prepare_for_export, scales_for_kernels)
     from aqlm_compile.passes.pipeline import PipelineOptions, run_pipeline
 
     prepare_for_export(model)
+    try:
+        compact_embedding(model, options.embedding)  # before both routes: ONNX and TVM hold the same rows
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     graphs = Graphs()
     if "onnx" in routes:
         ep, spec = export_decoder(model)
@@ -132,6 +136,10 @@ def _check_options(target: Target, options: BuildOptions) -> None:
         raise ConfigError(f"--fuse-tvm: CPU targets only (the {target.name} prefill decodes Ŵ in the graph, unfused)")
     if options.head not in ("fp16", "int8"):
         raise ConfigError(f"--head {options.head!r}: expected fp16 or int8")
+    from aqlm_compile.export import EMBEDDINGS
+
+    if options.embedding not in EMBEDDINGS:
+        raise ConfigError(f"--embedding {options.embedding!r}: expected one of {', '.join(EMBEDDINGS)}")
     if not 1 <= options.max_batch <= MAX_GEMV_BATCH:
         raise ConfigError(f"--max-batch {options.max_batch}: expected 1..{MAX_GEMV_BATCH}")
     if options.dense_model_dir is not None and not target.dense_baseline:
@@ -171,6 +179,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
             target.check_library(path, options)  # before the artifact is renamed into place
 
     extra, steps = dict(toolchain.manifest), []
+    extra["embedding"] = options.embedding  # export.compact_embedding: how both routes read the input embedding
     if graphs.onnx is not None:
         steps += _onnx_route(target, options, toolchain, graphs.onnx, lib_name, extra)
     if graphs.relax:

@@ -73,7 +73,10 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
         # One layout per layer for both functions (they share the codes): row-tiled where the decode GEMV is the
         # byte-permute LUT kernel and the codes are a parameter the build can repack.
         layout = OUT_MAJOR
-        if layouts is not None and node.args[1].op == "placeholder":
+        # (not when the codes feed anything but AQLM kernels: an embedding served from the head's codes gathers rows
+        # in the HF layout)
+        if layouts is not None and node.args[1].op == "placeholder" and \
+                all(u.target is node.target for u in node.args[1].users):
             layout = codes_layout(shape, target_kind, (OUT_MAJOR, ROW_TILED), features, graph_level=True)
             if layouts.setdefault(node.args[1].name, layout) != layout:
                 raise RuntimeError(f"{node.args[1].name}: the prefill and decode kernels want different codes layouts")

@@ -119,11 +119,13 @@ def test_resume_keeps_the_head_config(tiny_llama, tiny_corpus, tmp_path):
         _quantize(tiny_llama, tiny_corpus, out, "1x8g8", resume=True)
 
 
-def torch_logits(ckpt, steps):
-    """Logits of the PyTorch model for each step of a cached decode (`steps`: token lists)."""
+def torch_logits(ckpt, steps, change=None):
+    """Logits of the PyTorch model (`change`d in place first, if given) for each step of a cached decode."""
     from aqlm_compile.decoder import DecoderWithCache
 
     model, _, _ = fmt.load(ckpt)
+    if change is not None:
+        change(model)
     model.config.use_cache = True
     wrap = DecoderWithCache(model).eval()
     past = [torch.zeros(1, wrap.spec.num_kv_heads, 0, wrap.spec.head_dim)] * (2 * wrap.spec.num_layers)
@@ -155,3 +157,49 @@ def test_artifacts_with_quantized_head_match_torch(cfg, head_ckpts, tmp_path):
         for ids, w in zip(steps, want):
             got = dec.step(np.array(ids))
             assert np.abs(got - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), (type(dec).__name__, ids)
+
+
+@pytest.mark.parametrize("embedding", ["head", "int8"])
+def test_compact_embedding_artifacts_match_torch(embedding, head_ckpts, tmp_path):
+    """`build --embedding head|int8`: both runtimes equal the PyTorch model with the same embedding
+    (`export.compact_embedding`), and the embedding's fp16 table is gone from the TVM params and the ONNX model."""
+    import onnx
+
+    from aqlm_compile.export import compact_embedding
+    from aqlm_compile.runtime.ort import OrtDecoder
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    ckpt = head_ckpts["2x8g8"]
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(tmp_path / "art"),
+                                  "--embedding", embedding])
+    assert r.exit_code == 0, r.output
+    art = tmp_path / "art"
+    assert json.loads((art / "manifest.json").read_text())["embedding"] == embedding
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(tmp_path / "stored")])
+    assert r.exit_code == 0, r.output
+    vocab, hidden = 259, 64
+    # the TVM params lose the fp16 table ("int8" adds its int8 rows and fp32 scales back)
+    saved = (tmp_path / "stored" / "model_params.bin").stat().st_size - (art / "model_params.bin").stat().st_size
+    assert saved >= vocab * hidden * 2 - (0 if embedding == "head" else vocab * (hidden + 4)) - 1024, saved
+    # the ONNX model has no [vocab, hidden] table, and "head" gathers from the head's own codes (no copy of them)
+    model = onnx.load(str(art / "onnx" / "model.onnx"))
+    tables = [t for t in model.graph.initializer if list(t.dims) == [vocab, hidden]]
+    assert [t.data_type for t in tables] == ([] if embedding == "head" else [onnx.TensorProto.INT8])
+    codes = [t.name for t in model.graph.initializer if list(t.dims) == [vocab, hidden // 8, 2]]
+    assert codes == ["model.lm_head.codes"], codes
+    steps = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8]]
+    want = torch_logits(ckpt, steps, lambda m: compact_embedding(m, embedding))
+    for dec in (TvmDecoder(art, threads=1), OrtDecoder(art, threads=1)):
+        for ids, w in zip(steps, want):
+            got = dec.step(np.array(ids))
+            assert np.abs(got - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), (type(dec).__name__, ids)
+    # and the embedding changed the model: the stored fp16 rows give other logits
+    plain = torch_logits(ckpt, steps[:1])[0]
+    assert np.abs(plain - want[0]).max() > 1e-5
+
+
+def test_embedding_head_needs_a_quantized_head(tiny_llama_ckpt, tmp_path):
+    r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "--target", "x86", "-o", str(tmp_path / "x"),
+                                  "--embedding", "head", "--no-onnx"])
+    assert r.exit_code == 2 and "--embedding head: the lm_head is not an AQLM layer" in r.output, r.output
+    assert not (tmp_path / "x").exists()

@@ -96,15 +96,18 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
 @click.option("--seqlen", default=512, show_default=True, type=int)
 @click.option("--windows", default=32, show_default=True, type=int, help="Number of held-out windows.")
 @click.option("--no-rtn", is_flag=True, help="Skip the round-to-nearest baseline.")
+@click.option("--embedding", type=click.Choice(["stored", "int8", "head"]), default="stored", show_default=True,
+              help="Evaluate with the input embedding as `build --embedding` puts it in an artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(path, dataset, seqlen, windows, no_rtn, as_json):
+def eval_(path, dataset, seqlen, windows, no_rtn, embedding, as_json):
     """Held-out perplexity of an AQLM checkpoint, its FP source and an RTN baseline (or of an FP model)."""
     from .jobs import eval_job
     from .progress import default_reporter
 
     reporter = default_reporter(quiet=True)
     try:
-        result = eval_job(path, dataset=dataset, seqlen=seqlen, windows=windows, rtn=not no_rtn, reporter=reporter)
+        result = eval_job(path, dataset=dataset, seqlen=seqlen, windows=windows, rtn=not no_rtn, reporter=reporter,
+                          embedding=embedding)
     finally:
         reporter.close()
     if as_json:

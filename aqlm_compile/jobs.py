@@ -93,8 +93,9 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", hea
 
 
 def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, windows: int | None = 32,
-             rtn: bool = True, fp: bool = True, reporter=None) -> dict:
-    """Perplexity of a checkpoint (and of its FP source and an RTN baseline at the same code bits), or of an FP model."""
+             rtn: bool = True, fp: bool = True, reporter=None, embedding: str = "stored") -> dict:
+    """Perplexity of a checkpoint (and of its FP source and an RTN baseline at the same code bits), or of an FP model.
+    `embedding`: the checkpoint's input embedding as `build --embedding` puts it in an artifact (export.compact_embedding)."""
     import torch
 
     from . import format as fmt
@@ -116,12 +117,25 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         source = meta.get("source_model")
         layer_names = list(fmt.quantized_modules(model))
         result.update({"config": aqlm_config.name, "quantized_layers": len(layer_names), **quantized_bits(model)})
+        if embedding != "stored":
+            from .errors import ConfigError
+            from .export import compact_embedding
+
+            try:
+                compact_embedding(model, embedding)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            result["embedding"] = embedding
         # the whole model (embeddings, norms, an fp16 head, ...): the file's bytes over every parameter
         params_all, _ = param_counts(model, head_untied=bool(meta.get("head_untied")))
         file_bytes = (target / fmt.WEIGHTS).stat().st_size
         result.update({"file_bytes": file_bytes, "params_all": params_all,
                        "bits_per_param_all": file_bytes * 8 / params_all})
     else:
+        if embedding != "stored":
+            from .errors import ConfigError
+
+            raise ConfigError(f"--embedding {embedding}: {path} is not an AQLM checkpoint")
         source = str(resolve_model_dir(path))
         model, tokenizer = load_fp_model(Path(source))
         aqlm_config, layer_names = None, None

@@ -62,6 +62,10 @@ def test_eval_counts_the_untied_head_once(head_ckpts, tiny_llama, tiny_corpus):
     assert result["params_all"] == sum(p.numel() for p in fp.parameters())
     assert result["bits_per_param_all"] == pytest.approx(
         (head_ckpts["2x8g8"] / "model.safetensors").stat().st_size * 8 / result["params_all"])
+    # `--embedding head`: the artifact's embedding (rows of the quantized head) changes the model
+    served = eval_job(str(head_ckpts["2x8g8"]), dataset=str(tiny_corpus), seqlen=32, windows=2, rtn=False, fp=False,
+                      embedding="head")
+    assert served["embedding"] == "head" and served["ppl"] > 1 and served["ppl"] != result["ppl"]
 
 
 def test_embedding_keeps_the_fp_rows(head_ckpts, tiny_llama):

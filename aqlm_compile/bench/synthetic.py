@@ -71,8 +71,11 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def make_aqlm_checkpoint(fp_dir: Path, out_dir: Path, config: str = "2x8g8", seed: int = 0) -> Path:
-    """An AQLM checkpoint of `fp_dir`'s architecture: every block linear random codes/codebooks, the rest copied."""
+def make_aqlm_checkpoint(fp_dir: Path, out_dir: Path, config: str = "2x8g8", seed: int = 0,
+                         head_config: str | None = None) -> Path:
+    """An AQLM checkpoint of `fp_dir`'s architecture: every block linear random codes/codebooks, the rest copied.
+    `head_config`: the lm_head too, with that config (random like the blocks; a tied embedding is untied and keeps
+    the FP rows, as `quantize --head-config` leaves it)."""
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -90,20 +93,31 @@ def make_aqlm_checkpoint(fp_dir: Path, out_dir: Path, config: str = "2x8g8", see
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float16)
     lname, layers = decoder_layers(model)
     names = [f"{lname}.{i}.{n}" for i, block in enumerate(layers) for n in block_linears(block)]
+    tied = getattr(hf_config, "tie_word_embeddings", False)
+    configs = dict.fromkeys(names, cfg)
+    if head_config is not None:
+        head_name = [n for n, m in model.named_modules() if m is model.get_output_embeddings()][0]
+        names.append(head_name)
+        configs[head_name] = AqlmConfig.parse(head_config)
+        model.config.tie_word_embeddings = False
+        if tied:  # the embedding keeps a parameter of its own (the meta model shares one)
+            emb = model.get_input_embeddings()
+            emb.weight = torch.nn.Parameter(torch.empty_like(emb.weight), requires_grad=False)
     for name in names:
         linear = model.get_submodule(name)
-        fmt.replace_module(model, name, AqlmLinear(linear.in_features, linear.out_features, cfg,
+        fmt.replace_module(model, name, AqlmLinear(linear.in_features, linear.out_features, configs[name],
                                                    bias=linear.bias is not None, dtype=torch.float16, device="meta"))
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed + 1)
     # codebook entries sized so a decoded weight has the FP model's scale (std ≈ INIT_STD): finite activations
-    cb_std = INIT_STD / cfg.num_codebooks ** 0.5
     with torch.no_grad(), safe_open(str(Path(fp_dir) / "model.safetensors"), "pt") as f:
         for name, module in model.named_modules():
             if isinstance(module, AqlmLinear):
-                codes = torch.randint(0, cfg.codebook_size, tuple(module.codes.shape), generator=gen)
-                module.codes.copy_(pack_codes(codes, cfg.nbits_per_codebook))
-                module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen) * cb_std)
+                c = module.config
+                codes = torch.randint(0, c.codebook_size, tuple(module.codes.shape), generator=gen)
+                module.codes.copy_(pack_codes(codes, c.nbits_per_codebook))
+                module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen) * INIT_STD
+                                       / c.num_codebooks ** 0.5)
                 module.scales.fill_(1.0)
                 if module.bias is not None:
                     module.bias.zero_()
@@ -111,8 +125,9 @@ def make_aqlm_checkpoint(fp_dir: Path, out_dir: Path, config: str = "2x8g8", see
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name.rsplit(".", 1)[0] in names:
                 continue
-            if name not in stored and getattr(hf_config, "tie_word_embeddings", False):
+            if name not in stored and tied:
                 continue  # the tied lm_head: the embedding, copied under its own name (e.g. SmolLM2)
             tensor.copy_(f.get_tensor(name))
-    fmt.save(out_dir, model, cfg, source_dir=fp_dir, metadata={"synthetic": True, "seed": seed})
+    head = {"head_config": head_config, "head_untied": tied} if head_config else {}
+    fmt.save(out_dir, model, cfg, source_dir=fp_dir, metadata={"synthetic": True, "seed": seed, **head})
     return out_dir

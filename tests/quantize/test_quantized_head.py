@@ -207,3 +207,18 @@ def test_embedding_head_needs_a_quantized_head(tiny_llama_ckpt, tmp_path):
                                   "--embedding", "head", "--no-onnx"])
     assert r.exit_code == 2 and "--embedding head: the lm_head is not an AQLM layer" in r.output, r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_synthetic_checkpoint_with_a_quantized_head(tiny_llama, tmp_path):
+    """bench.synthetic.make_aqlm_checkpoint(head_config=...): the speed benchmarks' random checkpoint, head included."""
+    from aqlm_compile.bench.synthetic import make_aqlm_checkpoint
+    from aqlm_compile.models import load_fp_model
+
+    ckpt = make_aqlm_checkpoint(tiny_llama, tmp_path / "syn", "2x8g8", head_config="1x8g8")
+    model, _, meta = fmt.load(ckpt)
+    assert isinstance(model.lm_head, AqlmLinear) and model.lm_head.config.name == "1x8g8"
+    assert meta["head_untied"] is True and not model.config.tie_word_embeddings
+    fp, _ = load_fp_model(tiny_llama)
+    assert torch.equal(model.model.embed_tokens.weight, fp.model.embed_tokens.weight.half().float())
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()

@@ -95,7 +95,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", hea
 def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, windows: int | None = 32,
              rtn: bool = True, fp: bool = True, reporter=None, embedding: str = "stored") -> dict:
     """Perplexity of a checkpoint (and of its FP source and an RTN baseline at the same code bits), or of an FP model.
-    `embedding`: the checkpoint's input embedding as `build --embedding` puts it in an artifact (export.compact_embedding)."""
+    `embedding`: the checkpoint's input embedding as `build --embedding` puts it in an artifact (embedding.compact_embedding)."""
     import torch
 
     from . import format as fmt
@@ -119,7 +119,7 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         result.update({"config": aqlm_config.name, "quantized_layers": len(layer_names), **quantized_bits(model)})
         if embedding != "stored":
             from .errors import ConfigError
-            from .export import compact_embedding
+            from .embedding import compact_embedding
 
             try:
                 compact_embedding(model, embedding)

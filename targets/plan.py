@@ -179,7 +179,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
             target.check_library(path, options)  # before the artifact is renamed into place
 
     extra, steps = dict(toolchain.manifest), []
-    extra["embedding"] = options.embedding  # export.compact_embedding: how both routes read the input embedding
+    extra["embedding"] = options.embedding  # embedding.compact_embedding: how both routes read the input embedding
     if graphs.onnx is not None:
         steps += _onnx_route(target, options, toolchain, graphs.onnx, lib_name, extra)
     if graphs.relax:

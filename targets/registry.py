@@ -44,7 +44,7 @@ class BuildOptions:
     dense_dtypes: tuple[str, ...] = ("float32", "float16")  # the baseline's stored weights in the TVM route
     onnx_dense: bool = True  # with dense_model_dir: also the dense ONNX model
     head: str = "fp16"  # the TVM route's dense head (and a tied embedding): "fp16" as stored, or "int8" rows
-    embedding: str = "stored"  # the input embedding, both routes: as stored, "int8" rows, or "head" (export.EMBEDDINGS)
+    embedding: str = "stored"  # the input embedding, both routes: as stored, "int8" rows, or "head" (embedding.EMBEDDINGS)
 
 
 @dataclass

@@ -34,6 +34,11 @@ class TorchDecoder:
             model, _ = load_fp_model(Path(dense_model_dir))
         else:
             model, _, _ = fmt.load(checkpoint_of(Path(path)))
+            if (Path(path) / artifact.MANIFEST).is_file():
+                from ..embedding import compact_embedding
+
+                # the embedding as the artifact's routes read it (`build --embedding`)
+                compact_embedding(model, artifact.read_manifest(Path(path)).get("embedding", "stored"))
         model.config.use_cache = True
         self.torch = torch
         self.wrapper = DecoderWithCache(model).eval()

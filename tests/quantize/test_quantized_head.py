@@ -166,10 +166,10 @@ def test_artifacts_with_quantized_head_match_torch(cfg, head_ckpts, tmp_path):
 @pytest.mark.parametrize("embedding", ["head", "int8"])
 def test_compact_embedding_artifacts_match_torch(embedding, head_ckpts, tmp_path):
     """`build --embedding head|int8`: both runtimes equal the PyTorch model with the same embedding
-    (`export.compact_embedding`), and the embedding's fp16 table is gone from the TVM params and the ONNX model."""
+    (`embedding.compact_embedding`), and the embedding's fp16 table is gone from the TVM params and the ONNX model."""
     import onnx
 
-    from aqlm_compile.export import compact_embedding
+    from aqlm_compile.embedding import compact_embedding
     from aqlm_compile.runtime.ort import OrtDecoder
     from aqlm_compile.runtime.tvm_runtime import TvmDecoder
 
@@ -193,7 +193,10 @@ def test_compact_embedding_artifacts_match_torch(embedding, head_ckpts, tmp_path
     assert codes == ["model.lm_head.codes"], codes
     steps = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8]]
     want = torch_logits(ckpt, steps, lambda m: compact_embedding(m, embedding))
-    for dec in (TvmDecoder(art, threads=1), OrtDecoder(art, threads=1)):
+    from aqlm_compile.runtime.torch_runtime import TorchDecoder
+
+    # `generate --runtime torch` on the artifact reads the embedding as its manifest says, like the other two
+    for dec in (TvmDecoder(art, threads=1), OrtDecoder(art, threads=1), TorchDecoder(art, threads=1)):
         for ids, w in zip(steps, want):
             got = dec.step(np.array(ids))
             assert np.abs(got - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), (type(dec).__name__, ids)

@@ -40,7 +40,7 @@ def load(artifact: Path, past: int, seed: int = 0):
     mask = t(np.ones((1, past + 1), np.int64))
     fn = d.vm["decode"]
     call_args = [ids, mask, *kv, *d.params]
-    return (lambda: fn(*call_args)), (art.read_manifest(Path(artifact)).get("tvm") or {}).get("kernels", {})
+    return (lambda: fn(*call_args)), art.read_manifest(Path(artifact))
 
 
 def main() -> None:
@@ -64,7 +64,7 @@ def main() -> None:
 
     start = time.time()
     arts = [Path(a) for a in args.artifacts]
-    calls, kernels = zip(*(load(a, args.past) for a in arts))
+    calls, manifests = zip(*(load(a, args.past) for a in arts))
     outs = [c() for c in calls]  # warm-up; the logits to compare
     logits = [np.asarray(o[0].numpy(), np.float64) for o in outs]
     rounds = {str(a): [] for a in arts}
@@ -82,13 +82,19 @@ def main() -> None:
             rounds[str(arts[i])].append(statistics.median(steps) * 1e3)
     machine = machine_info()
     rows = []
-    for a, lg, k in zip(arts, logits, kernels):
+    for a, lg, m in zip(arts, logits, manifests):
         ms = rounds[str(a)]
+        k = (m.get("tvm") or {}).get("kernels", {})
+        params = m["files"].get("model_params.bin", {}).get("bytes")
         rows.append({"artifact": str(a), "median_ms": statistics.median(ms), "rounds_ms": ms,
                      "tokens_per_s": 1e3 / statistics.median(ms),
                      "max_abs_logit_diff_vs_first": float(np.abs(lg - logits[0]).max()),
                      "same_argmax_as_first": bool(lg.argmax() == logits[0].argmax()),
-                     "kernels": sorted({v["kernel"] for s, v in k.items() if s.startswith("decode_")})})
+                     "kernels": sorted({v["kernel"] for s, v in k.items() if s.startswith("decode_")}),
+                     # what the TVM route loads: the params file's bytes; how the head and embedding are stored
+                     "params_bytes": params, "head": (m.get("tvm") or {}).get("head"),
+                     "lm_head_config": m["layers"].get("lm_head", {}).get("config", m["aqlm_config"])
+                     if "lm_head" in m["layers"] else None, "embedding": m.get("embedding", "stored")})
     record = {"what": "TVM runtime decode step, artifacts interleaved", "command": " ".join(sys.argv),
               "past": args.past, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
               "machine": machine, "wall_s": round(time.time() - start, 1), "rows": rows}
@@ -98,10 +104,13 @@ def main() -> None:
     lines = [f"# Decode A/B: {args.tag}", "",
              f"{machine['cpu']}, {args.threads} threads; one decode step after {args.past} cached tokens; median of "
              f"{args.steps} steps per round, {args.rounds} rounds interleaved. Command: `{record['command']}`.", "",
-             "| artifact | median ms/step | tokens/s | rounds (ms) | max abs logit diff vs first | same argmax | "
-             "decode kernels |", "|---|---|---|---|---|---|---|"]
+             "| artifact | lm_head | embedding | params file | median ms/step | tokens/s | rounds (ms) | "
+             "max abs logit diff vs first | same argmax | decode kernels |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {Path(row['artifact']).name} | {row['median_ms']:.2f} | {row['tokens_per_s']:.1f} | "
+        head = f"AQLM {row['lm_head_config']}" if row["lm_head_config"] else (row["head"] or "dense")
+        size = f"{row['params_bytes'] / 1e6:.1f} MB" if row["params_bytes"] else "n/a"
+        lines.append(f"| {Path(row['artifact']).name} | {head} | {row['embedding']} | {size} | "
+                     f"{row['median_ms']:.2f} | {row['tokens_per_s']:.1f} | "
                      f"{', '.join(f'{x:.1f}' for x in row['rounds_ms'])} | {row['max_abs_logit_diff_vs_first']:.2e} | "
                      f"{row['same_argmax_as_first']} | {', '.join(row['kernels'])} |")
     atomic_write_bytes(base.with_suffix(".md"), ("\n".join(lines) + "\n").encode())

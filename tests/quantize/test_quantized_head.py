@@ -142,29 +142,39 @@ def torch_logits(ckpt, steps, change=None):
     return out
 
 
+@pytest.fixture(scope="module")
+def head_arts(head_ckpts, tmp_path_factory):
+    """x86 artifacts (ONNX + TVM, embedding as stored) of the two head checkpoints, built once for this module."""
+    root = tmp_path_factory.mktemp("head-arts")
+    arts = {}
+    for cfg, ckpt in head_ckpts.items():
+        r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(root / cfg)])
+        assert r.exit_code == 0, r.output
+        arts[cfg] = root / cfg
+    return arts
+
+
 @pytest.mark.parametrize("cfg", ["2x8g8", "1x8g8"])
-def test_artifacts_with_quantized_head_match_torch(cfg, head_ckpts, tmp_path):
+def test_artifacts_with_quantized_head_match_torch(cfg, head_ckpts, head_arts):
     from aqlm_compile.runtime.ort import OrtDecoder
     from aqlm_compile.runtime.tvm_runtime import TvmDecoder
 
     ckpt = head_ckpts[cfg]
-    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(tmp_path / "art")])
-    assert r.exit_code == 0, r.output
-    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    manifest = json.loads((head_arts[cfg] / "manifest.json").read_text())
     vocab, hidden = manifest["layers"]["lm_head"]["out_features"], manifest["layers"]["lm_head"]["in_features"]
     own = None if cfg == "2x8g8" else cfg  # the manifest's aqlm_config is the body's
     assert manifest["layers"]["lm_head"].get("config") == own
     assert f"aqlm_gemv_{vocab}x{hidden}_b1" + (f"_c{own}" if own else "") in manifest["kernels"]
     steps = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8]]
     want = torch_logits(ckpt, steps)
-    for dec in (TvmDecoder(tmp_path / "art", threads=1), OrtDecoder(tmp_path / "art", threads=1)):
+    for dec in (TvmDecoder(head_arts[cfg], threads=1), OrtDecoder(head_arts[cfg], threads=1)):
         for ids, w in zip(steps, want):
             got = dec.step(np.array(ids))
             assert np.abs(got - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), (type(dec).__name__, ids)
 
 
 @pytest.mark.parametrize("embedding", ["head", "int8"])
-def test_compact_embedding_artifacts_match_torch(embedding, head_ckpts, tmp_path):
+def test_compact_embedding_artifacts_match_torch(embedding, head_ckpts, head_arts, tmp_path):
     """`build --embedding head|int8`: both runtimes equal the PyTorch model with the same embedding
     (`embedding.compact_embedding`), and the embedding's fp16 table is gone from the TVM params and the ONNX model."""
     import onnx
@@ -179,11 +189,9 @@ def test_compact_embedding_artifacts_match_torch(embedding, head_ckpts, tmp_path
     assert r.exit_code == 0, r.output
     art = tmp_path / "art"
     assert json.loads((art / "manifest.json").read_text())["embedding"] == embedding
-    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "x86", "-o", str(tmp_path / "stored")])
-    assert r.exit_code == 0, r.output
     vocab, hidden = 259, 64
     # the TVM params lose the fp16 table ("int8" adds its int8 rows and fp32 scales back)
-    saved = (tmp_path / "stored" / "model_params.bin").stat().st_size - (art / "model_params.bin").stat().st_size
+    saved = (head_arts["2x8g8"] / "model_params.bin").stat().st_size - (art / "model_params.bin").stat().st_size
     assert saved >= vocab * hidden * 2 - (0 if embedding == "head" else vocab * (hidden + 4)) - 1024, saved
     # the ONNX model has no [vocab, hidden] table, and "head" gathers from the head's own codes (no copy of them)
     model = onnx.load(str(art / "onnx" / "model.onnx"))

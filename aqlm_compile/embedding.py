@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from .nn import AqlmLinear
+from .nn import AqlmLinear, unpack_codes
 
 
 def rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +66,7 @@ def _embedding_from_head(self, ids):
     flat = ids.reshape(-1)
     # index_select on the parameters as they are (no reshape first): exported as a Gather on the head's own
     # initializers, never a folded copy of them
-    codes = torch.index_select(head.codes, 0, flat).to(torch.int64) % k  # [T, J, M]: signed storage as 0..K-1
+    codes = unpack_codes(torch.index_select(head.codes, 0, flat), head.config.nbits_per_codebook)  # [T, J, M]
     codes = codes + torch.arange(m, device=codes.device) * k
     books = head.codebooks.reshape(m * k, -1).float()  # [M·K, g] (fp32: summed as the kernels sum)
     rows = books[codes].sum(-2).flatten(-2)  # [T, J·g]

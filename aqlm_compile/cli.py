@@ -56,7 +56,8 @@ def main():
 @main.command()
 @click.argument("model_dir", required=False)
 @click.option("-o", "--output", "out_dir", required=True, help="Checkpoint directory to write (HF AQLM format).")
-@click.option("--config", default="2x8g8", show_default=True, help="MxBgG: M codebooks of 2^B codewords, groups of g.")
+@click.option("--config", help="MxBgG: M codebooks of 2^B codewords, groups of g.  [default: 2x8g8; with "
+              "--from-checkpoint, the checkpoint's]")
 @click.option("--head-config", help="Also quantize the lm_head, with this MxBgG config (e.g. 2x8g8; a tied embedding "
               "is then stored on its own). Default: the lm_head stays fp16. Only a head with --config's config keeps "
               "the checkpoint loadable in transformers + aqlm.")
@@ -64,7 +65,7 @@ def main():
 @click.option("--method", type=_RegistryChoice(_method_names), default="aqlm", show_default=True,
               help="Quantization method (a registered one: aqlm_compile/quantize/methods.py).")
 @click.option("--preset", default="fast", show_default=True,
-              help="The method's preset (aqlm: fast, quality, paper, tiny); a name the method does not have is "
+              help="The method's preset (aqlm: fast, quality, pv, paper, tiny); a name the method does not have is "
                    "refused with the list of those it has.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last saved block.")
@@ -72,10 +73,14 @@ def main():
 @click.option("--nsamples", type=int, help="Override the preset's number of calibration windows.")
 @click.option("--seqlen", type=int, help="Override the preset's calibration window length.")
 @click.option("--beam-size", type=int, help="Override the preset's beam width.")
+@click.option("--pv-steps", type=int, help="Override the preset's number of PV-tuning steps (0: none).")
 @click.option("--num-blocks", type=int, help="Quantize only the first N blocks (the rest stay in float).")
+@click.option("--from-checkpoint", "from_checkpoint",
+              help="Start from this AQLM checkpoint of MODEL_DIR: its blocks and head are kept and only the method's "
+                   "end-to-end stage runs (PV-tuning with --preset pv, or global fine-tuning).")
 @click.option("--quiet", is_flag=True, help="Progress bars only, no per-block lines.")
 def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples, seqlen,
-             beam_size, num_blocks, quiet):
+             beam_size, pv_steps, num_blocks, from_checkpoint, quiet):
     """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
     from .jobs import quantize_job
     from .progress import default_reporter
@@ -85,7 +90,9 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
         quantize_job(model_dir, out_dir, config=config, head_config=head_config, dataset=dataset, method=method,
                      preset=preset, seed=seed, resume=resume,
                      device=device, num_blocks=num_blocks, reporter=reporter,
-                     overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size})
+                     overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size,
+                                "pv_steps": pv_steps},
+                     from_checkpoint=from_checkpoint)
     finally:
         reporter.close()
 
@@ -96,7 +103,7 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
 @click.option("--seqlen", default=512, show_default=True, type=int)
 @click.option("--windows", default=32, show_default=True, type=int, help="Number of held-out windows.")
 @click.option("--no-rtn", is_flag=True, help="Skip the round-to-nearest baseline.")
-@click.option("--embedding", type=click.Choice(["stored", "int8", "head"]), default="stored", show_default=True,
+@click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]), default="stored", show_default=True,
               help="Evaluate with the input embedding as `build --embedding` puts it in an artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(path, dataset, seqlen, windows, no_rtn, embedding, as_json):
@@ -166,10 +173,10 @@ def _targets_taking(what: str) -> str:
                    "benchmarks/results/amd-epyc-avx2-x86_64-2c/decode-ab-*.md).")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
               help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
-@click.option("--embedding", type=click.Choice(["stored", "int8", "head"]), default="stored", show_default=True,
+@click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]), default="stored", show_default=True,
               help="The input embedding in the artifact (ONNX and TVM routes): as stored (fp16), int8 rows with a per-row "
-                   "scale, or 'head': rows decoded from the AQLM lm_head of a checkpoint quantized with --head-config "
-                   "whose embedding was tied to it (no bytes of its own).")
+                   "scale, int4 rows with an fp16 scale per 32 weights, or 'head': rows decoded from the AQLM lm_head of a "
+                   "checkpoint quantized with --head-config whose embedding was tied to it (no bytes of its own).")
 @click.option("--head", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="TVM route: the dense lm_head (and an embedding tied to it) as stored, or int8 rows with a per-row "
                    "scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).")

@@ -23,7 +23,44 @@ def _embedding_rows_int8(self, ids):
     return rows * torch.nn.functional.embedding(ids, self.row_scales.unsqueeze(1))
 
 
-EMBEDDINGS = ("stored", "int8", "head")
+# int4 rows: groups of this many weights share one fp16 scale (llama.cpp's Q4_0 block); a row whose width it does
+# not divide gets one scale for the whole row
+INT4_GROUP = 32
+
+
+def rows_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 4-bit rows in groups: (packed uint8 [O, I/2], scales fp16 [O, I/group']) with
+    W[o, i] ≈ (q − 8) · s[o, i // group'], q in 0..15 (−7..7 used around 8); element 2k is the low nibble of byte k,
+    2k+1 the high one. group' = group when it divides I (and I is even), else I."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    if cols % 2:
+        raise ValueError(f"int4 rows: the row width {cols} is odd (two values share a byte)")
+    g = group if cols % group == 0 else cols
+    scale = (w.reshape(rows, cols // g, g).abs().amax(-1) / 7).half().float()  # the fp16 scale the table stores
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w.reshape(rows, cols // g, g) / scale[..., None]).clamp(-7, 7).to(torch.int32) + 8
+    q = q.reshape(rows, cols // 2, 2)
+    return (q[..., 0] + 16 * q[..., 1]).to(torch.uint8), scale.half()
+
+
+def unpack_rows_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 rows [T, I] from `rows_int4`'s packed bytes and scales of T rows (arithmetic only, no bit ops: both
+    export routes take integer division)."""
+    b = packed.to(torch.int32)
+    hi = torch.div(b, 16, rounding_mode="floor")
+    q = torch.stack([b - 16 * hi, hi], -1).reshape(packed.shape[0], -1).float() - 8.0
+    groups = scales.shape[-1]
+    return (q.reshape(packed.shape[0], groups, -1) * scales.float().unsqueeze(-1)).reshape(packed.shape[0], -1)
+
+
+def _embedding_rows_int4(self, ids):
+    flat = ids.reshape(-1)
+    rows = unpack_rows_int4(torch.index_select(self.weight4, 0, flat), torch.index_select(self.row_scales, 0, flat))
+    return rows.reshape(*ids.shape, -1)
+
+
+EMBEDDINGS = ("stored", "int8", "int4", "head")
 
 
 def compact_embedding(model, kind: str) -> None:
@@ -32,6 +69,7 @@ def compact_embedding(model, kind: str) -> None:
 
     - "stored": unchanged (fp16 as the checkpoint stores it; tied to a dense head, `--head` decides).
     - "int8": int8 rows with one fp32 scale per row (`rows_int8`): half of fp16.
+    - "int4": 4-bit rows, two per byte, one fp16 scale per 32 weights (`rows_int4`): 0.28× fp16.
     - "head": rows decoded from the quantized lm_head's AQLM codes — for a model whose embedding was the head's
       weight before `quantize --head-config` untied them (config.json `aqlm_compile.head_untied`); the embedding
       then costs no bytes at all. Row r = scales[r] · Σ_m codebooks[m, codes[r, :, m]], the head's own decode.
@@ -50,6 +88,13 @@ def compact_embedding(model, kind: str) -> None:
         emb.row_scales = torch.nn.Parameter(s, requires_grad=False)
         del emb.weight
         emb.forward = types.MethodType(_embedding_rows_int8, emb)
+        return
+    if kind == "int4":
+        w4, s = rows_int4(emb.weight)
+        emb.weight4 = torch.nn.Parameter(w4, requires_grad=False)
+        emb.row_scales = torch.nn.Parameter(s, requires_grad=False)
+        del emb.weight
+        emb.forward = types.MethodType(_embedding_rows_int4, emb)
         return
     head = model.get_output_embeddings()
     if not isinstance(head, AqlmLinear) or (head.out_features, head.in_features) != tuple(emb.weight.shape):

@@ -24,14 +24,16 @@ def work_folder_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.work"
 
 
-def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", head_config: str | None = None,
+def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None, head_config: str | None = None,
                  dataset: str | None = "brown",
                  preset: str = "fast", method: str = "aqlm", seed: int = 0, resume: bool = False,
                  device: str = "auto", num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
-                 stop_after_block: int | None = None) -> dict:
+                 stop_after_block: int | None = None, from_checkpoint: str | None = None) -> dict:
     """Quantize `model_dir` with `method` (a name in `quantize.methods`; AQLM by default) at `preset` plus
-    `overrides` (settings fields), and write the checkpoint to `out_dir`. `head_config` also quantizes the lm_head
-    with that config. Returns the run's report."""
+    `overrides` (settings fields), and write the checkpoint to `out_dir`. `config` defaults to 2x8g8; `head_config`
+    also quantizes the lm_head with that config. `from_checkpoint`: an AQLM checkpoint of `model_dir` to start from
+    instead of quantizing the blocks — only the method's end-to-end stage runs (e.g. `--preset pv`); its config and
+    head config are the checkpoint's. Returns the run's report."""
     import torch
 
     from . import format as fmt
@@ -42,13 +44,16 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", hea
     from .quantize.methods import get_method
 
     reporter = reporter or Reporter()
-    aqlm_config = AqlmConfig.parse(config)
-    head_aqlm = None if head_config is None else AqlmConfig.parse(head_config)
     quantizer = get_method(method).from_preset(preset, overrides)
     settings = quantizer.settings
     out = Path(out_dir)
     if out.exists() and not fmt.is_checkpoint(out) and any(out.iterdir()):
         raise ModelError(f"{out}: exists and is not an AQLM checkpoint; refusing to overwrite it")
+    if from_checkpoint is not None:
+        return _finish_job(model_dir, out, Path(from_checkpoint), config, head_config, num_blocks, resume, dataset,
+                           preset, quantizer, seed, device, reporter)
+    aqlm_config = AqlmConfig.parse(config or "2x8g8")
+    head_aqlm = None if head_config is None else AqlmConfig.parse(head_config)
     source = resolve_model_dir(model_dir)
     device = pick_device(device)
     start = time.perf_counter()
@@ -88,6 +93,68 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str = "2x8g8", hea
     fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,
              extra_files={"quantize_report.json": json.dumps(report, indent=1)})
     work.remove()
+    reporter.log(f"wrote {out} in {report['seconds']:.0f} s  (phases: {report['timings']})")
+    return report
+
+
+def _finish_job(model_dir, out: Path, start: Path, config, head_config, num_blocks, resume, dataset, preset,
+                quantizer, seed, device, reporter) -> dict:
+    """`quantize --from-checkpoint`: load the checkpoint, run the method's end-to-end stage against the FP model."""
+    import torch
+
+    from . import format as fmt
+    from .data import calibration_windows, load_corpus, tokenize
+    from .models import load_fp_model, resolve_model_dir
+    from .quantize.pipeline import finish_model
+
+    if not fmt.is_checkpoint(start):
+        raise ModelError(f"--from-checkpoint {start}: not an AQLM checkpoint (no config.json with a quantization_config)")
+    if start.resolve() == out.resolve():
+        raise ModelError(f"--from-checkpoint {start}: the output must be another folder")
+    for name, value in (("--head-config", head_config), ("--num-blocks", num_blocks), ("--resume", resume or None)):
+        if value is not None:
+            raise ModelError(f"{name}: not with --from-checkpoint (the checkpoint's blocks and head are kept as they are)")
+    if not quantizer.needs_teacher():
+        raise ModelError(f"--from-checkpoint with preset {preset!r}: the preset has no end-to-end stage to run "
+                         "(use --preset pv, or a preset with global fine-tuning)")
+    settings = quantizer.settings
+    source = resolve_model_dir(model_dir)
+    device = pick_device(device)
+    t_start = time.perf_counter()
+    model, aqlm_config, meta = fmt.load(start)
+    if config is not None and AqlmConfig.parse(config).name != aqlm_config.name:
+        raise ModelError(f"--config {config}: {start} is a {aqlm_config.name} checkpoint")
+    fp_model, tokenizer = load_fp_model(source)
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads")
+    want, got = fp_model.config.to_dict(), model.config.to_dict()
+    differ = [k for k in keys if want.get(k) != got.get(k)]
+    if differ:
+        found = ", ".join(f"{k} {got.get(k)} vs {want.get(k)}" for k in differ)
+        raise ModelError(f"--from-checkpoint {start}: not a checkpoint of {source} ({found})")
+    model.to(device)
+    fp_model.to(device)
+    corpus = load_corpus(dataset)
+    ids = tokenize(tokenizer, corpus.calibration)
+    tokens = calibration_windows(ids, settings.nsamples, settings.seqlen, seed).to(device)
+    load_seconds = time.perf_counter() - t_start
+    reporter.log(f"model {source} | from {start.name} ({aqlm_config.name}) | {quantizer.name} preset {preset} | "
+                 f"{settings.nsamples} x {settings.seqlen} calibration tokens from {corpus.name} | device {device}")
+    torch.manual_seed(seed)
+    report = finish_model(model, fp_model, tokens, aqlm_config, quantizer, seed=seed, reporter=reporter)
+    del fp_model
+    report["timings"]["load"] = round(load_seconds, 1)
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report["from_checkpoint"] = {"name": start.name, "method": meta.get("method"), "preset": meta.get("preset"),
+                                 "seconds": meta.get("seconds")}
+    model.to("cpu")
+    head = {k: meta[k] for k in ("head_config", "head_untied") if k in meta}
+    metadata = {**head, "preset": preset, "seed": seed, "dataset": corpus.name, "method": quantizer.record(),
+                "from_checkpoint": report["from_checkpoint"],
+                "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
+                "timings": report["timings"], "seconds": report["seconds"]}
+    fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,
+             extra_files={"quantize_report.json": json.dumps(report, indent=1)})
     reporter.log(f"wrote {out} in {report['seconds']:.0f} s  (phases: {report['timings']})")
     return report
 

@@ -1,6 +1,6 @@
 """AQLM as a quantization method (`"aqlm"`, registered in `methods.METHODS`): per block, additive quantization of
 each linear on its Hessian (`layer.py`), then block fine-tuning with codes frozen (`block.py`); after the last
-block, optional global KL fine-tuning (`global_ft.py`). Settings: `presets.QuantizeSettings` and its presets."""
+block, optional global KL fine-tuning (`global_ft.py`), then optional PV-tuning (`pv_tuning.py`). Settings: `presets.QuantizeSettings` and its presets."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .block import finetune_block
 from .global_ft import global_finetune
 from .layer import quantize_weight
 from .methods import BlockContext, QuantizationMethod, RunContext, register_method
+from .pv_tuning import pv_tune
 from .presets import PRESETS, QuantizeSettings, get_preset
 
 # The stream of block i's fine-tuning: layer streams are (i, 0..n_linears-1), so any fixed index past them works;
@@ -19,6 +20,8 @@ _FINETUNE_STREAM = 999
 _GLOBAL_STREAM = 10**6
 # The lm_head's AQ stream (new with the quantized head; any index no block or phase uses).
 _HEAD_STREAM = 10**6 + 1
+# PV-tuning's stream (window order, codebook order of the V step)
+_PV_STREAM = 10**6 + 2
 
 
 @register_method
@@ -26,7 +29,7 @@ class AqlmMethod(QuantizationMethod):
     name = "aqlm"
     settings_class = QuantizeSettings
     presets = PRESETS
-    phases = ("aq", "block_ft", "global_ft")
+    phases = ("aq", "block_ft", "global_ft", "pv")
 
     settings: QuantizeSettings
 
@@ -36,7 +39,7 @@ class AqlmMethod(QuantizationMethod):
         return cls(get_preset(preset, **(overrides or {})))
 
     def needs_teacher(self) -> bool:
-        return self.settings.global_epochs > 0
+        return self.settings.global_epochs > 0 or self.settings.pv_steps > 0
 
     def quantize_block(self, block, ctx: BlockContext) -> dict:
         run, settings, i = ctx.run, self.settings, ctx.index
@@ -76,14 +79,24 @@ class AqlmMethod(QuantizationMethod):
                      "seconds": round(result.seconds, 2)}
 
     def finish(self, model, ctx: RunContext) -> dict:
-        if not self.needs_teacher():
-            return {"global_finetune": {"steps": 0}}
         settings = self.settings
-        with ctx.timed("global_ft"):
-            total = max(1, int(settings.global_epochs * len(ctx.train_idx) / settings.global_batch_size + 0.999))
-            gtask = ctx.reporter.task("global fine-tuning", total)
-            report = global_finetune(model, ctx.tokens, ctx.teacher, ctx.train_idx, ctx.val_idx, settings,
-                                     ctx.generator(_GLOBAL_STREAM), on_step=lambda loss: ctx.reporter.advance(gtask),
-                                     teacher_head=ctx.teacher_head)
-        ctx.reporter.log(f"global fine-tuning: {report}")
-        return {"global_finetune": report}
+        result = {"global_finetune": {"steps": 0}}
+        if settings.global_epochs > 0:
+            with ctx.timed("global_ft"):
+                total = max(1, int(settings.global_epochs * len(ctx.train_idx) / settings.global_batch_size + 0.999))
+                gtask = ctx.reporter.task("global fine-tuning", total)
+                report = global_finetune(model, ctx.tokens, ctx.teacher, ctx.train_idx, ctx.val_idx, settings,
+                                         ctx.generator(_GLOBAL_STREAM),
+                                         on_step=lambda loss: ctx.reporter.advance(gtask),
+                                         teacher_head=ctx.teacher_head)
+            ctx.reporter.log(f"global fine-tuning: {report}")
+            result["global_finetune"] = report
+        if settings.pv_steps > 0:
+            with ctx.timed("pv"):
+                ptask = ctx.reporter.task("PV-tuning", settings.pv_steps)
+                report = pv_tune(model, ctx.tokens, ctx.teacher, ctx.train_idx, ctx.val_idx, settings,
+                                 ctx.generator(_PV_STREAM), on_step=lambda loss: ctx.reporter.advance(ptask),
+                                 teacher_head=ctx.teacher_head)
+            ctx.reporter.log(f"PV-tuning: {report}")
+            result["pv_tuning"] = report
+        return result

@@ -2,7 +2,8 @@
 outputs of the already-quantized blocks. Capture block-0 inputs → per block: FP outputs + XXᵀ → the method's
 `quantize_block` → quantized outputs → save (resumable) → after the last block, optionally the lm_head (its own
 config: H of the final norm's outputs on the quantized model's activations, the method's `quantize_head`; a tied
-embedding is untied and stays as it was) → the method's `finish`.
+embedding is untied and stays as it was) → the method's `finish`. `finish_model` runs only the last step, on a model
+loaded from a checkpoint (`quantize --from-checkpoint`).
 Methods (AQLM's AQ + block fine-tuning + global fine-tuning, and others) live behind `methods.py`."""
 
 from __future__ import annotations
@@ -196,3 +197,32 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     return {"method": {"name": method.name, "version": method.settings.version}, "blocks": reports,
             **({"lm_head": head_report} if head_report else {}), **finish_report,
             "timings": {k: round(v, 1) for k, v in timings.items()}, "quantized_blocks": n_blocks}
+
+
+def finish_model(model, fp_model, tokens: torch.Tensor, config: AqlmConfig, method: QuantizationMethod,
+                 seed: int = 0, reporter: Reporter | None = None) -> dict:
+    """Only the method's `finish` (its end-to-end stage: global fine-tuning, PV-tuning) on `model`, an AQLM model
+    loaded from a checkpoint of `fp_model`: the teacher is `fp_model`'s final hidden states on `tokens` and its
+    lm_head. `fp_model` is not changed. Returns a report shaped like `quantize_model`'s (no blocks)."""
+    reporter = reporter or Reporter()
+    timings: dict[str, float] = {"capture": 0.0, **{p: 0.0 for p in method.phases}}
+    torch.manual_seed(seed)
+    train_idx, val_idx = split_train_val(tokens.shape[0], method.settings.val_size, seed)
+    for p in list(model.parameters()) + list(fp_model.parameters()):
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    teacher = None
+    if method.needs_teacher():
+        base = fp_model.get_decoder() if hasattr(fp_model, "get_decoder") else fp_model.model
+        with torch.no_grad():
+            teacher = torch.cat([base(input_ids=tokens[i : i + 1], use_cache=False).last_hidden_state
+                                 for i in range(tokens.shape[0])])
+    timings["capture"] += time.perf_counter() - t0
+    _, layers = decoder_layers(model)
+    inputs_kwargs = {"use_cache": False}
+    run = RunContext(config=config, seed=seed, tokens=tokens, train_idx=train_idx, val_idx=val_idx,
+                     runner=BlockRunner(inputs_kwargs), reporter=reporter, teacher=teacher, timings=timings,
+                     teacher_head=fp_model.get_output_embeddings())
+    finish_report = method.finish(model, run)
+    return {"method": {"name": method.name, "version": method.settings.version}, "blocks": [], **finish_report,
+            "timings": {k: round(v, 1) for k, v in timings.items()}, "quantized_blocks": len(layers)}

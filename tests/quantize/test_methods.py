@@ -168,7 +168,7 @@ def test_cli_method_and_preset_come_from_the_registry(tmp_path):
     from aqlm_compile.cli import main
 
     r = CliRunner().invoke(main, ["quantize", "-o", str(tmp_path / "out"), "--preset", "nope"])
-    assert r.exit_code == 2 and "preset 'nope': expected one of fast, quality, paper, tiny" in r.output, r.output
+    assert r.exit_code == 2 and "preset 'nope': expected one of fast, quality, pv, paper, tiny" in r.output, r.output
     r = CliRunner().invoke(main, ["quantize", "-o", str(tmp_path / "out"), "--method", "nope"])
     assert r.exit_code == 2 and "Invalid value for '--method'" in r.output and "aqlm" in r.output
     assert not (tmp_path / "out").exists()

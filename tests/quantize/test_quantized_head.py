@@ -173,9 +173,9 @@ def test_artifacts_with_quantized_head_match_torch(cfg, head_ckpts, head_arts):
             assert np.abs(got - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), (type(dec).__name__, ids)
 
 
-@pytest.mark.parametrize("embedding", ["head", "int8"])
+@pytest.mark.parametrize("embedding", ["head", "int8", "int4"])
 def test_compact_embedding_artifacts_match_torch(embedding, head_ckpts, head_arts, tmp_path):
-    """`build --embedding head|int8`: both runtimes equal the PyTorch model with the same embedding
+    """`build --embedding head|int8|int4`: both runtimes equal the PyTorch model with the same embedding
     (`embedding.compact_embedding`), and the embedding's fp16 table is gone from the TVM params and the ONNX model."""
     import onnx
 
@@ -190,13 +190,17 @@ def test_compact_embedding_artifacts_match_torch(embedding, head_ckpts, head_art
     art = tmp_path / "art"
     assert json.loads((art / "manifest.json").read_text())["embedding"] == embedding
     vocab, hidden = 259, 64
-    # the TVM params lose the fp16 table ("int8" adds its int8 rows and fp32 scales back)
+    # the TVM params lose the fp16 table ("int8" adds its int8 rows and fp32 scales back, "int4" its packed nibbles
+    # and an fp16 scale per 32 weights)
     saved = (head_arts["2x8g8"] / "model_params.bin").stat().st_size - (art / "model_params.bin").stat().st_size
-    assert saved >= vocab * hidden * 2 - (0 if embedding == "head" else vocab * (hidden + 4)) - 1024, saved
+    added = {"head": 0, "int8": vocab * (hidden + 4), "int4": vocab * (hidden // 2 + hidden // 32 * 2)}[embedding]
+    assert saved >= vocab * hidden * 2 - added - 1024, saved
     # the ONNX model has no [vocab, hidden] table, and "head" gathers from the head's own codes (no copy of them)
     model = onnx.load(str(art / "onnx" / "model.onnx"))
     tables = [t for t in model.graph.initializer if list(t.dims) == [vocab, hidden]]
-    assert [t.data_type for t in tables] == ([] if embedding == "head" else [onnx.TensorProto.INT8])
+    assert [t.data_type for t in tables] == ([onnx.TensorProto.INT8] if embedding == "int8" else [])
+    packed = [t.data_type for t in model.graph.initializer if list(t.dims) == [vocab, hidden // 2]]
+    assert packed == ([onnx.TensorProto.UINT8] if embedding == "int4" else []), packed
     codes = [t.name for t in model.graph.initializer if list(t.dims) == [vocab, hidden // 8, 2]]
     assert codes == ["model.lm_head.codes"], codes
     steps = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8]]

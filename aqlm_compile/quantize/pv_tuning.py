@@ -1,0 +1,212 @@
+"""PV-tuning (Malinovskii et al. 2024, "PV-Tuning: Beyond Straight-Through Estimation for Extreme LLM
+Compression"; the AQLM reference's `src/pv_optimizer.py`): end-to-end fine-tuning that updates the codes too.
+
+Runs in the AQLM method's `finish` (after the blocks, the optional lm_head and global fine-tuning) when
+`pv_steps > 0` — the `--preset pv` run, which can start from an existing checkpoint (`quantize --from-checkpoint`).
+Each step, on KL(teacher ‖ student) over a batch of calibration windows:
+
+- **P** (continuous): Adam on every floating parameter but the embeddings and a dense head — codebooks, scales,
+  norms, biases — as global fine-tuning does (`global_ft.py`).
+- **V** (discrete): each AQLM layer keeps a straight-through buffer, a dense fp32 copy of its weight that takes the
+  gradient w.r.t. the decoded weight. The buffer moves by `pv_code_lr` of its norm per step (an RMSprop direction,
+  β₁ = 0, β₂ = 0.95, scaled to a fixed relative step like the reference's LAMB trust ratio). Then code groups are
+  re-encoded to the buffer in L2 (one greedy pass over the codebooks; the scale of the row is kept), and only the
+  `pv_max_code_change` fraction of groups whose error to the buffer drops most take their new codes. Only the 4×
+  that many groups farthest from the buffer are re-encoded: a group cannot gain more than its distance.
+
+The best state on the validation windows is kept, as in global fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+
+from ..nn import AqlmLinear, pack_codes
+from .global_ft import kl_loss
+from .presets import QuantizeSettings
+
+_CODE_BETA2 = 0.95
+_EPS = 1e-12
+
+
+def reencode_groups(t: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, order: list[int],
+                    chunk_groups: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """One greedy pass over the codebooks in `order` for N scale-normalised target groups t [N, g] with codes
+    int64 [N, M] and codebooks [M, K, g]: for each codebook m, the codeword nearest (L2) to the target minus the
+    other codebooks' codewords. Returns (new codes [N, M], gain [N] = ‖t − ĉ_old‖² − ‖t − ĉ_new‖², ≥ 0 up to
+    rounding since no slot gets worse)."""
+    num_codebooks = codes.shape[-1]
+    new = codes.clone()
+    gain = torch.empty(t.shape[0])
+    norms = books.pow(2).sum(-1)  # [M, K]
+    for start in range(0, t.shape[0], chunk_groups):
+        sl = slice(start, start + chunk_groups)
+        c = new[sl]
+        recon = sum(books[m][c[:, m]] for m in range(num_codebooks))
+        before = (t[sl] - recon).pow(2).sum(-1)
+        for m in order:
+            recon -= books[m][c[:, m]]
+            best = torch.addmm(norms[m], t[sl] - recon, books[m].T, alpha=-2.0).argmin(-1)  # ‖c‖² − 2 r·c
+            c[:, m] = best
+            recon += books[m][best]
+        gain[sl] = before - (t[sl] - recon).pow(2).sum(-1)
+    return new, gain
+
+
+def _books(codebooks: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+    return codebooks.detach().reshape(num_codebooks, codebooks.shape[1], -1).float()
+
+
+def reencode_l2(target: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reencode_groups` over every group of a layer: target [out, in]; codes int64 [out, G, M]; codebooks
+    [M, K, 1, g] or [M, K, g]; scales [out] (any shape). Returns (codes [out, G, M], gain [out, G] in weight units)."""
+    out, num_groups, num_codebooks = codes.shape
+    books = _books(codebooks, num_codebooks)
+    s = scales.detach().reshape(-1).float()
+    t = (target.float() / s[:, None]).reshape(out * num_groups, -1)
+    new, gain = reencode_groups(t, codes.reshape(-1, num_codebooks), books, order)
+    return new.reshape(codes.shape), gain.reshape(out, num_groups) * (s * s)[:, None]
+
+
+# The V step re-encodes only this many times its budget of groups: those whose decoded weight is farthest from the
+# buffer. A group's gain can never exceed that distance, so the groups left out are the ones with the least to gain;
+# re-encoding every group each step would cost more than the step's forward and backward.
+_CANDIDATES_PER_CHANGE = 4
+
+
+class _StraightThrough:
+    """One AQLM layer's straight-through buffer and its second-moment state."""
+
+    def __init__(self, layer: AqlmLinear):
+        self.layer = layer
+        with torch.no_grad():
+            self.buffer = layer.weight().detach().float().clone()
+        self.sq = torch.zeros_like(self.buffer)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, code_lr: float, max_change: float, order: list[int]) -> float:
+        """Move the buffer along -grad, re-encode toward it; returns the fraction of code groups changed."""
+        self.steps += 1
+        self.sq.mul_(_CODE_BETA2).addcmul_(grad, grad, value=1 - _CODE_BETA2)
+        direction = grad / (self.sq / (1 - _CODE_BETA2 ** self.steps)).sqrt().clamp_min(_EPS)
+        norm = direction.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            return 0.0
+        self.buffer.sub_(direction, alpha=(code_lr * self.buffer.norm() / norm).item())
+        layer = self.layer
+        codes = layer.unpacked_codes()
+        out, num_groups, num_codebooks = codes.shape
+        budget = int(max_change * out * num_groups)
+        if budget <= 0:
+            return 0.0
+        s = layer.scales.detach().reshape(-1).float()
+        drift = (self.buffer - layer.weight().float()).pow(2).reshape(out * num_groups, -1).sum(-1)
+        picked = drift.topk(min(drift.numel(), _CANDIDATES_PER_CHANGE * budget)).indices
+        rows = picked // num_groups
+        t = (self.buffer.reshape(out * num_groups, -1)[picked] / s[rows, None])
+        flat = codes.reshape(-1, num_codebooks)
+        new, gain = reencode_groups(t, flat[picked], _books(layer.codebooks, num_codebooks), order)
+        gain = gain * s[rows] ** 2
+        useful = (gain > 0) & (new != flat[picked]).any(-1)
+        if not bool(useful.any()):
+            return 0.0
+        gain = torch.where(useful, gain, torch.full_like(gain, -1.0))
+        keep = gain.topk(min(budget, int(useful.sum()))).indices
+        flat[picked[keep]] = new[keep]
+        layer.codes.copy_(pack_codes(flat.reshape(codes.shape), layer.config.nbits_per_codebook))
+        return keep.numel() / (out * num_groups)
+
+
+def _forward_keeping_weight(self, x):
+    # the decoded weight as a non-leaf whose gradient we keep: the V step's input
+    w = self.weight()
+    if w.requires_grad:
+        w.retain_grad()
+    self._pv_weight = w
+    return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx: torch.Tensor,
+            val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator, on_step=None,
+            teacher_head=None) -> dict:
+    """`settings.pv_steps` PV steps of `settings.pv_batch_size` windows (see the module docstring). Returns a report:
+    steps, validation KL per evaluation, the mean fraction of code groups changed per step."""
+    if settings.pv_steps <= 0:
+        return {"steps": 0}
+    head = model.get_output_embeddings()
+    teacher_head = teacher_head if teacher_head is not None else head
+    embed = model.get_input_embeddings()
+    frozen = {id(p) for p in list(embed.parameters()) + (list(head.parameters()) if type(head) is torch.nn.Linear
+                                                         else [])}
+    params = []
+    for p in model.parameters():
+        trainable = p.dtype.is_floating_point and id(p) not in frozen
+        p.requires_grad_(trainable)
+        if trainable:
+            params.append(p)
+    opt = torch.optim.Adam(params, lr=settings.pv_lr, betas=(0.9, 0.95))
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, AqlmLinear)}
+    buffers = {name: _StraightThrough(m) for name, m in layers.items()}
+    for m in layers.values():
+        m.forward = types.MethodType(_forward_keeping_weight, m)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    bs = settings.pv_batch_size
+
+    def loss_on(idx):
+        hidden = base(input_ids=tokens[idx]).last_hidden_state
+        with torch.no_grad():
+            teacher = teacher_head(teacher_hidden[idx])
+        return kl_loss(head(hidden), teacher)
+
+    def val_loss():
+        if len(val_idx) == 0:
+            return float("nan")
+        with torch.no_grad():
+            return sum(loss_on(val_idx[i : i + bs]).item() * len(val_idx[i : i + bs])
+                       for i in range(0, len(val_idx), bs)) / len(val_idx)
+
+    steps_per_eval = max(1, int(math.ceil(len(train_idx) / bs)))  # one epoch of the training windows
+    model.train(False)
+    history = [val_loss()]
+    best, best_state = history[0], {k: v.clone() for k, v in model.state_dict().items()}
+    changed, step = [], 0
+    try:
+        while step < settings.pv_steps:
+            perm = train_idx[torch.randperm(len(train_idx), generator=generator)]
+            for start in range(0, len(perm), bs):
+                if step >= settings.pv_steps:
+                    break
+                loss = loss_on(perm[start : start + bs])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()  # P: codebooks, scales, norms
+                fractions = []
+                for name, st in buffers.items():  # V: codes, toward each layer's buffer
+                    order = torch.randperm(st.layer.config.num_codebooks, generator=generator).tolist()
+                    fractions.append(st.step(layers[name]._pv_weight.grad, settings.pv_code_lr,
+                                             settings.pv_max_code_change, order))
+                    layers[name]._pv_weight = None
+                changed.append(sum(fractions) / max(1, len(fractions)))
+                step += 1
+                if on_step:
+                    on_step(loss.item())
+                if step % steps_per_eval == 0 or step == settings.pv_steps:
+                    current = val_loss()
+                    history.append(current)
+                    if math.isnan(current) or current < best:
+                        best, best_state = current, {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        for m in layers.values():
+            del m.forward  # back to the class's forward
+            m.__dict__.pop("_pv_weight", None)
+    model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"steps": step, "val_kl": [None if math.isnan(v) else v for v in history],
+            "code_change_per_step": sum(changed) / max(1, len(changed))}

@@ -1,0 +1,116 @@
+"""PV-tuning (`quantize/pv_tuning.py`, `--preset pv`, `quantize --from-checkpoint`)."""
+
+import itertools
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aqlm_compile import format as fmt
+from aqlm_compile.cli import main
+from aqlm_compile.config import AqlmConfig
+from aqlm_compile.jobs import quantize_job
+from aqlm_compile.nn import AqlmLinear, decode_weight
+from aqlm_compile.quantize.pv_tuning import _StraightThrough, reencode_l2
+
+PV_TINY = {"nsamples": 8, "val_size": 2, "seqlen": 32, "pv_steps": 6, "pv_batch_size": 2, "pv_lr": 1e-3,
+           "pv_code_lr": 5e-2, "pv_max_code_change": 0.05}
+
+
+def _layer(seed=0, out=6, inp=8, config="2x2g2"):
+    g = torch.Generator().manual_seed(seed)
+    cfg = AqlmConfig.parse(config)
+    m, k, gs = cfg.num_codebooks, cfg.codebook_size, cfg.in_group_size
+    codes = torch.randint(0, k, (out, inp // gs, m), generator=g)
+    layer = AqlmLinear.from_parts(codes, torch.randn(m, k, 1, gs, generator=g), torch.rand(out, generator=g) + 0.5, cfg)
+    return layer.requires_grad_(False)
+
+
+def test_reencode_never_worsens_a_group_and_reports_its_gain():
+    layer = _layer()
+    codes = layer.unpacked_codes()
+    target = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    new, gain = reencode_l2(target, codes, layer.codebooks, layer.scales, order=[1, 0])
+    old_w = decode_weight(codes, layer.codebooks, layer.scales)
+    new_w = decode_weight(new, layer.codebooks, layer.scales)
+    err = lambda w: (target - w).pow(2).reshape(6, 4, 2).sum(-1)  # noqa: E731  per (row, group)
+    assert torch.allclose(gain, err(old_w) - err(new_w), atol=1e-4)
+    assert torch.all(gain >= -1e-5)
+    # each slot is the exact best given the other (brute force over K for the last codebook visited)
+    books = layer.codebooks.reshape(2, 4, 2)
+    s = layer.scales.reshape(-1, 1)
+    for o, j in itertools.product(range(6), range(4)):
+        rest = books[1][new[o, j, 1]]
+        t = target[o, 2 * j : 2 * j + 2] / s[o]
+        best = min(range(4), key=lambda c: float((t - rest - books[0][c]).pow(2).sum()))
+        assert (t - rest - books[0][new[o, j, 0]]).pow(2).sum() <= (t - rest - books[0][best]).pow(2).sum() + 1e-6
+    # a target the layer already represents exactly: nothing to gain
+    _, none = reencode_l2(old_w, codes, layer.codebooks, layer.scales, order=[0, 1])
+    assert none.abs().max() < 1e-5
+
+
+def test_code_step_changes_at_most_the_allowed_fraction():
+    layer = _layer(out=64, inp=16)
+    st = _StraightThrough(layer)
+    before = layer.unpacked_codes().clone()
+    grad = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    frac = st.step(grad, code_lr=0.5, max_change=0.1, order=[0, 1])
+    changed = (layer.unpacked_codes() != before).any(-1)
+    assert 0 < changed.float().mean().item() == pytest.approx(frac) and frac <= 0.1 + 1e-9
+    # the buffer moved against the gradient, by the relative step asked for
+    moved = st.buffer - decode_weight(before, layer.codebooks, layer.scales)
+    assert (moved * grad).sum() < 0
+    assert moved.norm() / decode_weight(before, layer.codebooks, layer.scales).norm() == pytest.approx(0.5, rel=1e-3)
+    assert st.step(torch.zeros(64, 16), code_lr=0.5, max_change=0.1, order=[0, 1]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def coarse_ckpt(tiny_llama, tiny_corpus, tmp_path_factory):
+    """A 1x4g8 tiny checkpoint: coarse enough that its KL to the FP model is far above noise (2x8g8's is ~1e-5)."""
+    out = tmp_path_factory.mktemp("coarse") / "llama-1x4g8"
+    quantize_job(str(tiny_llama), str(out), config="1x4g8", dataset=str(tiny_corpus), preset="tiny", device="cpu",
+                 overrides={"kmeans_iters": 3, "max_rounds": 1})
+    return out
+
+
+def test_pv_from_checkpoint_changes_codes_and_keeps_the_best_state(tiny_llama, coarse_ckpt, tiny_corpus, tmp_path):
+    out = tmp_path / "pv"
+    report = quantize_job(str(tiny_llama), str(out), dataset=str(tiny_corpus), preset="pv", device="cpu",
+                          overrides=PV_TINY, from_checkpoint=str(coarse_ckpt))
+    pv = report["pv_tuning"]
+    assert pv["steps"] == 6 and pv["code_change_per_step"] > 0
+    kl = pv["val_kl"]
+    assert len(kl) >= 2 and min(kl[1:]) < kl[0]  # lr 1e-3 on a tiny model: the KL to the teacher goes down
+    assert report["blocks"] == [] and report["timings"]["pv"] > 0
+    start, _, _ = fmt.load(coarse_ckpt)
+    tuned, config, meta = fmt.load(out)
+    assert config.name == "1x4g8" and meta["from_checkpoint"]["name"] == coarse_ckpt.name
+    assert meta["method"]["settings"]["pv_steps"] == 6 and meta["preset"] == "pv"
+    a, b = fmt.quantized_modules(start), fmt.quantized_modules(tuned)
+    assert a.keys() == b.keys()
+    changed = sum(int((a[n].codes != b[n].codes).any(-1).sum()) for n in a)
+    total = sum(a[n].codes.shape[0] * a[n].codes.shape[1] for n in a)
+    # the best state on validation is kept: codes changed, by at most 6 steps × 5% of the groups
+    assert 0 < changed <= 0.3 * total + len(a)
+    assert "/" not in meta["from_checkpoint"]["name"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--head-config", "2x8g8"], "--head-config: not with --from-checkpoint"),
+    (["--preset", "fast"], "has no end-to-end stage"),
+    (["--config", "1x8g8"], "--config 1x8g8: "),
+])
+def test_from_checkpoint_errors_are_one_line(args, message, tiny_llama, tiny_llama_ckpt, tmp_path):
+    r = CliRunner().invoke(main, ["quantize", str(tiny_llama), "-o", str(tmp_path / "o"), "--preset", "pv",
+                                  "--from-checkpoint", str(tiny_llama_ckpt), *args])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert "Traceback" not in r.output and r.output.strip().count("\n") == 0, r.output
+
+
+def test_from_checkpoint_of_another_model_is_refused(tiny_qwen2, tiny_llama_ckpt, tmp_path):
+    r = CliRunner().invoke(main, ["quantize", str(tiny_qwen2), "-o", str(tmp_path / "o"), "--preset", "pv",
+                                  "--from-checkpoint", str(tiny_llama_ckpt)])
+    assert r.exit_code != 0 and "not a checkpoint of" in r.output, r.output
+    r = CliRunner().invoke(main, ["quantize", str(tiny_qwen2), "-o", str(tmp_path / "o"), "--preset", "pv",
+                                  "--from-checkpoint", str(tmp_path)])
+    assert r.exit_code != 0 and "not an AQLM checkpoint" in r.output, r.output

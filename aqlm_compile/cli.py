@@ -61,7 +61,8 @@ def main():
 @click.option("--head-config", help="Also quantize the lm_head, with this MxBgG config (e.g. 2x8g8; a tied embedding "
               "is then stored on its own). Default: the lm_head stays fp16. Only a head with --config's config keeps "
               "the checkpoint loadable in transformers + aqlm.")
-@click.option("--dataset", default="brown", show_default=True, help="'brown', a .txt file or a folder of .txt files.")
+@click.option("--dataset", default="brown", show_default=True,
+              help="'brown', 'shakespeare' (out of domain), a .txt file or a folder of .txt files.")
 @click.option("--method", type=_RegistryChoice(_method_names), default="aqlm", show_default=True,
               help="Quantization method (a registered one: aqlm_compile/quantize/methods.py).")
 @click.option("--preset", default="fast", show_default=True,
@@ -99,7 +100,9 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
 
 @main.command(name="eval")
 @click.argument("path", required=False)
-@click.option("--dataset", default="brown", show_default=True)
+@click.option("--dataset", default="brown", show_default=True,
+              help="'brown', 'shakespeare' (out of domain: no preset calibrates on it), a .txt file or a folder of .txt "
+                   "files; its held-out part is scored.")
 @click.option("--seqlen", default=512, show_default=True, type=int)
 @click.option("--windows", default=32, show_default=True, type=int, help="Number of held-out windows.")
 @click.option("--no-rtn", is_flag=True, help="Skip the round-to-nearest baseline.")

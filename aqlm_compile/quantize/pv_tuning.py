@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn import AqlmLinear, pack_codes
-from .global_ft import kl_loss
+from .global_ft import KlObjective, end_to_end_parameters
 from .presets import QuantizeSettings
 
 _CODE_BETA2 = 0.95
@@ -139,37 +139,18 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     steps, validation KL per evaluation, the mean fraction of code groups changed per step."""
     if settings.pv_steps <= 0:
         return {"steps": 0}
-    head = model.get_output_embeddings()
-    teacher_head = teacher_head if teacher_head is not None else head
-    embed = model.get_input_embeddings()
-    frozen = {id(p) for p in list(embed.parameters()) + (list(head.parameters()) if type(head) is torch.nn.Linear
-                                                         else [])}
-    params = []
-    for p in model.parameters():
-        trainable = p.dtype.is_floating_point and id(p) not in frozen
-        p.requires_grad_(trainable)
-        if trainable:
-            params.append(p)
+    params = end_to_end_parameters(model)
     opt = torch.optim.Adam(params, lr=settings.pv_lr, betas=(0.9, 0.95))
     layers = {name: m for name, m in model.named_modules() if isinstance(m, AqlmLinear)}
     buffers = {name: _StraightThrough(m) for name, m in layers.items()}
     for m in layers.values():
         m.forward = types.MethodType(_forward_keeping_weight, m)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     bs = settings.pv_batch_size
-
-    def loss_on(idx):
-        hidden = base(input_ids=tokens[idx]).last_hidden_state
-        with torch.no_grad():
-            teacher = teacher_head(teacher_hidden[idx])
-        return kl_loss(head(hidden), teacher)
+    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head)
+    loss_on = objective.loss
 
     def val_loss():
-        if len(val_idx) == 0:
-            return float("nan")
-        with torch.no_grad():
-            return sum(loss_on(val_idx[i : i + bs]).item() * len(val_idx[i : i + bs])
-                       for i in range(0, len(val_idx), bs)) / len(val_idx)
+        return objective.mean(val_idx)
 
     steps_per_eval = max(1, int(math.ceil(len(train_idx) / bs)))  # one epoch of the training windows
     model.train(False)

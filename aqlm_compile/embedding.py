@@ -113,3 +113,18 @@ def _embedding_from_head(self, ids):
     rows = books[codes].sum(-2).flatten(-2)  # [T, J·g]
     scales = torch.index_select(head.scales, 0, flat).float().reshape(-1, 1)
     return (rows * scales).reshape(*ids.shape, -1)
+
+
+def embedding_bits(kind: str, rows: int, cols: int) -> int:
+    """Exact storage bits of a [rows, cols] input embedding in form `kind` (see `compact_embedding`): what
+    `quantize --bits` counts for it. "head" costs nothing: its rows are the quantized lm_head's."""
+    if kind not in EMBEDDINGS:
+        raise ValueError(f"embedding {kind!r}: expected one of {', '.join(EMBEDDINGS)}")
+    if kind == "stored":
+        return 16 * rows * cols
+    if kind == "int8":
+        return 8 * rows * cols + 32 * rows
+    if kind == "int4":
+        g = INT4_GROUP if cols % INT4_GROUP == 0 else cols
+        return 4 * rows * cols + 16 * rows * (cols // g)
+    return 0

@@ -39,6 +39,29 @@ def quantized_bits(model) -> dict:
     return {"bits": bits, "params": params, "bits_per_param": bits / params if params else float("nan")}
 
 
+def weight_bits(model, embedding: str = "stored") -> int:
+    """Exact bits of the model's weights as an artifact stores them: AQLM layers at `AqlmConfig.layer_bits`, the
+    input embedding in form `embedding` (`embedding.embedding_bits`; call before `compact_embedding`), a dense
+    lm_head in fp16 (nothing extra when it is the embedding's own fp16 table), every other parameter in fp16; each
+    tensor once. What `quantize --bits` budgets (`quantize/bit_budget.fixed_bits` counts the same parts)."""
+    from .embedding import embedding_bits
+
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    seen, total = {id(emb)}, embedding_bits(embedding, *emb.shape)
+    if isinstance(head, torch.nn.Linear) and head.weight is emb and embedding != "stored":
+        total += 16 * emb.numel()  # the dense head keeps the fp16 table the compact embedding no longer is
+    for m in model.modules():
+        if isinstance(m, AqlmLinear):
+            total += m.config.layer_bits(m.out_features, m.in_features)
+            seen |= {id(m.codes), id(m.codebooks), id(m.scales)}
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += 16 * p.numel()
+    return total
+
+
 def param_counts(model, head_untied: bool = False) -> tuple[int, int]:
     """(every parameter of the model counted once — a tied embedding/lm_head is one tensor, an AqlmLinear counts
     out × in —, the block linears' parameters). `head_untied`: the lm_head was tied to the embedding in the FP model

@@ -43,6 +43,11 @@ def unquantized_linear_names(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
+# config.json's aqlm_compile.mixed_configs, on any checkpoint whose layers do not all have quantization_config's config
+_MIXED_NOTE = ("some layers have their own config (layer_configs): transformers + aqlm read one config per model, so "
+               "this checkpoint loads in aqlm-compile only")
+
+
 def save(out_dir: str | Path, model, aqlm_config: AqlmConfig, source_dir: str | Path | None = None,
          metadata: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write the checkpoint atomically (a temporary folder renamed into place)."""
@@ -71,7 +76,8 @@ def save(out_dir: str | Path, model, aqlm_config: AqlmConfig, source_dir: str | 
     config["use_cache"] = True
     config["aqlm_compile"] = {"format_version": 1, "config": aqlm_config.name,
                               "source_model": str(Path(source_dir).resolve()) if source_dir else None,
-                              **({"layer_configs": layer_configs} if layer_configs else {}), **(metadata or {})}
+                              **({"layer_configs": layer_configs, "mixed_configs": _MIXED_NOTE} if layer_configs else {}),
+                              **(metadata or {})}
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -285,6 +291,11 @@ class WorkFolder:
         reports = self.reports() + [report]
         atomic_write_bytes(self.path / "progress.json", json.dumps(
             {"fingerprint": fingerprint, "next_block": index + 1, "reports": reports}).encode())
+
+    def fingerprint(self) -> dict | None:
+        """The fingerprint of the run this folder belongs to (None when there is none)."""
+        progress = self.path / "progress.json"
+        return json.loads(progress.read_text()).get("fingerprint") if progress.is_file() else None
 
     def reports(self) -> list[dict]:
         progress = self.path / "progress.json"

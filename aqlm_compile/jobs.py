@@ -28,12 +28,16 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                  dataset: str | None = "brown",
                  preset: str = "fast", method: str = "aqlm", seed: int = 0, resume: bool = False,
                  device: str = "auto", num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
-                 stop_after_block: int | None = None, from_checkpoint: str | None = None) -> dict:
+                 stop_after_block: int | None = None, from_checkpoint: str | None = None,
+                 bits: float | None = None, embedding: str | None = None) -> dict:
     """Quantize `model_dir` with `method` (a name in `quantize.methods`; AQLM by default) at `preset` plus
     `overrides` (settings fields), and write the checkpoint to `out_dir`. `config` defaults to 2x8g8; `head_config`
     also quantizes the lm_head with that config. `from_checkpoint`: an AQLM checkpoint of `model_dir` to start from
     instead of quantizing the blocks — only the method's end-to-end stage runs (e.g. `--preset pv`); its config and
-    head config are the checkpoint's. Returns the run's report."""
+    head config are the checkpoint's. `bits`: a whole-model budget in bits per parameter, met by a per-layer plan
+    (`quantize/bit_budget.py`: `config`'s codeword width and group size, 1–4 codebooks) with the input embedding
+    counted in the form `embedding` (stored|int8|int4|head, what `build --embedding` will put in the artifact; the
+    checkpoint records it and `build`/`eval` default to it). Returns the run's report."""
     import torch
 
     from . import format as fmt
@@ -49,7 +53,14 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     out = Path(out_dir)
     if out.exists() and not fmt.is_checkpoint(out) and any(out.iterdir()):
         raise ModelError(f"{out}: exists and is not an AQLM checkpoint; refusing to overwrite it")
+    if bits is None and embedding is not None:
+        raise ModelError("--embedding: only with --bits (it says how the budget counts the embedding; build and eval "
+                         "take their own --embedding)")
+    if bits is not None and not 0 < bits < 16:
+        raise ModelError(f"--bits {bits}: expected a budget between 0 and 16 bits per parameter")
     if from_checkpoint is not None:
+        if bits is not None:
+            raise ModelError("--bits: not with --from-checkpoint (the checkpoint's layer configs are kept)")
         return _finish_job(model_dir, out, Path(from_checkpoint), config, head_config, num_blocks, resume, dataset,
                            preset, quantizer, seed, device, reporter)
     aqlm_config = AqlmConfig.parse(config or "2x8g8")
@@ -71,21 +82,35 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     ids = tokenize(tokenizer, corpus.calibration)
     tokens = calibration_windows(ids, settings.nsamples, settings.seqlen, seed).to(device)
     load_seconds = time.perf_counter() - start
-    reporter.log(f"model {source} | {aqlm_config.name} | {quantizer.name} preset {preset} | {settings.nsamples} x "
-                 f"{settings.seqlen} calibration tokens from {corpus.name} ({len(ids)} tokens) | device {device}")
     # quantize_model adds the method and its settings to the fingerprint
     fingerprint = {"model": str(source.resolve()), "config": aqlm_config.name, "seed": seed, "dataset": corpus.name,
                    "num_blocks": num_blocks, **({"head_config": head_aqlm.name} if head_aqlm else {})}
     work = fmt.WorkFolder(work_folder_for(out))
+    plan, layer_configs = None, None
+    if bits is not None:
+        plan_start = time.perf_counter()
+        embedding = embedding or "stored"
+        fingerprint.update({"bits": bits, "embedding": embedding, "base_config": aqlm_config.name})
+        layer_configs, plan = _bit_plan(model, tokens, aqlm_config, head_aqlm, bits, embedding, seed, settings,
+                                        work, fingerprint, resume, reporter)
+        fingerprint["layer_configs"] = {n: c.name for n, c in layer_configs.items()}
+        aqlm_config = _most_common(layer_configs)
+        fingerprint["config"] = aqlm_config.name
+        load_seconds += time.perf_counter() - plan_start
+    reporter.log(f"model {source} | {aqlm_config.name} | {quantizer.name} preset {preset} | {settings.nsamples} x "
+                 f"{settings.seqlen} calibration tokens from {corpus.name} ({len(ids)} tokens) | device {device}")
     torch.manual_seed(seed)
     report = quantize_model(model, tokens, aqlm_config, quantizer, seed=seed, work=work, resume=resume,
                             fingerprint=fingerprint, reporter=reporter, num_blocks=num_blocks,
-                            stop_after_block=stop_after_block, head_config=head_aqlm)
+                            stop_after_block=stop_after_block, head_config=head_aqlm, layer_configs=layer_configs)
     report["timings"]["load"] = round(load_seconds, 1)
     report["seconds"] = round(time.perf_counter() - start, 1)
     model.to("cpu")
     # config.json's aqlm_compile.method: {"name", "version", "settings"}; quantization_config stays the HF one
     head = {"head_config": head_aqlm.name, "head_untied": report["lm_head"]["untied"]} if head_aqlm else {}
+    if plan is not None:
+        head["bit_plan"] = plan
+        head["embedding"] = embedding
     metadata = {**head, "preset": preset, "seed": seed,
                 "dataset": corpus.name, "method": quantizer.record(),
                 "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
@@ -95,6 +120,50 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     work.remove()
     reporter.log(f"wrote {out} in {report['seconds']:.0f} s  (phases: {report['timings']})")
     return report
+
+
+def _most_common(configs: dict) -> AqlmConfig:
+    """The config most linears have: the checkpoint's quantization_config (the others go to layer_configs)."""
+    from collections import Counter
+
+    counts = Counter(c.name for c in configs.values())
+    return AqlmConfig.parse(max(counts, key=lambda n: (counts[n], n)))
+
+
+# Windows the bit plan measures on (its Fisher pass is a forward and backward per window): enough to rank options
+PLAN_WINDOWS = 16
+
+
+def _bit_plan(model, tokens, base: AqlmConfig, head_aqlm, bits: float, embedding: str, seed: int, settings, work,
+              fingerprint: dict, resume: bool, reporter) -> tuple[dict, dict]:
+    """({module name: config}, the plan's record for config.json) for `quantize --bits`. On --resume, the plan the
+    interrupted run recorded in its work folder (the same budget, data and settings) is reused, not re-measured."""
+    from .embedding import EMBEDDINGS
+    from .evaluate import param_counts
+    from .quantize.bit_budget import fixed_bits, plan_bits
+
+    if embedding not in EMBEDDINGS:
+        raise ModelError(f"--embedding {embedding!r}: expected one of {', '.join(EMBEDDINGS)}")
+    if resume:
+        recorded = work.fingerprint() or {}
+        planned = ("layer_configs", "bit_plan", "config", "method")  # what the plan (and the block loop) add
+        same = lambda fp: {k: v for k, v in fp.items() if k not in planned}  # noqa: E731
+        if recorded.get("layer_configs") and same(recorded) == same(fingerprint):
+            reporter.log("bit plan: the interrupted run's")
+            fingerprint["bit_plan"] = recorded["bit_plan"]
+            return ({n: AqlmConfig.parse(c) for n, c in recorded["layer_configs"].items()}, recorded["bit_plan"])
+    params_all, _ = param_counts(model)
+    try:
+        fixed = fixed_bits(model, embedding, head_aqlm)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+    plan = plan_bits(model, tokens[:PLAN_WINDOWS], base, bits, params_all, fixed, seed,
+                     kmeans_max_points=settings.kmeans_max_points, reporter=reporter)
+    record = plan.record()
+    reporter.log(f"bit plan: {bits} bits/param asked, {record['total_bits_per_param']:.3f} planned; linears per "
+                 f"config {record['linears_per_config']}")
+    fingerprint["bit_plan"] = record
+    return plan.configs, record
 
 
 def _finish_job(model_dir, out: Path, start: Path, config, head_config, num_blocks, resume, dataset, preset,
@@ -148,7 +217,7 @@ def _finish_job(model_dir, out: Path, start: Path, config, head_config, num_bloc
     report["from_checkpoint"] = {"name": start.name, "method": meta.get("method"), "preset": meta.get("preset"),
                                  "seconds": meta.get("seconds")}
     model.to("cpu")
-    head = {k: meta[k] for k in ("head_config", "head_untied") if k in meta}
+    head = {k: meta[k] for k in ("head_config", "head_untied", "bit_plan", "embedding") if k in meta}
     metadata = {**head, "preset": preset, "seed": seed, "dataset": corpus.name, "method": quantizer.record(),
                 "from_checkpoint": report["from_checkpoint"],
                 "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
@@ -167,7 +236,7 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
 
     from . import format as fmt
     from .data import eval_windows, load_corpus, tokenize
-    from .evaluate import param_counts, perplexity, quantized_bits, rtn_quantize_
+    from .evaluate import param_counts, perplexity, quantized_bits, rtn_quantize_, weight_bits
     from .models import load_fp_model, resolve_model_dir
     from .progress import Reporter
 
@@ -184,6 +253,12 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         source = meta.get("source_model")
         layer_names = list(fmt.quantized_modules(model))
         result.update({"config": aqlm_config.name, "quantized_layers": len(layer_names), **quantized_bits(model)})
+        try:
+            stored_bits = weight_bits(model, embedding)
+        except ValueError as exc:
+            from .errors import ConfigError
+
+            raise ConfigError(str(exc)) from None
         if embedding != "stored":
             from .errors import ConfigError
             from .embedding import compact_embedding
@@ -196,8 +271,10 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         # the whole model (embeddings, norms, an fp16 head, ...): the file's bytes over every parameter
         params_all, _ = param_counts(model, head_untied=bool(meta.get("head_untied")))
         file_bytes = (target / fmt.WEIGHTS).stat().st_size
+        # ... and the weights as an artifact with this embedding form stores them (what `quantize --bits` budgets)
         result.update({"file_bytes": file_bytes, "params_all": params_all,
-                       "bits_per_param_all": file_bytes * 8 / params_all})
+                       "bits_per_param_all": file_bytes * 8 / params_all,
+                       "weight_bits_per_param_all": stored_bits / params_all})
     else:
         if embedding != "stored":
             from .errors import ConfigError

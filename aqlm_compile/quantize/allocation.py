@@ -1,4 +1,4 @@
-"""Bit allocation under a total budget (issue 14 item 3, the planning half; the block loop does not use it yet):
+"""Bit allocation under a total budget (issue 14 item 3; `bit_budget.py` measures the options and calls this):
 each layer has options (a config and what it costs in bits and in predicted loss); pick one per layer so the total
 bits fit the budget and the summed predicted loss is smallest.
 
@@ -84,10 +84,12 @@ def allocate(options: dict[str, list[Option]], budget_bits: int) -> dict[str, Op
 
 
 def prefix_losses(weight: torch.Tensor, hessian: torch.Tensor, num_codebooks: int, codebook_size: int, group: int,
-                  generator: torch.Generator, iters: int = 10, max_points: int | None = 16384) -> list[float]:
-    """Hessian-weighted errors tr((W − Ŵ_m) H (W − Ŵ_m)ᵀ) of the first m = 1..`num_codebooks` codebooks of one
-    residual k-means (scales = row norms, as `layer.init_codes`). Before any AQ round, so above what the full
-    quantizer reaches; what allocation needs is how the error falls with m."""
+                  generator: torch.Generator, iters: int = 10, max_points: int | None = 16384,
+                  row_weights: torch.Tensor | None = None) -> list[float]:
+    """Hessian-weighted errors Σ_j r_j (W − Ŵ_m)_j H (W − Ŵ_m)_jᵀ of the first m = 1..`num_codebooks` codebooks of
+    one residual k-means (scales = row norms, as `layer.init_codes`); r = `row_weights` [out] (default all 1: the
+    layer's output error; `bit_budget` passes each output's Fisher, so that layers compare). Before any AQ round,
+    so above what the full quantizer reaches; what allocation needs is how the error falls with m."""
     w = weight.detach().float()
     out_features, in_features = w.shape
     scales = w.norm(dim=1, keepdim=True) + 1e-9
@@ -99,5 +101,6 @@ def prefix_losses(weight: torch.Tensor, hessian: torch.Tensor, num_codebooks: in
     for m in range(num_codebooks):
         recon += books[m][codes[:, m]]
         delta = w - recon.reshape(out_features, in_features) * scales
-        losses.append(float(((delta @ h) * delta).sum()))
+        per_row = ((delta @ h) * delta).sum(1)
+        losses.append(float(per_row.sum() if row_weights is None else (per_row * row_weights.float()).sum()))
     return losses

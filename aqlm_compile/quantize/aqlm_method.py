@@ -48,13 +48,14 @@ class AqlmMethod(QuantizationMethod):
         with run.timed("aq"):
             for li, (name, linear) in enumerate(ctx.linears.items()):
                 run.reporter.update(layer_task, f"  block {i}: {name}")
-                result = quantize_weight(linear.weight.detach(), ctx.hessians[name], run.config, settings,
+                config = ctx.config_of(name)
+                result = quantize_weight(linear.weight.detach(), ctx.hessians[name], config, settings,
                                          run.generator(i, li))
-                new = AqlmLinear.from_parts(result.codes, result.codebooks, result.scales, run.config,
+                new = AqlmLinear.from_parts(result.codes, result.codebooks, result.scales, config,
                                             bias=None if linear.bias is None else linear.bias.detach())
                 new.requires_grad_(False)
                 replace_module(block, name, new)
-                layer_reports[name] = {"relative_error": result.relative_error, "rounds": len(result.losses) - 1,
+                layer_reports[name] = {"config": config.name, "relative_error": result.relative_error, "rounds": len(result.losses) - 1,
                                        "seconds": round(result.seconds, 2)}
                 run.reporter.advance(layer_task)
         ctx.hessians = None  # fine-tuning works on activations only; free the Hessians before it allocates

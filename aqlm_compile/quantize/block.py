@@ -79,7 +79,9 @@ def collect_hessians(block, linears: dict, runner: BlockRunner, inputs: torch.Te
     finally:
         for h in handles:
             h.remove()
-    hessians = {name: (sums[slot] / count).float() for name, slot in slot_of.items()}
+    # one tensor per input: linears fed the same one get the same object (so callers can group them by identity)
+    shared = [(s / count).float() for s in sums]
+    hessians = {name: shared[slot] for name, slot in slot_of.items()}
     return outs, hessians
 
 

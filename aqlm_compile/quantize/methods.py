@@ -8,7 +8,8 @@ method's `finish` (end-to-end work such as global fine-tuning). It never names a
 A method is a `QuantizationMethod` subclass with a `name`, a `settings_class` (a frozen, versioned
 `MethodSettings` dataclass), its `presets`, and those two hooks; `register_method` puts it in `METHODS`. AQLM is
 `"aqlm"` (`aqlm_method.py`). Whatever the method, the checkpoint is in the AQLM format, so `quantize_block` must
-leave every linear of its block as an `AqlmLinear` of `ctx.run.config` (the resume path rebuilds blocks that way).
+leave every linear of its block as an `AqlmLinear` of `ctx.config_of(name)` (the run's config, or the layer's in a
+per-layer plan; the resume path rebuilds blocks that way).
 
 No torch at import time: the CLI lists the method names (`method_names()`) without loading the quantizer.
 """
@@ -131,6 +132,12 @@ class BlockContext:
     # H = mean xxᵀ per linear name (linears fed the same tensor share one). A method may set this to None once it
     # is done with them: for large models they are the biggest thing held besides the activations.
     hessians: dict[str, torch.Tensor] | None
+    # the config of each linear (by the same names as `linears`): the run's config, or a per-layer plan's
+    # (`quantize --bits`, bit_budget.py)
+    configs: dict[str, AqlmConfig] | None = None
+
+    def config_of(self, name: str) -> AqlmConfig:
+        return self.configs[name] if self.configs and name in self.configs else self.run.config
 
 
 class QuantizationMethod:

@@ -64,11 +64,11 @@ def split_train_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, tor
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
-def _quantize_block_linears(block, config: AqlmConfig) -> None:
-    """Replace every linear of a block by an empty AqlmLinear of the same shape (for loading a saved block: every
-    method leaves the linears of the blocks it quantized as AqlmLinear of the run's config)."""
+def _quantize_block_linears(block, configs: dict[str, AqlmConfig]) -> None:
+    """Replace every linear of a block by an empty AqlmLinear of the same shape and its config (for loading a saved
+    block: every method leaves the linears of the blocks it quantized as AqlmLinear of those configs)."""
     for name, linear in block_linears(block).items():
-        replace_module(block, name, AqlmLinear(linear.in_features, linear.out_features, config,
+        replace_module(block, name, AqlmLinear(linear.in_features, linear.out_features, configs[name],
                                                bias=linear.bias is not None, dtype=linear.weight.dtype))
 
 
@@ -115,7 +115,8 @@ def quantize_head(model, hidden: torch.Tensor, config: AqlmConfig, method: Quant
 def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: QuantizationMethod, seed: int = 0,
                    work: WorkFolder | None = None, resume: bool = False, fingerprint: dict | None = None,
                    reporter: Reporter | None = None, num_blocks: int | None = None,
-                   stop_after_block: int | None = None, head_config: AqlmConfig | None = None) -> dict:
+                   stop_after_block: int | None = None, head_config: AqlmConfig | None = None,
+                   layer_configs: dict[str, AqlmConfig] | None = None) -> dict:
     """Quantize `model` in place with `method`. `tokens`: [nsamples, seqlen] calibration windows. Returns a report
     dict: per-block reports, whatever the method's `finish` returned, timings per phase.
 
@@ -123,7 +124,8 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     settings are added to it here, so a work folder is never resumed under another method or other settings.
     `num_blocks` quantizes only the first N blocks (the rest stay in float). `stop_after_block` raises
     KeyboardInterrupt after that block is saved (used by tests to simulate an interruption). `head_config`
-    also quantizes the lm_head, with that config (it may differ from the blocks').
+    also quantizes the lm_head, with that config (it may differ from the blocks'). `layer_configs` {module name:
+    config} overrides `config` per linear (a `quantize --bits` plan, bit_budget.py).
     """
     reporter = reporter or Reporter()
     timings: dict[str, float] = {"capture": 0.0, "hessian": 0.0, **{p: 0.0 for p in method.phases}, "forward": 0.0}
@@ -141,13 +143,18 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     run = RunContext(config=config, seed=seed, tokens=tokens, train_idx=train_idx, val_idx=val_idx, runner=runner,
                      reporter=reporter, teacher=teacher, timings=timings)
 
+    module_names = {m: n for n, m in model.named_modules()}
+
+    def configs_of(block) -> dict[str, AqlmConfig]:
+        return {name: (layer_configs or {}).get(module_names[m], config) for name, m in block_linears(block).items()}
+
     start = 0
     if work is not None:
         start = work.start({**(fingerprint or {}), "method": method.record()}, resume)
         if start > n_blocks:
             raise ValueError(f"work folder says {start} blocks are done, but only {n_blocks} are to be quantized")
         for i in range(start):
-            _quantize_block_linears(layers[i], config)
+            _quantize_block_linears(layers[i], configs_of(layers[i]))
             layers[i].load_state_dict(work.load_block(i))
         if start > 0:
             inputs = work.load_activations()
@@ -163,7 +170,8 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         with run.timed("hessian"):
             targets, hessians = collect_hessians(block, linears, runner, inputs, FORWARD_BATCH)
 
-        ctx = BlockContext(run=run, index=i, linears=linears, inputs=inputs, targets=targets, hessians=hessians)
+        ctx = BlockContext(run=run, index=i, linears=linears, inputs=inputs, targets=targets, hessians=hessians,
+                           configs=configs_of(block))
         del hessians  # the context holds them, so that the method can free them early
         method_report = method.quantize_block(block, ctx)
         del ctx

@@ -173,7 +173,8 @@ def test_artifacts_with_quantized_head_match_torch(cfg, head_ckpts, head_arts):
             assert np.abs(got - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), (type(dec).__name__, ids)
 
 
-@pytest.mark.parametrize("embedding", ["head", "int8", "int4"])
+# int8 rows: test_bit_budget.py builds a mixed checkpoint whose recorded embedding is int8 (same checks)
+@pytest.mark.parametrize("embedding", ["head", "int4"])
 def test_compact_embedding_artifacts_match_torch(embedding, head_ckpts, head_arts, tmp_path):
     """`build --embedding head|int8|int4`: both runtimes equal the PyTorch model with the same embedding
     (`embedding.compact_embedding`), and the embedding's fp16 table is gone from the TVM params and the ONNX model."""

@@ -18,19 +18,34 @@ def cache_root() -> Path:
 
 
 @contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary directory beside `final`; rename it into place only if the block succeeds."""
+def atomic_dir(final: Path, keep_existing: bool = False):
+    """Yield a temporary directory beside `final`; rename it into place only if the block succeeds.
+
+    `keep_existing` (caches, whose content is fixed by their name): when another process put `final` in place while
+    this one was filling its own, keep theirs and drop ours — a folder another process may be reading is never
+    removed. Otherwise an existing `final` is renamed aside first and removed only after the new one is in place,
+    so there is no moment with neither."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old = None
     try:
         yield tmp
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            if keep_existing:
+                return
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (keep_existing and final.exists()):  # lost a race to another process's rename: theirs stands
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

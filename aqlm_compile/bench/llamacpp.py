@@ -102,7 +102,7 @@ def source_dir(log: Callable[[str], None] = print, sdist: Path | None = None) ->
     if _source_ready(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, keep_existing=True) as tmp:
         if sdist is not None:
             tarball = Path(sdist)
             if tarball.name != SDIST_NAME or not tarball.is_file():

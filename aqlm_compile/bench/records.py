@@ -63,6 +63,8 @@ WRITERS = {
                                 {"what", "command", "windows", "seqlen", "decode_steps", "ppl_lut", "ppl_reference",
                                  "ppl_increase_pct", "argmax_agreement", "lut_artifact", "reference_artifact",
                                  "machine", "wall_s"}, None),
+    "*/ppl-per-byte-*.json": ("benchmarks/ppl_per_byte.py", {"what", "command", "fp_ppl", "rows", "machine", "wall_s"},
+                              None),
     "*/pv-*.json": ("benchmarks/pv_smollm2.py",
                     {"what", "command", "checkpoint", "config", "embedding", "windows", "seqlen", "fp_ppl",
                      "ppl_before", "ppl_after", "file_bytes", "pv_steps", "pv_seconds", "pv_wall_s",

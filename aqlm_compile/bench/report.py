@@ -51,6 +51,9 @@ class ReportOptions:
     synthetic_blocks: int = 4                     # 0: no 7B-shaped rows
     prompts: tuple[int, ...] = (128, 512)
     gen: int = 64
+    # dense baselines of the default model: FP16 (the mission's) and fp32 (TVM and ORT); quick: FP16 only
+    dense_dtype: str = "both"
+    onnx_dense: bool = True
     kernel_shapes: tuple[str, ...] = ("4096x4096", "11008x4096")
     kernel_configs: tuple[str, ...] = ("2x8g8", "1x16g8")
     kernel_batches: tuple[int, ...] = (1, 4, 16)
@@ -64,6 +67,7 @@ class ReportOptions:
     def quick_defaults(cls, **kw) -> "ReportOptions":
         base = dict(quick=True, rounds=1, configs=("2x8g8",), presets=("tiny",), rtn=((2, 64), (4, 64)),
                     llamacpp_types=("F16", "Q8_0", "Q4_0"), synthetic_blocks=0, prompts=(16, 64), gen=8,
+                    dense_dtype="fp16", onnx_dense=False,
                     kernel_shapes=("576x576",), kernel_configs=("2x8g8",), kernel_batches=(1, 4), windows=4,
                     seqlen=128)
         base.update(kw)
@@ -411,7 +415,7 @@ class Report:
             preset = o.presets[0]
             main.speed_ckpt = self.checkpoint(main, SPEED_CONFIG, preset)
             if main.speed_ckpt is not None:
-                self.build_artifact(main, main.speed_ckpt)
+                self.build_artifact(main, main.speed_ckpt, dense_dtype=o.dense_dtype, onnx_dense=o.onnx_dense)
         self.ggufs(main, o.llamacpp_types, imatrix_chunks=64 if not o.quick else 4)
         if "quality" in o.sections:
             self.quality(main)

@@ -204,7 +204,9 @@ def cuda_artifact(built, tmp_path_factory):
     _nvcc_or_skip()
     ckpt, _ = built
     art = tmp_path_factory.mktemp("cuda") / "art"
-    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "cuda", "--max-batch", "2", "-o", str(art)])
+    # two of the default four archs (targets/cuda.py ARCHS): the fat-binary checks are the same, at half the nvcc time
+    r = CliRunner().invoke(main, ["build", str(ckpt), "--target", "cuda", "--max-batch", "2", "--arch", "sm_80,sm_90",
+                                  "-o", str(art)])
     assert r.exit_code == 0, r.output
     return art
 
@@ -215,16 +217,16 @@ def test_cuda_artifact_embeds_sass_for_every_arch_and_ptx(cuda_artifact):
     from aqlm_compile.targets.cuda import device_code_inventory
 
     manifest = json.loads((cuda_artifact / "manifest.json").read_text())
-    assert manifest["target"] == "cuda" and manifest["target_spec"]["archs"] == ["sm_80", "sm_86", "sm_89", "sm_90"]
+    assert manifest["target"] == "cuda" and manifest["target_spec"]["archs"] == ["sm_80", "sm_90"]
     inv = device_code_inventory(cuda_artifact / "kernels_cuda.so")
     sass = sorted((e["sm"], e.get("elf_sm")) for e in inv if e["kind"] == "sass")
-    assert sass == [(80, 80), (86, 86), (89, 89), (90, 90)]
+    assert sass == [(80, 80), (90, 90)]
     assert [e["sm"] for e in inv if e["kind"] == "ptx"] == [90]
     assert sum(k["kernel"] == "gemv_cuda" for k in manifest["kernels"].values()) == len(manifest["kernels"])
     # the whole model for the Relax VM: device code for every arch too
     assert manifest["tvm"]["library"] == "model_cuda.so" and manifest["tvm"]["device"] == "cuda"
     inv = device_code_inventory(cuda_artifact / "model_cuda.so")
-    assert sorted({e["sm"] for e in inv if e["kind"] == "sass"}) == [80, 86, 89, 90]
+    assert sorted({e["sm"] for e in inv if e["kind"] == "sass"}) == [80, 90]
 
 
 def test_device_code_check_rejects_libraries_without_it(built, tmp_path):

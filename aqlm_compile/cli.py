@@ -336,6 +336,9 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--sections", help="--report: comma-separated subset of quality,speed,neighbour,kernels,gpu.")
 @click.option("--readme", "readme_path", help="--report/--render: update this README's generated results block.")
 @click.option("--note", "notes", multiple=True, help="--report: context to keep in the report (repeatable).")
+@click.option("--checkpoint", "extra_checkpoints", multiple=True,
+              help="--report: also score this checkpoint of the default model, as CKPT[:EMBEDDING] (default: the form "
+                   "it records, else stored), its size the weights its artifact stores (repeatable).")
 @click.option("--shapes", default="4096x4096,11008x4096,4096x11008,576x576,1536x576,576x1536", show_default=True)
 @click.option("--configs", default="2x8g8,1x16g8,8x8g32,1x8g8", show_default=True)
 @click.option("--batch", "batches", default="1,4", show_default=True)
@@ -347,7 +350,8 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--markdown", "markdown_path", help="Also write the records as a markdown table to this file.")
 @click.option("--json-out", "json_path", help="Also write the JSON records to this file.")
 def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections,
-          readme_path, notes, shapes, configs, batches, rounds, threads, bf16, as_json, markdown_path, json_path):
+          readme_path, notes, extra_checkpoints, shapes, configs, batches, rounds, threads, bf16, as_json, markdown_path,
+          json_path):
     """Kernel timings (--kernels) or the whole scoreboard against dense FP16 and llama.cpp (--report)."""
     from .errors import ConfigError
 
@@ -359,7 +363,7 @@ def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quant
         raise ConfigError(f"--rounds {rounds}: expected ≥ 1")
     if report:
         _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections, readme_path, rounds,
-                      threads, notes)
+                      threads, notes, extra_checkpoints)
         return
     if render_path:
         from pathlib import Path
@@ -411,13 +415,26 @@ def _check_readme(readme_path) -> None:
 
 
 def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections, readme_path, rounds,
-                  threads, notes=()):
+                  threads, notes=(), extra_checkpoints=()):
     from pathlib import Path
 
+    from . import format as fmt
     from .bench.report import ReportOptions, report_root, run_report
+    from .embedding import EMBEDDINGS
     from .errors import ConfigError
 
     kw = {"build_llamacpp": build_llamacpp, "quantize_missing": not no_quantize, "notes": tuple(notes)}
+    extra = []
+    for spec in extra_checkpoints:
+        path, _, form = spec.partition(":")
+        if not fmt.is_checkpoint(Path(path)):
+            raise ConfigError(f"--checkpoint {spec}: {path} is not an AQLM checkpoint")
+        form = form or _recorded_embedding(path)
+        if form not in EMBEDDINGS:
+            raise ConfigError(f"--checkpoint {spec}: embedding {form!r}: expected one of {', '.join(EMBEDDINGS)}")
+        extra.append((Path(path), form))
+    if extra:
+        kw["checkpoints"] = tuple(extra)
     if threads:
         kw["threads"] = threads
     if rounds:

@@ -96,11 +96,15 @@ def quality_table(data: dict) -> str:
     if not q:
         return ""
     p = q["protocol"]
+    ood = q.get("ood_protocol")
     lines = [f"Held-out PPL on {p['dataset']} ({p['windows']} windows × {p['seqlen']} tokens, {p['tokens_scored']} "
-             f"tokens scored), {q['model']}; sorted by file size.", "",
-             "| model | file | bytes counted as | bits/param (linears) | bits/param (all) | PPL | × FP PPL | note |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"tokens scored)" + (f" and on {ood['dataset']}, a corpus no preset calibrates on ({ood['windows']} "
+                                  f"windows)" if ood else "") + f", {q['model']}; sorted by size.", "",
+             "| model | size | bytes counted as | bits/param (linears) | bits/param (all) | PPL | × FP PPL | "
+             + ("unseen PPL | × FP | " if ood else "") + "note |",
+             "|---|---|---|---|---|---|---|" + ("---|---|" if ood else "") + "---|"]
     fp = next((r["ppl"] for r in q["rows"] if r["family"] == "fp"), None)
+    fp_ood = next((r.get("ppl_ood") for r in q["rows"] if r["family"] == "fp"), None)
     for r in sorted(q["rows"], key=lambda r: r["file_bytes"]):
         note = ""
         if r.get("types_written"):
@@ -110,9 +114,15 @@ def quality_table(data: dict) -> str:
             if r.get("quantize_cpu_s"):
                 note += f" ({r['quantize_cpu_s'] / 60:.0f} CPU-min; load average {r['quantize_loadavg_after']:.1f} at the end)"
             note += f", peak RSS {r['quantize_peak_rss_bytes'] / 1e9:.1f} GB"
+        if r.get("linears_per_config"):
+            note += "linears per config " + ", ".join(f"{k}: {v}" for k, v in r["linears_per_config"].items())
         ratio = f"{r['ppl'] / fp:.2f}" if fp else "–"
+        unseen = ""
+        if ood:
+            got = r.get("ppl_ood")
+            unseen = (f"{_f(got, 2)} | {got / fp_ood:.2f} | " if got and fp_ood else "– | – | ")
         lines.append(f"| {r['name']} | {_mb(r['file_bytes'])} | {r['bytes_kind']} | {r['bits_per_param_linears']:.3f} | "
-                     f"{r['bits_per_param_all']:.3f} | {_f(r['ppl'], 2)} | {ratio} | {note} |")
+                     f"{r['bits_per_param_all']:.3f} | {_f(r['ppl'], 2)} | {ratio} | {unseen}{note} |")
     return "\n".join(lines) + "\n"
 
 

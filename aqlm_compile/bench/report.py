@@ -51,6 +51,10 @@ class ReportOptions:
     synthetic_blocks: int = 4                     # 0: no 7B-shaped rows
     prompts: tuple[int, ...] = (128, 512)
     gen: int = 64
+    # quality rows are also scored on this corpus, which no preset calibrates on (None: not scored)
+    ood_dataset: str | None = "shakespeare"
+    # more of our checkpoints for the quality table: (path, embedding form), counted by their artifact's weights
+    checkpoints: tuple[tuple[Path, str], ...] = ()
     # dense baselines of the default model: FP16 (the mission's) and fp32 (TVM and ORT); quick: FP16 only
     dense_dtype: str = "both"
     onnx_dense: bool = True
@@ -238,26 +242,33 @@ class Report:
         from .checkpoints import run_record
 
         win = q.Windows(subject.fp_dir, "brown", self.opts.seqlen, self.opts.windows)
+        ood = (q.Windows(subject.fp_dir, self.opts.ood_dataset, self.opts.seqlen, self.opts.windows)
+               if self.opts.ood_dataset else None)
         rows = []
         self.log("quality: FP ...")
-        rows.append(q.fp_row(win, subject.fp_dir))
+        rows.append(q.fp_row(win, subject.fp_dir, ood))
         for preset in self.opts.presets:
             for config in self.opts.configs:
                 ckpt = self.checkpoint(subject, config, preset)
                 if ckpt is None:
                     continue
                 self.log(f"quality: {config} {preset} ...")
-                rows.append(q.aqlm_row(win, ckpt, preset, run_record(ckpt)))
+                rows.append(q.aqlm_row(win, ckpt, preset, run_record(ckpt), ood))
+        for ckpt, embedding in self.opts.checkpoints:
+            self.log(f"quality: {ckpt.name} (embedding {embedding}) ...")
+            meta = json.loads((ckpt / "config.json").read_text()).get("aqlm_compile", {})
+            rows.append(q.aqlm_row(win, ckpt, meta.get("preset", "?"), None, ood, embedding=embedding))
         for nbits, gs in self.opts.rtn:
             self.log(f"quality: RTN {nbits}-bit g{gs} ...")
-            rows.append(q.rtn_row(win, subject.fp_dir, nbits, gs))
+            rows.append(q.rtn_row(win, subject.fp_dir, nbits, gs, ood))
         for qtype, path in subject.ggufs.items():
             self.log(f"quality: llama.cpp {qtype} ...")
             try:
-                rows.append(q.llamacpp_row(win, subject.fp_dir, path, qtype, subject.gguf_imatrix))
+                rows.append(q.llamacpp_row(win, subject.fp_dir, path, qtype, subject.gguf_imatrix, ood))
             except Exception as exc:
                 self.skip(f"quality llama.cpp {qtype}", str(exc).splitlines()[0][:300])
-        self.data["quality"] = {"model": subject.label, "protocol": win.spec, "rows": rows}
+        self.data["quality"] = {"model": subject.label, "protocol": win.spec, "rows": rows,
+                                **({"ood_protocol": ood.spec} if ood is not None else {})}
 
     def engines(self, subject: Subject) -> list[dict]:
         art = subject.artifact

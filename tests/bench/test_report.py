@@ -51,8 +51,10 @@ def test_quick_report_schema(quick_report):
     # quality: FP, our checkpoint, RTN — all on the same windows, with sizes
     fams = {r["family"] for r in data["quality"]["rows"]}
     assert {"fp", "aqlm-compile", "rtn"} <= fams
+    assert data["quality"]["ood_protocol"]["dataset"].startswith("shakespeare")
     for r in data["quality"]["rows"]:
         assert r["ppl"] > 1 and r["file_bytes"] > 0 and r["bits_per_param_linears"] > 0
+        assert r["ppl_ood"] > 1  # every row also on the corpus no preset calibrates on
     aqlm = next(r for r in data["quality"]["rows"] if r["family"] == "aqlm-compile")
     assert aqlm["quantize_wall_s"] > 0 and aqlm["quantize_peak_rss_bytes"] > 0
     # speed: every engine at all cores and at 1 thread, plus the busy-neighbour decode, each measured

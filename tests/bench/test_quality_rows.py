@@ -1,0 +1,34 @@
+"""Scoreboard quality rows (bench/quality.py): every row also scored on an unseen corpus, and a checkpoint counted
+by the weights its artifact stores (`bench --report --checkpoint CKPT:EMBEDDING`)."""
+
+import pytest
+
+from aqlm_compile import format as fmt
+from aqlm_compile.bench import quality as q
+from aqlm_compile.evaluate import weight_bits
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_llama, tiny_corpus):
+    return q.Windows(tiny_llama, str(tiny_corpus), 16, 3), q.Windows(tiny_llama, "shakespeare", 16, 2)
+
+
+def test_rows_carry_the_unseen_corpus(windows, tiny_llama):
+    win, ood = windows
+    row = q.fp_row(win, tiny_llama, ood)
+    assert row["ppl"] > 1 and row["ppl_ood"] > 1 and row["ppl_ood"] != row["ppl"]
+    assert "ppl_ood" not in q.fp_row(win, tiny_llama)  # no second corpus asked, none scored
+
+
+def test_checkpoint_row_counts_its_artifact_weights(windows, tiny_llama_ckpt):
+    win, ood = windows
+    as_file = q.aqlm_row(win, tiny_llama_ckpt, "tiny", None, ood)
+    assert as_file["file_bytes"] == (tiny_llama_ckpt / fmt.WEIGHTS).stat().st_size
+    row = q.aqlm_row(win, tiny_llama_ckpt, "tiny", None, ood, embedding="int8")
+    model, _, _ = fmt.load(tiny_llama_ckpt)
+    assert row["file_bytes"] == weight_bits(model, "int8") // 8
+    # tied to an fp16 head, int8 rows add their table (and row scales) to the fp16 one the head keeps
+    v, h = model.get_input_embeddings().weight.shape
+    assert weight_bits(model, "int8") - weight_bits(model, "stored") == 8 * v * h + 32 * v
+    assert row["embedding"] == "int8" and "embedding int8" in row["bytes_kind"]
+    assert row["ppl"] != as_file["ppl"] and row["ppl_ood"] > 1  # scored with the int8 rows, not the fp16 ones

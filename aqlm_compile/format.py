@@ -256,8 +256,11 @@ def replace_module(model, name: str, new_module) -> None:
 
 
 class WorkFolder:
-    """Resumable state of a quantization run: `blocks/{i}.safetensors`, `activations.safetensors`,
-    `progress.json` (written last, so it only ever names complete files)."""
+    """Resumable state of a quantization run: `blocks/{i}.safetensors`, `activations-{n}.safetensors` (the inputs
+    of block n, the outputs of the quantized blocks before it) and `progress.json` — the commit point, written last:
+    it names `next_block` n, so the files it points to are always complete and belong together. A kill anywhere
+    before progress.json is replaced leaves the previous commit whole (its activations file is removed only after
+    the new progress.json is in place); resume never pairs a block index with another block's activations."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -279,33 +282,41 @@ class WorkFolder:
         atomic_write_bytes(progress, json.dumps({"fingerprint": fingerprint, "next_block": 0}).encode())
         return 0
 
+    def _activations(self, next_block: int) -> Path:
+        return self.path / f"activations-{next_block}.safetensors"
+
     def save_block(self, index: int, block_state: dict[str, torch.Tensor], activations: torch.Tensor,
                    report: dict) -> None:
         fingerprint = json.loads((self.path / "progress.json").read_text())["fingerprint"]
-        for name, tensors in ((f"blocks/{index}.safetensors", block_state),
-                              ("activations.safetensors", {"hidden": activations})):
-            final = self.path / name
+        for final, tensors in ((self.path / "blocks" / f"{index}.safetensors", block_state),
+                               (self._activations(index + 1), {"hidden": activations})):
             tmp = final.with_name(f".{final.name}.tmp")
             save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
             os.replace(tmp, final)
         reports = self.reports() + [report]
         atomic_write_bytes(self.path / "progress.json", json.dumps(
             {"fingerprint": fingerprint, "next_block": index + 1, "reports": reports}).encode())
+        self._activations(index).unlink(missing_ok=True)  # the previous commit's, no longer named by progress
+
+    def reports(self) -> list[dict]:
+        progress = self.path / "progress.json"
+        return json.loads(progress.read_text()).get("reports", []) if progress.is_file() else []
 
     def fingerprint(self) -> dict | None:
         """The fingerprint of the run this folder belongs to (None when there is none)."""
         progress = self.path / "progress.json"
         return json.loads(progress.read_text()).get("fingerprint") if progress.is_file() else None
 
-    def reports(self) -> list[dict]:
-        progress = self.path / "progress.json"
-        return json.loads(progress.read_text()).get("reports", []) if progress.is_file() else []
-
     def load_block(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / "blocks" / f"{index}.safetensors"))
 
     def load_activations(self) -> torch.Tensor:
-        return load_file(str(self.path / "activations.safetensors"))["hidden"]
+        """The inputs of the block progress.json names as next."""
+        next_block = int(json.loads((self.path / "progress.json").read_text())["next_block"])
+        path = self._activations(next_block)
+        if not path.is_file():
+            raise FormatError(f"{path}: missing (the work folder {self.path} is incomplete; rerun without --resume)")
+        return load_file(str(path))["hidden"]
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

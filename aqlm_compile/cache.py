@@ -28,19 +28,32 @@ def atomic_dir(final: Path, keep_existing: bool = False):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    started = tmp.stat().st_ctime
     old = None
+
+    def placed_meanwhile() -> bool:
+        # renamed into place by another process while this one built (a rename sets the folder's ctime); an older
+        # folder is whatever the caller found not ready, and is replaced
+        try:
+            return final.stat().st_ctime >= started
+        except FileNotFoundError:
+            return False
+
     try:
         yield tmp
         if final.exists():
-            if keep_existing:
+            if keep_existing and placed_meanwhile():
                 return
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / final.name)
         try:
             os.replace(tmp, final)
         except OSError:
-            if not (keep_existing and final.exists()):  # lost a race to another process's rename: theirs stands
-                raise
+            if keep_existing and placed_meanwhile():  # lost a race to another process's rename: theirs stands
+                return
+            if old is not None and not final.exists():
+                os.replace(old / final.name, final)  # put the previous folder back
+            raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -148,6 +148,9 @@ def eval_(path, dataset, seqlen, windows, no_rtn, embedding, as_json):
         click.echo(f"whole checkpoint: {result['file_bytes'] / 1e6:.1f} MB (model.safetensors) = "
                    f"{result['bits_per_param_all']:.3f} bits/param over all {result['params_all'] / 1e6:.1f} M "
                    "parameters (embeddings, norms and an fp16 lm_head included)")
+        click.echo(f"artifact weights (embedding {result.get('embedding', 'stored')}): "
+                   f"{result['weight_bits_per_param_all'] * result['params_all'] / 8e6:.1f} MB = "
+                   f"{result['weight_bits_per_param_all']:.3f} bits/param (what quantize --bits budgets)")
 
 
 def _targets_taking(what: str) -> str:
@@ -432,8 +435,14 @@ def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks,
         form = form or _recorded_embedding(path)
         if form not in EMBEDDINGS:
             raise ConfigError(f"--checkpoint {spec}: embedding {form!r}: expected one of {', '.join(EMBEDDINGS)}")
+        meta = json.loads((Path(path) / "config.json").read_text()).get("aqlm_compile") or {}
+        if form == "head" and not (meta.get("head_config") and meta.get("head_untied")):
+            raise ConfigError(f"--checkpoint {spec}: embedding head needs a checkpoint quantized with --head-config "
+                              "whose embedding was tied to the head")
         extra.append((Path(path), form))
     if extra:
+        if sections and "quality" not in sections:
+            raise ConfigError("--checkpoint: its rows are in the quality section (add quality to --sections)")
         kw["checkpoints"] = tuple(extra)
     if threads:
         kw["threads"] = threads

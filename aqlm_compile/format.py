@@ -275,7 +275,11 @@ class WorkFolder:
                               if fingerprint.get(k) != state.get("fingerprint", {}).get(k))
                 raise FormatError(f"{progress}: was written by a run with different settings ({', '.join(diff)}); "
                                   "rerun without --resume to start over")
-            return int(state["next_block"])
+            next_block = int(state["next_block"])
+            for stale in self.path.glob("activations-*.safetensors"):  # a kill after a commit, before its cleanup
+                if stale != self._activations(next_block):
+                    stale.unlink(missing_ok=True)
+            return next_block
         if self.path.exists():
             shutil.rmtree(self.path)
         (self.path / "blocks").mkdir(parents=True)

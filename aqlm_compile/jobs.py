@@ -58,6 +58,9 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                          "take their own --embedding)")
     if bits is not None and not 0 < bits < 16:
         raise ModelError(f"--bits {bits}: expected a budget between 0 and 16 bits per parameter")
+    if bits is not None and num_blocks is not None:
+        raise ModelError("--bits with --num-blocks: the budget counts every block's linears as quantized (the blocks "
+                         "past N would stay in float and break it)")
     if from_checkpoint is not None:
         if bits is not None:
             raise ModelError("--bits: not with --from-checkpoint (the checkpoint's layer configs are kept)")
@@ -86,7 +89,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     fingerprint = {"model": str(source.resolve()), "config": aqlm_config.name, "seed": seed, "dataset": corpus.name,
                    "num_blocks": num_blocks, **({"head_config": head_aqlm.name} if head_aqlm else {})}
     work = fmt.WorkFolder(work_folder_for(out))
-    plan, layer_configs = None, None
+    plan, layer_configs, plan_seconds = None, None, 0.0
     if bits is not None:
         plan_start = time.perf_counter()
         embedding = embedding or "stored"
@@ -96,7 +99,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
         fingerprint["layer_configs"] = {n: c.name for n, c in layer_configs.items()}
         aqlm_config = _most_common(layer_configs)
         fingerprint["config"] = aqlm_config.name
-        load_seconds += time.perf_counter() - plan_start
+        plan_seconds = time.perf_counter() - plan_start
     reporter.log(f"model {source} | {aqlm_config.name} | {quantizer.name} preset {preset} | {settings.nsamples} x "
                  f"{settings.seqlen} calibration tokens from {corpus.name} ({len(ids)} tokens) | device {device}")
     torch.manual_seed(seed)
@@ -104,6 +107,8 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                             fingerprint=fingerprint, reporter=reporter, num_blocks=num_blocks,
                             stop_after_block=stop_after_block, head_config=head_aqlm, layer_configs=layer_configs)
     report["timings"]["load"] = round(load_seconds, 1)
+    if bits is not None:
+        report["timings"]["bit_plan"] = round(plan_seconds, 1)
     report["seconds"] = round(time.perf_counter() - start, 1)
     model.to("cpu")
     # config.json's aqlm_compile.method: {"name", "version", "settings"}; quantization_config stays the HF one
@@ -253,6 +258,8 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         source = meta.get("source_model")
         layer_names = list(fmt.quantized_modules(model))
         result.update({"config": aqlm_config.name, "quantized_layers": len(layer_names), **quantized_bits(model)})
+        # every parameter of the model as quantized, counted before a compact embedding replaces its table
+        params_all, _ = param_counts(model, head_untied=bool(meta.get("head_untied")))
         try:
             stored_bits = weight_bits(model, embedding)
         except ValueError as exc:
@@ -269,7 +276,6 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
                 raise ConfigError(str(exc)) from None
             result["embedding"] = embedding
         # the whole model (embeddings, norms, an fp16 head, ...): the file's bytes over every parameter
-        params_all, _ = param_counts(model, head_untied=bool(meta.get("head_untied")))
         file_bytes = (target / fmt.WEIGHTS).stat().st_size
         # ... and the weights as an artifact with this embedding form stores them (what `quantize --bits` budgets)
         result.update({"file_bytes": file_bytes, "params_all": params_all,

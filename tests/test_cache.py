@@ -42,3 +42,18 @@ def test_keep_existing_keeps_the_folder_another_process_put_in_place(tmp_path):
     with atomic_dir(tmp_path / "fresh", keep_existing=True) as tmp:
         (tmp / "ours.txt").write_text("ours")
     assert (tmp_path / "fresh" / "ours.txt").read_text() == "ours"
+
+
+def test_keep_existing_still_replaces_a_folder_that_was_there_before(tmp_path):
+    """A cache entry found before the build (the caller judged it not ready: incomplete, an old layout) is
+    replaced; only one another process put in place during the build is kept."""
+    import time
+
+    final = tmp_path / "cache-entry"
+    final.mkdir()
+    (final / "broken.txt").write_text("half")
+    time.sleep(0.05)
+    with atomic_dir(final, keep_existing=True) as tmp:
+        (tmp / "ours.txt").write_text("ours")
+    assert sorted(p.name for p in final.iterdir()) == ["ours.txt"]
+    assert _leftovers(tmp_path, "cache-entry") == []

@@ -146,7 +146,12 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     module_names = {m: n for n, m in model.named_modules()}
 
     def configs_of(block) -> dict[str, AqlmConfig]:
-        return {name: (layer_configs or {}).get(module_names[m], config) for name, m in block_linears(block).items()}
+        if layer_configs is None:
+            return {name: config for name in block_linears(block)}
+        missing = [module_names[m] for m in block_linears(block).values() if module_names[m] not in layer_configs]
+        if missing:  # a plan for another model (or other module names): never fall back to a config silently
+            raise ModelError(f"layer_configs: no config planned for {missing[0]} ({len(missing)} linear(s) of this block)")
+        return {name: layer_configs[module_names[m]] for name, m in block_linears(block).items()}
 
     start = 0
     if work is not None:

@@ -149,7 +149,8 @@ def test_bits_job_writes_a_mixed_checkpoint_that_resumes_and_evaluates(tiny_llam
     common = dict(config=BASE.name, dataset=str(tiny_corpus), preset="tiny", device="cpu", bits=bits,
                   embedding="int8", overrides={"kmeans_iters": 3, "max_rounds": 1})
     full = tmp_path / "full"
-    quantize_job(str(tiny_llama), str(full), **common)
+    report = quantize_job(str(tiny_llama), str(full), **common)
+    assert "bit_plan" in report["timings"]  # the plan's own time, apart from loading
     raw = json.loads((full / "config.json").read_text())
     block = raw["aqlm_compile"]
     assert block["embedding"] == "int8" and block["bit_plan"]["bits_per_param"] == bits
@@ -163,6 +164,9 @@ def test_bits_job_writes_a_mixed_checkpoint_that_resumes_and_evaluates(tiny_llam
     # the checkpoint's weights as the artifact stores them (int8 embedding) are within the budget
     result = eval_job(str(full), dataset=str(tiny_corpus), seqlen=16, windows=2, rtn=False, embedding="int8")
     assert result["ppl"] > 1 and result["weight_bits_per_param_all"] <= bits
+    # eval counts exactly what the plan counted: same parameters, same bits
+    assert result["params_all"] == block["bit_plan"]["params_all"]
+    assert result["weight_bits_per_param_all"] == pytest.approx(block["bit_plan"]["total_bits_per_param"], abs=1e-4)
 
     # interrupted after block 0, resumed: the plan is the interrupted run's (not measured again), the result the same
     part = tmp_path / "part"

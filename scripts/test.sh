@@ -3,6 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Two workers (pytest-xdist), one test module each at a time (--dist loadfile keeps a module's fixtures in one
-# process): most of the suite is TVM/LLVM compilation, which runs on one core.
-.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
+.venv/bin/python -m pytest -q "$@"

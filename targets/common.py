@@ -35,6 +35,16 @@ def target_features(tvm_target) -> frozenset:
     return frozenset(f for f in required_features() if llvm_cpu_has_features([f], tvm_target))
 
 
+def cpu_features(tvm_target, arch: str) -> list[str]:
+    """The CPU features (LLVM names, among those artifact.CPUINFO_FLAG knows for `arch`) that code compiled for
+    `tvm_target` may use: recorded in the manifest as `cpu_features`, checked against the CPU at load."""
+    if tvm_target.kind.name != "llvm":
+        return []  # a GPU target: its host code is compiled for the generic CPU of its triple
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    return sorted(f for f in artifact.CPUINFO_FLAG.get(arch, {}) if llvm_cpu_has_features([f], tvm_target))
+
+
 def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, features=frozenset(),
                    artifact_config=None):
     """One IRModule for the artifact's kernel library: for each requested shape (targets/plan.py `KernelRequest`) a

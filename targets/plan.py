@@ -164,7 +164,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     graphs = export_graphs(model, routes, options, supports_for(target), relax_fuse=options.fuse_tvm)
     del model
 
-    from .common import kernel_library, target_features, tvm, write_artifact
+    from .common import cpu_features, kernel_library, target_features, tvm, write_artifact
 
     tvm_target = target.tvm_target(options)
     mod, kernels = kernel_library(kernel_requests(layers, aqlm_config, graphs), target.kind, options.max_batch,
@@ -179,6 +179,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
             target.check_library(path, options)  # before the artifact is renamed into place
 
     extra, steps = dict(toolchain.manifest), []
+    extra["cpu_features"] = cpu_features(tvm_target, target.arch(options))  # artifact.check_cpu_features
     extra["embedding"] = options.embedding  # embedding.compact_embedding: how both routes read the input embedding
     if graphs.onnx is not None:
         steps += _onnx_route(target, options, toolchain, graphs.onnx, lib_name, extra)

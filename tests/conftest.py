@@ -68,3 +68,18 @@ def tiny_llama_ckpt(tiny_root, tiny_llama):
 def tiny_qwen2_ckpt(tiny_root, tiny_qwen2):
     """A quantized tiny Qwen2 (biases on q/k/v: exercises the op's optional bias)."""
     return _quantized(tiny_root, tiny_qwen2)
+
+
+@pytest.fixture(scope="session")
+def llama_art(tiny_llama_ckpt, tiny_llama, tmp_path_factory):
+    """The tiny Llama checkpoint built for x86 with every route (ONNX + ORT op library, whole-model TVM) and, with
+    --dense, the FP model it was quantized from (its config.json records it) as the dense baseline; read-only for
+    the tests sharing it (copy it to tamper)."""
+    from click.testing import CliRunner
+
+    from aqlm_compile.cli import main
+
+    out = tmp_path_factory.mktemp("art") / "llama"
+    r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "--target", "x86", "-o", str(out), "--dense"])
+    assert r.exit_code == 0, r.output
+    return out

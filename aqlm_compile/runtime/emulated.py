@@ -32,8 +32,9 @@ class RunnerTvmDecoder:
         runner = info.get("runner") or self.manifest["tvm"].get("runner")
         if not runner:
             raise FormatError(f"{self.dir / artifact.MANIFEST}: tvm.runner: missing (no runner for this target)")
-        runtime = self.dir / Path(runner).parent
-        cmd = [str(self.dir / runner), str(self.dir / info["library"]), str(self.dir / info["params"]),
+        runner_path = artifact.member(self.dir, self.manifest, runner, "tvm.runner")
+        runtime = runner_path.parent
+        cmd = [str(runner_path), str(self.files["library"]), str(self.files["params"]),
                str(self.num_layers), str(self.num_kv_heads), str(self.head_dim)]
         env = {**os.environ, "TVM_NUM_THREADS": str(threads), "LD_LIBRARY_PATH": str(runtime)}
         if emulate:

@@ -22,8 +22,15 @@ class KernelLibrary:
         self.manifest = artifact.verify(self.dir)
         self.tvm = tvm
         self.dev = tvm.cpu()
-        self.module = tvm.runtime.load_module(str(self.dir / self.manifest["kernel_library"]))
-        self.weights = load_file(str(self.dir / "weights" / "model.safetensors"))
+        self.library = artifact.member(self.dir, self.manifest, self.manifest.get("kernel_library"), "kernel_library")
+        artifact.expect(self.manifest, "layers", dict, self.dir / artifact.MANIFEST)
+        artifact.expect(self.manifest, "kernels", dict, self.dir / artifact.MANIFEST)
+        self.module = tvm.runtime.load_module(str(self.library))
+        weights = artifact.member(self.dir, self.manifest, "weights/model.safetensors", "files")
+        try:
+            self.weights = load_file(str(weights))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise FormatError(f"{weights}: not a readable safetensors file ({str(exc)[:200]})") from None
         self._cache: dict[str, list] = {}
 
     def layer_args(self, layer: str):
@@ -58,7 +65,7 @@ class KernelLibrary:
         try:
             fn = self.module[symbol]
         except Exception as exc:  # the library does not match its manifest
-            raise FormatError(f"{self.dir / self.manifest['kernel_library']}: no function {symbol} ({exc})") from None
+            raise FormatError(f"{self.library}: no function {symbol} ({exc})") from None
         y = self.tvm.runtime.empty((x.shape[0], info["out_features"]), "float32", self.dev)
         fn(self.tvm.runtime.tensor(np.ascontiguousarray(x), self.dev), *self.layer_args(layer), y)
         return y.numpy()

@@ -26,16 +26,17 @@ class OrtDecoder:
             raise ConfigError(f"ORT model kind {kind!r}: expected one of {', '.join(KINDS)}")
         self.dir = Path(artifact_dir)
         self.manifest = artifact.verify(self.dir)
-        onnx_info = self.manifest.get("onnx")
-        if not onnx_info:
-            raise FormatError(f"{self.dir / artifact.MANIFEST}: onnx: missing (artifact built without the ONNX route)")
+        where = self.dir / artifact.MANIFEST
+        if "onnx" not in self.manifest:
+            raise FormatError(f"{where}: onnx: missing (artifact built without the ONNX route)")
+        onnx_info = artifact.expect(self.manifest, "onnx", dict, where)
         key = {"aqlm": "model", "portable": "portable", "dense": "dense"}[kind]
         if key not in onnx_info:
-            raise FormatError(f"{self.dir / artifact.MANIFEST}: onnx.{key}: this artifact has no {kind} ONNX model")
-        spec = onnx_info["decoder"]
+            raise FormatError(f"{where}: onnx.{key}: this artifact has no {kind} ONNX model")
+        spec = artifact.decoder_spec(onnx_info, f"{where}: onnx")
         self.num_layers, self.num_kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
         self.vocab_size, self.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
-        self.eos_token_ids = tuple(spec["eos_token_ids"])
+        self.eos_token_ids = spec["eos_token_ids"]
         threads = threads or os.cpu_count() or 1
         so = ort.SessionOptions()
         if kind == "aqlm":
@@ -44,7 +45,9 @@ class OrtDecoder:
             os.environ.setdefault("AQLM_NUM_THREADS", str(threads))
             so.intra_op_num_threads = 1
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            lib = self.dir / onnx_info["op_library"]
+            lib = artifact.member(self.dir, self.manifest, onnx_info.get("op_library"), "onnx.op_library")
+            # the op library opens the kernel library beside it (targets/ort_op): that one must be checked too
+            artifact.member(self.dir, self.manifest, self.manifest.get("kernel_library"), "kernel_library")
             try:
                 so.register_custom_ops_library(str(lib))
             except Exception as exc:  # onnxruntime raises its own exception types
@@ -52,7 +55,7 @@ class OrtDecoder:
                                   f"({str(exc).splitlines()[0]})") from None
         else:
             so.intra_op_num_threads = threads
-        path = self.dir / onnx_info[key]
+        path = artifact.member(self.dir, self.manifest, onnx_info[key], f"onnx.{key}")
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:

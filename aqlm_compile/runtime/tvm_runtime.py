@@ -19,29 +19,57 @@ def whole_model(decoder, artifact_dir, kind: str, expect_arch: str | None = None
     BOS/EOS) on `decoder`, and return the manifest entry of the whole-model TVM route (`kind` aqlm or dense)."""
     decoder.dir = Path(artifact_dir)
     decoder.manifest = artifact.verify(decoder.dir, expect_arch=expect_arch)
-    info = decoder.manifest.get("tvm")
-    if not info:
-        raise FormatError(f"{decoder.dir / artifact.MANIFEST}: tvm: missing (artifact built without the whole-model "
-                          "TVM route)")
+    where = decoder.dir / artifact.MANIFEST
+    if "tvm" not in decoder.manifest:
+        raise FormatError(f"{where}: tvm: missing (artifact built without the whole-model TVM route)")
+    info = artifact.expect(decoder.manifest, "tvm", dict, where)
+    section = "tvm"
     if kind in ("dense", "dense_fp16"):
         if kind not in info:
-            raise FormatError(f"{decoder.dir / artifact.MANIFEST}: tvm.{kind}: missing (build with --dense"
+            raise FormatError(f"{where}: tvm.{kind}: missing (build with --dense"
                               f"{' --dense-dtype fp16' if kind == 'dense_fp16' else ''})")
-        info = info[kind]
-    spec = info["decoder"]
+        info, section = artifact.expect(info, kind, dict, where, field=f"tvm.{kind}"), f"tvm.{kind}"
+    spec = artifact.decoder_spec(info, f"{where}: {section}")
     decoder.num_layers, decoder.num_kv_heads = spec["num_layers"], spec["num_kv_heads"]
     decoder.head_dim = spec["head_dim"]
     decoder.vocab_size, decoder.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
-    decoder.eos_token_ids = tuple(spec["eos_token_ids"])
+    decoder.eos_token_ids = spec["eos_token_ids"]
+    artifact.expect(info, "num_params", int, where, low=0, field=f"{section}.num_params")
+    # the files this route opens: inside the folder and sha256-checked (artifact.member)
+    decoder.files = {key: artifact.member(decoder.dir, decoder.manifest, info.get(key), f"{section}.{key}")
+                     for key in ("library", "params")}
     return info
+
+
+def check_gpu_arch(manifest: dict, artifact_dir: Path, compute_version: str) -> None:
+    """A FormatError unless this GPU (compute capability `compute_version`, e.g. "8.9") runs the artifact: SASS for
+    one of the manifest's `target_spec.archs` runs on it, or its PTX (`target_spec.ptx`, compute_XY) is for a capability
+    no higher than this GPU's (the driver compiles PTX forward, never back)."""
+    spec = manifest.get("target_spec") or {}
+    archs, ptx = spec.get("archs") or [], spec.get("ptx")
+    try:
+        major, minor = (int(v) for v in str(compute_version).split("."))
+    except ValueError:
+        raise FormatError(f"{artifact_dir}: this GPU reports compute capability {compute_version!r}") from None
+    have = major * 10 + minor
+    # SASS for sm_XY runs on the same major at minor >= Y (CUDA binary compatibility)
+    sass = [int(a[3:]) for a in archs if isinstance(a, str) and a.startswith("sm_") and a[3:].isdigit()]
+    if any(cc // 10 == major and cc % 10 <= minor for cc in sass):
+        return
+    ptx_cc = int(ptx.split("_")[-1]) if isinstance(ptx, str) and ptx.split("_")[-1].isdigit() else None
+    if ptx_cc is not None and ptx_cc <= have:
+        return
+    raise FormatError(f"{artifact_dir / artifact.MANIFEST}: target_spec: built for {', '.join(archs) or 'no SM'}"
+                      f"{f' + PTX {ptx}' if ptx else ''}; this GPU is sm_{have} (rebuild with --arch sm_{have})")
 
 
 class TvmDecoder:
     def __init__(self, artifact_dir: str | Path, threads: int | None = None, kind: str = "aqlm"):
         manifest = artifact.read_manifest(Path(artifact_dir))
         # the device the build plan compiled the whole model for (tvm.device; absent: the CPU). On a GPU the arch
-        # is the SM list and the host code is this machine's, so only the sha256 are checked here.
-        on_gpu = (manifest.get("tvm") or {}).get("device", "cpu") == "cuda"
+        # is the SM list and the host code is this machine's, so the sha256 are checked here and the SM list below.
+        tvm_info = manifest.get("tvm")
+        on_gpu = isinstance(tvm_info, dict) and tvm_info.get("device", "cpu") == "cuda"
         info = whole_model(self, artifact_dir, kind, expect_arch=manifest["arch"] if on_gpu else None)
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
         if "tvm" not in sys.modules and not on_gpu:
@@ -55,11 +83,17 @@ class TvmDecoder:
         self.dev = tvm.cuda(0) if on_gpu else tvm.cpu()
         if on_gpu and not self.dev.exist:
             raise FormatError(f"{self.dir}: a cuda artifact needs an NVIDIA GPU and its driver; none found here")
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.dir / info["library"])), self.dev)
-        loaded = tvm.runtime.load_param_dict_from_file(str(self.dir / info["params"]))
+        if on_gpu:
+            check_gpu_arch(self.manifest, self.dir, self.dev.compute_version)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.files["library"])), self.dev)
+        try:
+            loaded = tvm.runtime.load_param_dict_from_file(str(self.files["params"]))
+        except Exception as exc:  # noqa: BLE001 - TVM raises its own error types for a malformed file
+            raise FormatError(f"{self.files['params']}: not a TVM parameter file ({str(exc).splitlines()[0][:200]})") \
+                from None
         self.params = [loaded[k] for k in sorted(loaded)]
         if len(self.params) != info["num_params"]:
-            raise FormatError(f"{self.dir / info['params']}: {len(self.params)} tensors, manifest says "
+            raise FormatError(f"{self.files['params']}: {len(self.params)} tensors, manifest says "
                               f"{info['num_params']}")
         self.reset()
 

@@ -23,12 +23,6 @@ def build(ckpt, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def llama_art(tiny_llama_ckpt, tiny_llama, tmp_path_factory):
-    # --dense: the FP model the checkpoint was quantized from (its config.json records it) as the dense baseline
-    return build(tiny_llama_ckpt, tmp_path_factory.mktemp("ort") / "llama", "--dense")
-
-
-@pytest.fixture(scope="module")
 def qwen2_art(tiny_qwen2_ckpt, tmp_path_factory):
     return build(tiny_qwen2_ckpt, tmp_path_factory.mktemp("ort") / "qwen2")
 

@@ -23,8 +23,9 @@ def atomic_dir(final: Path, keep_existing: bool = False):
 
     `keep_existing` (caches, whose content is fixed by their name): when another process put `final` in place while
     this one was filling its own, keep theirs and drop ours — a folder another process may be reading is never
-    removed. Otherwise an existing `final` is renamed aside first and removed only after the new one is in place,
-    so there is no moment with neither."""
+    removed. Otherwise an existing `final` is swapped with the new folder in one atomic step (`exchange`), so a kill
+    at any moment leaves the old or the new folder under the final name, never neither (where the swap is not
+    available: renamed aside, and put back if the rename in fails)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -44,6 +45,8 @@ def atomic_dir(final: Path, keep_existing: bool = False):
         if final.exists():
             if keep_existing and placed_meanwhile():
                 return
+            if exchange(tmp, final):  # one atomic swap: `final` is the old folder, then the new, never absent
+                return  # `tmp` now holds the old folder, removed below
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / final.name)
         try:
@@ -59,6 +62,25 @@ def atomic_dir(final: Path, keep_existing: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). False where the kernel, libc
+    or file system cannot; the caller then falls back to two renames."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -248,10 +248,13 @@ def _source_model(checkpoint_dir: str, dense_model_dir) -> str:
         source = json.loads(path.read_text()).get("aqlm_compile", {}).get("source_model")
     except (OSError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: not readable JSON ({exc})") from None
-    if not source or not Path(source).is_dir():
-        raise ConfigError(f"{path}: aqlm_compile.source_model: expected the FP model folder the checkpoint was "
-                          f"quantized from, found {source!r}; pass --dense-model DIR")
-    return source
+    from .models import find_source_model
+
+    found = find_source_model(source, Path(checkpoint_dir))
+    if found is None:
+        raise ConfigError(f"{path}: aqlm_compile.source_model: the FP model {source!r} the checkpoint was quantized "
+                          "from is neither beside the checkpoint nor in the model cache; pass --dense-model DIR")
+    return str(found)
 
 
 @main.command()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def save(out_dir: str | Path, model, aqlm_config: AqlmConfig, source_dir: str | 
     config["torch_dtype"] = "float16"
     config["use_cache"] = True
     config["aqlm_compile"] = {"format_version": 1, "config": aqlm_config.name,
-                              "source_model": str(Path(source_dir).resolve()) if source_dir else None,
+                              # relative to the checkpoint: never an absolute path of the quantizing machine
+                              "source_model": _relative_source(source_dir, out_dir) if source_dir else None,
                               **({"layer_configs": layer_configs, "mixed_configs": _MIXED_NOTE} if layer_configs else {}),
                               **(metadata or {})}
     with atomic_dir(out_dir) as tmp:
@@ -96,12 +98,48 @@ def read_config(ckpt_dir: Path) -> dict:
     if not path.is_file():
         raise FormatError(f"{path}: missing (expected an AQLM checkpoint directory)")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes())
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
     if not isinstance(config, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return config
+
+
+def _relative_source(source_dir, out_dir) -> str:
+    """The source model as a path relative to the checkpoint folder (models.find_source_model resolves it), or its
+    folder name where no relative path exists (another drive)."""
+    source = Path(source_dir).resolve()
+    try:
+        return Path(os.path.relpath(source, Path(out_dir).resolve())).as_posix()
+    except ValueError:
+        return source.name
+
+
+def check_tokenizer_files(ckpt_dir: Path) -> None:
+    """The JSON tokenizer files of a checkpoint parse (a corrupt one is named here, not deep in a tokenizer
+    library, and is never copied into an artifact)."""
+    for name in TOKENIZER_FILES:
+        path = Path(ckpt_dir) / name
+        if name.endswith(".json") and path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, RecursionError) as exc:
+                raise FormatError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+
+
+def load_tokenizer(ckpt_dir: str | Path):
+    """The checkpoint's tokenizer (transformers), or a FormatError naming the folder."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_files(Path(ckpt_dir))
+    try:
+        return AutoTokenizer.from_pretrained(Path(ckpt_dir))
+    except Exception as exc:  # noqa: BLE001 - tokenizers/transformers raise many types for a bad file
+        raise FormatError(f"{ckpt_dir}: its tokenizer files cannot be loaded ({str(exc).splitlines()[0][:200]})") \
+            from None
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -151,6 +189,7 @@ def validate(ckpt_dir: str | Path) -> tuple[AqlmConfig, dict, dict[str, torch.Te
     if not isinstance(not_q, list) or not all(isinstance(x, str) for x in not_q):
         raise FormatError(f"{where}: quantization_config.linear_weights_not_to_quantize: expected a list of names")
     own = layer_configs(config, where)
+    check_tokenizer_files(ckpt_dir)
     tensors = _read_tensors(ckpt_dir)
     wfile = ckpt_dir / WEIGHTS
     layers = sorted(name[: -len(".codes")] for name in tensors if name.endswith(".codes"))
@@ -187,18 +226,47 @@ def validate(ckpt_dir: str | Path) -> tuple[AqlmConfig, dict, dict[str, torch.Te
     return aqlm_config, config, tensors
 
 
+# config.json sizes a model is built from, and the largest value any real model has (a larger one is a corrupt or
+# hostile file: it is refused before anything is allocated)
+SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19,
+               "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+               "head_dim": 1 << 12, "max_position_embeddings": 1 << 24}
+
+
+def _check_sizes(ckpt_dir: Path, raw: dict, tensors: dict) -> None:
+    """config.json's sizes are integers in range and agree with the tensors the file holds (the block count and the
+    embedding), checked before a model is built from them."""
+    where = ckpt_dir / "config.json"
+    for key, high in SIZE_LIMITS.items():
+        if key in raw and raw[key] is not None and (type(raw[key]) is not int or not 1 <= raw[key] <= high):
+            raise FormatError(f"{where}: {key}: expected an integer in 1..{high}, found {str(raw[key])[:40]!r}")
+    blocks = {int(m.group(1)) for m in map(_BLOCK_INDEX.match, tensors) if m}
+    n = raw.get("num_hidden_layers")
+    if n is not None and blocks and max(blocks) + 1 != n:
+        raise FormatError(f"{where}: num_hidden_layers: {n}, but {WEIGHTS} holds blocks 0..{max(blocks)}")
+    emb = tensors.get("model.embed_tokens.weight")
+    if emb is not None and emb.dim() == 2 and [raw.get("vocab_size"), raw.get("hidden_size")] != list(emb.shape):
+        raise FormatError(f"{where}: vocab_size {raw.get('vocab_size')!r} x hidden_size {raw.get('hidden_size')!r} "
+                          f"does not match model.embed_tokens.weight {list(emb.shape)} in {WEIGHTS}")
+
+
+_BLOCK_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
 def _build_model(ckpt_dir: Path, raw: dict, aqlm_config, tensors, dtype):
     """The HF model of config.json with `AqlmLinear` in place of every quantized layer, every tensor's name and
     shape checked against it (no weights loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    _check_sizes(ckpt_dir, raw, tensors)
     clean = {k: v for k, v in raw.items() if k not in ("quantization_config", "aqlm_compile")}
     try:
         hf_config = AutoConfig.for_model(**clean)
-    except Exception as exc:
-        raise FormatError(f"{ckpt_dir / 'config.json'}: not a usable model config ({str(exc).splitlines()[0]})") from None
-    hf_config.use_cache = False
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+        hf_config.use_cache = False
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a config it cannot use
+        raise FormatError(f"{ckpt_dir / 'config.json'}: not a usable model config "
+                          f"({(str(exc).splitlines() or [type(exc).__name__])[0][:200]})") from None
     layers = sorted(name[: -len(".codes")] for name in tensors if name.endswith(".codes"))
     own = layer_configs(raw, str(ckpt_dir / "config.json"))
     modules = dict(model.named_modules())
@@ -240,6 +308,8 @@ def load(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32):
     """Validate, then build the model with `AqlmLinear` layers. Returns (model, AqlmConfig, metadata)."""
     ckpt_dir = Path(ckpt_dir)
     aqlm_config, raw, tensors = validate(ckpt_dir)
+    with torch.device("meta"):  # every structural check first, with nothing allocated
+        _build_model(ckpt_dir, raw, aqlm_config, tensors, dtype)
     model, hf_config = _build_model(ckpt_dir, raw, aqlm_config, tensors, dtype)
     state = {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in tensors.items()}
     model.load_state_dict(state, strict=False)

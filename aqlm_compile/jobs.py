@@ -246,16 +246,17 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
     from .progress import Reporter
 
     reporter = reporter or Reporter()
-    target = Path(path)
+    target = Path(path) if path is not None else None  # None: the embedded default FP model
     corpus = load_corpus(dataset)
-    result: dict = {"path": str(target), "dataset": corpus.name, "seqlen": seqlen}
+    result: dict = {"path": str(target or resolve_model_dir(None)), "dataset": corpus.name, "seqlen": seqlen}
     timings = {}
-    if fmt.is_checkpoint(target):
-        from transformers import AutoTokenizer
+    if target is not None and fmt.is_checkpoint(target):
+        from .models import find_source_model
 
         model, aqlm_config, meta = fmt.load(target)
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        source = meta.get("source_model")
+        tokenizer = fmt.load_tokenizer(target)
+        found = find_source_model(meta.get("source_model"), target)
+        source = str(found) if found else None
         layer_names = list(fmt.quantized_modules(model))
         result.update({"config": aqlm_config.name, "quantized_layers": len(layer_names), **quantized_bits(model)})
         # every parameter of the model as quantized, counted before a compact embedding replaces its table
@@ -309,7 +310,7 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         result["fp_ppl"] = result["ppl"]
     elif fp:
         result["fp_ppl"] = None
-        result["fp_note"] = f"FP source model {source!r} not found"
+        result["fp_note"] = f"FP source model {meta.get('source_model')!r} not found beside the checkpoint or in the cache"
     if rtn and source and Path(source, "config.json").is_file():
         rtn_model, _ = load_fp_model(Path(source))
         nbits = rtn_bits_for(aqlm_config) if aqlm_config else 2

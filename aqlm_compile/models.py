@@ -93,6 +93,24 @@ def resolve_model_dir(model_dir: str | None) -> Path:
     return path
 
 
+def find_source_model(recorded, checkpoint_dir: Path) -> Path | None:
+    """The FP model folder a checkpoint was quantized from, from its config.json `aqlm_compile.source_model`: a path
+    relative to the checkpoint (no absolute path of the quantizing machine is written into a checkpoint people
+    share); where that is not there (the checkpoint was moved or copied), a folder of the same name beside the
+    checkpoint or in the model cache. An absolute path (checkpoints written before) is used if it is there. None
+    when nothing is found."""
+    if not isinstance(recorded, str) or not recorded or "\0" in recorded:
+        return None
+    path = Path(recorded)
+    candidates = [path] if path.is_absolute() else [Path(checkpoint_dir) / path]
+    if path.name not in ("", ".", ".."):
+        candidates += [Path(checkpoint_dir).resolve().parent / path.name, cache_root() / "models" / path.name]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
 def load_fp_model(model_dir: Path, dtype=None):
     """Load a local HF decoder-only causal LM in fp32 (eval mode) and its tokenizer."""
     import torch

@@ -120,3 +120,59 @@ def test_validate_nan_scales(saved):
     _rewrite(saved, "model.layers.0.mlp.down_proj.scales", torch.full((64, 1, 1, 1), float("nan"), dtype=torch.float16))
     with pytest.raises(FormatError, match="down_proj.scales: contains NaN"):
         fmt.validate(saved)
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"vocab_size": 10 ** 9}, r"vocab_size: expected an integer in 1..4194304, found '1000000000'"),
+    ({"hidden_size": "64"}, r"hidden_size: expected an integer in 1..131072"),
+    ({"num_hidden_layers": 100000}, r"num_hidden_layers: expected an integer in 1..1024"),
+    ({"num_hidden_layers": 7}, r"num_hidden_layers: 7, but model.safetensors holds blocks 0..1"),
+    ({"vocab_size": 300}, r"vocab_size 300 x hidden_size .* does not match model.embed_tokens.weight"),
+    ({"model_type": "no-such-model"}, r"config.json: not a usable model config"),
+])
+def test_absurd_config_sizes_are_refused_before_any_allocation(saved, changes, message):
+    """A config.json with a vocabulary of 10⁹ used to reach the allocator (a traceback, or the OOM killer): sizes
+    are checked against limits and the tensors first, and the model is built on the meta device before for real."""
+    _edit_config(saved, **changes)
+    with pytest.raises(FormatError, match=message):
+        fmt.load(saved)
+
+
+def test_corrupt_tokenizer_is_one_clear_line(saved):
+    from click.testing import CliRunner
+
+    from aqlm_compile.cli import main
+
+    (saved / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(FormatError, match=r"tokenizer.json: not valid JSON"):
+        fmt.validate(saved)
+    corpus = saved.parent / "corpus.txt"
+    corpus.write_text("a few words of text.\n" * 400)
+    r = CliRunner().invoke(main, ["eval", str(saved), "--no-rtn", "--dataset", str(corpus)])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "tokenizer.json: not valid JSON" in lines[0], r.output
+
+
+def test_source_model_is_relative_not_an_absolute_path(saved, tiny_llama, tmp_path):
+    """The quantizing machine's absolute paths stay out of a shared checkpoint; the FP model is found from the
+    relative path, or by its name beside the checkpoint or in the model cache when the checkpoint has moved."""
+    import shutil
+
+    from aqlm_compile.models import find_source_model
+
+    recorded = json.loads((saved / "config.json").read_text())["aqlm_compile"]["source_model"]
+    assert not recorded.startswith("/") and recorded.endswith(tiny_llama.name)
+    assert find_source_model(recorded, saved).resolve() == tiny_llama.resolve()
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(saved, moved)
+    assert find_source_model(recorded, moved) is None  # neither at the relative path nor beside it
+    shutil.copytree(tiny_llama, moved.parent / tiny_llama.name)
+    assert find_source_model(recorded, moved) == moved.parent / tiny_llama.name
+    for bad in ("", None, "..", 5):
+        assert find_source_model(bad, moved) is None

@@ -44,14 +44,14 @@ ARCHS = {
 }
 
 
-def make_model(out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
+def make_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out_dir)
-    spec = dict(ARCHS[arch])
+    spec = {**ARCHS[arch], **overrides}
     model_type = spec.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                   eos_token_id=tok.eos_token_id, max_position_embeddings=256, **spec)

@@ -69,6 +69,8 @@ WRITERS = {
                     {"what", "command", "checkpoint", "config", "embedding", "windows", "seqlen", "fp_ppl",
                      "ppl_before", "ppl_after", "file_bytes", "pv_steps", "pv_seconds", "pv_wall_s",
                      "pv_peak_rss_bytes", "val_kl", "code_change_per_step", "settings", "machine", "wall_s"}, None),
+    "*/fuzz.json": ("benchmarks/fuzz.py", {"what", "command", "counts", "seed", "totals", "all", "failures",
+                                           "machine", "wall_s"}, None),
     "smollm2-*.json": ("benchmarks/quantize_smollm2.sh",
                        {"model", "config", "preset", "machine", "quantize_seconds", "quantize_phases_seconds", "eval",
                         "quantize_wall_s", "quantize_peak_rss_bytes"}, None),

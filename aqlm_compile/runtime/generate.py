@@ -33,7 +33,10 @@ def load_tokenizer(folder: Path):
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise FormatError(f"{path}: missing (the artifact's tokenizer)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception type
+        raise FormatError(f"{path}: not a readable tokenizer ({str(exc).splitlines()[0][:200]})") from None
 
 
 def encode_prompt(tokenizer, prompt: str, bos_token_id: int | None, add_bos: bool) -> list[int]:

@@ -23,8 +23,13 @@ class KernelLibrary:
         self.tvm = tvm
         self.dev = tvm.cpu()
         self.library = artifact.member(self.dir, self.manifest, self.manifest.get("kernel_library"), "kernel_library")
-        artifact.expect(self.manifest, "layers", dict, self.dir / artifact.MANIFEST)
-        artifact.expect(self.manifest, "kernels", dict, self.dir / artifact.MANIFEST)
+        where = self.dir / artifact.MANIFEST
+        for name, info in artifact.expect(self.manifest, "layers", dict, where).items():
+            for key in ("out_features", "in_features"):
+                artifact.expect(info, key, int, where, low=1, high=1 << 20, field=f"layers.{name}.{key}")
+            if "config" in info:
+                artifact.expect(info, "config", str, where, field=f"layers.{name}.config")
+        artifact.expect(self.manifest, "kernels", dict, where)
         self.module = tvm.runtime.load_module(str(self.library))
         weights = artifact.member(self.dir, self.manifest, "weights/model.safetensors", "files")
         try:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -37,12 +38,15 @@ class OrtDecoder:
         self.num_layers, self.num_kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
         self.vocab_size, self.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
         self.eos_token_ids = spec["eos_token_ids"]
-        threads = threads or os.cpu_count() or 1
+        explicit, threads = threads is not None, threads or os.cpu_count() or 1
         so = ort.SessionOptions()
         if kind == "aqlm":
             # The AQLM op runs its own (TVM) thread pool: ORT's pool stays at one thread, not spinning
             # (docs/tvm-and-ort-notes.md N11).
-            os.environ.setdefault("AQLM_NUM_THREADS", str(threads))
+            if explicit:  # an explicit thread count wins over the environment (the op reads it at first use)
+                os.environ["AQLM_NUM_THREADS"] = str(threads)
+            else:
+                os.environ.setdefault("AQLM_NUM_THREADS", str(threads))
             so.intra_op_num_threads = 1
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             lib = artifact.member(self.dir, self.manifest, onnx_info.get("op_library"), "onnx.op_library")
@@ -63,6 +67,13 @@ class OrtDecoder:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.reset()
+
+    def fork(self) -> "OrtDecoder":
+        """A decoder sharing this one's InferenceSession (ORT runs one session from many threads; the AQLM op
+        serialises the calls of each node), with its own KV cache: one per thread."""
+        twin = copy.copy(self)
+        twin.reset()
+        return twin
 
     def reset(self) -> None:
         empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32)

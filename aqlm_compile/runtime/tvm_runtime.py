@@ -4,6 +4,7 @@ with the TVM runtime only (`TVM_USE_RUNTIME_LIB=1`: the compiler library is neve
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import artifact
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
 
 
 def whole_model(decoder, artifact_dir, kind: str, expect_arch: str | None = None) -> dict:
@@ -71,7 +72,11 @@ class TvmDecoder:
         tvm_info = manifest.get("tvm")
         on_gpu = isinstance(tvm_info, dict) and tvm_info.get("device", "cpu") == "cuda"
         info = whole_model(self, artifact_dir, kind, expect_arch=manifest["arch"] if on_gpu else None)
-        os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
+        # an explicit thread count wins over the environment; set before TVM starts this process's pool
+        if threads:
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        else:
+            os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
         if "tvm" not in sys.modules and not on_gpu:
             # runtime only: the compiler library is not loaded. Not for cuda artifacts: with this variable TVM never
             # loads its CUDA runtime library, and the CUDA module loader is missing.
@@ -85,7 +90,8 @@ class TvmDecoder:
             raise FormatError(f"{self.dir}: a cuda artifact needs an NVIDIA GPU and its driver; none found here")
         if on_gpu:
             check_gpu_arch(self.manifest, self.dir, self.dev.compute_version)
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.files["library"])), self.dev)
+        self._module = tvm.runtime.load_module(str(self.files["library"]))
+        self.vm = VirtualMachine(self._module, self.dev)
         try:
             loaded = tvm.runtime.load_param_dict_from_file(str(self.files["params"]))
         except Exception as exc:  # noqa: BLE001 - TVM raises its own error types for a malformed file
@@ -97,6 +103,16 @@ class TvmDecoder:
                               f"{info['num_params']}")
         self.reset()
 
+    def fork(self) -> "TvmDecoder":
+        """A decoder sharing this one's loaded library and parameters, with its own VM and KV cache: one per thread
+        (a VirtualMachine runs one call at a time; the compiled functions and the parameters are only read)."""
+        from tvm.runtime.vm import VirtualMachine
+
+        twin = copy.copy(self)
+        twin.vm = VirtualMachine(self._module, self.dev)
+        twin.reset()
+        return twin
+
     def reset(self) -> None:
         empty = self.tvm.runtime.tensor(np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32), self.dev)
         self.past = [empty] * (2 * self.num_layers)
@@ -104,6 +120,9 @@ class TvmDecoder:
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:  # the VM's gather does not check
+            raise ConfigError(f"token ids: expected 1 or more in 0..{self.vocab_size - 1}, found "
+                              f"{ids.min() if ids.size else 'none'}..{ids.max() if ids.size else ''}")
         fn = self.vm["decode"] if ids.shape[1] == 1 and self.length > 0 else self.vm["prefill"]
         t = self.tvm.runtime.tensor
         mask = np.ones((1, self.length + ids.shape[1]), np.int64)

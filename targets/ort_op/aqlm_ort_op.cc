@@ -65,7 +65,9 @@ const tvm::ffi::Module* kernel_module(std::string* error) {
     *error = g_module_error;
     return nullptr;
   }
-  if (const char* n = std::getenv("AQLM_NUM_THREADS")) setenv("TVM_NUM_THREADS", n, 0);
+  // AQLM_NUM_THREADS (the op's own setting, what OrtDecoder(threads=) sets) wins over a TVM_NUM_THREADS set for
+  // other TVM code in the process
+  if (const char* n = std::getenv("AQLM_NUM_THREADS")) setenv("TVM_NUM_THREADS", n, 1);
   std::string path = kernel_library_path();
   try {
     g_module = std::make_unique<tvm::ffi::Module>(tvm::ffi::Module::LoadFromFile(path));
@@ -178,6 +180,9 @@ struct Kernel {
   uint64_t tiled_sample = 0;
   std::map<std::string, tvm::ffi::Function> functions;
   std::map<std::string, bool> row_tiled;  // symbol → whether it is the _rt64 variant
+  // ORT may run one session from many threads at once, and every call of this node shares the state above (the
+  // scratch buffers, the converted scales, the function map): one call at a time per node.
+  std::mutex mu;
 };
 
 // A cheap fingerprint of a code tensor, checked on every call: 64 words of 8 bytes at evenly spaced places
@@ -261,6 +266,8 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
     return make_error(ORT_INVALID_ARGUMENT, std::string("codes: expected ") + type_name(want_codes) + " [out, in/" +
                       std::to_string(k->g) + ", " + std::to_string(k->M) + "], found " + type_name(codes.type) + " " + shape_str(codes.shape));
   const int64_t O = codes.shape[0], J = codes.shape[1], I = J * k->g;
+  if (O < 1 || J < 1)
+    return make_error(ORT_INVALID_ARGUMENT, "codes: expected at least one row and one input group, found " + shape_str(codes.shape));
   if (x.shape.back() != I)
     return make_error(ORT_INVALID_ARGUMENT, "x: last dimension " + std::to_string(x.shape.back()) + " does not match codes " +
                       shape_str(codes.shape) + " with in_group_size " + std::to_string(k->g) + " (in = " + std::to_string(I) + ")");
@@ -295,6 +302,9 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   if (has_bias && (t[4].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t[4].numel() != O))
     return make_error(ORT_INVALID_ARGUMENT, std::string("bias: expected float32 [") + std::to_string(O) + "], found " + type_name(t[4].type) + " " + shape_str(t[4].shape));
 
+  // Any code value is safe: every kernel reads a code as its storage type masked to 2^B - 1 (x mod 2^B, as the HF
+  // format's readers do), so no value indexes outside the codebook.
+
   int64_t N = x.numel() / I;
   std::vector<int64_t> y_shape = x.shape;
   y_shape.back() = O;
@@ -304,6 +314,7 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   ORT_TRY(describe(y_value, &y));
   if (N == 0) return nullptr;
 
+  std::lock_guard<std::mutex> lock(k->mu);
   // Scales are initializers in practice: convert once, then only check (memcmp) that they did not change.
   const size_t sc_bytes = O * (sc.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 2);
   float* scales = static_cast<float*>(k->scales.get(O * sizeof(float)));

@@ -103,3 +103,15 @@ def test_bad_checkpoint_is_one_clear_line(tiny_llama, tmp_path):
     r = CliRunner().invoke(main, ["eval", str(bad)])
     assert r.exit_code == 2
     assert "quantization_config.num_codebooks: missing" in r.output
+
+
+def test_eval_without_a_path_scores_the_default_model(tiny_corpus):
+    """`aqlm-compile eval` with no PATH used to end in a TypeError traceback; like `quantize`, it now takes the
+    embedded default model (SmolLM2-135M-Instruct, installed by scripts/setup.sh)."""
+    from aqlm_compile.models import default_model_dir
+
+    r = CliRunner().invoke(main, ["eval", "--dataset", str(tiny_corpus), "--seqlen", "16", "--windows", "1",
+                                  "--no-rtn", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    assert result["path"] == str(default_model_dir()) and result["ppl"] > 1

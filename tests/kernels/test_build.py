@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require_arm64_toolchain
 import torch
 from click.testing import CliRunner
 from tiny_models import greedy_tokens, tamper, torch_prefill_logits
@@ -123,8 +124,7 @@ def test_arm64_artifact_runs_under_qemu(built, tmp_path):
     """Cross-compiled with gcc-aarch64-linux-gnu, run by the artifact's own aarch64 runner under qemu-user."""
     import shutil
 
-    if not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")):
-        pytest.skip("needs Debian's gcc/g++-aarch64-linux-gnu and qemu-user (scripts/setup.sh installs them)")
+    require_arm64_toolchain()
     from aqlm_compile.targets.arm64 import run_kernel
 
     ckpt, _ = built
@@ -302,8 +302,7 @@ def test_arm64_kernels_every_config_under_qemu(cfg, tmp_path):
     """Each config's arm64 kernels (GEMV, LUT where chosen, GEMM) against the torch reference, run under qemu."""
     import shutil
 
-    if not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")):
-        pytest.skip("needs Debian's gcc/g++-aarch64-linux-gnu and qemu-user (scripts/setup.sh installs them)")
+    require_arm64_toolchain()
     from tvm.support import cc
 
     from aqlm_compile.config import AqlmConfig
@@ -332,3 +331,20 @@ def test_arm64_kernels_every_config_under_qemu(cfg, tmp_path):
         assert ((torch.from_numpy(y).double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5, symbol
     if cfg == "8x8g32":
         assert kernels[f"aqlm_gemv_{out_f}x{in_f}_b1"]["kernel"] == "gemv_lut"
+
+
+def test_arm64_tests_fail_without_their_toolchain_unless_setup_recorded_why(monkeypatch, tmp_path):
+    """Issue 15: the arm64 tests used to skip whenever the toolchain was missing, and CI stayed green."""
+    import conftest
+
+    monkeypatch.setattr(conftest.shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(conftest, "ARM64_UNAVAILABLE", tmp_path / "aarch64-toolchain-unavailable")
+    monkeypatch.delenv("AQLM_COMPILE_REQUIRE_ARM64", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="run scripts/setup.sh"):
+        require_arm64_toolchain()
+    (tmp_path / "aarch64-toolchain-unavailable").write_text("apt-get failed: no route to the Debian mirror\n")
+    with pytest.raises(pytest.skip.Exception, match="no route to the Debian mirror"):
+        require_arm64_toolchain()
+    monkeypatch.setenv("AQLM_COMPILE_REQUIRE_ARM64", "1")  # CI (.ci/run)
+    with pytest.raises(pytest.fail.Exception):
+        require_arm64_toolchain()

@@ -124,7 +124,8 @@ def test_manifest_values_are_typed_before_use(field, value, message, llama_art, 
     with pytest.raises(FormatError, match=message):
         open_tvm(art)
     r = CliRunner().invoke(main, ["generate", str(art), "hi", "--runtime", "tvm", "--max-new-tokens", "2"])
-    assert r.exit_code == 2 and r.output.count("\n") == 1 and "error: FormatError" in r.output, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: FormatError"), r.output
 
 
 def test_the_build_records_the_cpu_features_its_code_uses(llama_art):
@@ -165,3 +166,48 @@ def test_gpu_arch_is_checked():
             check_gpu_arch(manifest, artifact.Path("/a"), bad)
     with pytest.raises(FormatError, match="sm_90"):
         check_gpu_arch({"target_spec": {"archs": ["sm_80"], "ptx": None}}, artifact.Path("/a"), "9.0")
+
+
+def test_explicit_threads_win_over_the_environment(llama_art):
+    """`threads=` (the CLI's --threads) sets the TVM pool even when TVM_NUM_THREADS says otherwise (it used to be
+    ignored: the runtimes only set the variable when it was absent)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, tvm_ffi\n"
+            "from aqlm_compile.runtime.tvm_runtime import TvmDecoder\n"
+            "d = TvmDecoder(sys.argv[1], threads=1)\n"
+            "d.step(np.array([1, 2, 3]))\n"
+            "print(tvm_ffi.get_global_func('runtime.NumThreads')())\n")
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code, str(llama_art)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "1", out.stdout
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "over-an-artifact"])
+def test_a_killed_build_leaves_no_half_artifact(existing, tiny_llama_ckpt, llama_art, tmp_path):
+    """kill -9 in the middle of `build`: the final name holds nothing (a fresh build) or the previous, complete
+    artifact (a rebuild), never a half-written one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "art"
+    if existing:
+        shutil.copytree(llama_art, out)
+    cli = Path(sys.executable).parent / "aqlm-compile"
+    proc = subprocess.Popen([str(cli), "build", str(tiny_llama_ckpt), "--target", "x86", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(12 if existing else 8)  # inside the export/compile, before the rename
+    assert proc.poll() is None, "the build ended before the kill: the test needs a longer build"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if existing:
+        assert artifact.verify(out)["files"] == artifact.read_manifest(llama_art)["files"]
+    else:
+        assert not out.exists()

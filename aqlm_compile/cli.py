@@ -117,8 +117,10 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
 @click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]),
               help="Evaluate with the input embedding as `build --embedding` puts it in an artifact.  [default: the "
                    "form a `quantize --bits` checkpoint records, else stored]")
+@click.option("--head", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
+              help="Evaluate with a dense lm_head (and an embedding tied to it) as `build --head` stores it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(path, dataset, seqlen, windows, no_rtn, embedding, as_json):
+def eval_(path, dataset, seqlen, windows, no_rtn, embedding, head, as_json):
     """Held-out perplexity of an AQLM checkpoint, its FP source and an RTN baseline (or of an FP model)."""
     from .jobs import eval_job
     from .progress import default_reporter
@@ -126,7 +128,7 @@ def eval_(path, dataset, seqlen, windows, no_rtn, embedding, as_json):
     reporter = default_reporter(quiet=True)
     try:
         result = eval_job(path, dataset=dataset, seqlen=seqlen, windows=windows, rtn=not no_rtn, reporter=reporter,
-                          embedding=embedding or _recorded_embedding(path))
+                          embedding=embedding or _recorded_embedding(path), head=head)
     finally:
         reporter.close()
     if as_json:
@@ -343,8 +345,9 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--readme", "readme_path", help="--report/--render: update this README's generated results block.")
 @click.option("--note", "notes", multiple=True, help="--report: context to keep in the report (repeatable).")
 @click.option("--checkpoint", "extra_checkpoints", multiple=True,
-              help="--report: also score this checkpoint of the default model, as CKPT[:EMBEDDING] (default: the form "
-                   "it records, else stored), its size the weights its artifact stores (repeatable).")
+              help="--report: also score this checkpoint of the default model, as CKPT[:EMBEDDING[:HEAD]] (EMBEDDING: "
+                   "default the form it records, else stored; HEAD: fp16 or int8, as `build --head`), its size the "
+                   "weights its artifact stores (repeatable).")
 @click.option("--shapes", default="4096x4096,11008x4096,4096x11008,576x576,1536x576,576x1536", show_default=True)
 @click.option("--configs", default="2x8g8,1x16g8,8x8g32,1x8g8", show_default=True)
 @click.option("--batch", "batches", default="1,4", show_default=True)
@@ -426,23 +429,30 @@ def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks,
 
     from . import format as fmt
     from .bench.report import ReportOptions, report_root, run_report
-    from .embedding import EMBEDDINGS
+    from .embedding import EMBEDDINGS, HEADS
     from .errors import ConfigError
 
     kw = {"build_llamacpp": build_llamacpp, "quantize_missing": not no_quantize, "notes": tuple(notes)}
     extra = []
     for spec in extra_checkpoints:
         path, _, form = spec.partition(":")
+        form, _, head = form.partition(":")
+        head = head or "fp16"
         if not fmt.is_checkpoint(Path(path)):
             raise ConfigError(f"--checkpoint {spec}: {path} is not an AQLM checkpoint")
         form = form or _recorded_embedding(path)
         if form not in EMBEDDINGS:
             raise ConfigError(f"--checkpoint {spec}: embedding {form!r}: expected one of {', '.join(EMBEDDINGS)}")
+        if head not in HEADS:
+            raise ConfigError(f"--checkpoint {spec}: head {head!r}: expected one of {', '.join(HEADS)}")
         meta = json.loads((Path(path) / "config.json").read_text()).get("aqlm_compile") or {}
         if form == "head" and not (meta.get("head_config") and meta.get("head_untied")):
             raise ConfigError(f"--checkpoint {spec}: embedding head needs a checkpoint quantized with --head-config "
                               "whose embedding was tied to the head")
-        extra.append((Path(path), form))
+        if head != "fp16" and meta.get("head_config"):
+            raise ConfigError(f"--checkpoint {spec}: head {head} needs a dense lm_head (this one is AQLM "
+                              f"{meta['head_config']})")
+        extra.append((Path(path), form, head))
     if extra:
         if sections and "quality" not in sections:
             raise ConfigError("--checkpoint: its rows are in the quality section (add quality to --sections)")

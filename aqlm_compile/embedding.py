@@ -115,6 +115,34 @@ def _embedding_from_head(self, ids):
     return (rows * scales).reshape(*ids.shape, -1)
 
 
+HEADS = ("fp16", "int8")
+
+
+def round_head(model, kind: str) -> None:
+    """The dense lm_head's weight as `build --head KIND` computes with, in place: "fp16" leaves it; "int8" replaces
+    it by its int8 rows times their per-row scales (`rows_int8`, the values `export.keep_head_int8` stores). A tied
+    embedding still in its stored form reads the same rows, as in the artifact; apply after `compact_embedding`, so
+    a compact embedding keeps the table it was made from."""
+    if kind not in HEADS:
+        raise ValueError(f"head {kind!r}: expected one of {', '.join(HEADS)}")
+    if kind == "fp16":
+        return
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"--head {kind}: the lm_head is a {type(head).__name__}, not a dense linear (an AQLM head is "
+                         "already compact)")
+    rows, scales = rows_int8(head.weight)
+    with torch.no_grad():
+        head.weight.copy_((rows.float() * scales[:, None]).to(head.weight.dtype))
+
+
+def head_bits(kind: str, rows: int, cols: int) -> int:
+    """Exact storage bits of a dense [rows, cols] lm_head in form `kind` (see `round_head`)."""
+    if kind not in HEADS:
+        raise ValueError(f"head {kind!r}: expected one of {', '.join(HEADS)}")
+    return 16 * rows * cols if kind == "fp16" else 8 * rows * cols + 32 * rows
+
+
 def embedding_bits(kind: str, rows: int, cols: int) -> int:
     """Exact storage bits of a [rows, cols] input embedding in form `kind` (see `compact_embedding`): what
     `quantize --bits` counts for it. "head" costs nothing: its rows are the quantized lm_head's."""

@@ -39,18 +39,28 @@ def quantized_bits(model) -> dict:
     return {"bits": bits, "params": params, "bits_per_param": bits / params if params else float("nan")}
 
 
-def weight_bits(model, embedding: str = "stored") -> int:
+def weight_bits(model, embedding: str = "stored", head: str = "fp16") -> int:
     """Exact bits of the model's weights as an artifact stores them: AQLM layers at `AqlmConfig.layer_bits`, the
     input embedding in form `embedding` (`embedding.embedding_bits`; call before `compact_embedding`), a dense
-    lm_head in fp16 (nothing extra when it is the embedding's own fp16 table), every other parameter in fp16; each
-    tensor once. What `quantize --bits` budgets (`quantize/bit_budget.fixed_bits` counts the same parts)."""
-    from .embedding import embedding_bits
+    lm_head in form `head` (`embedding.head_bits`: fp16, or int8 rows + a scale per row; a tied embedding in its
+    stored form is that same table, counted once), every other parameter in fp16; each tensor once. What
+    `quantize --bits` budgets (`quantize/bit_budget.fixed_bits` counts the same parts, with an fp16 head)."""
+    from .embedding import embedding_bits, head_bits
 
     emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
+    lm_head = model.get_output_embeddings()
+    dense_head = type(lm_head) is torch.nn.Linear
+    if head != "fp16" and not dense_head:
+        raise ValueError(f"--head {head}: the lm_head is a {type(lm_head).__name__}, not a dense linear")
     seen, total = {id(emb)}, embedding_bits(embedding, *emb.shape)
-    if isinstance(head, torch.nn.Linear) and head.weight is emb and embedding != "stored":
-        total += 16 * emb.numel()  # the dense head keeps the fp16 table the compact embedding no longer is
+    if dense_head:
+        seen.add(id(lm_head.weight))
+        if lm_head.weight is not emb or embedding != "stored" or head != "fp16":
+            # its own table: untied, or tied to an embedding stored in another form; a tied embedding in the
+            # stored form reads the head's table (fp16: the embedding's count above; int8: the int8 rows)
+            if lm_head.weight is emb and embedding == "stored":
+                total = 0
+            total += head_bits(head, *lm_head.weight.shape)
     for m in model.modules():
         if isinstance(m, AqlmLinear):
             total += m.config.layer_bits(m.out_features, m.in_features)

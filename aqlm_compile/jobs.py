@@ -234,9 +234,10 @@ def _finish_job(model_dir, out: Path, start: Path, config, head_config, num_bloc
 
 
 def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, windows: int | None = 32,
-             rtn: bool = True, fp: bool = True, reporter=None, embedding: str = "stored") -> dict:
+             rtn: bool = True, fp: bool = True, reporter=None, embedding: str = "stored", head: str = "fp16") -> dict:
     """Perplexity of a checkpoint (and of its FP source and an RTN baseline at the same code bits), or of an FP model.
-    `embedding`: the checkpoint's input embedding as `build --embedding` puts it in an artifact (embedding.compact_embedding)."""
+    `embedding`: the checkpoint's input embedding as `build --embedding` puts it in an artifact (embedding.compact_embedding);
+    `head`: its dense lm_head as `build --head` does (embedding.round_head)."""
     import torch
 
     from . import format as fmt
@@ -262,7 +263,7 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         # every parameter of the model as quantized, counted before a compact embedding replaces its table
         params_all, _ = param_counts(model, head_untied=bool(meta.get("head_untied")))
         try:
-            stored_bits = weight_bits(model, embedding)
+            stored_bits = weight_bits(model, embedding, head)
         except ValueError as exc:
             from .errors import ConfigError
 
@@ -276,6 +277,11 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
             result["embedding"] = embedding
+        if head != "fp16":
+            from .embedding import round_head
+
+            round_head(model, head)  # after compact_embedding: a compact embedding keeps the rows it was made from
+            result["head"] = head
         # the whole model (embeddings, norms, an fp16 head, ...): the file's bytes over every parameter
         file_bytes = (target / fmt.WEIGHTS).stat().st_size
         # ... and the weights as an artifact with this embedding form stores them (what `quantize --bits` budgets)
@@ -283,10 +289,10 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
                        "bits_per_param_all": file_bytes * 8 / params_all,
                        "weight_bits_per_param_all": stored_bits / params_all})
     else:
-        if embedding != "stored":
+        if embedding != "stored" or head != "fp16":
             from .errors import ConfigError
 
-            raise ConfigError(f"--embedding {embedding}: {path} is not an AQLM checkpoint")
+            raise ConfigError(f"--embedding {embedding} / --head {head}: {path} is not an AQLM checkpoint")
         source = str(resolve_model_dir(path))
         model, tokenizer = load_fp_model(Path(source))
         aqlm_config, layer_names = None, None

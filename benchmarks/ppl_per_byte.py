@@ -1,11 +1,11 @@
-"""Perplexity per byte of SmolLM2 checkpoints: for each CKPT[:EMBEDDING], the weights as an artifact with that
-embedding form stores them (exact bits, `evaluate.weight_bits`: codes, codebooks, scales, the embedding form, fp16
+"""Perplexity per byte of SmolLM2 checkpoints: for each CKPT[:EMBEDDING[:HEAD]], the weights as an artifact with
+those embedding and head forms (`build --embedding --head`) stores them (exact bits, `evaluate.weight_bits`: codes, codebooks, scales, the embedding form, fp16
 norms; what `quantize --bits` budgets) and the held-out perplexity on Brown (the calibration corpus's held-out part)
 and on Shakespeare (a corpus no preset calibrates on), next to the FP model's. Also each checkpoint's recorded
 quantization time and, for `--bits` checkpoints, the plan (linears per config). Scoreboard windows (32 × 512,
 BOS-prefixed).
 
-    .venv/bin/python benchmarks/ppl_per_byte.py CKPT[:EMBEDDING] ... --tag NAME
+    .venv/bin/python benchmarks/ppl_per_byte.py CKPT[:EMBEDDING[:HEAD]] ... --tag NAME
 
 Writes benchmarks/results/<machine>/ppl-per-byte-<NAME>.{json,md}.
 """
@@ -23,7 +23,8 @@ DATASETS = ("brown", "shakespeare")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoints", nargs="+", help="CKPT or CKPT:EMBEDDING (stored|int8|int4|head)")
+    ap.add_argument("checkpoints", nargs="+", help="CKPT[:EMBEDDING[:HEAD]] (EMBEDDING stored|int8|int4|head, "
+                    "default the recorded form; HEAD fp16|int8)")
     ap.add_argument("--tag", required=True)
     ap.add_argument("--windows", type=int, default=32)
     args = ap.parse_args()
@@ -38,10 +39,12 @@ def main() -> None:
     rows, fp = [], {}
     for spec in args.checkpoints:
         path, _, embedding = spec.partition(":")
+        embedding, _, head = embedding.partition(":")
+        head = head or "fp16"
         ckpt = Path(path)
         meta = json.loads((ckpt / "config.json").read_text())["aqlm_compile"]
         embedding = embedding or meta.get("embedding", "stored")
-        row = {"checkpoint": ckpt.name, "embedding": embedding, "config": meta["config"],
+        row = {"checkpoint": ckpt.name, "embedding": embedding, "head": head, "config": meta["config"],
                "head_config": meta.get("head_config"), "preset": meta.get("preset"),
                "quantize_seconds": meta.get("seconds"),  # with --from-checkpoint: this run's only
                "from_checkpoint": (meta.get("from_checkpoint") or {}).get("name"),
@@ -49,7 +52,7 @@ def main() -> None:
                "bits_budget": (meta.get("bit_plan") or {}).get("bits_per_param")}
         for dataset in DATASETS:
             r = eval_job(str(ckpt), dataset=dataset, windows=args.windows, rtn=False, fp=dataset not in fp,
-                         reporter=reporter, embedding=embedding)
+                         reporter=reporter, embedding=embedding, head=head)
             fp.setdefault(dataset, r.get("fp_ppl"))
             row[f"ppl_{dataset}"] = r["ppl"]
             row["weight_bytes"] = round(r["weight_bits_per_param_all"] * r["params_all"] / 8)
@@ -64,14 +67,15 @@ def main() -> None:
     md = [f"# Perplexity per byte: {args.tag}", "",
           f"Held-out windows: {rows[0]['windows']} × {rows[0]['seqlen']} tokens per corpus. Machine: "
           f"{machine.get('cpu')}, {machine.get('cores')} cores. Bytes: the weights as the artifact stores them "
-          "(codes + codebooks + scales, the embedding in the form given, fp16 norms).", "",
-          "| checkpoint | embedding | weights MB | bits/param (all) | Brown PPL (× FP) | Shakespeare PPL (× FP) | "
-          "linears per config | quantized in |", "|---|---|---|---|---|---|---|---|",
-          f"| FP (fp32 as evaluated) | – | – | – | {fp['brown']:.2f} | {fp['shakespeare']:.2f} | – | – |"]
+          "(codes + codebooks + scales, the embedding and a dense head in the forms given, fp16 norms).", "",
+          "| checkpoint | embedding | head | weights MB | bits/param (all) | Brown PPL (× FP) | Shakespeare PPL (× FP) | "
+          "linears per config | quantized in |", "|---|---|---|---|---|---|---|---|---|",
+          f"| FP (fp32 as evaluated) | – | – | – | – | {fp['brown']:.2f} | {fp['shakespeare']:.2f} | – | – |"]
     for r in rows:
         per = ", ".join(f"{k}: {v}" for k, v in (r["linears_per_config"] or {}).items()) or r["config"]
         secs = r["quantize_seconds"]
-        md.append(f"| {r['checkpoint']} | {r['embedding']} | {r['weight_bytes'] / 1e6:.1f} | "
+        head = r["head_config"] and f"AQLM {r['head_config']}" or r["head"]
+        md.append(f"| {r['checkpoint']} | {r['embedding']} | {head} | {r['weight_bytes'] / 1e6:.1f} | "
                   f"{r['weight_bits_per_param_all']:.3f} | {r['ppl_brown']:.2f} ({r['ppl_brown'] / fp['brown']:.2f}) | "
                   f"{r['ppl_shakespeare']:.2f} ({r['ppl_shakespeare'] / fp['shakespeare']:.2f}) | {per} | "
                   f"{'–' if secs is None else f'{secs / 60:.0f} min'}"

@@ -71,12 +71,12 @@ def fp_row(windows: Windows, fp_dir: Path, ood: Windows | None = None) -> dict:
 
 
 def aqlm_row(windows: Windows, ckpt: Path, preset: str, run: dict | None, ood: Windows | None = None,
-             embedding: str | None = None) -> dict:
+             embedding: str | None = None, head: str = "fp16") -> dict:
     """One checkpoint. `embedding` None: the checkpoint file's bytes. Otherwise the weights as an artifact built
-    with `--embedding EMBEDDING` stores them (`evaluate.weight_bits`: exact codes, codebooks, scales, the embedding
-    form, fp16 rest), scored with that embedding."""
+    with `--embedding EMBEDDING --head HEAD` stores them (`evaluate.weight_bits`: exact codes, codebooks, scales,
+    the embedding and head forms, fp16 rest), scored with that embedding and head."""
     from .. import format as fmt
-    from ..embedding import compact_embedding
+    from ..embedding import compact_embedding, round_head
     from ..evaluate import quantized_bits, weight_bits
 
     model, cfg, meta = fmt.load(ckpt)
@@ -85,16 +85,19 @@ def aqlm_row(windows: Windows, ckpt: Path, preset: str, run: dict | None, ood: W
     if embedding is None:
         size, kind = (ckpt / fmt.WEIGHTS).stat().st_size, "file (model.safetensors)"
     else:
-        size, kind = weight_bits(model, embedding) // 8, f"artifact weights (embedding {embedding})"
+        size = weight_bits(model, embedding, head) // 8
+        kind = f"artifact weights (embedding {embedding}" + (f", head {head})" if head != "fp16" else ")")
         compact_embedding(model, embedding)
+        round_head(model, head)
     scored = score(windows, ood, model)
     plan = (meta.get("bit_plan") or {}).get("linears_per_config")
-    name = (f"aqlm-compile {ckpt.name}" if embedding is not None else f"aqlm-compile {cfg.name} --preset {preset}")
+    name = (f"aqlm-compile {ckpt.name}" + (f" (head {head})" if head != "fp16" else "") if embedding is not None
+            else f"aqlm-compile {cfg.name} --preset {preset}")
     row = {"family": "aqlm-compile", "name": name, "config": cfg.name, "preset": preset, "params": total,
            "linear_params": qb["params"], "file_bytes": size, "bytes_kind": kind,
            "bits_per_param_linears": qb["bits_per_param"], "bits_per_param_all": size * 8 / total, **scored}
     if embedding is not None:
-        row.update({"embedding": embedding, "head_config": meta.get("head_config"),
+        row.update({"embedding": embedding, "head": head, "head_config": meta.get("head_config"),
                     **({"linears_per_config": plan} if plan else {})})
     if run:
         row.update({"quantize_wall_s": run["wall_s"], "quantize_peak_rss_bytes": run["peak_rss_bytes"]})

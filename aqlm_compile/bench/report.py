@@ -53,8 +53,9 @@ class ReportOptions:
     gen: int = 64
     # quality rows are also scored on this corpus, which no preset calibrates on (None: not scored)
     ood_dataset: str | None = "shakespeare"
-    # more of our checkpoints for the quality table: (path, embedding form), counted by their artifact's weights
-    checkpoints: tuple[tuple[Path, str], ...] = ()
+    # more of our checkpoints for the quality table: (path, embedding form, head form), counted by their artifact's
+    # weights
+    checkpoints: tuple[tuple[Path, str, str], ...] = ()
     # dense baselines of the default model: FP16 (the mission's) and fp32 (TVM and ORT); quick: FP16 only
     dense_dtype: str = "both"
     onnx_dense: bool = True
@@ -254,10 +255,10 @@ class Report:
                     continue
                 self.log(f"quality: {config} {preset} ...")
                 rows.append(q.aqlm_row(win, ckpt, preset, run_record(ckpt), ood))
-        for ckpt, embedding in self.opts.checkpoints:
-            self.log(f"quality: {ckpt.name} (embedding {embedding}) ...")
+        for ckpt, embedding, head in self.opts.checkpoints:
+            self.log(f"quality: {ckpt.name} (embedding {embedding}, head {head}) ...")
             meta = json.loads((ckpt / "config.json").read_text()).get("aqlm_compile", {})
-            rows.append(q.aqlm_row(win, ckpt, meta.get("preset", "?"), None, ood, embedding=embedding))
+            rows.append(q.aqlm_row(win, ckpt, meta.get("preset", "?"), None, ood, embedding=embedding, head=head))
         for nbits, gs in self.opts.rtn:
             self.log(f"quality: RTN {nbits}-bit g{gs} ...")
             rows.append(q.rtn_row(win, subject.fp_dir, nbits, gs, ood))

@@ -32,3 +32,32 @@ def test_checkpoint_row_counts_its_artifact_weights(windows, tiny_llama_ckpt):
     assert weight_bits(model, "int8") - weight_bits(model, "stored") == 8 * v * h + 32 * v
     assert row["embedding"] == "int8" and "embedding int8" in row["bytes_kind"]
     assert row["ppl"] != as_file["ppl"] and row["ppl_ood"] > 1  # scored with the int8 rows, not the fp16 ones
+
+
+def test_checkpoint_row_with_an_int8_head(windows, tiny_llama_ckpt):
+    """`--checkpoint CKPT:stored:int8`: the tied table is stored once, as int8 rows + an fp32 scale per row (what
+    `build --head int8` stores), and the row is scored with those rows."""
+    win, ood = windows
+    fp16 = q.aqlm_row(win, tiny_llama_ckpt, "tiny", None, ood, embedding="stored")
+    int8 = q.aqlm_row(win, tiny_llama_ckpt, "tiny", None, ood, embedding="stored", head="int8")
+    model, _, _ = fmt.load(tiny_llama_ckpt)
+    v, h = model.get_input_embeddings().weight.shape
+    assert fp16["file_bytes"] - int8["file_bytes"] == (16 * v * h - 8 * v * h - 32 * v) // 8
+    assert int8["head"] == "int8" and "head int8" in int8["bytes_kind"] and "(head int8)" in int8["name"]
+    assert int8["ppl"] != fp16["ppl"] and abs(int8["ppl"] / fp16["ppl"] - 1) < 0.05
+    # a compact embedding beside an int8 head: both tables, each in its form
+    both = q.aqlm_row(win, tiny_llama_ckpt, "tiny", None, ood, embedding="int4", head="int8")
+    assert weight_bits(model, "int4", "int8") - weight_bits(model, "int4", "fp16") == -(8 * v * h - 32 * v)
+    assert both["file_bytes"] == weight_bits(model, "int4", "int8") // 8
+
+
+@pytest.mark.parametrize("spec, message", [(":stored:int4", "head 'int4': expected one of fp16, int8"),
+                                           (":int3", "embedding 'int3': expected one of")])
+def test_checkpoint_spec_errors_are_one_line(spec, message, tiny_llama_ckpt):
+    from click.testing import CliRunner
+
+    from aqlm_compile.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--report", "--sections", "quality", "--checkpoint",
+                                  f"{tiny_llama_ckpt}{spec}"])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output

@@ -225,6 +225,13 @@ def test_embedding_head_needs_a_quantized_head(tiny_llama_ckpt, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_eval_head_int8_needs_a_dense_head(head_ckpts, tiny_corpus):
+    r = CliRunner().invoke(main, ["eval", str(head_ckpts["2x8g8"]), "--dataset", str(tiny_corpus), "--seqlen", "32",
+                                  "--windows", "2", "--no-rtn", "--head", "int8"])
+    assert r.exit_code == 2 and "--head int8: the lm_head is a AqlmLinear, not a dense linear" in r.output, r.output
+    assert "Traceback" not in r.output
+
+
 def test_synthetic_checkpoint_with_a_quantized_head(tiny_llama, tmp_path):
     """bench.synthetic.make_aqlm_checkpoint(head_config=...): the speed benchmarks' random checkpoint, head included."""
     from aqlm_compile.bench.synthetic import make_aqlm_checkpoint

@@ -55,12 +55,10 @@ def weight_bits(model, embedding: str = "stored", head: str = "fp16") -> int:
     seen, total = {id(emb)}, embedding_bits(embedding, *emb.shape)
     if dense_head:
         seen.add(id(lm_head.weight))
-        if lm_head.weight is not emb or embedding != "stored" or head != "fp16":
-            # its own table: untied, or tied to an embedding stored in another form; a tied embedding in the
-            # stored form reads the head's table (fp16: the embedding's count above; int8: the int8 rows)
-            if lm_head.weight is emb and embedding == "stored":
-                total = 0
-            total += head_bits(head, *lm_head.weight.shape)
+        if lm_head.weight is emb and embedding == "stored":
+            total = head_bits(head, *emb.shape)  # one table, read by both in the head's form
+        else:
+            total += head_bits(head, *lm_head.weight.shape)  # untied, or tied to a compact embedding
     for m in model.modules():
         if isinstance(m, AqlmLinear):
             total += m.config.layer_bits(m.out_features, m.in_features)

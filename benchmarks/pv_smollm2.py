@@ -3,7 +3,8 @@
 PV run (a child process, `bench.proc.run_measured`), the validation KL per epoch and the code change per step.
 Scoreboard windows (Brown ck*–cr*, 32 × 512 tokens, BOS-prefixed).
 
-    .venv/bin/python benchmarks/pv_smollm2.py CKPT [--steps 300] [--embedding stored|int8|int4|head] [--out DIR]
+    .venv/bin/python benchmarks/pv_smollm2.py CKPT [--steps 300] [--embedding stored|int8|int4|head]
+        [--head fp16|int8] [--out DIR]
 
 The tuned checkpoint goes to --out (default: runs/<CKPT name>-pv<steps>). Writes
 benchmarks/results/<machine>/pv-<CKPT name>-<steps>.{json,md}.
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--embedding", default="stored", help="the embedding form to evaluate with (eval --embedding)")
+    ap.add_argument("--head", default="fp16", choices=["fp16", "int8"],
+                    help="a dense lm_head as `build --head` stores it (eval --head)")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -39,7 +42,7 @@ def main() -> None:
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else ROOT / "runs" / f"{ckpt.name}-pv{args.steps}"
     reporter = Reporter()
-    before = eval_job(str(ckpt), rtn=False, reporter=reporter, embedding=args.embedding)
+    before = eval_job(str(ckpt), rtn=False, reporter=reporter, embedding=args.embedding, head=args.head)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -49,12 +52,14 @@ def main() -> None:
     if run.returncode != 0:
         sys.exit(f"quantize failed (exit {run.returncode}): see {out}.log")
     report = json.loads((out / "quantize_report.json").read_text())
-    after = eval_job(str(out), rtn=False, fp=False, reporter=reporter, embedding=args.embedding)
+    after = eval_job(str(out), rtn=False, fp=False, reporter=reporter, embedding=args.embedding,
+                     head=args.head)
     pv = report["pv_tuning"]
     machine = machine_info(measure_bandwidth=False)
     result = {"what": "held-out Brown PPL before and after PV-tuning (quantize --preset pv --from-checkpoint)",
-              "command": f"python benchmarks/pv_smollm2.py {ckpt.name} --steps {args.steps} --embedding {args.embedding}",
-              "checkpoint": ckpt.name, "config": before["config"], "embedding": args.embedding,
+              "command": f"python benchmarks/pv_smollm2.py {ckpt.name} --steps {args.steps} --embedding {args.embedding}"
+                          + (f" --head {args.head}" if args.head != "fp16" else ""),
+              "checkpoint": ckpt.name, "config": before["config"], "embedding": args.embedding, "head": args.head,
               "windows": before["windows"], "seqlen": before["seqlen"], "fp_ppl": before["fp_ppl"],
               "ppl_before": before["ppl"], "ppl_after": after["ppl"], "file_bytes": after["file_bytes"],
               "pv_steps": pv["steps"], "pv_seconds": report["timings"]["pv"], "pv_wall_s": round(run.wall_s, 1),
@@ -64,7 +69,8 @@ def main() -> None:
               "machine": machine, "wall_s": round(time.time() - start, 1)}
     fp = before["fp_ppl"]
     md = [f"# PV-tuning {ckpt.name} ({before['config']}), {pv['steps']} steps", "",
-          f"Held-out Brown, {before['windows']} × {before['seqlen']} tokens, embedding `{args.embedding}`. "
+          f"Held-out Brown, {before['windows']} × {before['seqlen']} tokens, embedding `{args.embedding}`, "
+          f"head `{args.head}`. "
           f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores.", "",
           "| | PPL | × FP |", "|---|---|---|",
           f"| FP | {fp:.2f} | 1.00 |",
@@ -75,7 +81,8 @@ def main() -> None:
           f"{100 * pv['code_change_per_step']:.3f}%; validation KL per epoch: "
           + ", ".join("–" if v is None else f"{v:.4f}" for v in pv["val_kl"]) + ".", "",
           f"Command: `{result['command']}`.", ""]
-    write_result(ROOT / "benchmarks" / "results" / machine_slug(machine), f"pv-{ckpt.name}-{args.steps}", result,
+    name = f"pv-{ckpt.name}-{args.steps}" + (f"-head-{args.head}" if args.head != "fp16" else "")
+    write_result(ROOT / "benchmarks" / "results" / machine_slug(machine), name, result,
                  "\n".join(md))
 
 

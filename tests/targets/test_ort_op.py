@@ -40,11 +40,13 @@ def layer(cfg, seed=0, bias=True, out=OUT):
     return AqlmLinear.from_parts(codes, cb, scales, config, torch.randn(out, generator=gen) if bias else None)
 
 
-def one_node_model(lin, x_shape, attrs=None, codes=None):
+def one_node_model(lin, x_shape, attrs=None, codes=None, scales_input=False):
+    """One AqlmMatMul node; `scales_input`: the scales are a graph input (fp16 [out]) instead of an initializer."""
     cfg = lin.config
     inits = [numpy_helper.from_array(codes if codes is not None else lin.codes.numpy(), "codes"),
-             numpy_helper.from_array(lin.codebooks.detach().half().numpy(), "codebooks"),
-             numpy_helper.from_array(lin.scales.detach().half().numpy(), "scales")]
+             numpy_helper.from_array(lin.codebooks.detach().half().numpy(), "codebooks")]
+    if not scales_input:
+        inits.append(numpy_helper.from_array(lin.scales.detach().half().numpy(), "scales"))
     names = ["x", "codes", "codebooks", "scales"]
     if lin.bias is not None:
         inits.append(numpy_helper.from_array(lin.bias.detach().numpy(), "bias"))
@@ -52,7 +54,10 @@ def one_node_model(lin, x_shape, attrs=None, codes=None):
     attrs = attrs or dict(num_codebooks=cfg.num_codebooks, nbits_per_codebook=cfg.nbits_per_codebook,
                           in_group_size=cfg.in_group_size, out_group_size=1)
     node = helper.make_node("AqlmMatMul", names, ["y"], domain="aqlm", **attrs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
+    if scales_input:
+        inputs.append(helper.make_tensor_value_info("scales", TensorProto.FLOAT16, [lin.scales.shape[0]]))
+    graph = helper.make_graph([node], "g", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("aqlm", 1)],
                              ir_version=10)
@@ -94,6 +99,30 @@ def test_bad_inputs_are_ort_errors_not_crashes(op_library):
     other_model = one_node_model(layer("2x8g8", out=32), [1, None, IN])  # a shape the library was not built for
     with pytest.raises(Exception, match=r"no kernel for a 128->32 layer"):
         session(other_model, lib).run(None, {"x": np.zeros((1, 1, IN), np.float32)})
+
+
+def test_one_session_from_eight_threads(op_library):
+    """ORT runs one session from many threads at once, and every call of a node shares its state (converted
+    scales, scratch, function map): each thread's outputs must be those of a call made alone (issue 15). The
+    scales are a per-call input here so that every call converts its own: without the node's lock, a call runs
+    its kernel with another thread's scales."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lin = layer("2x8g8")
+    sess = session(one_node_model(lin, [1, None, IN], scales_input=True), op_library["2x8g8"])
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, tokens, IN)).astype(np.float32),
+              "scales": (rng.random(OUT) + 0.5 + i).astype(np.float16)}
+             for i, tokens in enumerate([1, 3, 13, 1, 4, 2, 13, 1])]  # GEMV and GEMM calls
+    alone = [sess.run(None, f)[0] for f in feeds]
+
+    def calls(i):
+        return [sess.run(None, feeds[i])[0] for _ in range(300)]
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(calls, range(8)))
+    wrong = sum(not np.array_equal(y, alone[i]) for i, ys in enumerate(together) for y in ys)
+    assert wrong == 0, f"{wrong} of {8 * 300} concurrent calls differ from the same call made alone"
 
 
 def test_missing_kernel_library_is_an_error(op_library, tmp_path, monkeypatch):

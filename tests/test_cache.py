@@ -69,16 +69,17 @@ def test_a_folder_is_never_moved_away_from_its_final_name(tmp_path, monkeypatch)
     final = tmp_path / "out"
     with atomic_dir(final) as tmp:
         (tmp / "v").write_text("1")
-    (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "v").write_text("x")
-    assert cache.exchange(tmp_path / "x", final)  # this machine has the atomic swap
-    assert (final / "v").read_text() == "x" and (tmp_path / "x" / "v").read_text() == "1"
     moved = []
     real = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b, *k, **kw: (moved.append(str(a)), real(a, b, *k, **kw))[1])
     with atomic_dir(final) as tmp:
         (tmp / "v").write_text("2")
     assert str(final) not in moved and (final / "v").read_text() == "2"
+    monkeypatch.undo()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "v").write_text("x")
+    assert cache.exchange(tmp_path / "x", final)  # this machine has the atomic swap
+    assert (final / "v").read_text() == "x" and (tmp_path / "x" / "v").read_text() == "2"
 
 
 def test_kill_9_while_replacing_leaves_a_whole_folder(tmp_path):

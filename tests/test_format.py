@@ -164,10 +164,9 @@ def test_source_model_is_relative_not_an_absolute_path(saved, tiny_llama, tmp_pa
     relative path, or by its name beside the checkpoint or in the model cache when the checkpoint has moved."""
     import shutil
 
-    from aqlm_compile.models import find_source_model
-
     recorded = json.loads((saved / "config.json").read_text())["aqlm_compile"]["source_model"]
     assert not recorded.startswith("/") and recorded.endswith(tiny_llama.name)
+    from aqlm_compile.models import find_source_model
     assert find_source_model(recorded, saved).resolve() == tiny_llama.resolve()
     moved = tmp_path / "elsewhere" / "ckpt"
     shutil.copytree(saved, moved)

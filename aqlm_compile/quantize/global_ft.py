@@ -60,6 +60,12 @@ class KlObjective:
                        for i in range(0, len(idx), bs)) / len(idx)
 
 
+def improves(current: float, best: float) -> bool:
+    """Whether a validation loss replaces the best one so far: never a NaN (a diverged state is not kept), and
+    any finite loss beats a NaN start."""
+    return not math.isnan(current) and (math.isnan(best) or current < best)
+
+
 def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx: torch.Tensor,
                     val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator,
                     on_step=None, teacher_head=None) -> dict:
@@ -96,7 +102,7 @@ def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, t
                 on_step(loss.item())
         current = val_loss()
         history.append(current)
-        if math.isnan(current) or current < best:
+        if improves(current, best):
             best, best_state = current, {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     for p in model.parameters():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn import AqlmLinear, pack_codes
-from .global_ft import KlObjective, end_to_end_parameters
+from .global_ft import KlObjective, end_to_end_parameters, improves
 from .presets import QuantizeSettings
 
 _CODE_BETA2 = 0.95
@@ -180,7 +180,7 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
                 if step % steps_per_eval == 0 or step == settings.pv_steps:
                     current = val_loss()
                     history.append(current)
-                    if math.isnan(current) or current < best:
+                    if improves(current, best):
                         best, best_state = current, {k: v.clone() for k, v in model.state_dict().items()}
     finally:
         for m in layers.values():

@@ -12,3 +12,13 @@ def test_global_finetune_runs_and_never_worsens_validation(tiny_llama, tiny_corp
     # with lr 1e-3 on a tiny model the KL to the FP teacher goes down within two epochs
     assert min(kl[1:]) < kl[0]
     assert report["timings"]["global_ft"] > 0
+
+
+def test_a_nan_validation_loss_is_never_kept_as_the_best():
+    """A diverged step (NaN validation KL) used to be taken as the new best state and restored at the end."""
+    from aqlm_compile.quantize.global_ft import improves
+
+    nan = float("nan")
+    assert improves(0.1, 0.2) and not improves(0.3, 0.2) and not improves(0.2, 0.2)
+    assert not improves(nan, 0.2) and not improves(nan, nan)
+    assert improves(0.5, nan)  # any finite loss beats a NaN start

@@ -87,9 +87,13 @@ def main():
 @click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]),
               help="With --bits: the input embedding's form in the artifact, as the budget counts it (default stored; "
                    "recorded, and build/eval use it unless told otherwise).")
+@click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE",
+              help="Override one of the method's settings (repeatable), e.g. --set global_lr=1e-5 --set "
+                   "global_epochs=2; names and types: the method's settings dataclass (quantize/presets.py for aqlm). "
+                   "Recorded in the checkpoint like the preset's.")
 @click.option("--quiet", is_flag=True, help="Progress bars only, no per-block lines.")
 def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples, seqlen,
-             beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, quiet):
+             beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, assignments, quiet):
     """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
     from .jobs import quantize_job
     from .progress import default_reporter
@@ -101,7 +105,7 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
                      device=device, num_blocks=num_blocks, reporter=reporter,
                      overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size,
                                 "pv_steps": pv_steps},
-                     from_checkpoint=from_checkpoint, bits=bits, embedding=embedding)
+                     from_checkpoint=from_checkpoint, bits=bits, embedding=embedding, assignments=assignments)
     finally:
         reporter.close()
 

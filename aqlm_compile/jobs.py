@@ -29,7 +29,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                  preset: str = "fast", method: str = "aqlm", seed: int = 0, resume: bool = False,
                  device: str = "auto", num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
                  stop_after_block: int | None = None, from_checkpoint: str | None = None,
-                 bits: float | None = None, embedding: str | None = None) -> dict:
+                 bits: float | None = None, embedding: str | None = None, assignments=()) -> dict:
     """Quantize `model_dir` with `method` (a name in `quantize.methods`; AQLM by default) at `preset` plus
     `overrides` (settings fields), and write the checkpoint to `out_dir`. `config` defaults to 2x8g8; `head_config`
     also quantizes the lm_head with that config. `from_checkpoint`: an AQLM checkpoint of `model_dir` to start from
@@ -37,7 +37,8 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     head config are the checkpoint's. `bits`: a whole-model budget in bits per parameter, met by a per-layer plan
     (`quantize/bit_budget.py`: `config`'s codeword width and group size, 1–4 codebooks) with the input embedding
     counted in the form `embedding` (stored|int8|int4|head, what `build --embedding` will put in the artifact; the
-    checkpoint records it and `build`/`eval` default to it). Returns the run's report."""
+    checkpoint records it and `build`/`eval` default to it). `assignments`: `NAME=VALUE` settings (`--set`), read
+    as their fields' types; the named options in `overrides` win over them. Returns the run's report."""
     import torch
 
     from . import format as fmt
@@ -48,7 +49,9 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     from .quantize.methods import get_method
 
     reporter = reporter or Reporter()
-    quantizer = get_method(method).from_preset(preset, overrides)
+    method_cls = get_method(method)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    quantizer = method_cls.from_preset(preset, {**method_cls.settings_class.parse_assignments(assignments), **given})
     settings = quantizer.settings
     out = Path(out_dir)
     if out.exists() and not fmt.is_checkpoint(out) and any(out.iterdir()):

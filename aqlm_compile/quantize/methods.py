@@ -67,6 +67,38 @@ class MethodSettings:
         cls.reject_unknown(data)
         return cls(**data).checked()
 
+    @classmethod
+    def parse_assignments(cls, pairs) -> dict[str, Any]:
+        """`["global_lr=1e-5", "kmeans_max_points=none"]` (the CLI's `--set NAME=VALUE`) → typed overrides, each value
+        read as its field's type (int, float, str, bool; `none` for an optional field). One-line ConfigError for a
+        malformed pair, an unknown name or a value of the wrong type."""
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for pair in pairs:
+            name, sep, raw = str(pair).partition("=")
+            name, raw = name.strip(), raw.strip()
+            if not sep or not name:
+                raise ConfigError(f"--set {pair!r}: expected NAME=VALUE")
+            cls.reject_unknown([name])
+            kind = types[name]
+            if raw.lower() == "none" and "None" in kind:
+                out[name] = None
+                continue
+            try:
+                if kind.startswith("bool"):
+                    if raw.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError
+                    out[name] = raw.lower() in ("true", "1")
+                elif kind.startswith("int"):
+                    out[name] = int(raw)
+                elif kind.startswith("float"):
+                    out[name] = float(raw)
+                else:
+                    out[name] = raw
+            except ValueError:
+                raise ConfigError(f"--set {name}={raw}: expected {kind}") from None
+        return out
+
     def with_overrides(self, **overrides) -> MethodSettings:
         """A copy with some fields replaced; `None` means "not given" (unset CLI options arrive as None)."""
         given = {k: v for k, v in overrides.items() if v is not None}

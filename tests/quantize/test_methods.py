@@ -137,6 +137,24 @@ def test_unknown_settings_field_is_one_line_naming_it(kmeans_only):
     one_line_config_error(lambda: method_from_record({**record, "settings": {"typo": 1}}), "typo")
 
 
+def test_set_assignments_are_typed_by_their_fields_and_recorded(tiny_llama, tiny_corpus, tmp_path):
+    """`quantize --set NAME=VALUE`: each value read as its field's type; bad pairs are one line; the named CLI
+    options win; the run records what it used."""
+    got = QuantizeSettings.parse_assignments(["global_lr=1e-5", "finetune_epochs=2", "kmeans_max_points=none",
+                                              "codebook_solver=adam"])
+    assert got == {"global_lr": 1e-5, "finetune_epochs": 2, "kmeans_max_points": None, "codebook_solver": "adam"}
+    assert isinstance(got["finetune_epochs"], int) and isinstance(got["global_lr"], float)
+    one_line_config_error(lambda: QuantizeSettings.parse_assignments(["global_lr"]), "expected NAME=VALUE")
+    one_line_config_error(lambda: QuantizeSettings.parse_assignments(["beam_width=2"]), "beam_width")
+    one_line_config_error(lambda: QuantizeSettings.parse_assignments(["finetune_epochs=2.5"]), "expected int")
+    one_line_config_error(lambda: QuantizeSettings.parse_assignments(["beam_size=none"]), "expected int")
+    quantize_job(str(tiny_llama), str(tmp_path / "q"), config="2x4g8", dataset=str(tiny_corpus), preset="tiny",
+                 device="cpu", num_blocks=1, overrides={"nsamples": 6},
+                 assignments=["nsamples=4", "max_rounds=1", "finetune_lr=3e-4"])
+    recorded = json.loads((tmp_path / "q" / "config.json").read_text())["aqlm_compile"]["method"]["settings"]
+    assert recorded["max_rounds"] == 1 and recorded["finetune_lr"] == 3e-4 and recorded["nsamples"] == 6
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_settings_round_trip_and_carry_their_version(preset):
     settings = PRESETS[preset]

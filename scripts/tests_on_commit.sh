@@ -25,5 +25,5 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q --no-deps -e "$tree"
 fi
 cd "$tree"
-AQLM_COMPILE_CACHE="$root/cache" "$venv/bin/python" -m pytest -p no:cacheprovider -o addopts="" -q --tb=line -rf \
-  -W ignore "$@"
+AQLM_COMPILE_CACHE="$root/cache" "$venv/bin/python" -m pytest -p no:cacheprovider -o addopts="" -q --tb=line -rfE \
+  --continue-on-collection-errors -W ignore "$@"

@@ -14,7 +14,7 @@ MACHINE = {"cpu", "arch", "cores", "memory_bytes", "simd_flags", "os", "python",
 QUALITY_ROW = {"family", "name", "config", "preset", "nbits", "group_size", "qtype", "ppl", "params", "linear_params",
                "file_bytes", "bytes_kind", "bits_per_param_linears", "bits_per_param_all", "types_written", "imatrix",
                "eval_s", "quantize_wall_s", "quantize_peak_rss_bytes", "quantize_cpu_s",
-               "quantize_loadavg_after", "ppl_ood", "embedding", "head_config", "linears_per_config"}
+               "quantize_loadavg_after", "ppl_ood", "embedding", "head", "head_config", "linears_per_config"}
 SPEED_ROW = {"model", "engine", "family", "runtime", "kind", "weights", "file_bytes", "gguf", "threads", "condition",
              "decode_tokens", "prompt_lengths", "rounds", "error", "decode_tokens_per_s", "prefill_tokens_per_s",
              "peak_rss_bytes", "scaled_to_blocks", "scaled_decode_tokens_per_s", "scaled_prefill_tokens_per_s",
@@ -66,7 +66,7 @@ WRITERS = {
     "*/ppl-per-byte-*.json": ("benchmarks/ppl_per_byte.py", {"what", "command", "fp_ppl", "rows", "machine", "wall_s"},
                               None),
     "*/pv-*.json": ("benchmarks/pv_smollm2.py",
-                    {"what", "command", "checkpoint", "config", "embedding", "windows", "seqlen", "fp_ppl",
+                    {"what", "command", "checkpoint", "config", "embedding", "head", "windows", "seqlen", "fp_ppl",
                      "ppl_before", "ppl_after", "file_bytes", "pv_steps", "pv_seconds", "pv_wall_s",
                      "pv_peak_rss_bytes", "val_kl", "code_change_per_step", "settings", "machine", "wall_s"}, None),
     "*/fuzz.json": ("benchmarks/fuzz.py", {"what", "command", "counts", "seed", "totals", "all", "failures",

@@ -49,6 +49,10 @@ def test_checkpoint_row_with_an_int8_head(windows, tiny_llama_ckpt):
     both = q.aqlm_row(win, tiny_llama_ckpt, "tiny", None, ood, embedding="int4", head="int8")
     assert weight_bits(model, "int4", "int8") - weight_bits(model, "int4", "fp16") == -(8 * v * h - 32 * v)
     assert both["file_bytes"] == weight_bits(model, "int4", "int8") // 8
+    from aqlm_compile.bench import records
+
+    for row in (fp16, int8, both):  # report.json refuses any field its schema does not declare
+        assert set(row) <= records.QUALITY_ROW, set(row) - records.QUALITY_ROW
 
 
 @pytest.mark.parametrize("spec, message", [(":stored:int4", "head 'int4': expected one of fp16, int8"),

@@ -187,7 +187,8 @@ def kernel_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(data: dict) -> str:
+def render_markdown(data: dict, plot_files: list[str] | None = None) -> str:
+    """report.md; `plot_files`: the plots `plots` wrote (only those are named; a run of some sections has fewer)."""
     m = data["machine"]
     parts = [f"# aqlm-compile scoreboard{' (quick)' if data.get('quick') else ''}", "",
              f"Written by `{data['command']}` on {data['date']} in {data['wall_s'] / 60:.1f} min. Machine: "
@@ -207,7 +208,8 @@ def render_markdown(data: dict) -> str:
         parts += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     if data.get("skipped"):
         parts += ["## Not measured in this run", ""] + [f"- {k}: {v}" for k, v in data["skipped"].items()] + [""]
-    parts += ["Plots: `quality_vs_bytes.png`, `speed_decode.png`, `speed_prefill.png`, `kernels_vs_batch.png`."]
+    if plot_files:
+        parts += ["Plots: " + ", ".join(f"`{name}`" for name in plot_files) + "."]
     return "\n".join(parts) + "\n"
 
 
@@ -315,7 +317,7 @@ def render_all(report_json: Path, readme: Path | None = None) -> None:
     report_json = Path(report_json)
     data = json.loads(report_json.read_text())
     out = report_json.parent
-    plots(data, out)
-    atomic_write_bytes(out / "report.md", render_markdown(data).encode())
+    written = plots(data, out)
+    atomic_write_bytes(out / "report.md", render_markdown(data, written).encode())
     if readme is not None:
         update_readme(Path(readme), data, report_json)

@@ -84,6 +84,13 @@ def test_quick_report_schema(quick_report):
     assert "## Speed" in md and "## Quality vs size" in md and "## Kernels" in md
     for png in ("quality_vs_bytes.png", "speed_decode.png", "speed_prefill.png", "kernels_vs_batch.png"):
         assert (out / png).stat().st_size > 1000, png
+        assert f"`{png}`" in md
+    # a run of some sections names only the plots it drew
+    from aqlm_compile.bench.render import render_markdown
+
+    quality_only = render_markdown({k: v for k, v in data.items() if k not in ("speed", "kernels")},
+                                   ["quality_vs_bytes.png"])
+    assert "`quality_vs_bytes.png`" in quality_only and "speed_decode.png" not in quality_only
 
 
 def test_render_updates_the_readme_block_only(quick_report, tmp_path):

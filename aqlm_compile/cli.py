@@ -87,13 +87,17 @@ def main():
 @click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]),
               help="With --bits: the input embedding's form in the artifact, as the budget counts it (default stored; "
                    "recorded, and build/eval use it unless told otherwise).")
+@click.option("--head", type=click.Choice(["fp16", "int8"]),
+              help="With --bits: a dense lm_head's form in the artifact (and of an embedding tied to it), as the budget "
+                   "counts it: fp16, or int8 rows with a per-row scale (default fp16; recorded, and build/eval use it "
+                   "unless told otherwise).")
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE",
               help="Override one of the method's settings (repeatable), e.g. --set global_lr=1e-5 --set "
                    "global_epochs=2; names and types: the method's settings dataclass (quantize/presets.py for aqlm). "
                    "Recorded in the checkpoint like the preset's.")
 @click.option("--quiet", is_flag=True, help="Progress bars only, no per-block lines.")
 def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples, seqlen,
-             beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, assignments, quiet):
+             beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, head, assignments, quiet):
     """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
     from .jobs import quantize_job
     from .progress import default_reporter
@@ -105,7 +109,8 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
                      device=device, num_blocks=num_blocks, reporter=reporter,
                      overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size,
                                 "pv_steps": pv_steps},
-                     from_checkpoint=from_checkpoint, bits=bits, embedding=embedding, assignments=assignments)
+                     from_checkpoint=from_checkpoint, bits=bits, embedding=embedding, head=head,
+                     assignments=assignments)
     finally:
         reporter.close()
 
@@ -121,8 +126,9 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
 @click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]),
               help="Evaluate with the input embedding as `build --embedding` puts it in an artifact.  [default: the "
                    "form a `quantize --bits` checkpoint records, else stored]")
-@click.option("--head", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
-              help="Evaluate with a dense lm_head (and an embedding tied to it) as `build --head` stores it.")
+@click.option("--head", type=click.Choice(["fp16", "int8"]),
+              help="Evaluate with a dense lm_head (and an embedding tied to it) as `build --head` stores it.  "
+                   "[default: the form a `quantize --bits --head` checkpoint records, else fp16]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(path, dataset, seqlen, windows, no_rtn, embedding, head, as_json):
     """Held-out perplexity of an AQLM checkpoint, its FP source and an RTN baseline (or of an FP model)."""
@@ -132,7 +138,7 @@ def eval_(path, dataset, seqlen, windows, no_rtn, embedding, head, as_json):
     reporter = default_reporter(quiet=True)
     try:
         result = eval_job(path, dataset=dataset, seqlen=seqlen, windows=windows, rtn=not no_rtn, reporter=reporter,
-                          embedding=embedding or _recorded_embedding(path), head=head)
+                          embedding=embedding or _recorded_embedding(path), head=head or _recorded_head(path))
     finally:
         reporter.close()
     if as_json:
@@ -199,9 +205,10 @@ def _targets_taking(what: str) -> str:
                    "scale, int4 rows with an fp16 scale per 32 weights, or 'head': rows decoded from the AQLM lm_head of a "
                    "checkpoint quantized with --head-config whose embedding was tied to it (no bytes of its own).  "
                    "[default: the form a `quantize --bits` checkpoint records, else stored]")
-@click.option("--head", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
+@click.option("--head", type=click.Choice(["fp16", "int8"]),
               help="TVM route: the dense lm_head (and an embedding tied to it) as stored, or int8 rows with a per-row "
-                   "scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).")
+                   "scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).  "
+                   "[default: the form a `quantize --bits --head` checkpoint records, else fp16]")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
           dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder (targets/plan.py)."""
@@ -223,7 +230,8 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         cpu=cpu, archs=tuple(a.strip() for a in archs.split(",")) if archs else None, max_batch=max_batch,
         onnx=with_onnx, tvm=with_tvm, fuse=fuse, fuse_tvm=fuse_tvm, dump_ir=dump_ir, dense_model_dir=dense_model_dir,
         dense_dtypes={"fp32": ("float32",), "fp16": ("float16",), "both": ("float32", "float16")}[dense_dtype],
-        onnx_dense=onnx_dense, head=head, embedding=embedding or _recorded_embedding(checkpoint_dir))
+        onnx_dense=onnx_dense, head=head or _recorded_head(checkpoint_dir),
+        embedding=embedding or _recorded_embedding(checkpoint_dir))
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
     manifest = build_plan(checkpoint_dir, spec, options, out_dir)
     where = manifest["target_spec"].get("mcpu") or f"{manifest['arch'].replace('+', ', ')} + PTX; checked from the built file"
@@ -239,6 +247,17 @@ def _recorded_embedding(path) -> str:
         return "stored"
     form = meta.get("embedding") if isinstance(meta, dict) else None
     return form if form in ("stored", "int8", "int4", "head") else "stored"
+
+
+def _recorded_head(path) -> str:
+    """The dense lm_head form a `quantize --bits --head` checkpoint's budget counted (config.json
+    aqlm_compile.dense_head), else "fp16"."""
+    try:
+        meta = json.loads((Path(path) / "config.json").read_text()).get("aqlm_compile") or {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "fp16"
+    form = meta.get("dense_head") if isinstance(meta, dict) else None
+    return form if form in ("fp16", "int8") else "fp16"
 
 
 def _source_model(checkpoint_dir: str, dense_model_dir) -> str:
@@ -441,10 +460,10 @@ def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks,
     for spec in extra_checkpoints:
         path, _, form = spec.partition(":")
         form, _, head = form.partition(":")
-        head = head or "fp16"
         if not fmt.is_checkpoint(Path(path)):
             raise ConfigError(f"--checkpoint {spec}: {path} is not an AQLM checkpoint")
         form = form or _recorded_embedding(path)
+        head = head or _recorded_head(path)
         if form not in EMBEDDINGS:
             raise ConfigError(f"--checkpoint {spec}: embedding {form!r}: expected one of {', '.join(EMBEDDINGS)}")
         if head not in HEADS:

@@ -29,15 +29,17 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                  preset: str = "fast", method: str = "aqlm", seed: int = 0, resume: bool = False,
                  device: str = "auto", num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
                  stop_after_block: int | None = None, from_checkpoint: str | None = None,
-                 bits: float | None = None, embedding: str | None = None, assignments=()) -> dict:
+                 bits: float | None = None, embedding: str | None = None, head: str | None = None,
+                 assignments=()) -> dict:
     """Quantize `model_dir` with `method` (a name in `quantize.methods`; AQLM by default) at `preset` plus
     `overrides` (settings fields), and write the checkpoint to `out_dir`. `config` defaults to 2x8g8; `head_config`
     also quantizes the lm_head with that config. `from_checkpoint`: an AQLM checkpoint of `model_dir` to start from
     instead of quantizing the blocks — only the method's end-to-end stage runs (e.g. `--preset pv`); its config and
     head config are the checkpoint's. `bits`: a whole-model budget in bits per parameter, met by a per-layer plan
-    (`quantize/bit_budget.py`: `config`'s codeword width and group size, 1–4 codebooks) with the input embedding
-    counted in the form `embedding` (stored|int8|int4|head, what `build --embedding` will put in the artifact; the
-    checkpoint records it and `build`/`eval` default to it). `assignments`: `NAME=VALUE` settings (`--set`), read
+    (`quantize/bit_budget.py`: `config`'s codeword width and group size, 1 to max(4, 2M) codebooks) with the input
+    embedding counted in the form `embedding` (stored|int8|int4|head, what `build --embedding` will put in the
+    artifact) and a dense lm_head in the form `head` (fp16|int8, `build --head`); the checkpoint records both and
+    `build`/`eval` default to them. `assignments`: `NAME=VALUE` settings (`--set`), read
     as their fields' types; the named options in `overrides` win over them. Returns the run's report."""
     import torch
 
@@ -59,6 +61,11 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     if bits is None and embedding is not None:
         raise ModelError("--embedding: only with --bits (it says how the budget counts the embedding; build and eval "
                          "take their own --embedding)")
+    if bits is None and head is not None:
+        raise ModelError("--head: only with --bits (it says how the budget counts a dense lm_head; build and eval take "
+                         "their own --head)")
+    if head is not None and head_config is not None and head != "fp16":
+        raise ModelError(f"--head {head}: not with --head-config (the lm_head is then quantized with AQLM)")
     if bits is not None and not 0 < bits < 16:
         raise ModelError(f"--bits {bits}: expected a budget between 0 and 16 bits per parameter")
     if bits is not None and num_blocks is not None:
@@ -80,10 +87,10 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
         if ".layers." in f".{name}." and linear.in_features % aqlm_config.in_group_size:
             aqlm_config.check_shape(linear.out_features, linear.in_features, name)
     if head_aqlm is not None:
-        head = model.get_output_embeddings()
-        if type(head) is not torch.nn.Linear:
+        lm_head = model.get_output_embeddings()
+        if type(lm_head) is not torch.nn.Linear:
             raise ModelError(f"--head-config: {source}: the model's lm_head is not a linear layer")
-        head_aqlm.check_shape(head.out_features, head.in_features, "lm_head")
+        head_aqlm.check_shape(lm_head.out_features, lm_head.in_features, "lm_head")
     corpus = load_corpus(dataset)
     ids = tokenize(tokenizer, corpus.calibration)
     tokens = calibration_windows(ids, settings.nsamples, settings.seqlen, seed).to(device)
@@ -95,10 +102,12 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     plan, layer_configs, plan_seconds = None, None, 0.0
     if bits is not None:
         plan_start = time.perf_counter()
-        embedding = embedding or "stored"
+        embedding, head = embedding or "stored", head or "fp16"
         fingerprint.update({"bits": bits, "embedding": embedding, "base_config": aqlm_config.name})
-        layer_configs, plan = _bit_plan(model, tokens, aqlm_config, head_aqlm, bits, embedding, seed, settings,
-                                        work, fingerprint, resume, reporter)
+        if head != "fp16":
+            fingerprint["dense_head"] = head
+        layer_configs, plan = _bit_plan(model, tokens, aqlm_config, head_aqlm, bits, embedding, head, seed,
+                                        settings, work, fingerprint, resume, reporter)
         fingerprint["layer_configs"] = {n: c.name for n, c in layer_configs.items()}
         aqlm_config = _most_common(layer_configs)
         fingerprint["config"] = aqlm_config.name
@@ -115,11 +124,13 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     report["seconds"] = round(time.perf_counter() - start, 1)
     model.to("cpu")
     # config.json's aqlm_compile.method: {"name", "version", "settings"}; quantization_config stays the HF one
-    head = {"head_config": head_aqlm.name, "head_untied": report["lm_head"]["untied"]} if head_aqlm else {}
+    recorded = {"head_config": head_aqlm.name, "head_untied": report["lm_head"]["untied"]} if head_aqlm else {}
     if plan is not None:
-        head["bit_plan"] = plan
-        head["embedding"] = embedding
-    metadata = {**head, "preset": preset, "seed": seed,
+        recorded["bit_plan"] = plan
+        recorded["embedding"] = embedding
+        if head != "fp16":
+            recorded["dense_head"] = head
+    metadata = {**recorded, "preset": preset, "seed": seed,
                 "dataset": corpus.name, "method": quantizer.record(),
                 "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
                 "timings": report["timings"], "seconds": report["seconds"]}
@@ -142,16 +153,18 @@ def _most_common(configs: dict) -> AqlmConfig:
 PLAN_WINDOWS = 16
 
 
-def _bit_plan(model, tokens, base: AqlmConfig, head_aqlm, bits: float, embedding: str, seed: int, settings, work,
-              fingerprint: dict, resume: bool, reporter) -> tuple[dict, dict]:
+def _bit_plan(model, tokens, base: AqlmConfig, head_aqlm, bits: float, embedding: str, head: str, seed: int,
+              settings, work, fingerprint: dict, resume: bool, reporter) -> tuple[dict, dict]:
     """({module name: config}, the plan's record for config.json) for `quantize --bits`. On --resume, the plan the
     interrupted run recorded in its work folder (the same budget, data and settings) is reused, not re-measured."""
-    from .embedding import EMBEDDINGS
+    from .embedding import EMBEDDINGS, HEADS
     from .evaluate import param_counts
     from .quantize.bit_budget import fixed_bits, plan_bits
 
     if embedding not in EMBEDDINGS:
         raise ModelError(f"--embedding {embedding!r}: expected one of {', '.join(EMBEDDINGS)}")
+    if head not in HEADS:
+        raise ModelError(f"--head {head!r}: expected one of {', '.join(HEADS)}")
     if resume:
         recorded = work.fingerprint() or {}
         planned = ("layer_configs", "bit_plan", "config", "method")  # what the plan (and the block loop) add
@@ -162,7 +175,7 @@ def _bit_plan(model, tokens, base: AqlmConfig, head_aqlm, bits: float, embedding
             return ({n: AqlmConfig.parse(c) for n, c in recorded["layer_configs"].items()}, recorded["bit_plan"])
     params_all, _ = param_counts(model)
     try:
-        fixed = fixed_bits(model, embedding, head_aqlm)
+        fixed = fixed_bits(model, embedding, head_aqlm, head)
     except ValueError as exc:
         raise ModelError(str(exc)) from None
     plan = plan_bits(model, tokens[:PLAN_WINDOWS], base, bits, params_all, fixed, seed,
@@ -225,7 +238,7 @@ def _finish_job(model_dir, out: Path, start: Path, config, head_config, num_bloc
     report["from_checkpoint"] = {"name": start.name, "method": meta.get("method"), "preset": meta.get("preset"),
                                  "seconds": meta.get("seconds")}
     model.to("cpu")
-    head = {k: meta[k] for k in ("head_config", "head_untied", "bit_plan", "embedding") if k in meta}
+    head = {k: meta[k] for k in ("head_config", "head_untied", "bit_plan", "embedding", "dense_head") if k in meta}
     metadata = {**head, "preset": preset, "seed": seed, "dataset": corpus.name, "method": quantizer.record(),
                 "from_checkpoint": report["from_checkpoint"],
                 "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],

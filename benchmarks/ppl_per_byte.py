@@ -24,7 +24,7 @@ DATASETS = ("brown", "shakespeare")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+", help="CKPT[:EMBEDDING[:HEAD]] (EMBEDDING stored|int8|int4|head, "
-                    "default the recorded form; HEAD fp16|int8)")
+                    "default the recorded form; HEAD fp16|int8, default the recorded form)")
     ap.add_argument("--tag", required=True)
     ap.add_argument("--windows", type=int, default=32)
     args = ap.parse_args()
@@ -40,10 +40,10 @@ def main() -> None:
     for spec in args.checkpoints:
         path, _, embedding = spec.partition(":")
         embedding, _, head = embedding.partition(":")
-        head = head or "fp16"
         ckpt = Path(path)
         meta = json.loads((ckpt / "config.json").read_text())["aqlm_compile"]
         embedding = embedding or meta.get("embedding", "stored")
+        head = head or meta.get("dense_head", "fp16")
         row = {"checkpoint": ckpt.name, "embedding": embedding, "head": head, "config": meta["config"],
                "head_config": meta.get("head_config"), "preset": meta.get("preset"),
                "quantize_seconds": meta.get("seconds"),  # with --from-checkpoint: this run's only

@@ -106,35 +106,47 @@ class BitPlan:
                 "linears_per_config": dict(sorted(counts.items()))}
 
 
-def fixed_bits(model, embedding: str, head_config: AqlmConfig | None) -> int:
+def fixed_bits(model, embedding: str, head_config: AqlmConfig | None, head: str = "fp16") -> int:
     """Bits of everything in FP `model` that the plan does not choose, as the artifact will store it: the input
-    embedding in form `embedding` (`embedding.embedding_bits`), the lm_head (AQLM `head_config`'s exact bits, or
-    fp16 — nothing extra when it is the embedding's own fp16 table), every other parameter (norms, biases) in fp16.
-    A tied embedding/head is counted once. Raises ValueError for an embedding form the model cannot have."""
-    from ..embedding import embedding_bits
+    embedding in form `embedding` (`embedding.embedding_bits`), the lm_head (AQLM `head_config`'s exact bits, or a
+    dense head in form `head`, `embedding.head_bits`: fp16 or int8 rows + a scale per row), every other parameter
+    (norms, biases) in fp16. A tied embedding/head is counted once: with the embedding "stored", both read the one
+    table in the head's form — the same count as `evaluate.weight_bits`. Raises ValueError for an embedding form
+    the model cannot have."""
+    from ..embedding import embedding_bits, head_bits
 
     emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is emb
+    lm_head = model.get_output_embeddings()
+    tied = lm_head is not None and lm_head.weight is emb
     if embedding == "head" and not (tied and head_config is not None):
         raise ValueError("--embedding head: needs --head-config and a model whose embedding is tied to its lm_head "
                          "(the rows are decoded from the quantized head)")
+    if head != "fp16" and head_config is not None:
+        raise ValueError(f"--head {head}: the lm_head is quantized with --head-config (already compact)")
     _, layers = decoder_layers(model)
     planned = {id(m.weight) for layer in layers for m in block_linears(layer).values()}
     seen = {id(emb)} | planned
     total = embedding_bits(embedding, *emb.shape)
-    if head is not None:
+    if lm_head is not None:
         if head_config is not None:
-            total += head_config.layer_bits(head.out_features, head.in_features)
-        elif not tied or embedding != "stored":
-            # an fp16 head of its own (or, tied, the fp16 table the compact embedding no longer is)
-            total += 16 * head.weight.numel()
-        seen.add(id(head.weight))
+            total += head_config.layer_bits(lm_head.out_features, lm_head.in_features)
+        elif tied and embedding == "stored":
+            total = head_bits(head, *emb.shape)  # one table, read by both in the head's form
+        else:
+            # a dense head of its own (or, tied, the table the compact embedding no longer is)
+            total += head_bits(head, *lm_head.weight.shape)
+        seen.add(id(lm_head.weight))
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += 16 * p.numel()
     return total
+
+
+def max_codebooks_for(base: AqlmConfig) -> int:
+    """The most codebooks the plan offers a layer: twice `base`'s (at least 4), so a budget above `base`'s own bits
+    can buy more codebooks where the loss is most sensitive (e.g. 4x8g8 → up to 8)."""
+    return max(4, 2 * base.num_codebooks)
 
 
 def candidate_configs(base: AqlmConfig, max_codebooks: int) -> list[AqlmConfig]:
@@ -143,7 +155,7 @@ def candidate_configs(base: AqlmConfig, max_codebooks: int) -> list[AqlmConfig]:
 
 
 def plan_bits(model, windows: torch.Tensor, base: AqlmConfig, bits_per_param: float, params_all: int,
-              fixed_bits: int, seed: int, max_codebooks: int = 4, kmeans_iters: int = 10,
+              fixed_bits: int, seed: int, max_codebooks: int | None = None, kmeans_iters: int = 10,
               kmeans_max_points: int | None = 16384, reporter: Reporter | None = None,
               batch_size: int = 4) -> BitPlan:
     """The plan for `model` (FP, left unchanged) on calibration `windows` [n, T] (a few suffice: they only rank the
@@ -152,6 +164,7 @@ def plan_bits(model, windows: torch.Tensor, base: AqlmConfig, bits_per_param: fl
     from .pipeline import capture_inputs  # the block loop's capture: the same inputs the quantizer will see
 
     reporter = reporter or Reporter()
+    max_codebooks = max_codebooks or max_codebooks_for(base)
     candidates = candidate_configs(base, max_codebooks)
     fisher = output_fisher(model, windows)
     _, layers = decoder_layers(model)

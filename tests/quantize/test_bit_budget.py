@@ -16,7 +16,8 @@ from aqlm_compile.evaluate import param_counts
 from aqlm_compile.jobs import eval_job, quantize_job
 from aqlm_compile.models import block_linears, decoder_layers, load_fp_model
 from aqlm_compile.quantize import bit_budget
-from aqlm_compile.quantize.bit_budget import candidate_configs, fixed_bits, output_fisher, plan_bits
+from aqlm_compile.quantize.bit_budget import (candidate_configs, fixed_bits, max_codebooks_for, output_fisher,
+                                              plan_bits)
 
 BASE = AqlmConfig.parse("2x4g8")  # 16-codeword books: on 64-wide layers the codebooks do not swamp the codes
 
@@ -46,6 +47,11 @@ def test_fixed_bits_counts_each_embedding_form(tiny_llama, tiny_qwen2):
     assert fixed_bits(tied, "stored", head) == 16 * v * h + head.layer_bits(v, h) + rest
     with pytest.raises(ValueError, match="--embedding head: needs --head-config"):
         fixed_bits(tied, "head", None)
+    # an int8 head: with the embedding stored, both read the one int8 table (as evaluate.weight_bits counts it)
+    assert fixed_bits(tied, "stored", None, "int8") == (8 * v * h + 32 * v) + rest
+    assert fixed_bits(tied, "int4", None, "int8") == (4 * v * h + 16 * v * (h // 32)) + (8 * v * h + 32 * v) + rest
+    with pytest.raises(ValueError, match="--head int8: the lm_head is quantized"):
+        fixed_bits(tied, "stored", head, "int8")
     untied = _fp(tiny_qwen2)
     v, h = untied.get_input_embeddings().weight.shape
     assert fixed_bits(untied, "stored", None) == 2 * 16 * v * h + 16 * _rest_params(untied)
@@ -181,8 +187,53 @@ def test_bits_job_writes_a_mixed_checkpoint_that_resumes_and_evaluates(tiny_llam
     assert _digest(part) == _digest(full)
 
 
+def test_a_budget_above_the_base_buys_more_codebooks_than_it_has(tiny_llama):
+    """The plan offers up to twice the base's codebooks (at least 4): a 3x4g8 base with a budget above its own
+    bits puts more than 3 codebooks on some layers, and never past 6."""
+    assert [max_codebooks_for(AqlmConfig.parse(c)) for c in ("1x8g8", "2x8g8", "3x8g8", "4x8g8")] == [4, 4, 6, 8]
+    model = _fp(tiny_llama)
+    params_all, _ = param_counts(model)
+    base = AqlmConfig.parse("3x4g8")
+    fixed = fixed_bits(model, "stored", None)
+    linears = [m for layer in decoder_layers(model)[1] for m in block_linears(layer).values()]
+    own = fixed + sum(base.layer_bits(m.out_features, m.in_features) for m in linears)
+    top = AqlmConfig.parse("6x4g8")
+    most = fixed + sum(top.layer_bits(m.out_features, m.in_features) for m in linears)
+    plan = plan_bits(model, _windows(model), base, (own + 0.5 * (most - own)) / params_all, params_all, fixed,
+                     seed=0, kmeans_iters=3)
+    counts = {c.num_codebooks for c in plan.configs.values()}
+    assert max(counts) > 3 and max(counts) <= 6, counts
+    assert plan.fixed_bits + plan.planned_bits <= (own + 0.5 * (most - own))
+
+
+def test_bits_with_an_int8_head_is_recorded_and_counted_by_eval(tiny_llama, tiny_corpus, tmp_path):
+    """`quantize --bits B --head int8` budgets the tied table once, as int8 rows; the checkpoint records the form
+    and `eval` (no --head given) scores and counts the model that way — the same bits the plan counted."""
+    model = _fp(tiny_llama)
+    params_all, _ = param_counts(model)
+    low, high = _bounds(model, "stored")
+    fixed8 = fixed_bits(model, "stored", None, "int8")
+    bits = round((low + 0.5 * (high - low)) / params_all, 3)
+    ckpt = tmp_path / "q"
+    quantize_job(str(tiny_llama), str(ckpt), config=BASE.name, dataset=str(tiny_corpus), preset="tiny",
+                 device="cpu", bits=bits, head="int8", overrides={"kmeans_iters": 3, "max_rounds": 1})
+    block = json.loads((ckpt / "config.json").read_text())["aqlm_compile"]
+    assert block["dense_head"] == "int8" and block["bit_plan"]["fixed_bits"] == fixed8
+    r = CliRunner().invoke(main, ["eval", str(ckpt), "--dataset", str(tiny_corpus), "--seqlen", "16", "--windows",
+                                  "2", "--no-rtn", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output[r.output.index("{"):])
+    assert result["head"] == "int8"
+    assert result["weight_bits_per_param_all"] == pytest.approx(block["bit_plan"]["total_bits_per_param"], abs=1e-4)
+    as_fp16 = eval_job(str(ckpt), dataset=str(tiny_corpus), seqlen=16, windows=2, rtn=False, fp=False)
+    assert as_fp16["weight_bits_per_param_all"] > result["weight_bits_per_param_all"]
+    assert as_fp16["ppl"] != result["ppl"]  # the int8 rows are what was scored
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--embedding", "int8"], "--embedding: only with --bits"),
+    (["--head", "int8"], "--head: only with --bits"),
+    (["--bits", "4", "--head", "int8", "--head-config", "2x4g8"], "--head int8: not with --head-config"),
     (["--bits", "17"], "--bits 17.0: expected a budget between 0 and 16"),
     (["--bits", "0.5"], "--bits 0.5: below the smallest possible"),
     (["--bits", "4", "--embedding", "head"], "--embedding head: needs --head-config"),

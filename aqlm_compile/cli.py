@@ -205,12 +205,16 @@ def _targets_taking(what: str) -> str:
                    "scale, int4 rows with an fp16 scale per 32 weights, or 'head': rows decoded from the AQLM lm_head of a "
                    "checkpoint quantized with --head-config whose embedding was tied to it (no bytes of its own).  "
                    "[default: the form a `quantize --bits` checkpoint records, else stored]")
+@click.option("--onnx-external-data/--onnx-inline", "onnx_external_data", default=None,
+              help="ONNX route: the weights in onnx/model.onnx.data beside the graphs (page-aligned, shared by the "
+                   "AqlmMatMul and portable models), or inside each .onnx file.  [default: external past 1 GiB of "
+                   "weights; a protobuf file cannot pass 2 GiB]")
 @click.option("--head", type=click.Choice(["fp16", "int8"]),
               help="TVM route: the dense lm_head (and an embedding tied to it) as stored, or int8 rows with a per-row "
                    "scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).  "
                    "[default: the form a `quantize --bits --head` checkpoint records, else fp16]")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
-          dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head):
+          dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head, onnx_external_data):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder (targets/plan.py)."""
     from .errors import ConfigError
     from .targets.plan import build as build_plan
@@ -230,7 +234,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         cpu=cpu, archs=tuple(a.strip() for a in archs.split(",")) if archs else None, max_batch=max_batch,
         onnx=with_onnx, tvm=with_tvm, fuse=fuse, fuse_tvm=fuse_tvm, dump_ir=dump_ir, dense_model_dir=dense_model_dir,
         dense_dtypes={"fp32": ("float32",), "fp16": ("float16",), "both": ("float32", "float16")}[dense_dtype],
-        onnx_dense=onnx_dense, head=head or _recorded_head(checkpoint_dir),
+        onnx_dense=onnx_dense, head=head or _recorded_head(checkpoint_dir), onnx_external_data=onnx_external_data,
         embedding=embedding or _recorded_embedding(checkpoint_dir))
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
     manifest = build_plan(checkpoint_dir, spec, options, out_dir)

@@ -78,9 +78,24 @@ def _translation():
     return aqlm_gemm
 
 
-def export_onnx(ep, spec, path: str | Path) -> onnx.ModelProto:
+# A protobuf message cannot pass 2 GiB: above this many bytes of initializers the weights go to one external data
+# file beside the graph (`<model>.onnx.data`), which is also what lets ORT memory-map them.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Offsets of external tensors: onnx_ir aligns to max(4096, this), so every tensor the op library reads starts on a
+# page (ORT can map it without a copy) and 64-byte SIMD loads stay aligned.
+EXTERNAL_DATA_ALIGNMENT = 64
+
+
+def external_data_name(path: str | Path) -> str:
+    """The external data file of the ONNX model at `path`, relative to its folder."""
+    return Path(path).name + ".data"
+
+
+def export_onnx(ep, spec, path: str | Path, external_data: bool | None = None) -> onnx.ModelProto:
     """The lowered program `ep` as an ONNX model at `path` (inputs input_ids, attention_mask, past_*; outputs
-    logits, present_*). Checked with onnx.checker before it is written."""
+    logits, present_*), checked with onnx.checker. `external_data`: the initializers go to `<path>.data` (default:
+    when they pass `EXTERNAL_DATA_THRESHOLD` bytes); the model returned then holds references, not the data."""
+    import onnx_ir as ir
     import torch
 
     register_schema()
@@ -88,10 +103,31 @@ def export_onnx(ep, spec, path: str | Path) -> onnx.ModelProto:
                              custom_translation_table={torch.ops.aqlm.aqlm_gemm.default: _translation()},
                              input_names=["input_ids", "attention_mask", *spec.kv_names()],
                              output_names=["logits", *spec.present_names()])
-    model = prog.model_proto
-    onnx.checker.check_model(model, full_check=False)
-    _save(model, path)
-    return model
+    if external_data is None:
+        size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
+        external_data = size > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        model = prog.model_proto
+        onnx.checker.check_model(model, full_check=False)
+        _save(model, path)
+        return model
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(prog.model, path, external_data=external_data_name(path), alignment=EXTERNAL_DATA_ALIGNMENT,
+            align_threshold=0)
+    onnx.checker.check_model(str(path))  # by path: the checker reads a model past 2 GB and its external data
+    return onnx.load(str(path), load_external_data=False)
+
+
+def external_locations(model: onnx.ModelProto) -> set[str]:
+    """The `location` of every tensor in `model` (initializers, attributes, subgraphs) whose data is external."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    found = set()
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            found.add(next((e.value for e in t.external_data if e.key == "location"), ""))
+    return found
 
 
 def _save(model: onnx.ModelProto, path) -> None:
@@ -201,14 +237,17 @@ def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
         node.input.extend(inputs)
     del portable.functions[:]
     portable.functions.append(_portable_function(opset_version))
-    onnx.checker.check_model(portable, full_check=False)
+    if not external_locations(portable):  # external data is only found beside a file: checked once written
+        onnx.checker.check_model(portable, full_check=False)
     return portable
 
 
-def onnx_route(ep, spec, report, dense_model_dir=None):
+def onnx_route(ep, spec, report, dense_model_dir=None, external_data: bool | None = None):
     """The ONNX route of a lowered (fused) decoder graph, to run inside the artifact's write: returns
     (populate(tmp), manifest entry). Writes onnx/model.onnx (AqlmMatMul nodes) and onnx/model.portable.onnx (stock
-    ORT); with `dense_model_dir`, also onnx/model.dense.onnx from the FP model, the same-run baseline."""
+    ORT); with `dense_model_dir`, also onnx/model.dense.onnx from the FP model, the same-run baseline.
+    `external_data` (default: past `EXTERNAL_DATA_THRESHOLD`): the weights in onnx/model.onnx.data, shared by the
+    two models, 4096-byte aligned; the manifest entry names it."""
     entry = {"model": "onnx/model.onnx", "portable": "onnx/model.portable.onnx", "decoder": spec.to_json(),
              "op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": VERSION},
              "lowered_layers": len(report["lower_aqlm_linear"]["lowered"]),
@@ -219,7 +258,10 @@ def onnx_route(ep, spec, report, dense_model_dir=None):
     def populate(tmp: Path):
         from aqlm_compile.cache import atomic_write_bytes
 
-        model = export_onnx(ep, spec, tmp / entry["model"])
+        model = export_onnx(ep, spec, tmp / entry["model"], external_data=external_data)
+        if external_locations(model):
+            entry["external_data"] = f"onnx/{external_data_name(entry['model'])}"
+        # a model with external data: the portable twin refers to the same file (one copy of the weights)
         atomic_write_bytes(tmp / entry["portable"], make_portable(model).SerializeToString())
         if dense_model_dir is not None:
             from aqlm_compile.export import export_decoder
@@ -228,7 +270,7 @@ def onnx_route(ep, spec, report, dense_model_dir=None):
             fp, _ = load_fp_model(Path(dense_model_dir))
             fp.config.use_cache = True
             dense_ep, dense_spec = export_decoder(fp)
-            export_onnx(dense_ep, dense_spec, tmp / entry["dense"])
+            export_onnx(dense_ep, dense_spec, tmp / entry["dense"], external_data=external_data)
         onnx.checker.check_model(str(tmp / entry["portable"]))
 
     return populate, entry

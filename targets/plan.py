@@ -197,7 +197,7 @@ def _onnx_route(target: Target, options: BuildOptions, toolchain, onnx_graph, li
     from .ort import LIBRARY, build_ort_library
 
     dense_dir = options.dense_model_dir if options.onnx_dense else None
-    populate, entry = onnx_route(*onnx_graph, dense_model_dir=dense_dir)
+    populate, entry = onnx_route(*onnx_graph, dense_model_dir=dense_dir, external_data=options.onnx_external_data)
     entry["op_library"] = LIBRARY
     extra["onnx"] = entry
     return [populate, lambda tmp: build_ort_library(tmp, lib_name, toolchain.runtime_libs, cxx=toolchain.cxx)]

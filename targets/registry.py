@@ -45,6 +45,7 @@ class BuildOptions:
     onnx_dense: bool = True  # with dense_model_dir: also the dense ONNX model
     head: str = "fp16"  # the TVM route's dense head (and a tied embedding): "fp16" as stored, or "int8" rows
     embedding: str = "stored"  # the input embedding, both routes: as stored, "int8" rows, or "head" (embedding.EMBEDDINGS)
+    onnx_external_data: bool | None = None  # ONNX weights in model.onnx.data (None: past 1 GiB, targets/onnx.py)
 
 
 @dataclass

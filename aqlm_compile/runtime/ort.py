@@ -2,7 +2,9 @@
 
 `kind="aqlm"` runs `onnx/model.onnx` (AqlmMatMul nodes) with the artifact's custom-op library registered through
 `SessionOptions.register_custom_ops_library`; `kind="portable"` runs `onnx/model.portable.onnx` on stock ORT;
-`kind="dense"` runs `onnx/model.dense.onnx` (the FP baseline) when the artifact has one.
+`kind="dense"` runs `onnx/model.dense.onnx` (the FP baseline) when the artifact has one. Weights may sit in
+`onnx/model.onnx.data` beside the graphs (external data, `build --onnx-external-data`, automatic past 1 GiB): every
+external location is checked against the manifest before ORT opens it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class OrtDecoder:
         else:
             so.intra_op_num_threads = threads
         path = artifact.member(self.dir, self.manifest, onnx_info[key], f"onnx.{key}")
+        _check_external_data(self.dir, self.manifest, onnx_info[key], f"onnx.{key}")
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -88,3 +91,26 @@ class OrtDecoder:
         self.past = out[1:]
         self.length += ids.shape[1]
         return out[0][0]
+
+
+def _check_external_data(artifact_dir: Path, manifest: dict, rel: str, field: str) -> None:
+    """Every tensor of the ONNX model `rel` whose data is external must name a file of the artifact, as
+    `artifact.member` confines them (relative, inside the folder, no symlink, sha256-listed): ONNX Runtime opens
+    those files itself, so they are checked before it sees the model (read without the onnx package:
+    runtime/onnx_refs.py)."""
+    import posixpath
+
+    from .onnx_refs import external_data_refs_of_file
+
+    path = artifact_dir / rel
+    try:
+        refs = external_data_refs_of_file(path)
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path}: not a readable ONNX model ({exc})") from None
+    folder = posixpath.dirname(rel)
+    for name, location in refs:
+        if not location:
+            raise FormatError(f"{path}: tensor {name!r}: external data without a location")
+        # joined to the model's folder: an absolute location stays absolute, "../x" keeps its "..": both refused
+        artifact.member(artifact_dir, manifest, posixpath.join(folder, location),
+                        f"{field} (external data of tensor {name!r})")

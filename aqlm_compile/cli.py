@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,12 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AqlmError as exc:
-            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+            line = f"error: {type(exc).__name__}: {exc}"
+            where = os.environ.get("AQLM_COMPILE_ERROR_FILE")  # a rank of `quantize --nproc`: its parent prints it
+            if where:
+                Path(where).write_text(line + "\n")
+            else:
+                click.echo(line, err=True)
             sys.exit(2)
 
 
@@ -96,9 +102,18 @@ def main():
                    "global_epochs=2; names and types: the method's settings dataclass (quantize/presets.py for aqlm). "
                    "Recorded in the checkpoint like the preset's.")
 @click.option("--quiet", is_flag=True, help="Progress bars only, no per-block lines.")
-def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples, seqlen,
-             beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, head, assignments, quiet):
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Quantize with this many processes on this machine (torch.distributed: gloo on CPU, NCCL on "
+                   "CUDA; one thread each unless OMP_NUM_THREADS says otherwise): the linears of each block are dealt out over them, and the checkpoint is the one process "
+                   "would write at the same threads per process (quantize/distributed.py). Across machines: torchrun "
+                   "--nnodes K --nproc-per-node N -m aqlm_compile quantize ... (one shared file system).")
+@click.pass_context
+def quantize(ctx, model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples,
+             seqlen, beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, head, assignments, quiet,
+             nproc):
     """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_quantize_in_processes(ctx, nproc))
     from .jobs import quantize_job
     from .progress import default_reporter
 
@@ -113,6 +128,11 @@ def quantize(model_dir, out_dir, config, head_config, dataset, method, preset, s
                      assignments=assignments)
     finally:
         reporter.close()
+        if "WORLD_SIZE" in os.environ:  # started by torchrun: leave its process group cleanly
+            import torch.distributed
+
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 @main.command(name="eval")
@@ -240,6 +260,72 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
     manifest = build_plan(checkpoint_dir, spec, options, out_dir)
     where = manifest["target_spec"].get("mcpu") or f"{manifest['arch'].replace('+', ', ')} + PTX; checked from the built file"
     click.echo(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {len(manifest['layers'])} layers ({where})")
+
+
+def _argv_of(ctx, skip: set[str]) -> list[str]:
+    """The command line that gives `ctx`'s command the parameters it was given (those at their defaults left out)."""
+    argv = []
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if param.name in skip or value is None or value == param.default or value == ():
+            continue
+        if isinstance(param, click.Argument):
+            argv.append(str(value))
+        elif param.is_flag:
+            if value:
+                argv.append(param.opts[0])
+            elif param.secondary_opts:
+                argv.append(param.secondary_opts[0])
+        elif param.multiple:
+            for v in value:
+                argv += [param.opts[0], str(v)]
+        else:
+            argv += [param.opts[0], str(value)]
+    return argv
+
+
+def _quantize_in_processes(ctx, nproc: int) -> int:
+    """`quantize --nproc N`: this same command in N processes on this machine (torch.multiprocessing), joined by
+    torch.distributed through the environment torchrun would give them (RANK, WORLD_SIZE, MASTER_ADDR/PORT). One
+    rank failing stops the others; its one-line error is printed once (each rank writes it to a file, not to the
+    terminal: every rank checks the same inputs). Returns the exit status."""
+    import logging
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    argv = _argv_of(ctx, skip={"nproc"})
+    with socket.socket() as sock:  # a free port for the rendezvous, on this machine only
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # torch logs a warning per rank it stops after another failed: the failure's own line says enough
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="aqlm-compile-nproc-") as errors:
+        try:
+            mp.spawn(_quantize_rank, args=(nproc, port, argv, errors), nprocs=nproc, join=True)
+            return 0
+        except mp.ProcessRaisedException as exc:  # not an AqlmError: a bug, shown with its traceback
+            click.echo(str(exc), err=True)
+            return 1
+        except mp.ProcessExitedException as exc:
+            written = sorted(Path(errors).glob("rank-*.txt"))
+            line = written[0].read_text().strip() if written else (
+                f"error: rank {exc.error_index} of {nproc} stopped (exit status {exc.exit_code})")
+            click.echo(line, err=True)
+            return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+
+
+def _quantize_rank(rank: int, world: int, port: int, argv: list[str], errors: str) -> None:
+    import os
+
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), AQLM_COMPILE_ERROR_FILE=f"{errors}/rank-{rank:04d}.txt")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: one thread per process unless told otherwise
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    main(["quantize", *argv], standalone_mode=False)
 
 
 def _recorded_embedding(path) -> str:

@@ -80,6 +80,9 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     head_aqlm = None if head_config is None else AqlmConfig.parse(head_config)
     source = resolve_model_dir(model_dir)
     device = pick_device(device)
+    ranks = _ranks(device)
+    if not ranks.is_main:
+        reporter = Reporter()  # one progress display: rank 0's
     start = time.perf_counter()
     model, tokenizer = load_fp_model(source)
     model.to(device)
@@ -117,7 +120,8 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     torch.manual_seed(seed)
     report = quantize_model(model, tokens, aqlm_config, quantizer, seed=seed, work=work, resume=resume,
                             fingerprint=fingerprint, reporter=reporter, num_blocks=num_blocks,
-                            stop_after_block=stop_after_block, head_config=head_aqlm, layer_configs=layer_configs)
+                            stop_after_block=stop_after_block, head_config=head_aqlm, layer_configs=layer_configs,
+                            ranks=ranks)
     report["timings"]["load"] = round(load_seconds, 1)
     if bits is not None:
         report["timings"]["bit_plan"] = round(plan_seconds, 1)
@@ -134,11 +138,22 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                 "dataset": corpus.name, "method": quantizer.record(),
                 "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
                 "timings": report["timings"], "seconds": report["seconds"]}
-    fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,
-             extra_files={"quantize_report.json": json.dumps(report, indent=1)})
-    work.remove()
+    if ranks.world > 1:
+        metadata["processes"] = ranks.world
+    if ranks.is_main:
+        fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,
+                 extra_files={"quantize_report.json": json.dumps(report, indent=1)})
+        work.remove()
+    ranks.barrier()  # every rank returns once the checkpoint is there
     reporter.log(f"wrote {out} in {report['seconds']:.0f} s  (phases: {report['timings']})")
     return report
+
+
+def _ranks(device: str):
+    """This process's rank when torchrun started several (`quantize --nproc`, quantize/distributed.py)."""
+    from .quantize.distributed import from_environment
+
+    return from_environment(device)
 
 
 def _most_common(configs: dict) -> AqlmConfig:
@@ -210,6 +225,7 @@ def _finish_job(model_dir, out: Path, start: Path, config, head_config, num_bloc
     settings = quantizer.settings
     source = resolve_model_dir(model_dir)
     device = pick_device(device)
+    ranks = _ranks(device)  # the end-to-end stage runs replicated: one process's result, written by rank 0
     t_start = time.perf_counter()
     model, aqlm_config, meta = fmt.load(start)
     if config is not None and AqlmConfig.parse(config).name != aqlm_config.name:
@@ -243,8 +259,10 @@ def _finish_job(model_dir, out: Path, start: Path, config, head_config, num_bloc
                 "from_checkpoint": report["from_checkpoint"],
                 "calibration_sources": [corpus.calibration_sources[0], corpus.calibration_sources[-1]],
                 "timings": report["timings"], "seconds": report["seconds"]}
-    fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,
-             extra_files={"quantize_report.json": json.dumps(report, indent=1)})
+    if ranks.is_main:
+        fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,
+                 extra_files={"quantize_report.json": json.dumps(report, indent=1)})
+    ranks.barrier()
     reporter.log(f"wrote {out} in {report['seconds']:.0f} s  (phases: {report['timings']})")
     return report
 

@@ -4,9 +4,12 @@ block, optional global KL fine-tuning (`global_ft.py`), then optional PV-tuning 
 
 from __future__ import annotations
 
+import torch
+
 from ..format import replace_module
 from ..nn import AqlmLinear
 from .block import finetune_block
+from .distributed import SINGLE
 from .global_ft import global_finetune
 from .layer import quantize_weight
 from .methods import BlockContext, QuantizationMethod, RunContext, register_method
@@ -45,19 +48,33 @@ class AqlmMethod(QuantizationMethod):
         run, settings, i = ctx.run, self.settings, ctx.index
         layer_reports = {}
         layer_task = run.reporter.task(f"  block {i}: layers", len(ctx.linears))
+        ranks = run.ranks or SINGLE
         with run.timed("aq"):
+            # each linear on its owner rank (all of them in one process), with its own (block, layer) stream
+            news, figures = {}, {}
             for li, (name, linear) in enumerate(ctx.linears.items()):
-                run.reporter.update(layer_task, f"  block {i}: {name}")
                 config = ctx.config_of(name)
+                bias = None if linear.bias is None else linear.bias.detach()
+                if ranks.owner(li) != ranks.rank:  # filled by the owner's broadcast below
+                    news[name] = AqlmLinear(linear.in_features, linear.out_features, config, bias=bias is not None,
+                                            dtype=torch.float32)
+                    continue
+                run.reporter.update(layer_task, f"  block {i}: {name}")
                 result = quantize_weight(linear.weight.detach(), ctx.hessians[name], config, settings,
                                          run.generator(i, li))
-                new = AqlmLinear.from_parts(result.codes, result.codebooks, result.scales, config,
-                                            bias=None if linear.bias is None else linear.bias.detach())
-                new.requires_grad_(False)
-                replace_module(block, name, new)
-                layer_reports[name] = {"config": config.name, "relative_error": result.relative_error, "rounds": len(result.losses) - 1,
-                                       "seconds": round(result.seconds, 2)}
+                news[name] = AqlmLinear.from_parts(result.codes, result.codebooks, result.scales, config, bias=bias)
+                figures[name] = [result.relative_error, len(result.losses) - 1, round(result.seconds, 2)]
                 run.reporter.advance(layer_task)
+            for li, name in enumerate(ctx.linears):
+                owner = ranks.owner(li)
+                ranks.broadcast_module(news[name], owner)
+                error, rounds, seconds = ranks.broadcast_floats(figures.get(name, [0.0, 0.0, 0.0]), owner)
+                news[name].requires_grad_(False)
+                replace_module(block, name, news[name])
+                if owner != ranks.rank:
+                    run.reporter.advance(layer_task)
+                layer_reports[name] = {"config": ctx.config_of(name).name, "relative_error": error,
+                                       "rounds": int(rounds), "seconds": seconds}
         ctx.hessians = None  # fine-tuning works on activations only; free the Hessians before it allocates
         run.reporter.update(layer_task, f"  block {i}: fine-tuning")
         with run.timed("block_ft"):

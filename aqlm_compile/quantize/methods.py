@@ -139,6 +139,8 @@ class RunContext:
     timings: dict[str, float]  # seconds per phase, reported by the job
     # The FP lm_head once the run has quantized the head: the teacher's logits come from it, not the student's
     teacher_head: torch.nn.Module | None = None
+    # This process's rank among the processes quantizing together (distributed.py); one process: SINGLE
+    ranks: Any = None
 
     def generator(self, *parts: int) -> torch.Generator:
         return derive_generator(self.seed, *parts)

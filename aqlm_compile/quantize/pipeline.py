@@ -19,6 +19,7 @@ from ..models import block_linears, decoder_layers
 from ..nn import AqlmLinear
 from ..progress import Reporter
 from .block import BlockRunner, collect_hessians
+from .distributed import SINGLE, Ranks
 from .methods import BlockContext, QuantizationMethod, RunContext
 
 FORWARD_BATCH = 8
@@ -116,7 +117,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
                    work: WorkFolder | None = None, resume: bool = False, fingerprint: dict | None = None,
                    reporter: Reporter | None = None, num_blocks: int | None = None,
                    stop_after_block: int | None = None, head_config: AqlmConfig | None = None,
-                   layer_configs: dict[str, AqlmConfig] | None = None) -> dict:
+                   layer_configs: dict[str, AqlmConfig] | None = None, ranks: Ranks = SINGLE) -> dict:
     """Quantize `model` in place with `method`. `tokens`: [nsamples, seqlen] calibration windows. Returns a report
     dict: per-block reports, whatever the method's `finish` returned, timings per phase.
 
@@ -125,7 +126,9 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     `num_blocks` quantizes only the first N blocks (the rest stay in float). `stop_after_block` raises
     KeyboardInterrupt after that block is saved (used by tests to simulate an interruption). `head_config`
     also quantizes the lm_head, with that config (it may differ from the blocks'). `layer_configs` {module name:
-    config} overrides `config` per linear (a `quantize --bits` plan, bit_budget.py).
+    config} overrides `config` per linear (a `quantize --bits` plan, bit_budget.py). `ranks`: this process's
+    place among several quantizing together (distributed.py: the linears of each block are dealt out, the rest
+    runs replicated, only rank 0 writes the work folder).
     """
     reporter = reporter or Reporter()
     timings: dict[str, float] = {"capture": 0.0, "hessian": 0.0, **{p: 0.0 for p in method.phases}, "forward": 0.0}
@@ -141,7 +144,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     runner = BlockRunner(kwargs)
     timings["capture"] += time.perf_counter() - t0
     run = RunContext(config=config, seed=seed, tokens=tokens, train_idx=train_idx, val_idx=val_idx, runner=runner,
-                     reporter=reporter, teacher=teacher, timings=timings)
+                     reporter=reporter, teacher=teacher, timings=timings, ranks=ranks)
 
     module_names = {m: n for n, m in model.named_modules()}
 
@@ -155,7 +158,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
 
     start = 0
     if work is not None:
-        start = work.start({**(fingerprint or {}), "method": method.record()}, resume)
+        start = _start_work(work, {**(fingerprint or {}), "method": method.record()}, resume, ranks)
         if start > n_blocks:
             raise ValueError(f"work folder says {start} blocks are done, but only {n_blocks} are to be quantized")
         for i in range(start):
@@ -192,7 +195,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         summary = method.describe_block(method_report)
         reporter.log(f"block {i:3d}: output rel. MSE {out_err:.4f}  " + (f"{summary}  " if summary else "")
                      + f"{report['seconds']:.1f}s")
-        if work is not None:
+        if work is not None and ranks.is_main:
             work.save_block(i, block.state_dict(), inputs, report)
         reporter.advance(block_task)
         if stop_after_block is not None and i == stop_after_block:
@@ -210,6 +213,25 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     return {"method": {"name": method.name, "version": method.settings.version}, "blocks": reports,
             **({"lm_head": head_report} if head_report else {}), **finish_report,
             "timings": {k: round(v, 1) for k, v in timings.items()}, "quantized_blocks": n_blocks}
+
+
+def _start_work(work: WorkFolder, fingerprint: dict, resume: bool, ranks: Ranks) -> int:
+    """`work.start` on rank 0 (it may clear the folder), its answer sent to the others; a failure there (another
+    run's folder on --resume) stops every rank with rank 0's message instead of leaving them waiting."""
+    if ranks.world == 1:
+        return work.start(fingerprint, resume)
+    start, error = -1, None
+    if ranks.is_main:
+        try:
+            start = work.start(fingerprint, resume)
+        except Exception as exc:  # re-raised below, once the other ranks know
+            error = exc
+    start = ranks.broadcast_int(start)
+    if error is not None:
+        raise error
+    if start < 0:
+        raise ModelError(f"{work.path}: rank 0 could not start the work folder (its message says why)")
+    return start
 
 
 def finish_model(model, fp_model, tokens: torch.Tensor, config: AqlmConfig, method: QuantizationMethod,

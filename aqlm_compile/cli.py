@@ -102,6 +102,10 @@ def main():
                    "global_epochs=2; names and types: the method's settings dataclass (quantize/presets.py for aqlm). "
                    "Recorded in the checkpoint like the preset's.")
 @click.option("--quiet", is_flag=True, help="Progress bars only, no per-block lines.")
+@click.option("--offload", type=click.Choice(["auto", "none", "disk"]), default="auto", show_default=True,
+              help="Where the calibration activations live: memory, or files beside the output read a batch at a "
+                   "time (memory that does not grow with --nsamples; the same checkpoint). auto: disk when they "
+                   "would take over a quarter of this machine's memory.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Quantize with this many processes on this machine (torch.distributed: gloo on CPU, NCCL on "
                    "CUDA; one thread each unless OMP_NUM_THREADS says otherwise): the linears of each block are dealt out over them, and the checkpoint is the one process "
@@ -110,7 +114,7 @@ def main():
 @click.pass_context
 def quantize(ctx, model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples,
              seqlen, beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, head, assignments, quiet,
-             nproc):
+             offload, nproc):
     """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(_quantize_in_processes(ctx, nproc))
@@ -125,7 +129,7 @@ def quantize(ctx, model_dir, out_dir, config, head_config, dataset, method, pres
                      overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size,
                                 "pv_steps": pv_steps},
                      from_checkpoint=from_checkpoint, bits=bits, embedding=embedding, head=head,
-                     assignments=assignments)
+                     assignments=assignments, offload=offload)
     finally:
         reporter.close()
         if "WORLD_SIZE" in os.environ:  # started by torchrun: leave its process group cleanly

@@ -359,11 +359,18 @@ class WorkFolder:
     def _activations(self, next_block: int) -> Path:
         return self.path / f"activations-{next_block}.safetensors"
 
-    def save_block(self, index: int, block_state: dict[str, torch.Tensor], activations: torch.Tensor,
-                   report: dict) -> None:
+    def save_block(self, index: int, block_state: dict[str, torch.Tensor], activations, report: dict) -> None:
+        """Commit block `index`: its state, the next block's inputs (`activations`: a tensor, written; or a
+        `quantize.activations.DiskActivations` in this folder, synced and renamed into place: no copy), then
+        progress.json."""
         fingerprint = json.loads((self.path / "progress.json").read_text())["fingerprint"]
+        on_disk = not isinstance(activations, torch.Tensor)
         for final, tensors in ((self.path / "blocks" / f"{index}.safetensors", block_state),
-                               (self._activations(index + 1), {"hidden": activations})):
+                               (self._activations(index + 1), None if on_disk else {"hidden": activations})):
+            if tensors is None:
+                activations.flush()
+                activations.rename(final)
+                continue
             tmp = final.with_name(f".{final.name}.tmp")
             save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
             os.replace(tmp, final)
@@ -384,12 +391,17 @@ class WorkFolder:
     def load_block(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / "blocks" / f"{index}.safetensors"))
 
-    def load_activations(self) -> torch.Tensor:
-        """The inputs of the block progress.json names as next."""
+    def load_activations(self, on_disk: bool = False):
+        """The inputs of the block progress.json names as next: a tensor, or with `on_disk` the file itself
+        (`quantize.activations.DiskActivations`, read a batch at a time)."""
         next_block = int(json.loads((self.path / "progress.json").read_text())["next_block"])
         path = self._activations(next_block)
         if not path.is_file():
             raise FormatError(f"{path}: missing (the work folder {self.path} is incomplete; rerun without --resume)")
+        if on_disk:
+            from .quantize.activations import DiskActivations
+
+            return DiskActivations(path)
         return load_file(str(path))["hidden"]
 
     def remove(self) -> None:

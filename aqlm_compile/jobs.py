@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +32,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                  device: str = "auto", num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
                  stop_after_block: int | None = None, from_checkpoint: str | None = None,
                  bits: float | None = None, embedding: str | None = None, head: str | None = None,
-                 assignments=()) -> dict:
+                 assignments=(), offload: str = "auto") -> dict:
     """Quantize `model_dir` with `method` (a name in `quantize.methods`; AQLM by default) at `preset` plus
     `overrides` (settings fields), and write the checkpoint to `out_dir`. `config` defaults to 2x8g8; `head_config`
     also quantizes the lm_head with that config. `from_checkpoint`: an AQLM checkpoint of `model_dir` to start from
@@ -40,7 +42,10 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     embedding counted in the form `embedding` (stored|int8|int4|head, what `build --embedding` will put in the
     artifact) and a dense lm_head in the form `head` (fp16|int8, `build --head`); the checkpoint records both and
     `build`/`eval` default to them. `assignments`: `NAME=VALUE` settings (`--set`), read
-    as their fields' types; the named options in `overrides` win over them. Returns the run's report."""
+    as their fields' types; the named options in `overrides` win over them. `offload`: where the calibration
+    activations live — "none" (memory), "disk" (files beside the output, read a batch at a time: memory that does
+    not grow with the calibration set), "auto" (disk when they would take more than a quarter of this machine's
+    memory). Returns the run's report."""
     import torch
 
     from . import format as fmt
@@ -102,6 +107,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     fingerprint = {"model": str(source.resolve()), "config": aqlm_config.name, "seed": seed, "dataset": corpus.name,
                    "num_blocks": num_blocks, **({"head_config": head_aqlm.name} if head_aqlm else {})}
     work = fmt.WorkFolder(work_folder_for(out))
+    spill = _spill_folder(out, ranks, offload, model, tokens, quantizer.needs_teacher())
     plan, layer_configs, plan_seconds = None, None, 0.0
     if bits is not None:
         plan_start = time.perf_counter()
@@ -121,7 +127,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     report = quantize_model(model, tokens, aqlm_config, quantizer, seed=seed, work=work, resume=resume,
                             fingerprint=fingerprint, reporter=reporter, num_blocks=num_blocks,
                             stop_after_block=stop_after_block, head_config=head_aqlm, layer_configs=layer_configs,
-                            ranks=ranks)
+                            ranks=ranks, spill=spill)
     report["timings"]["load"] = round(load_seconds, 1)
     if bits is not None:
         report["timings"]["bit_plan"] = round(plan_seconds, 1)
@@ -145,8 +151,31 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                  extra_files={"quantize_report.json": json.dumps(report, indent=1)})
         work.remove()
     ranks.barrier()  # every rank returns once the checkpoint is there
+    if spill is not None:
+        shutil.rmtree(spill.parent if ranks.is_main else spill, ignore_errors=True)
     reporter.log(f"wrote {out} in {report['seconds']:.0f} s  (phases: {report['timings']})")
     return report
+
+
+OFFLOADS = ("auto", "none", "disk")
+
+
+def _spill_folder(out: Path, ranks, offload: str, model, tokens, teacher: bool) -> Path | None:
+    """The folder this process keeps its activations in (`quantize --offload`), emptied; None to keep them in
+    memory. "auto": on disk when the buffers the block loop holds at once (inputs, targets, outputs, and the
+    teacher's hidden states if the method needs them) would take more than a quarter of this machine's memory."""
+    if offload not in OFFLOADS:
+        raise ModelError(f"--offload {offload!r}: expected one of {', '.join(OFFLOADS)}")
+    if offload == "auto":
+        buffer = tokens.numel() * model.config.hidden_size * 4
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        offload = "disk" if (3 + teacher) * buffer > memory / 4 else "none"
+    if offload == "none":
+        return None
+    folder = out.parent / f".{out.name}.spill" / f"rank-{ranks.rank}"
+    shutil.rmtree(folder, ignore_errors=True)  # a killed run's scratch files (the work folder keeps what resumes)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def _ranks(device: str):

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .activations import empty_like
 from .presets import QuantizeSettings
 
 
@@ -31,8 +32,10 @@ class BlockRunner:
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def run(self, block, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-        outs = torch.empty_like(inputs)
+    def run(self, block, inputs, batch_size: int):
+        """The block's outputs for every window of `inputs` (a tensor, or activations on disk: the outputs go where
+        the inputs are)."""
+        outs = empty_like(inputs)
         with torch.no_grad():
             for start in range(0, inputs.shape[0], batch_size):
                 outs[start : start + batch_size] = self(block, inputs[start : start + batch_size])
@@ -68,7 +71,7 @@ def collect_hessians(block, linears: dict, runner: BlockRunner, inputs: torch.Te
     count = 0
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
     try:
-        outs = torch.empty_like(inputs)
+        outs = empty_like(inputs)
         with torch.no_grad():
             for start in range(0, inputs.shape[0], batch_size):
                 batch = inputs[start : start + batch_size]

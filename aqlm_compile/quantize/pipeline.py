@@ -9,6 +9,7 @@ Methods (AQLM's AQ + block fine-tuning + global fine-tuning, and others) live be
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ from ..format import WorkFolder, replace_module
 from ..models import block_linears, decoder_layers
 from ..nn import AqlmLinear
 from ..progress import Reporter
+from .activations import DiskActivations, relative_mse, release, spill_path
 from .block import BlockRunner, collect_hessians
 from .distributed import SINGLE, Ranks
 from .methods import BlockContext, QuantizationMethod, RunContext
@@ -29,13 +31,25 @@ class _Captured(Exception):
     pass
 
 
-def capture_inputs(model, first_block, tokens: torch.Tensor, with_teacher: bool):
+def capture_inputs(model, first_block, tokens: torch.Tensor, with_teacher: bool, spill: Path | None = None):
     """Inputs to block 0 for every sequence, the block's keyword arguments (batch 1), and — when asked — the FP
-    model's final hidden states (the teacher, for methods that fine-tune end to end: `needs_teacher()`)."""
+    model's final hidden states (the teacher, for methods that fine-tune end to end: `needs_teacher()`).
+    `spill`: a folder to keep both in (`activations.DiskActivations`, written a window at a time) instead of memory."""
     inputs, kwargs_box = [], {}
+    n = tokens.shape[0]
+
+    def keep(store: list, x: torch.Tensor):
+        if spill is None:
+            store.append(x.detach().clone())
+            return
+        if not store:
+            store.append(DiskActivations(spill_path(spill), (n, *x.shape[1:]), x.dtype))
+        disk = store[0]
+        disk[len(store) - 1 : len(store)] = x.detach()
+        store.append(None)  # counts the windows written
 
     def hook(module, args, kwargs):
-        inputs.append(args[0].detach().clone() if args else kwargs["hidden_states"].detach().clone())
+        keep(inputs, args[0] if args else kwargs["hidden_states"])
         if not kwargs_box:
             kwargs_box.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         if not with_teacher:
@@ -49,7 +63,7 @@ def capture_inputs(model, first_block, tokens: torch.Tensor, with_teacher: bool)
             for i in range(tokens.shape[0]):
                 try:
                     out = base(input_ids=tokens[i : i + 1], use_cache=False)
-                    teacher.append(out.last_hidden_state.detach())
+                    keep(teacher, out.last_hidden_state)
                 except _Captured:
                     pass
     finally:
@@ -57,6 +71,8 @@ def capture_inputs(model, first_block, tokens: torch.Tensor, with_teacher: bool)
     kwargs_box["use_cache"] = False
     kwargs_box.pop("past_key_values", None)
     kwargs_box.pop("past_key_value", None)
+    if spill is not None:
+        return inputs[0], kwargs_box, (teacher[0] if teacher else None)
     return torch.cat(inputs), kwargs_box, (torch.cat(teacher) if teacher else None)
 
 
@@ -117,7 +133,8 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
                    work: WorkFolder | None = None, resume: bool = False, fingerprint: dict | None = None,
                    reporter: Reporter | None = None, num_blocks: int | None = None,
                    stop_after_block: int | None = None, head_config: AqlmConfig | None = None,
-                   layer_configs: dict[str, AqlmConfig] | None = None, ranks: Ranks = SINGLE) -> dict:
+                   layer_configs: dict[str, AqlmConfig] | None = None, ranks: Ranks = SINGLE,
+                   spill: Path | None = None) -> dict:
     """Quantize `model` in place with `method`. `tokens`: [nsamples, seqlen] calibration windows. Returns a report
     dict: per-block reports, whatever the method's `finish` returned, timings per phase.
 
@@ -128,7 +145,9 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     also quantizes the lm_head, with that config (it may differ from the blocks'). `layer_configs` {module name:
     config} overrides `config` per linear (a `quantize --bits` plan, bit_budget.py). `ranks`: this process's
     place among several quantizing together (distributed.py: the linears of each block are dealt out, the rest
-    runs replicated, only rank 0 writes the work folder).
+    runs replicated, only rank 0 writes the work folder). `spill`: a folder for the activations (block inputs,
+    targets, the teacher) instead of memory (`quantize --offload disk`, activations.py): the same checkpoint, with
+    memory that does not grow with the calibration set.
     """
     reporter = reporter or Reporter()
     timings: dict[str, float] = {"capture": 0.0, "hessian": 0.0, **{p: 0.0 for p in method.phases}, "forward": 0.0}
@@ -140,7 +159,9 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         p.requires_grad_(False)
 
     t0 = time.perf_counter()
-    inputs, kwargs, teacher = capture_inputs(model, layers[0], tokens, method.needs_teacher())
+    if spill is not None:
+        Path(spill).mkdir(parents=True, exist_ok=True)
+    inputs, kwargs, teacher = capture_inputs(model, layers[0], tokens, method.needs_teacher(), spill)
     runner = BlockRunner(kwargs)
     timings["capture"] += time.perf_counter() - t0
     run = RunContext(config=config, seed=seed, tokens=tokens, train_idx=train_idx, val_idx=val_idx, runner=runner,
@@ -165,7 +186,8 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
             _quantize_block_linears(layers[i], configs_of(layers[i]))
             layers[i].load_state_dict(work.load_block(i))
         if start > 0:
-            inputs = work.load_activations()
+            release(inputs)
+            inputs = work.load_activations(on_disk=spill is not None)
             reporter.log(f"resuming at block {start} of {n_blocks}")
     reports = work.reports() if (work is not None and start > 0) else []
 
@@ -186,7 +208,9 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
 
         with run.timed("forward"):
             outputs = runner.run(block, inputs, FORWARD_BATCH)
-            out_err = ((outputs - targets).pow(2).sum() / targets.pow(2).sum()).item()
+            out_err = relative_mse(outputs, targets, FORWARD_BATCH)
+        release(inputs)
+        release(targets)
         inputs = outputs
         del targets
         report = {"block": i, **method_report, "output_relative_mse": out_err,

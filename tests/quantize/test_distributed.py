@@ -40,9 +40,11 @@ def one_process(tiny_llama, tiny_corpus, tmp_path_factory):
     return out
 
 
-def test_two_processes_write_the_one_process_checkpoint(one_process, tiny_llama, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_two_processes_write_the_one_process_checkpoint(one_process, tiny_llama, tiny_corpus, tmp_path, offload):
     out = tmp_path / "two"
-    r = _run(["quantize", str(tiny_llama), "-o", str(out), "--dataset", str(tiny_corpus), *TINY, "--nproc", "2"])
+    r = _run(["quantize", str(tiny_llama), "-o", str(out), "--dataset", str(tiny_corpus), *TINY, "--nproc", "2",
+              "--offload", offload])
     assert r.returncode == 0, r.stderr[-2000:]
     assert _digest(out) == _digest(one_process)
     meta = json.loads((out / "config.json").read_text())["aqlm_compile"]
@@ -53,7 +55,7 @@ def test_two_processes_write_the_one_process_checkpoint(one_process, tiny_llama,
     one = json.loads((one_process / "quantize_report.json").read_text())["blocks"]
     assert [{n: (l["relative_error"], l["rounds"]) for n, l in b["layers"].items()} for b in two] == \
         [{n: (l["relative_error"], l["rounds"]) for n, l in b["layers"].items()} for b in one]
-    assert not any(p.name.startswith(".two.work") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith((".two.work", ".two.spill")) for p in tmp_path.iterdir())
 
 
 def test_two_processes_resume_a_one_process_run(one_process, tiny_llama, tiny_corpus, tmp_path):

@@ -44,7 +44,7 @@ def weight_bits(model, embedding: str = "stored", head: str = "fp16") -> int:
     input embedding in form `embedding` (`embedding.embedding_bits`; call before `compact_embedding`), a dense
     lm_head in form `head` (`embedding.head_bits`: fp16, or int8 rows + a scale per row; a tied embedding in its
     stored form is that same table, counted once), every other parameter in fp16; each tensor once. What
-    `quantize --bits` budgets (`quantize/bit_budget.fixed_bits` counts the same parts, with an fp16 head)."""
+    `quantize --bits` budgets (`quantize/bit_budget.fixed_bits` counts the same parts, the head in its `--head` form)."""
     from .embedding import embedding_bits, head_bits
 
     emb = model.get_input_embeddings().weight

@@ -124,10 +124,14 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     reporter.log(f"model {source} | {aqlm_config.name} | {quantizer.name} preset {preset} | {settings.nsamples} x "
                  f"{settings.seqlen} calibration tokens from {corpus.name} ({len(ids)} tokens) | device {device}")
     torch.manual_seed(seed)
-    report = quantize_model(model, tokens, aqlm_config, quantizer, seed=seed, work=work, resume=resume,
-                            fingerprint=fingerprint, reporter=reporter, num_blocks=num_blocks,
-                            stop_after_block=stop_after_block, head_config=head_aqlm, layer_configs=layer_configs,
-                            ranks=ranks, spill=spill)
+    try:
+        report = quantize_model(model, tokens, aqlm_config, quantizer, seed=seed, work=work, resume=resume,
+                                fingerprint=fingerprint, reporter=reporter, num_blocks=num_blocks,
+                                stop_after_block=stop_after_block, head_config=head_aqlm,
+                                layer_configs=layer_configs, ranks=ranks, spill=spill)
+    finally:  # scratch files go whatever happens (the work folder keeps what --resume needs)
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
     report["timings"]["load"] = round(load_seconds, 1)
     if bits is not None:
         report["timings"]["bit_plan"] = round(plan_seconds, 1)
@@ -151,8 +155,8 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                  extra_files={"quantize_report.json": json.dumps(report, indent=1)})
         work.remove()
     ranks.barrier()  # every rank returns once the checkpoint is there
-    if spill is not None:
-        shutil.rmtree(spill.parent if ranks.is_main else spill, ignore_errors=True)
+    if spill is not None and ranks.is_main:
+        shutil.rmtree(spill.parent, ignore_errors=True)
     reporter.log(f"wrote {out} in {report['seconds']:.0f} s  (phases: {report['timings']})")
     return report
 
@@ -169,7 +173,8 @@ def _spill_folder(out: Path, ranks, offload: str, model, tokens, teacher: bool) 
     if offload == "auto":
         buffer = tokens.numel() * model.config.hidden_size * 4
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        offload = "disk" if (3 + teacher) * buffer > memory / 4 else "none"
+        # every rank of a --nproc run holds its own copies
+        offload = "disk" if ranks.world * (3 + teacher) * buffer > memory / 4 else "none"
     if offload == "none":
         return None
     folder = out.parent / f".{out.name}.spill" / f"rank-{ranks.rank}"

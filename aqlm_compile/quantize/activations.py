@@ -37,10 +37,14 @@ def _header(shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
 
 
 class DiskActivations:
-    """A [n, T, d] float buffer in the safetensors file `path` (created with `create`, or an existing one opened)."""
+    """A [n, T, d] float buffer in the safetensors file `path`: created with `shape`, or an existing one opened.
+    Reads come back on `device` (the block's: the file is the host's); `spill` is the folder where `empty_like`
+    puts scratch buffers (this process's, whatever folder this file has been renamed into)."""
 
-    def __init__(self, path: str | Path, shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | Path, shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", spill: str | Path | None = None):
         self.path = Path(path)
+        self.spill = Path(spill) if spill is not None else self.path.parent
         # a scratch file of this process (removed by `release`), or one the work folder names (left to it)
         self.owned = shape is not None
         if shape is not None:  # a new file of the given shape, zero-filled (sparse) until written
@@ -56,7 +60,7 @@ class DiskActivations:
             self.shape, self.dtype, self._data = torch.Size(meta["shape"]), _TORCH[meta["dtype"]], 8 + n
         self._fd = os.open(self.path, os.O_RDWR)
         self._window = self.shape[1:].numel() * torch.empty((), dtype=self.dtype).element_size()
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -70,6 +74,7 @@ class DiskActivations:
         self.close()
 
     def _read(self, start: int, count: int) -> torch.Tensor:
+        """Windows start..start+count, on the host."""
         out = torch.empty((count, *self.shape[1:]), dtype=self.dtype)
         view = memoryview(out.numpy()).cast("B") if self.dtype != torch.bfloat16 else memoryview(
             out.view(torch.int16).numpy()).cast("B")
@@ -93,7 +98,7 @@ class DiskActivations:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
             if step == 1:
-                return self._read(start, max(0, stop - start))
+                return self._read(start, max(0, stop - start)).to(self.device)
             key = list(range(start, stop, step))
         single = isinstance(key, int)
         idx = self._indices(key)
@@ -103,6 +108,7 @@ class DiskActivations:
             run = [i for _, i in run]
             parts.append(self._read(run[0], len(run)))
         out = torch.cat(parts) if len(parts) != 1 else parts[0]
+        out = out.to(self.device)
         return out[0] if single else out
 
     def __setitem__(self, key, value: torch.Tensor) -> None:
@@ -129,7 +135,7 @@ class DiskActivations:
 def empty_like(x):
     """A buffer of `x`'s shape and dtype, where `x` is: a file beside `x`'s (a fresh name), or a tensor."""
     if isinstance(x, DiskActivations):
-        return DiskActivations(spill_path(x.path.parent), tuple(x.shape), x.dtype)
+        return DiskActivations(spill_path(x.spill), tuple(x.shape), x.dtype, x.device, x.spill)
     return torch.empty_like(x)
 
 

@@ -57,7 +57,7 @@ class AqlmMethod(QuantizationMethod):
                 bias = None if linear.bias is None else linear.bias.detach()
                 if ranks.owner(li) != ranks.rank:  # filled by the owner's broadcast below
                     news[name] = AqlmLinear(linear.in_features, linear.out_features, config, bias=bias is not None,
-                                            dtype=torch.float32)
+                                            dtype=torch.float32, device=linear.weight.device)
                     continue
                 run.reporter.update(layer_task, f"  block {i}: {name}")
                 result = quantize_weight(linear.weight.detach(), ctx.hessians[name], config, settings,

@@ -123,6 +123,8 @@ def fixed_bits(model, embedding: str, head_config: AqlmConfig | None, head: str 
                          "(the rows are decoded from the quantized head)")
     if head != "fp16" and head_config is not None:
         raise ValueError(f"--head {head}: the lm_head is quantized with --head-config (already compact)")
+    if head != "fp16" and type(lm_head) is not torch.nn.Linear:
+        raise ValueError(f"--head {head}: the lm_head is a {type(lm_head).__name__}, not a dense linear")
     _, layers = decoder_layers(model)
     planned = {id(m.weight) for layer in layers for m in block_linears(layer).values()}
     seen = {id(emb)} | planned

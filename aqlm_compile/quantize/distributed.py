@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -51,6 +52,18 @@ class Ranks:
         torch.distributed.broadcast(t, src)
         return int(t.item())
 
+    def broadcast_text(self, text: str, src: int = 0, size: int = 4096) -> str:
+        """`text` as rank `src` has it (utf-8, cut to `size` bytes)."""
+        if self.world == 1:
+            return text
+        raw = text.encode()[:size]
+        t = torch.zeros(size + 8, dtype=torch.uint8)
+        t[:8] = torch.tensor(list(len(raw).to_bytes(8, "little")), dtype=torch.uint8)
+        t[8 : 8 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        torch.distributed.broadcast(t, src)
+        n = int.from_bytes(bytes(t[:8].tolist()), "little")
+        return bytes(t[8 : 8 + n].tolist()).decode(errors="replace")
+
     def broadcast_floats(self, values: list[float], src: int) -> list[float]:
         if self.world == 1:
             return values
@@ -74,15 +87,18 @@ SINGLE = Ranks()
 
 def from_environment(device: str = "cpu") -> Ranks:
     """The Ranks torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR, ...), with the process group
-    started (gloo on CPU, NCCL on CUDA); SINGLE when not started by torchrun."""
+    started (gloo for CPU tensors, and NCCL for CUDA tensors on a GPU run); SINGLE when not started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
     if not torch.distributed.is_initialized():
-        backend = "nccl" if device == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if device == "cuda":  # several ranks may share a GPU on a machine with fewer GPUs than ranks
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        # the small messages (block index, figures, errors) are CPU tensors: gloo carries them on a GPU run too
+        backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+        # a rank waits in a broadcast while the owner of a large linear quantizes it (hours for a 70B layer on a
+        # CPU): the default 30-minute timeout would abort healthy runs; a failed rank is stopped by its launcher
+        torch.distributed.init_process_group(backend, timeout=timedelta(hours=24))
     return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 

@@ -43,7 +43,7 @@ def capture_inputs(model, first_block, tokens: torch.Tensor, with_teacher: bool,
             store.append(x.detach().clone())
             return
         if not store:
-            store.append(DiskActivations(spill_path(spill), (n, *x.shape[1:]), x.dtype))
+            store.append(DiskActivations(spill_path(spill), (n, *x.shape[1:]), x.dtype, x.device, spill))
         disk = store[0]
         disk[len(store) - 1 : len(store)] = x.detach()
         store.append(None)  # counts the windows written
@@ -188,6 +188,8 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         if start > 0:
             release(inputs)
             inputs = work.load_activations(on_disk=spill is not None)
+            if spill is not None:
+                inputs.spill, inputs.device = Path(spill), tokens.device
             reporter.log(f"resuming at block {start} of {n_blocks}")
     reports = work.reports() if (work is not None and start > 0) else []
 
@@ -229,7 +231,9 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     if head_config is not None:
         with run.timed("forward"):
             for layer in layers[n_blocks:]:  # blocks left in float still feed the head
-                inputs = runner.run(layer, inputs, FORWARD_BATCH)
+                outputs = runner.run(layer, inputs, FORWARD_BATCH)
+                release(inputs)
+                inputs = outputs
         head_report = quantize_head(model, inputs, head_config, method, run)
         reporter.log(f"lm_head: {head_config.name}, relative error {head_report['relative_error']:.4f}  "
                      f"{head_report['seconds']:.1f}s")
@@ -251,10 +255,15 @@ def _start_work(work: WorkFolder, fingerprint: dict, resume: bool, ranks: Ranks)
         except Exception as exc:  # re-raised below, once the other ranks know
             error = exc
     start = ranks.broadcast_int(start)
-    if error is not None:
-        raise error
-    if start < 0:
-        raise ModelError(f"{work.path}: rank 0 could not start the work folder (its message says why)")
+    if start < 0:  # every rank stops with rank 0's message (whichever the launcher reports)
+        text = ranks.broadcast_text("" if error is None else f"{type(error).__name__}\n{error}")
+        if error is not None:
+            raise error
+        name, _, message = text.partition("\n")
+        from .. import errors
+
+        cls = getattr(errors, name, None)
+        raise (cls if isinstance(cls, type) and issubclass(cls, errors.AqlmError) else ModelError)(message)
     return start
 
 

@@ -9,7 +9,7 @@ into the messages that can hold a tensor (onnx.proto, IR version 10):
     ModelProto     graph=7 (GraphProto), training_info=20 (TrainingInfoProto), functions=25 (FunctionProto)
     TrainingInfoProto initialization=1, algorithm=2 (GraphProto)
     GraphProto     node=1 (NodeProto), initializer=5 (TensorProto), sparse_initializer=15 (SparseTensorProto)
-    FunctionProto  node=7 (NodeProto)
+    FunctionProto  node=7 (NodeProto), attribute_proto=11 (AttributeProto: default attribute values)
     NodeProto      attribute=5 (AttributeProto)
     AttributeProto t=5, tensors=10 (TensorProto); g=6, graphs=11 (GraphProto); sparse_tensor=22, sparse_tensors=23
     SparseTensorProto values=1, indices=2 (TensorProto)
@@ -28,7 +28,7 @@ _CHILDREN = {
     "model": {7: "graph", 20: "training", 25: "function"},
     "training": {1: "graph", 2: "graph"},
     "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "function": {7: "node"},
+    "function": {7: "node", 11: "attribute"},
     "node": {5: "attribute"},
     "attribute": {5: "tensor", 10: "tensor", 6: "graph", 11: "graph", 22: "sparse", 23: "sparse"},
     "sparse": {1: "tensor", 2: "tensor"},
@@ -101,7 +101,11 @@ def _tensor(buf: memoryview, span: tuple[int, int]) -> tuple[str, bool, str | No
 def external_data_refs(data: bytes | memoryview) -> list[tuple[str, str | None]]:
     """[(tensor name, location)] for every tensor of a serialized ModelProto that is stored externally or names an
     external location (location None: external but without one). Raises ValueError for malformed bytes."""
-    buf = memoryview(data)
+    with memoryview(data) as buf:  # released even when the bytes are malformed (a mapped file can then close)
+        return _refs(buf)
+
+
+def _refs(buf: memoryview) -> list[tuple[str, str | None]]:
     found: list[tuple[str, str | None]] = []
     stack = [("model", (0, len(buf)), 0)]
     while stack:
@@ -129,8 +133,4 @@ def external_data_refs_of_file(path: str | Path) -> list[tuple[str, str | None]]
         if size == 0:
             raise ValueError("empty file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                return external_data_refs(view)
-            finally:
-                view.release()
+            return external_data_refs(mapped)

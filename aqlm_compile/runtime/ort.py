@@ -111,6 +111,9 @@ def _check_external_data(artifact_dir: Path, manifest: dict, rel: str, field: st
     for name, location in refs:
         if not location:
             raise FormatError(f"{path}: tensor {name!r}: external data without a location")
+        if "_ORT_MEM_ADDR_" in location:  # ORT reads such a location as a raw memory address, not a file
+            raise FormatError(f"{path}: tensor {name!r}: external data location {location!r} is a memory address "
+                              "(expected a file of the artifact)")
         # joined to the model's folder: an absolute location stays absolute, "../x" keeps its "..": both refused
         artifact.member(artifact_dir, manifest, posixpath.join(folder, location),
                         f"{field} (external data of tensor {name!r})")

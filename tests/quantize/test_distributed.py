@@ -95,3 +95,19 @@ def test_two_processes_on_a_smollm2_prefix(tmp_path):
     r = _run(["quantize", "-o", str(two), *args, "--nproc", "2"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert _digest(one) == _digest(two)
+
+
+def test_a_work_folder_rank_0_refuses_stops_every_rank_with_its_message(tiny_llama, tiny_corpus, tmp_path):
+    """--resume onto another run's work folder: rank 0's FormatError, once, from whichever rank the launcher
+    reports (every rank raises rank 0's message)."""
+    out = tmp_path / "part"
+    stop = ("from aqlm_compile.jobs import quantize_job\n"
+            f"quantize_job({str(tiny_llama)!r}, {str(out)!r}, config='2x8g8', dataset={str(tiny_corpus)!r}, "
+            "preset='tiny', device='cpu', overrides={'kmeans_iters': 3, 'max_rounds': 1}, stop_after_block=0)")
+    subprocess.run([sys.executable, "-c", stop], capture_output=True, text=True, timeout=600)
+    r = _run(["quantize", str(tiny_llama), "-o", str(out), "--dataset", str(tiny_corpus), *TINY, "--nproc", "2",
+              "--resume", "--seed", "1"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "was written by a run with different settings (seed)" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

@@ -332,26 +332,25 @@ def _quantize_rank(rank: int, world: int, port: int, argv: list[str], errors: st
     main(["quantize", *argv], standalone_mode=False)
 
 
-def _recorded_embedding(path) -> str:
-    """The embedding form a `quantize --bits` checkpoint's budget counted (config.json aqlm_compile.embedding),
-    else "stored"; anything unreadable is left to the command's own checks."""
+def _recorded_form(path, key: str, forms: tuple[str, ...], default: str) -> str:
+    """The form a `quantize --bits` checkpoint's budget counted (config.json aqlm_compile.KEY), else `default`;
+    anything unreadable is left to the command's own checks."""
     try:
         meta = json.loads((Path(path) / "config.json").read_text()).get("aqlm_compile") or {}
     except (OSError, ValueError, TypeError, AttributeError):
-        return "stored"
-    form = meta.get("embedding") if isinstance(meta, dict) else None
-    return form if form in ("stored", "int8", "int4", "head") else "stored"
+        return default
+    form = meta.get(key) if isinstance(meta, dict) else None
+    return form if form in forms else default
+
+
+def _recorded_embedding(path) -> str:
+    """The input embedding's recorded form (`quantize --bits --embedding`), else "stored"."""
+    return _recorded_form(path, "embedding", ("stored", "int8", "int4", "head"), "stored")
 
 
 def _recorded_head(path) -> str:
-    """The dense lm_head form a `quantize --bits --head` checkpoint's budget counted (config.json
-    aqlm_compile.dense_head), else "fp16"."""
-    try:
-        meta = json.loads((Path(path) / "config.json").read_text()).get("aqlm_compile") or {}
-    except (OSError, ValueError, TypeError, AttributeError):
-        return "fp16"
-    form = meta.get("dense_head") if isinstance(meta, dict) else None
-    return form if form in ("fp16", "int8") else "fp16"
+    """The dense lm_head's recorded form (`quantize --bits --head`, config.json aqlm_compile.dense_head), else fp16."""
+    return _recorded_form(path, "dense_head", ("fp16", "int8"), "fp16")
 
 
 def _source_model(checkpoint_dir: str, dense_model_dir) -> str:

@@ -5,8 +5,8 @@ Quantizes the first block of a random model with Llama-2-7B block shapes (`bench
 11008 FFN, SmolLM2's 49152-token vocabulary, one block) at each window count (`--windows 64 256` of `--seqlen
 2048` tokens by default), each in its own child whose peak RSS (VmHWM) is polled from /proc, then writes
 `benchmarks/results/<machine>/quantize-memory-<tag>.{json,md}`. Memory, not quality, is measured: AQ runs one round
-with a short k-means, and block fine-tuning runs `--finetune-epochs` epochs (its working set is one batch whatever
-the window count). The in-memory run is only attempted where its buffers fit (`--with-memory`).
+with a short k-means, and block fine-tuning runs `--finetune-epochs` epochs of at most `--finetune-steps` batches
+(its working set is one batch whatever the window count; the validation pass still reads its windows). The in-memory run is only attempted where its buffers fit (`--with-memory`).
 
     python benchmarks/quantize_memory.py --tag llama2-7b-shapes             # 64 and 256 × 2048 (hours here)
     python benchmarks/quantize_memory.py --tag smoke --shapes tiny --windows 8 32 --seqlen 128
@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--finetune-epochs", type=int, default=1,
                     help="block fine-tuning epochs (0 halves the run; its working set is one batch either way)")
+    ap.add_argument("--finetune-steps", type=int, default=4,
+                    help="optimizer steps per fine-tuning epoch at most (finetune_max_steps; 0: every batch)")
     ap.add_argument("--with-memory", action="store_true", help="also run --offload none at each window count")
     ap.add_argument("--work", help="folder for the model and the runs (default: a temporary one)")
     args = ap.parse_args()
@@ -59,7 +61,8 @@ def main() -> None:
             cmd = [sys.executable, "-m", "aqlm_compile", "quantize", str(fp), "-o", str(out), "--preset", "fast",
                    "--num-blocks", "1", "--nsamples", str(n), "--seqlen", str(args.seqlen), "--offload", mode,
                    "--device", "cpu", "--quiet", "--set", "max_rounds=1", "--set", "kmeans_iters=4",
-                   "--set", f"finetune_epochs={args.finetune_epochs}", "--set", f"val_size={min(8, n // 4)}"]
+                   "--set", f"finetune_epochs={args.finetune_epochs}",
+                   "--set", f"finetune_max_steps={args.finetune_steps or 'none'}", "--set", f"val_size={min(8, n // 4)}"]
             print(f"{n} windows, offload {mode} ...", flush=True)
             res = run_measured(cmd, env=child_env(args.threads), log_path=work / f"q-{n}-{mode}.log")
             buffer = n * args.seqlen * hidden * 4
@@ -83,7 +86,8 @@ def main() -> None:
               "wall_s": round(time.time() - start, 1)}
     md = [f"# Quantize memory against calibration windows: {args.tag}", "",
           f"First block of a random model ({args.shapes} shapes: {hidden} hidden, {ffn} FFN), `quantize --preset "
-          f"fast --num-blocks 1` with one AQ round, 4 k-means iterations and {args.finetune_epochs} fine-tuning epoch(s), "
+          f"fast --num-blocks 1` with one AQ round, 4 k-means iterations and {args.finetune_epochs} fine-tuning epoch(s) of at most "
+          f"{args.finetune_steps or 'all'} steps, "
           f"{args.threads} threads. Machine: {machine.get('cpu')}, {machine.get('cores')} cores, "
           f"{machine.get('memory_bytes', 0) / 2**30:.0f} GiB.", "",
           "| windows × tokens | offload | one activation buffer | peak RSS | wall | exit |", "|---|---|---|---|---|---|"]

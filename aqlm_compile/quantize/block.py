@@ -124,6 +124,8 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
     epochs_run = 0
     for _ in range(settings.finetune_epochs):
         perm = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        if settings.finetune_max_steps is not None:
+            perm = perm[: settings.finetune_max_steps * settings.finetune_batch_size]
         for start in range(0, len(perm), settings.finetune_batch_size):
             idx = perm[start : start + settings.finetune_batch_size]
             loss = F.mse_loss(runner(block, inputs[idx]), targets[idx])

@@ -32,6 +32,7 @@ class QuantizeSettings(MethodSettings):
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 8
     finetune_early_stop: int = 2
+    finetune_max_steps: int | None = None  # optimizer steps per epoch at most (None: every batch)
     # global fine-tuning on KL(teacher || student)
     global_epochs: float = 0.0
     global_lr: float = 1e-5
@@ -48,6 +49,8 @@ class QuantizeSettings(MethodSettings):
             raise ConfigError(f"codebook_solver {self.codebook_solver!r}: expected 'cg' or 'adam'")
         if not 0 <= self.pv_max_code_change <= 1:
             raise ConfigError(f"pv_max_code_change {self.pv_max_code_change}: expected a fraction in [0, 1]")
+        if self.finetune_max_steps is not None and self.finetune_max_steps < 1:
+            raise ConfigError(f"finetune_max_steps {self.finetune_max_steps}: expected >= 1 or none")
         if self.pv_steps < 0 or self.pv_batch_size < 1:
             raise ConfigError(f"pv_steps {self.pv_steps}, pv_batch_size {self.pv_batch_size}: expected >= 0 and >= 1")
         return super().checked()

@@ -50,7 +50,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
 
     from . import format as fmt
     from .data import calibration_windows, load_corpus, tokenize
-    from .models import load_fp_model, resolve_model_dir
+    from .models import load_fp_model, move_model, resolve_model_dir
     from .progress import Reporter
     from .quantize.pipeline import quantize_model
     from .quantize.methods import get_method
@@ -89,8 +89,10 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     if not ranks.is_main:
         reporter = Reporter()  # one progress display: rank 0's
     start = time.perf_counter()
-    model, tokenizer = load_fp_model(source)
-    model.to(device)
+    offload = _offload_mode(offload, source, settings, ranks, quantizer.needs_teacher())
+    # with --offload disk the FP blocks are read one at a time too (models.LazyBlocks)
+    model, tokenizer = load_fp_model(source, lazy=offload == "disk")
+    move_model(model, device)
     for name, linear in ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
         if ".layers." in f".{name}." and linear.in_features % aqlm_config.in_group_size:
             aqlm_config.check_shape(linear.out_features, linear.in_features, name)
@@ -107,7 +109,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     fingerprint = {"model": str(source.resolve()), "config": aqlm_config.name, "seed": seed, "dataset": corpus.name,
                    "num_blocks": num_blocks, **({"head_config": head_aqlm.name} if head_aqlm else {})}
     work = fmt.WorkFolder(work_folder_for(out))
-    spill = _spill_folder(out, ranks, offload, model, tokens, quantizer.needs_teacher())
+    spill = _spill_folder(out, ranks, offload)
     plan, layer_configs, plan_seconds = None, None, 0.0
     if bits is not None:
         plan_start = time.perf_counter()
@@ -133,6 +135,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)
     report["timings"]["load"] = round(load_seconds, 1)
+    report["offload"] = offload  # "disk": activations and FP blocks streamed from disk
     if bits is not None:
         report["timings"]["bit_plan"] = round(plan_seconds, 1)
     report["seconds"] = round(time.perf_counter() - start, 1)
@@ -164,17 +167,26 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
 OFFLOADS = ("auto", "none", "disk")
 
 
-def _spill_folder(out: Path, ranks, offload: str, model, tokens, teacher: bool) -> Path | None:
-    """The folder this process keeps its activations in (`quantize --offload`), emptied; None to keep them in
-    memory. "auto": on disk when the buffers the block loop holds at once (inputs, targets, outputs, and the
-    teacher's hidden states if the method needs them) would take more than a quarter of this machine's memory."""
+def _offload_mode(offload: str, source: Path, settings, ranks, teacher: bool) -> str:
+    """"disk" or "none" for `quantize --offload`. "auto": disk when the activation buffers the block loop holds at
+    once (inputs, targets, outputs, and the teacher's hidden states if the method needs them), or the FP weights
+    in fp32, would take more than a quarter of this machine's memory (every rank of a --nproc run holds its own)."""
     if offload not in OFFLOADS:
         raise ModelError(f"--offload {offload!r}: expected one of {', '.join(OFFLOADS)}")
-    if offload == "auto":
-        buffer = tokens.numel() * model.config.hidden_size * 4
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        # every rank of a --nproc run holds its own copies
-        offload = "disk" if ranks.world * (3 + teacher) * buffer > memory / 4 else "none"
+    if offload != "auto":
+        return offload
+    try:
+        hidden = int(json.loads((source / "config.json").read_text()).get("hidden_size") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        hidden = 0  # load_fp_model names the bad file
+    buffer = settings.nsamples * settings.seqlen * hidden * 4
+    weights = sum(f.stat().st_size for f in source.glob("*.safetensors")) * 2  # fp32 from (mostly) 16-bit files
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "disk" if ranks.world * max((3 + teacher) * buffer, weights) > memory / 4 else "none"
+
+
+def _spill_folder(out: Path, ranks, offload: str) -> Path | None:
+    """The folder this process keeps its activations in with `--offload disk`, emptied; None for "none"."""
     if offload == "none":
         return None
     folder = out.parent / f".{out.name}.spill" / f"rank-{ranks.rank}"

@@ -111,8 +111,13 @@ def find_source_model(recorded, checkpoint_dir: Path) -> Path | None:
     return None
 
 
-def load_fp_model(model_dir: Path, dtype=None):
-    """Load a local HF decoder-only causal LM in fp32 (eval mode) and its tokenizer."""
+def load_fp_model(model_dir: Path, dtype=None, lazy: bool = False):
+    """Load a local HF decoder-only causal LM in fp32 (eval mode) and its tokenizer.
+
+    `lazy`: the decoder layers stay on the meta device and are read from the safetensors files one at a time when
+    the block loop reaches them (`LazyBlocks`, reached through `load_block`/`unload_block`), so host memory holds
+    the embeddings, the head and one FP block instead of the whole model (`quantize --offload disk`). A folder
+    whose weights are not in safetensors files is loaded whole."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,13 +129,184 @@ def load_fp_model(model_dir: Path, dtype=None):
     if "quantization_config" in config:
         raise ModelError(f"{model_dir}: is already quantized ({config['quantization_config'].get('quant_method')}); expected an FP model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, attn_implementation="sdpa")
+        weight_files = safetensors_weight_map(model_dir) if lazy else None
+        if weight_files is not None:
+            model = _lazy_skeleton(model_dir, weight_files, dtype or torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32,
+                                                         attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except ModelError:
+        raise
     except Exception as exc:  # transformers raises many types; name the directory and keep its message
         raise ModelError(f"{model_dir}: could not load as a causal LM: {str(exc).splitlines()[0]}") from None
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+def safetensors_weight_map(model_dir: Path) -> dict[str, Path] | None:
+    """{tensor name: its safetensors file} of an HF folder (`model.safetensors`, or the shards named by
+    `model.safetensors.index.json`, which must lie inside the folder); None when the weights are in another form."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {str(f) for f in weight_map.values()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{index}: unreadable weight_map ({exc})") from None
+        for f in files:
+            if Path(f).name != f or not (model_dir / f).is_file():
+                raise ModelError(f"{index}: weight_map names {f!r}; expected a file name inside {model_dir}")
+        return {k: model_dir / v for k, v in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a corrupt header
+        raise ModelError(f"{single}: unreadable safetensors header ({exc})") from None
+
+
+class LazyBlocks:
+    """The decoder layers of a model built with `load_fp_model(lazy=True)`: on the meta device until `load(i)` reads
+    layer i's tensors from the safetensors files (converted to the model's dtype, onto the embeddings' device);
+    `unload(i)` puts an FP layer back on the meta device. Reading goes through `safe_open`, one tensor at a time."""
+
+    def __init__(self, model, prefix: str, weight_files: dict[str, Path], dtype):
+        self.model, self.prefix, self.files, self.dtype = model, prefix, weight_files, dtype
+
+    def _layers(self):
+        return decoder_layers(self.model)[1]
+
+    def is_loaded(self, i: int) -> bool:
+        return not any(t.is_meta for t in self._layers()[i].state_dict().values())
+
+    def load(self, i: int):
+        import torch
+        from safetensors import safe_open
+
+        layer = self._layers()[i]
+        if self.is_loaded(i):
+            return layer
+        device = self.model.get_input_embeddings().weight.device
+        shapes = {k: t.shape for k, t in layer.state_dict().items() if t.is_meta}
+        wanted = {f"{self.prefix}.{i}.{k}": k for k in shapes}
+        missing = [k for k in wanted if k not in self.files]
+        if missing:
+            raise ModelError(f"{self.files[next(iter(self.files))].parent}: no tensor {missing[0]} in the "
+                             f"safetensors files ({len(missing)} of layer {i} missing)")
+        state = {}
+        by_file: dict[Path, list[str]] = {}
+        for key in wanted:
+            by_file.setdefault(self.files[key], []).append(key)
+        for path, keys in by_file.items():
+            with safe_open(path, "pt", device="cpu") as f:
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(shapes[wanted[key]]):
+                        raise ModelError(f"{path}: {key} has shape {tuple(tensor.shape)}; config.json implies "
+                                         f"{tuple(shapes[wanted[key]])}")
+                    state[wanted[key]] = tensor.to(device=device, dtype=self.dtype)
+        for name, tensor in state.items():
+            module_name, _, attr = name.rpartition(".")
+            module = layer.get_submodule(module_name) if module_name else layer
+            if attr in module._parameters:
+                module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+            else:
+                module._buffers[attr] = tensor
+        return layer
+
+    def unload(self, i: int) -> None:
+        """Back to the meta device (a layer still in float: after the teacher pass or the bit plan)."""
+        self._layers()[i].to("meta")
+
+    def load_all(self) -> None:
+        for i in range(len(self._layers())):
+            self.load(i)
+
+
+def _lazy_skeleton(model_dir: Path, weight_files: dict[str, Path], dtype):
+    """The model with real embeddings, final norm, head and rotary tables (built with no decoder layer, then
+    loaded) and meta-device decoder layers, with a `LazyBlocks` as `model.aqlm_lazy_blocks`."""
+    import copy
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    n = config.num_hidden_layers
+    shell_config = copy.deepcopy(config)
+    shell_config.num_hidden_layers = 0  # every other module is built for real, its non-persistent buffers included
+    model = AutoModelForCausalLM.from_config(shell_config, dtype=dtype, attn_implementation="sdpa")
+    with torch.device("meta"):
+        layers = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    full_name, full_layers = decoder_layers(layers)
+    parent, _, attr = full_name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, full_layers)
+    model.config.num_hidden_layers = n
+    persistent = set(full_layers.state_dict())
+    buffers = {k for k, _ in full_layers.named_buffers()}
+    if buffers - persistent:
+        raise ModelError(f"{model_dir}: its decoder layers hold buffers that are not in the checkpoint "
+                         f"({sorted(buffers - persistent)[0]}); load it whole (--offload none)")
+    model.tie_weights()
+    head = model.get_output_embeddings()
+    tied = {f"{name}.weight" for name, m in model.named_modules() if m is head} \
+        if getattr(config, "tie_word_embeddings", False) else set()
+    own = [k for k in model.state_dict() if not k.startswith(full_name + ".")]
+    absent = [k for k in own if k not in weight_files and k not in tied]
+    if absent:
+        raise ModelError(f"{model_dir}: no tensor {absent[0]} in the safetensors files")
+    targets = model.state_dict()
+    by_file: dict[Path, list[str]] = {}
+    for key in own:
+        if key in weight_files:
+            by_file.setdefault(weight_files[key], []).append(key)
+    with torch.no_grad():  # one tensor at a time, into the shell's own storage: a single transient copy at most
+        for path, keys in by_file.items():
+            with safe_open(path, "pt", device="cpu") as f:
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(targets[key].shape):
+                        raise ModelError(f"{path}: {key} has shape {tuple(tensor.shape)}; config.json implies "
+                                         f"{tuple(targets[key].shape)}")
+                    targets[key].copy_(tensor)
+                    del tensor
+    model.aqlm_lazy_blocks = LazyBlocks(model, full_name, weight_files, dtype)
+    return model
+
+
+def load_block(model, i: int):
+    """Decoder layer i, read from disk first if the model was loaded lazily."""
+    lazy = getattr(model, "aqlm_lazy_blocks", None)
+    if lazy is not None:
+        return lazy.load(i)
+    return decoder_layers(model)[1][i]
+
+
+def unload_block(model, i: int) -> None:
+    """Drop FP layer i's weights again (lazily loaded models only; a no-op otherwise)."""
+    lazy = getattr(model, "aqlm_lazy_blocks", None)
+    if lazy is not None:
+        lazy.unload(i)
+
+
+def move_model(model, device) -> None:
+    """`model.to(device)`, leaving a lazily loaded model's meta-device layers where they are (`LazyBlocks.load`
+    reads them onto the embeddings' device)."""
+    model._apply(lambda t: t if t.is_meta else t.to(device))
+
+
+def load_all_blocks(model) -> None:
+    lazy = getattr(model, "aqlm_lazy_blocks", None)
+    if lazy is not None:
+        lazy.load_all()
 
 
 def decoder_layers(model):

@@ -16,10 +16,10 @@ import torch
 from ..config import AqlmConfig
 from ..errors import ModelError
 from ..format import WorkFolder, replace_module
-from ..models import block_linears, decoder_layers
+from ..models import block_linears, decoder_layers, load_all_blocks, load_block, unload_block
 from ..nn import AqlmLinear
 from ..progress import Reporter
-from .activations import DiskActivations, relative_mse, release, spill_path
+from .activations import DiskActivations, empty_like, relative_mse, release, spill_path
 from .block import BlockRunner, collect_hessians
 from .distributed import SINGLE, Ranks
 from .methods import BlockContext, QuantizationMethod, RunContext
@@ -74,6 +74,29 @@ def capture_inputs(model, first_block, tokens: torch.Tensor, with_teacher: bool,
     if spill is not None:
         return inputs[0], kwargs_box, (teacher[0] if teacher else None)
     return torch.cat(inputs), kwargs_box, (torch.cat(teacher) if teacher else None)
+
+
+def teacher_by_blocks(model, inputs, runner: BlockRunner):
+    """The teacher of `capture_inputs` (the FP model's final hidden states) for a lazily loaded model
+    (`models.load_fp_model(lazy=True)`): block 0's captured `inputs` run through each FP block in turn, read from disk,
+    run a window at a time (the whole-model pass's batch of 1: the same values) and dropped again, then the final
+    norm. Buffers go where `inputs` are (memory or disk)."""
+    _, layers = decoder_layers(model)
+    hidden = inputs
+    for j in range(len(layers)):
+        outputs = runner.run(load_block(model, j), hidden, 1)
+        unload_block(model, j)
+        if hidden is not inputs:
+            release(hidden)
+        hidden = outputs
+    norm = final_norm(model)
+    teacher = empty_like(hidden)
+    with torch.no_grad():
+        for i in range(hidden.shape[0]):
+            teacher[i : i + 1] = norm(hidden[i : i + 1])
+    if hidden is not inputs:
+        release(hidden)
+    return teacher
 
 
 def split_train_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,8 +184,11 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     t0 = time.perf_counter()
     if spill is not None:
         Path(spill).mkdir(parents=True, exist_ok=True)
-    inputs, kwargs, teacher = capture_inputs(model, layers[0], tokens, method.needs_teacher(), spill)
+    lazy = getattr(model, "aqlm_lazy_blocks", None) is not None
+    inputs, kwargs, teacher = capture_inputs(model, layers[0], tokens, method.needs_teacher() and not lazy, spill)
     runner = BlockRunner(kwargs)
+    if lazy and method.needs_teacher():
+        teacher = teacher_by_blocks(model, inputs, runner)
     timings["capture"] += time.perf_counter() - t0
     run = RunContext(config=config, seed=seed, tokens=tokens, train_idx=train_idx, val_idx=val_idx, runner=runner,
                      reporter=reporter, teacher=teacher, timings=timings, ranks=ranks)
@@ -184,6 +210,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
             raise ValueError(f"work folder says {start} blocks are done, but only {n_blocks} are to be quantized")
         for i in range(start):
             _quantize_block_linears(layers[i], configs_of(layers[i]))
+            load_block(model, i)  # lazily loaded: only what is not a quantized linear (norms) is read
             layers[i].load_state_dict(work.load_block(i))
         if start > 0:
             release(inputs)
@@ -196,7 +223,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     block_task = reporter.task("blocks", n_blocks)
     reporter.advance(block_task, start)
     for i in range(start, n_blocks):
-        block = layers[i]
+        block = load_block(model, i)  # lazily loaded: read from the safetensors files now
         linears = block_linears(block)
         block_start = time.perf_counter()
         with run.timed("hessian"):
@@ -227,6 +254,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         if stop_after_block is not None and i == stop_after_block:
             raise KeyboardInterrupt(f"stopped after block {i} (stop_after_block)")
 
+    load_all_blocks(model)  # the blocks past --num-blocks stay in float: the head, `finish` and the file need them
     head_report = None
     if head_config is not None:
         with run.timed("forward"):

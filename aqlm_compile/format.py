@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from .cache import atomic_dir, atomic_write_bytes
 from .config import AqlmConfig
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, FormatError, ModelError
 from .nn import AqlmLinear, code_dtype
+from .skeleton import build_with_meta_layers, meta_tensors
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -263,7 +264,12 @@ def _build_model(ckpt_dir: Path, raw: dict, aqlm_config, tensors, dtype):
     try:
         hf_config = AutoConfig.for_model(**clean)
         hf_config.use_cache = False
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+        if torch.get_default_device().type == "meta":
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+        else:  # the decoder layers on the meta device: their dense linears are never allocated (load assigns them)
+            model, _ = build_with_meta_layers(hf_config, dtype, str(ckpt_dir / "config.json"))
+    except ModelError as exc:
+        raise FormatError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a config it cannot use
         raise FormatError(f"{ckpt_dir / 'config.json'}: not a usable model config "
                           f"({(str(exc).splitlines() or [type(exc).__name__])[0][:200]})") from None
@@ -280,8 +286,9 @@ def _build_model(ckpt_dir: Path, raw: dict, aqlm_config, tensors, dtype):
             raise FormatError(f"{ckpt_dir / WEIGHTS}: {layer}.codes: expected [{linear.out_features}, "
                               f"{linear.in_features // cfg.in_group_size}, {cfg.num_codebooks}] for a "
                               f"{linear.in_features}->{linear.out_features} layer, found {list(codes.shape)}")
-        replace_module(model, layer, AqlmLinear(linear.in_features, linear.out_features, cfg,
-                                                bias=linear.bias is not None, dtype=dtype))
+        with torch.device("meta"):  # filled by load (assign): nothing allocated twice
+            replace_module(model, layer, AqlmLinear(linear.in_features, linear.out_features, cfg,
+                                                    bias=linear.bias is not None, dtype=dtype))
     expected = set(model.state_dict())
     if getattr(hf_config, "tie_word_embeddings", False):
         expected.discard("lm_head.weight")
@@ -312,9 +319,13 @@ def load(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32):
         _build_model(ckpt_dir, raw, aqlm_config, tensors, dtype)
     model, hf_config = _build_model(ckpt_dir, raw, aqlm_config, tensors, dtype)
     state = {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in tensors.items()}
-    model.load_state_dict(state, strict=False)
+    del tensors
+    model.load_state_dict(state, strict=False, assign=True)  # the file's tensors become the parameters
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
+    left = meta_tensors(model)
+    if left:  # _build_model compared every name: only a buffer no checkpoint carries can be left
+        raise FormatError(f"{ckpt_dir / WEIGHTS}: {left[0]} is not in the checkpoint")
     model.eval()
     return model, aqlm_config, raw.get("aqlm_compile", {})
 

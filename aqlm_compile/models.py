@@ -233,28 +233,17 @@ class LazyBlocks:
 def _lazy_skeleton(model_dir: Path, weight_files: dict[str, Path], dtype):
     """The model with real embeddings, final norm, head and rotary tables (built with no decoder layer, then
     loaded) and meta-device decoder layers, with a `LazyBlocks` as `model.aqlm_lazy_blocks`."""
-    import copy
-
     import torch
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .skeleton import build_with_meta_layers
 
     config = AutoConfig.from_pretrained(model_dir)
-    n = config.num_hidden_layers
-    shell_config = copy.deepcopy(config)
-    shell_config.num_hidden_layers = 0  # every other module is built for real, its non-persistent buffers included
-    model = AutoModelForCausalLM.from_config(shell_config, dtype=dtype, attn_implementation="sdpa")
-    with torch.device("meta"):
-        layers = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    full_name, full_layers = decoder_layers(layers)
-    parent, _, attr = full_name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, full_layers)
-    model.config.num_hidden_layers = n
-    persistent = set(full_layers.state_dict())
-    buffers = {k for k, _ in full_layers.named_buffers()}
-    if buffers - persistent:
-        raise ModelError(f"{model_dir}: its decoder layers hold buffers that are not in the checkpoint "
-                         f"({sorted(buffers - persistent)[0]}); load it whole (--offload none)")
+    try:
+        model, full_name = build_with_meta_layers(config, dtype, str(model_dir))
+    except ModelError as exc:
+        raise ModelError(f"{exc}; load it whole (--offload none)") from None
     model.tie_weights()
     head = model.get_output_embeddings()
     tied = {f"{name}.weight" for name, m in model.named_modules() if m is head} \
@@ -311,13 +300,9 @@ def load_all_blocks(model) -> None:
 
 def decoder_layers(model):
     """The ModuleList of transformer blocks (model.model.layers for Llama, Qwen2, Mistral, Gemma, ...)."""
-    import torch.nn as nn
+    from .skeleton import layers_of
 
-    n = getattr(model.config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and name.endswith("layers"):
-            return name, module
-    raise ModelError(f"{type(model).__name__}: could not find the list of {n} decoder layers")
+    return layers_of(model, getattr(model.config, "num_hidden_layers", None))
 
 
 def block_linears(block) -> dict:

@@ -175,3 +175,23 @@ def test_source_model_is_relative_not_an_absolute_path(saved, tiny_llama, tmp_pa
     assert find_source_model(recorded, moved) == moved.parent / tiny_llama.name
     for bad in ("", None, "..", 5):
         assert find_source_model(bad, moved) is None
+
+
+def test_load_never_allocates_the_dense_linears(saved, monkeypatch):
+    """`format.load` builds the decoder layers on the meta device and assigns the checkpoint's tensors (issue 16:
+    a 7B checkpoint must not need the 27 GB of its dense fp32 linears to load)."""
+    made = []
+    init = torch.nn.Linear.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", recording_init)
+    model, _, _ = fmt.load(saved)
+    _, layers = decoder_layers(model)
+    quantized = {(m.out_features, m.in_features) for layer in layers for m in layer.modules() if isinstance(m, AqlmLinear)}
+    assert quantized
+    dense = [m for m in made if (m.out_features, m.in_features) in quantized and not m.weight.is_meta]
+    assert dense == []
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))

@@ -90,8 +90,9 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
         reporter = Reporter()  # one progress display: rank 0's
     start = time.perf_counter()
     offload = _offload_mode(offload, source, settings, ranks, quantizer.needs_teacher())
-    # with --offload disk the FP blocks are read one at a time too (models.LazyBlocks)
-    model, tokenizer = load_fp_model(source, lazy=offload == "disk")
+    # with --offload disk the FP blocks are read one at a time too (models.LazyBlocks); not with --bits: its plan's
+    # Fisher pass backpropagates through the whole FP model
+    model, tokenizer = load_fp_model(source, lazy=offload == "disk" and bits is None)
     move_model(model, device)
     for name, linear in ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
         if ".layers." in f".{name}." and linear.in_features % aqlm_config.in_group_size:

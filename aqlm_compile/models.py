@@ -119,7 +119,7 @@ def load_fp_model(model_dir: Path, dtype=None, lazy: bool = False):
     the embeddings, the head and one FP block instead of the whole model (`quantize --offload disk`). A folder
     whose weights are not in safetensors files is loaded whole."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
     try:
@@ -129,7 +129,10 @@ def load_fp_model(model_dir: Path, dtype=None, lazy: bool = False):
     if "quantization_config" in config:
         raise ModelError(f"{model_dir}: is already quantized ({config['quantization_config'].get('quant_method')}); expected an FP model")
     try:
-        weight_files = safetensors_weight_map(model_dir) if lazy else None
+        # layers of several attention types (sliding and full) get other masks than layer 0's, which the block-wise
+        # passes reuse: such models are loaded whole
+        uniform = lazy and len(set(getattr(AutoConfig.from_pretrained(model_dir), "layer_types", None) or [])) <= 1
+        weight_files = safetensors_weight_map(model_dir) if uniform else None
         if weight_files is not None:
             model = _lazy_skeleton(model_dir, weight_files, dtype or torch.float32)
         else:
@@ -199,19 +202,26 @@ class LazyBlocks:
         missing = [k for k in wanted if k not in self.files]
         if missing:
             raise ModelError(f"{self.files[next(iter(self.files))].parent}: no tensor {missing[0]} in the "
-                             f"safetensors files ({len(missing)} of layer {i} missing)")
+                             f"safetensors files ({len(missing)} of layer {i} missing; --offload none loads the "
+                             f"model through transformers, which renames legacy tensor names)")
         state = {}
         by_file: dict[Path, list[str]] = {}
         for key in wanted:
             by_file.setdefault(self.files[key], []).append(key)
         for path, keys in by_file.items():
-            with safe_open(path, "pt", device="cpu") as f:
-                for key in keys:
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(shapes[wanted[key]]):
-                        raise ModelError(f"{path}: {key} has shape {tuple(tensor.shape)}; config.json implies "
-                                         f"{tuple(shapes[wanted[key]])}")
-                    state[wanted[key]] = tensor.to(device=device, dtype=self.dtype)
+            try:
+                with safe_open(path, "pt", device="cpu") as f:
+                    for key in keys:
+                        tensor = f.get_tensor(key)
+                        if tuple(tensor.shape) != tuple(shapes[wanted[key]]):
+                            raise ModelError(f"{path}: {key} has shape {tuple(tensor.shape)}; config.json implies "
+                                             f"{tuple(shapes[wanted[key]])}")
+                        state[wanted[key]] = tensor.to(
+                            device=device, dtype=self.dtype if tensor.is_floating_point() else None)
+            except ModelError:
+                raise
+            except Exception as exc:  # safetensors' own error types: a truncated or rewritten file mid-run
+                raise ModelError(f"{path}: unreadable while loading layer {i} ({str(exc).splitlines()[0][:200]})") from None
         for name, tensor in state.items():
             module_name, _, attr = name.rpartition(".")
             module = layer.get_submodule(module_name) if module_name else layer
@@ -251,7 +261,8 @@ def _lazy_skeleton(model_dir: Path, weight_files: dict[str, Path], dtype):
     own = [k for k in model.state_dict() if not k.startswith(full_name + ".")]
     absent = [k for k in own if k not in weight_files and k not in tied]
     if absent:
-        raise ModelError(f"{model_dir}: no tensor {absent[0]} in the safetensors files")
+        raise ModelError(f"{model_dir}: no tensor {absent[0]} in the safetensors files (--offload none loads the "
+                         f"model through transformers, which renames legacy tensor names)")
     targets = model.state_dict()
     by_file: dict[Path, list[str]] = {}
     for key in own:
@@ -259,14 +270,19 @@ def _lazy_skeleton(model_dir: Path, weight_files: dict[str, Path], dtype):
             by_file.setdefault(weight_files[key], []).append(key)
     with torch.no_grad():  # one tensor at a time, into the shell's own storage: a single transient copy at most
         for path, keys in by_file.items():
-            with safe_open(path, "pt", device="cpu") as f:
-                for key in keys:
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(targets[key].shape):
-                        raise ModelError(f"{path}: {key} has shape {tuple(tensor.shape)}; config.json implies "
-                                         f"{tuple(targets[key].shape)}")
-                    targets[key].copy_(tensor)
-                    del tensor
+            try:
+                with safe_open(path, "pt", device="cpu") as f:
+                    for key in keys:
+                        tensor = f.get_tensor(key)
+                        if tuple(tensor.shape) != tuple(targets[key].shape):
+                            raise ModelError(f"{path}: {key} has shape {tuple(tensor.shape)}; config.json implies "
+                                             f"{tuple(targets[key].shape)}")
+                        targets[key].copy_(tensor)
+                        del tensor
+            except ModelError:
+                raise
+            except Exception as exc:  # safetensors' own error types for a corrupt file
+                raise ModelError(f"{path}: unreadable ({str(exc).splitlines()[0][:200]})") from None
     model.aqlm_lazy_blocks = LazyBlocks(model, full_name, weight_files, dtype)
     return model
 

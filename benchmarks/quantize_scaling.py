@@ -40,6 +40,7 @@ REFERENCE = {"Llama-2-7B": "≈ 1 A100-day (AQ + block fine-tuning)",
              "Llama-3-8B": "≈ 1 A100-day (same shapes class)",
              "Llama-2-70B": "3–4 days on 8 A100s"}
 NODES = (1, 4, 8, 32)
+FORWARD_BATCH = 8  # windows per forward batch in the block loop (quantize/pipeline.py)
 
 
 def block_params(m: dict) -> int:
@@ -53,6 +54,11 @@ def linear_params(m: dict) -> list[int]:
     head_dim = m["hidden"] // m["heads"]
     kv = m["kv_heads"] * head_dim
     return [m["hidden"] ** 2, m["hidden"] * kv, m["hidden"] * kv, m["hidden"] ** 2] + [m["hidden"] * m["ffn"]] * 3
+
+
+def xxt_values(m: dict) -> int:
+    """Entries of the XXᵀ sums of one block: q/k/v share their input, so do gate/up; o and down have their own."""
+    return 3 * m["hidden"] ** 2 + m["ffn"] ** 2
 
 
 def measure_smollm2(work: Path, threads: int) -> list[dict]:
@@ -84,11 +90,17 @@ def unit_costs(memory: dict) -> dict:
     m = dict(hidden=shapes["hidden_size"], ffn=shapes["intermediate_size"], heads=32, kv_heads=32)
     tokens = row["windows"] * row["seqlen"]
     phases = row["phases_s"]
+    embedding = 2 * 49152 * m["hidden"] * 4
+    # what the peak holds besides the activations of one batch: the embedding and head, the FP block, the XXᵀ sums
+    fixed = embedding + 4 * block_params(m) + 8 * xxt_values(m)
     return {"source_windows": row["windows"], "seqlen": row["seqlen"], "tokens": tokens,
-            "block_params": block_params(m), "forward_s_per_token": phases["forward"] / tokens,
-            "hessian_s_per_token": phases["hessian"] / tokens, "aq_round_s": phases["aq"],
-            "aq_round_s_per_weight": phases["aq"] / block_params(m), "peak_rss_bytes": row["peak_rss_bytes"],
-            "embedding_bytes": 2 * 49152 * m["hidden"] * 4}
+            "block_params": block_params(m), "xxt_values": xxt_values(m), "hidden": m["hidden"], "ffn": m["ffn"],
+            "forward_s_per_token": phases["forward"] / tokens,
+            "xxt_s_per_token": max(phases["hessian"] - phases["forward"], 0.0) / tokens,
+            "aq_round_s": phases["aq"], "aq_round_s_per_weight": phases["aq"] / block_params(m),
+            "peak_rss_bytes": row["peak_rss_bytes"], "embedding_bytes": embedding,
+            "batch_tokens": FORWARD_BATCH * row["seqlen"],
+            "activation_bytes": max(row["peak_rss_bytes"] - fixed, 0)}
 
 
 def project(costs: dict, settings: dict, m: dict) -> dict:
@@ -100,12 +112,15 @@ def project(costs: dict, settings: dict, m: dict) -> dict:
     fwd = costs["forward_s_per_token"] * ratio
     # FP forward with XXᵀ, then after AQ the quantized forward; fine-tuning: forward + backward (≈ 3 forwards) on
     # the training windows and a validation forward per epoch (plus one before the first)
-    forward_s = tokens * (costs["hessian_s_per_token"] * ratio + fwd)
+    xxt = costs["xxt_s_per_token"] * xxt_values(m) / costs["xxt_values"]
+    forward_s = tokens * (2 * fwd + xxt)
     finetune_s = settings["finetune_epochs"] * (3 * train * fwd + val * fwd) + val * fwd
     aq_round = costs["aq_round_s_per_weight"] * block_params(m)
     aq_s = settings["max_rounds"] * aq_round
     # global fine-tuning: forward + backward of the whole model over the calibration set, once per epoch
-    global_s = settings["global_epochs"] * 3 * tokens * fwd * m["blocks"]
+    # (the student's lm_head forward + backward and the teacher's head forward: 4 passes over vocab × hidden)
+    per_weight = costs["forward_s_per_token"] / costs["block_params"]
+    global_s = settings["global_epochs"] * tokens * (3 * fwd * m["blocks"] + 4 * per_weight * m["vocab"] * m["hidden"])
     block_s = forward_s + finetune_s + aq_s
     out = {"block_params": block_params(m), "tokens": tokens, "per_block_s": round(block_s),
            "per_block": {"forward_s": round(forward_s), "finetune_s": round(finetune_s), "aq_s": round(aq_s)},
@@ -122,16 +137,21 @@ def project(costs: dict, settings: dict, m: dict) -> dict:
 
 
 def memory_of(costs: dict, settings: dict, m: dict) -> dict:
-    """Peak host memory with --offload disk: the measured working set of one 7B-shaped block (peak RSS less the
-    synthetic model's fp32 embedding and head), scaled by block size, plus the model's fp32 embedding and head and
-    its quantized blocks at 2x8g8 (≈ 2 bits per weight). Disk: the activation buffers (inputs, targets, outputs;
-    a teacher too with global fine-tuning)."""
-    ratio = block_params(m) / costs["block_params"]
-    working = (costs["peak_rss_bytes"] - costs["embedding_bytes"]) * ratio
+    """Peak host memory with --offload disk: the model's fp32 embedding and head, one FP block (fp32), its XXᵀ sums
+    (float64), the blocks quantized so far (≈ 2 bits per weight at 2x8g8), and one batch's activations: the
+    7B-shaped run's (its peak less everything else) scaled by the tokens in a batch (the larger of the forward
+    batch and the fine-tuning batch) and by hidden + FFN width (the attention scores' growth with sequence
+    length is left out). Disk: the activation buffers (inputs, targets, outputs; a teacher too with global
+    fine-tuning)."""
+    batch_tokens = max(FORWARD_BATCH, settings["finetune_batch_size"]) * settings["seqlen"]
+    width = (m["hidden"] + m["ffn"]) / (costs["hidden"] + costs["ffn"])
+    activations = costs["activation_bytes"] * batch_tokens / costs["batch_tokens"] * width
     embeddings = (1 if m["tied"] else 2) * m["vocab"] * m["hidden"] * 4
+    block = 4 * block_params(m) + 8 * xxt_values(m)
     quantized = m["blocks"] * block_params(m) * 2 / 8
     buffer = settings["nsamples"] * settings["seqlen"] * m["hidden"] * 4
-    return {"host_peak_gib": round((working + embeddings + quantized) / 2**30, 1),
+    return {"host_peak_gib": round((activations + embeddings + block + quantized) / 2**30, 1),
+            "activations_gib": round(activations / 2**30, 1),
             "disk_gib": round((3 + (settings["global_epochs"] > 0)) * buffer / 2**30, 1)}
 
 
@@ -182,24 +202,33 @@ def main() -> None:
         md.append("")
     md += [f"### Measured: one Llama-2-7B-shaped block ({costs['source_windows']} × {costs['seqlen']} tokens, "
            f"from `{result['memory_result']}`)", "",
-           f"- FP forward of one block: {costs['forward_s_per_token'] * 1e3:.2f} ms per token; with XXᵀ: "
-           f"{costs['hessian_s_per_token'] * 1e3:.2f} ms per token.",
+           f"- Forward of one block: {costs['forward_s_per_token'] * 1e3:.2f} ms per token; the XXᵀ sums add "
+           f"{costs['xxt_s_per_token'] * 1e3:.2f} ms per token.",
            f"- One AQ round (2x8g8, all seven linears, with a 4-iteration k-means start): {costs['aq_round_s']:.0f} s.",
-           f"- Peak RSS with `--offload disk`: {costs['peak_rss_bytes'] / 2**30:.2f} GiB, of which "
-           f"{costs['embedding_bytes'] / 2**30:.2f} GiB are the synthetic model's fp32 embedding and head.", ""]
+           f"- Peak RSS with `--offload disk`: {costs['peak_rss_bytes'] / 2**30:.2f} GiB: "
+           f"{costs['embedding_bytes'] / 2**30:.2f} GiB the synthetic model's fp32 embedding and head, "
+           f"{4 * costs['block_params'] / 2**30:.2f} GiB the FP block, {8 * costs['xxt_values'] / 2**30:.2f} GiB the "
+           f"XXᵀ sums, and {costs['activation_bytes'] / 2**30:.2f} GiB the rest (one batch of "
+           f"{costs['batch_tokens']} tokens through the block, the torch runtime).", ""]
     for preset, rows in projections.items():
         s = PRESETS[preset]
+        note = ("" if s.codebook_solver == "cg" else
+                f" AQ is counted at the measured `cg` round; this preset's `{s.codebook_solver}` codebook solver "
+                f"({s.adam_steps} steps per round) and {s.kmeans_iters}-iteration k-means were not measured, so its AQ "
+                f"column is an estimate, not a bound.")
         md += [f"### Projected: `--preset {preset}` ({s.nsamples} × {s.seqlen} tokens, ≤ {s.max_rounds} AQ rounds, "
                f"≤ {s.finetune_epochs} fine-tuning epochs, {s.global_epochs:g} global epoch(s)) on 2-core nodes", "",
+               f"Fine-tuning batch {s.finetune_batch_size} × {s.seqlen} tokens.{note}", "",
                "| model | hours per block (forward / FT / AQ) | days, 1 node | " +
-               " | ".join(f"days, {n} nodes" for n in NODES[1:]) + " | host peak | disk | reference |",
+               " | ".join(f"days, {n} nodes" for n in NODES[1:]) + " | host peak (activations) | disk | reference |",
                "|---|---|---|" + "---|" * (len(NODES) - 1) + "---|---|---|"]
         for name, r in rows.items():
             b = r["per_block"]
             md.append(f"| {name} | {r['per_block_s'] / 3600:.1f} ({b['forward_s'] / 3600:.1f} / "
                       f"{b['finetune_s'] / 3600:.1f} / {b['aq_s'] / 3600:.1f}) | "
                       + " | ".join(f"{r[f'model_days_{n}_nodes']:.1f}" for n in NODES)
-                      + f" | {r['host_peak_gib']:.0f} GiB | {r['disk_gib']:.0f} GiB | {REFERENCE[name]} |")
+                      + f" | {r['host_peak_gib']:.0f} GiB ({r['activations_gib']:.0f}) | {r['disk_gib']:.0f} GiB | "
+                      f"{REFERENCE[name]} |")
         md.append("")
     table = "\n".join(md)
     write_result(out_dir, "quantize-scaling", result, "# Quantize: time and memory per block, and at scale\n\n"

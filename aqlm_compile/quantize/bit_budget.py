@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..config import AqlmConfig
 from ..errors import ConfigError
-from ..models import block_linears, decoder_layers, load_all_blocks, unload_block
+from ..models import block_linears, decoder_layers
 from ..progress import Reporter
 from .allocation import Option, allocate, prefix_losses
 from .block import BlockRunner, collect_hessians
@@ -168,7 +168,6 @@ def plan_bits(model, windows: torch.Tensor, base: AqlmConfig, bits_per_param: fl
     reporter = reporter or Reporter()
     max_codebooks = max_codebooks or max_codebooks_for(base)
     candidates = candidate_configs(base, max_codebooks)
-    load_all_blocks(model)  # a lazily loaded model: the Fisher pass backpropagates through the whole FP model once
     fisher = output_fisher(model, windows)
     _, layers = decoder_layers(model)
     full = {m: n for n, m in model.named_modules()}
@@ -201,7 +200,6 @@ def plan_bits(model, windows: torch.Tensor, base: AqlmConfig, bits_per_param: fl
                     loss[k] += curve[k]
             options[key] = [Option(c.name, b, l) for c, b, l in zip(candidates, bits, loss)]
         inputs = targets
-        unload_block(model, i)  # lazily loaded: back on the meta device until the block loop reads it again
         reporter.advance(task)
     budget = int(bits_per_param * params_all) - fixed_bits
     try:

@@ -193,15 +193,18 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     run = RunContext(config=config, seed=seed, tokens=tokens, train_idx=train_idx, val_idx=val_idx, runner=runner,
                      reporter=reporter, teacher=teacher, timings=timings, ranks=ranks)
 
-    module_names = {m: n for n, m in model.named_modules()}
+    layers_name, _ = decoder_layers(model)
 
-    def configs_of(block) -> dict[str, AqlmConfig]:
+    def configs_of(i: int) -> dict[str, AqlmConfig]:
+        # names by path, not a module→name dict: such a dict would keep every FP linear alive after its block is
+        # quantized (a lazily loaded model must hold one FP block at a time)
+        names = {name: f"{layers_name}.{i}.{name}" for name in block_linears(layers[i])}
         if layer_configs is None:
-            return {name: config for name in block_linears(block)}
-        missing = [module_names[m] for m in block_linears(block).values() if module_names[m] not in layer_configs]
+            return {name: config for name in names}
+        missing = [full for full in names.values() if full not in layer_configs]
         if missing:  # a plan for another model (or other module names): never fall back to a config silently
             raise ModelError(f"layer_configs: no config planned for {missing[0]} ({len(missing)} linear(s) of this block)")
-        return {name: layer_configs[module_names[m]] for name, m in block_linears(block).items()}
+        return {name: layer_configs[full] for name, full in names.items()}
 
     start = 0
     if work is not None:
@@ -209,7 +212,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         if start > n_blocks:
             raise ValueError(f"work folder says {start} blocks are done, but only {n_blocks} are to be quantized")
         for i in range(start):
-            _quantize_block_linears(layers[i], configs_of(layers[i]))
+            _quantize_block_linears(layers[i], configs_of(i))
             load_block(model, i)  # lazily loaded: only what is not a quantized linear (norms) is read
             layers[i].load_state_dict(work.load_block(i))
         if start > 0:
@@ -230,7 +233,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
             targets, hessians = collect_hessians(block, linears, runner, inputs, FORWARD_BATCH)
 
         ctx = BlockContext(run=run, index=i, linears=linears, inputs=inputs, targets=targets, hessians=hessians,
-                           configs=configs_of(block))
+                           configs=configs_of(i))
         del hessians  # the context holds them, so that the method can free them early
         method_report = method.quantize_block(block, ctx)
         del ctx
@@ -251,6 +254,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         if work is not None and ranks.is_main:
             work.save_block(i, block.state_dict(), inputs, report)
         reporter.advance(block_task)
+        del linears, block  # the replaced FP linears go now, before the next block is read
         if stop_after_block is not None and i == stop_after_block:
             raise KeyboardInterrupt(f"stopped after block {i} (stop_after_block)")
 

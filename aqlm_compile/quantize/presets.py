@@ -44,6 +44,12 @@ class QuantizeSettings(MethodSettings):
     pv_max_code_change: float = 1e-2  # at most this fraction of code groups change per step
     pv_batch_size: int = 2
 
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out["finetune_max_steps"] is None:  # unset: the record (and a resume fingerprint) of runs before it
+            del out["finetune_max_steps"]
+        return out
+
     def checked(self) -> QuantizeSettings:
         if self.codebook_solver not in ("cg", "adam"):
             raise ConfigError(f"codebook_solver {self.codebook_solver!r}: expected 'cg' or 'adam'")

@@ -2,14 +2,16 @@
 disk`): the same model as a whole load, decoder layers on the meta device until the block loop reads them, and never
 more than one FP block in memory while quantizing."""
 
+import gc
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
 
 from aqlm_compile.errors import ModelError
-from aqlm_compile.models import decoder_layers, load_fp_model
+from aqlm_compile.models import block_linears, decoder_layers, load_fp_model
 from aqlm_compile.quantize.pipeline import quantize_model
 from aqlm_compile.quantize.methods import get_method
 
@@ -49,16 +51,33 @@ def test_the_block_loop_holds_one_fp_block_at_a_time(tiny_llama):
         return layer
 
     lazy.load = load
+    fp_linears = []  # weak references to every FP linear the loop reads: each must be freed once its block is done
+
+    def remember(i):
+        layer = load(i)
+        fp_linears.extend(weakref.ref(m) for m in layer.modules() if type(m) is torch.nn.Linear and not m.weight.is_meta)
+        gc.collect()
+        alive = [r for r in fp_linears if r() is not None and not r().weight.is_meta]
+        held.append((i, len({id(r()) for r in alive})))
+        return layer
+
+    held = []
+    lazy.load = remember
     method = get_method("aqlm").from_preset("tiny", {"kmeans_iters": 2, "max_rounds": 1, "global_epochs": 1.0})
     from aqlm_compile.config import AqlmConfig
 
     tokens = torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    per_block = len(block_linears(layers[0]))
     quantize_model(model, tokens, AqlmConfig.parse("2x8g8"), method)
     assert seen, "the block loop never read a block"
     n = len(layers)
     # the teacher pass and the block loop read each block once, with no other FP block in memory; the final
     # load_all finds every block quantized
     assert seen == [(i, [i]) for i in range(n)] * 2 + [(i, []) for i in range(n)]
+    # ... and nothing else (a dict, a hook, a context) keeps an FP linear of an earlier block alive
+    assert [h for _, h in held[:2 * n]] == [per_block] * (2 * n), held
+    gc.collect()
+    assert all(r() is None or r().weight.is_meta for r in fp_linears)
     assert _fp_blocks(layers) == []  # every block quantized
 
 
@@ -81,4 +100,26 @@ def test_a_missing_layer_tensor_is_one_line(tiny_llama, tmp_path):
     model, _ = load_fp_model(folder, lazy=True)
     model.aqlm_lazy_blocks.load(0)
     with pytest.raises(ModelError, match=r"no tensor model.layers.1.mlp.up_proj.weight .*layer 1"):
+        model.aqlm_lazy_blocks.load(1)
+
+
+def test_layers_of_several_attention_types_are_loaded_whole(tiny_qwen2, tmp_path):
+    """The block-wise passes reuse layer 0's mask: a model mixing sliding and full attention is not read lazily."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_qwen2, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                  layer_types=["full_attention", "sliding_attention"])
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_fp_model(folder, lazy=True)
+    assert getattr(model, "aqlm_lazy_blocks", None) is None and _fp_blocks(decoder_layers(model)[1]) == [0, 1]
+
+
+def test_a_truncated_shard_while_loading_a_layer_is_one_line(tiny_llama, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama, folder)
+    model, _ = load_fp_model(folder, lazy=True)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelError, match=r"model.safetensors: unreadable while loading layer 1"):
         model.aqlm_lazy_blocks.load(1)

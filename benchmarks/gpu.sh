@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmark, offline, under 8 minutes on an H200: the CUDA numerics of every config, the GEMV kernels against
-# cuBLAS FP16 at the Llama shapes with achieved GB/s, and the CUDA whole-model decode of a tiny random model (made on
-# the fly). Results: OUT_DIR/gpu.json + gpu.md (default OUT_DIR: benchmarks/results/<gpu slug>, e.g. nvidia-h200).
+# cuBLAS FP16 at the Llama shapes with achieved GB/s, the CUDA whole-model decode of a tiny random model (made on
+# the fly), and `quantize --device cuda` of one Llama-2-7B-shaped block (with --nproc 2 over NCCL on 2 GPUs). Results: OUT_DIR/gpu.json + gpu.md (default OUT_DIR: benchmarks/results/<gpu slug>, e.g. nvidia-h200).
 #
-#   bash benchmarks/gpu.sh [OUT_DIR] [--quick] [--dry-run] [--sections numerics,kernels,decode] [--archs sm_90] ...
+#   bash benchmarks/gpu.sh [OUT_DIR] [--quick] [--dry-run] [--sections numerics,kernels,decode,quantize] [--archs sm_90] ...
 #   bash benchmarks/gpu.sh --prepare     # on a machine with TVM's compiler + nvcc (no GPU needed): build every CUDA
 #                                        # library into benchmarks/gpu-prebuilt/, for a GPU machine whose TVM is
 #                                        # runtime-only (it is used there when TVM cannot compile; $PREBUILT overrides)

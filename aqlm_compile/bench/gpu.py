@@ -1,13 +1,16 @@
 """GPU benchmark (`python -m aqlm_compile.bench.gpu --out DIR [--quick] [--dry-run]`; `bash benchmarks/gpu.sh`).
 
-Three sections, each recorded on its own (a failure is one line in its record; the others still run):
+Four sections, each recorded on its own (a failure is one line in its record; the others still run):
 - `numerics`: every config's CUDA GEMV (batch 1 and the largest GEMV batch, a small shape) on the GPU against the
   torch reference decode (`aqlm_compile.nn.decode_weight`, float64), with the repo's kernel tolerance;
 - `kernels`: the GEMV at Llama shapes against cuBLAS FP16 (`torch.mm` of fp16 on the GPU), both timed by CUDA
   graph replay with CUDA events, with the weights L2-cold (rotating copies larger than the L2) and hot; achieved
   GB/s = bytes the kernel must read ÷ time, against a measured device-to-device copy bandwidth;
 - `decode`: a tiny random Llama (made here: BPE tokenizer trained from a string, random AQLM codes) compiled by
-  the build plan (`build(ckpt, "cuda", ...)`) and decoded greedily by `TvmDecoder` on the GPU and by the PyTorch reference on the CPU.
+  the build plan (`build(ckpt, "cuda", ...)`) and decoded greedily by `TvmDecoder` on the GPU and by the PyTorch reference on the CPU;
+- `quantize`: `quantize --device cuda` of one Llama-2-7B-shaped block (random weights, made here), time per phase,
+  with `--nproc 2` over NCCL where two GPUs are visible, next to the CPU run of the same block and settings
+  (`benchmarks/quantize_memory.py`'s record, where the checkout has one).
 
 Results: DIR/gpu.json (rewritten atomically after every section, so a timeout still leaves what finished) and
 DIR/gpu.md. Without a GPU the command says so and exits 2, unless `--dry-run`: then everything that needs no GPU
@@ -36,7 +39,12 @@ from pathlib import Path
 import numpy as np
 
 SCHEMA = "aqlm-compile/gpu-bench/1"
-SECTIONS = ("numerics", "kernels", "decode")
+SECTIONS = ("numerics", "kernels", "decode", "quantize")
+# The quantize section: the first block of a random model with Llama-2-7B block shapes, the settings of the CPU run
+# of benchmarks/quantize_memory.py at its smaller window count (so the two are side by side).
+QUANTIZE_WINDOWS, QUANTIZE_SEQLEN = 64, 2048
+QUANTIZE_SETTINGS = ("max_rounds=1", "kmeans_iters=4", "finetune_epochs=1", "finetune_max_steps=4", "val_size=8")
+QUANTIZE_TIMEOUT_S = 240
 NUMERICS_CONFIGS = ("1x16g8", "2x8g8", "1x8g8", "8x8g32", "2x12g8", "4x8g16", "2x8g4", "3x6g8", "2x16g8")
 NUMERICS_SHAPE = (512, 1024)  # out, in: small, divisible by every config's group size
 KERNEL_CONFIGS = ("2x8g8", "1x16g8")
@@ -54,6 +62,10 @@ PORTABLE_PTX = "compute_90"
 # Sources whose change makes a prebuilt folder stale (compared by sha256 when one is used).
 SOURCES = ("kernels/gemv_cuda.py", "kernels/registry.py", "targets/cuda.py", "targets/relax.py", "targets/common.py",
            "aqlm_compile/bench/gpu.py")
+
+
+class _Done(Exception):
+    """A section that needs no build finished early."""
 
 
 class Skip(Exception):
@@ -306,6 +318,97 @@ Where there is a will there is a way. Practice makes perfect. Better late than n
 """
 
 
+def tiny_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer (256 tokens) trained from TOKENIZER_TEXT, saved into `folder`: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TOKENIZER_TEXT * 20], trainers.BpeTrainer(
+        vocab_size=256, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_7b_block_model(root: Path, seed: int = 0, shapes: dict | None = None,
+                        tokens: int = QUANTIZE_WINDOWS * QUANTIZE_SEQLEN) -> tuple[Path, Path]:
+    """(FP folder, calibration text file): one decoder block of Llama-2-7B shapes with random fp16 weights and the
+    tiny tokenizer, and a text of shuffled TOKENIZER_TEXT words long enough for the quantize section's windows."""
+    import random
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aqlm_compile.bench.synthetic import LLAMA2_7B
+
+    fp_dir = root / "fp-7b-block"
+    fp_dir.mkdir(parents=True, exist_ok=True)
+    fast = tiny_tokenizer(fp_dir)
+    config = AutoConfig.for_model("llama", vocab_size=len(fast), bos_token_id=fast.bos_token_id,
+                                  eos_token_id=fast.eos_token_id, num_hidden_layers=1, tie_word_embeddings=False,
+                                  **(shapes or LLAMA2_7B))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.save_pretrained(fp_dir)
+    words = TOKENIZER_TEXT.split()
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(words) for _ in range(16)) for _ in range(tokens // 8)]
+    corpus = root / "calibration.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    return fp_dir, corpus
+
+
+def _cpu_quantize_figure() -> dict | None:
+    """The CPU run of the same block and settings (benchmarks/quantize_memory.py), where this checkout has one."""
+    for path in sorted(Path("benchmarks/results").glob("*/quantize-memory-llama2-7b-shapes.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rows = [r for r in data.get("rows", []) if r.get("windows") == QUANTIZE_WINDOWS and r.get("exit_status") == 0]
+        if rows:
+            return {"file": str(path), "cpu": data.get("machine", {}).get("cpu"),
+                    "cores": data.get("machine", {}).get("cores"), "wall_s": rows[0]["wall_s"],
+                    "phases_s": rows[0].get("phases_s"), "peak_rss_bytes": rows[0].get("peak_rss_bytes")}
+    return None
+
+
+def run_quantize(work: Path, device: str = "cuda", shapes: dict | None = None, windows: int = QUANTIZE_WINDOWS,
+                 seqlen: int = QUANTIZE_SEQLEN) -> dict:
+    """`quantize --device cuda` of one Llama-2-7B-shaped block (and with `--nproc 2` over NCCL where 2 GPUs are
+    visible: the same checkpoint is expected), timed per phase, next to this checkout's CPU figure."""
+    import torch
+
+    fp_dir, corpus = make_7b_block_model(work, shapes=shapes, tokens=windows * seqlen)
+    base = [sys.executable, "-m", "aqlm_compile", "quantize", str(fp_dir), "--preset", "fast", "--num-blocks", "1",
+            "--nsamples", str(windows), "--seqlen", str(seqlen), "--dataset", str(corpus),
+            "--device", device, "--quiet"] + [a for kv in QUANTIZE_SETTINGS for a in ("--set", kv)]
+    runs = {}
+    for label, extra in (("1 process", []), ("2 processes (NCCL)", ["--nproc", "2"])):
+        if extra and (device != "cuda" or torch.cuda.device_count() < 2):
+            runs[label] = {"skipped": f"{torch.cuda.device_count()} GPU visible; 2 processes need 2"}
+            continue
+        out = work / f"q-{len(runs)}"
+        t = time.perf_counter()
+        proc = subprocess.run(base + ["-o", str(out)] + extra, capture_output=True, text=True,
+                              timeout=QUANTIZE_TIMEOUT_S)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            runs[label] = {"error": (proc.stderr.strip().splitlines() or ["exit " + str(proc.returncode)])[-1][:300]}
+            continue
+        report = json.loads((out / "quantize_report.json").read_text())
+        runs[label] = {"wall_s": round(wall, 1), "phases_s": report["timings"],
+                       "block_seconds": [b["seconds"] for b in report["blocks"]],
+                       "sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()}
+    digests = [r["sha256"] for r in runs.values() if "sha256" in r]
+    return {"device": device, "windows": windows, "seqlen": seqlen, "settings": list(QUANTIZE_SETTINGS),
+            "runs": runs, "same_checkpoint": len(set(digests)) == 1 if len(digests) > 1 else None,
+            "cpu": _cpu_quantize_figure()}
+
+
 def make_tiny_checkpoint(root: Path, config: str = DECODE_CONFIG, seed: int = 0) -> Path:
     """A random Llama (BPE tokenizer trained from a string: no download) with every block linear replaced by random
     AQLM codes, scaled to the random weights' row norms, saved as an AQLM checkpoint. Returns its folder."""
@@ -319,13 +422,7 @@ def make_tiny_checkpoint(root: Path, config: str = DECODE_CONFIG, seed: int = 0)
 
     fp_dir = root / "fp"
     fp_dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TOKENIZER_TEXT * 20], trainers.BpeTrainer(
-        vocab_size=256, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(fp_dir)
+    fast = tiny_tokenizer(fp_dir)
     hf_config = AutoConfig.for_model("llama", vocab_size=len(fast), bos_token_id=fast.bos_token_id,
                                      eos_token_id=fast.eos_token_id, **TINY_MODEL)
     torch.manual_seed(seed)
@@ -721,6 +818,27 @@ def markdown(report: dict) -> str:
                       f"{tps(r['tokens_per_s'])} | {tps(r['tokens_per_s_first_run'])} | "
                       f"{tps(r['reference_tokens_per_s'])} | {r['logits_max_abs_diff']:.2e} | "
                       f"{r['min_top2_gap']:.3f} |"]
+        if name == "quantize" and s.get("record"):
+            r = s["record"]
+            lines += [f"`quantize --device cuda` of one Llama-2-7B-shaped block (random weights), {r['windows']} × "
+                      f"{r['seqlen']} tokens, `--preset fast` with {', '.join(r['settings'])}.", "",
+                      "| run | wall s | capture / hessian / AQ / block FT / forward (s) | per block s |",
+                      "|---|---|---|---|"]
+            cpu = r.get("cpu")
+            rows = list(r["runs"].items())
+            if cpu:
+                rows.append((f"CPU: {cpu['cpu']}, {cpu['cores']} cores ({cpu['file']})",
+                             {"wall_s": cpu["wall_s"], "phases_s": cpu.get("phases_s") or {}}))
+            for label, run in rows:
+                if "wall_s" not in run:
+                    lines.append(f"| {label} | {run.get('skipped') or run.get('error')} | | |")
+                    continue
+                p = run["phases_s"]
+                phases = " / ".join(f"{p.get(k, 0):.1f}" for k in ("capture", "hessian", "aq", "block_ft", "forward"))
+                per = ", ".join(f"{x:.1f}" for x in run.get("block_seconds", [])) or "–"
+                lines.append(f"| {label} | {run['wall_s']:.1f} | {phases} | {per} |")
+            if r.get("same_checkpoint") is not None:
+                lines += ["", f"1 and 2 processes wrote the same checkpoint: {'yes' if r['same_checkpoint'] else '**no**'}."]
         lines.append("")
     return "\n".join(lines)
 
@@ -836,6 +954,17 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         sec: dict = {}
         try:
+            if name == "quantize":  # no TVM build: torch on the GPU
+                if args.dry_run:
+                    raise Skip("dry run: quantize runs only on a GPU" +
+                               ("" if gpu["visible"] else f" (no NVIDIA GPU visible: {gpu['why_not']})"))
+                work = Path(tempfile.mkdtemp(prefix="aqlm-gpu-quantize-"))
+                try:
+                    sec["record"] = run_quantize(work)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+                sec["status"] = "ok"
+                raise _Done
             if build_dir is None:
                 raise Skip(f"no CUDA build: {build.get('why_no_build')}; no usable --prebuilt folder")
             if build.get("source") == "compiled here":
@@ -870,6 +999,8 @@ def main(argv=None) -> int:
             else:
                 sec["record"] = run_decode(build_dir, binfo)
             sec["status"] = "ok"
+        except _Done:
+            pass
         except Skip as exc:
             sec["status"], sec["reason"] = "skipped", str(exc)
         except Exception as exc:  # noqa: BLE001 - one line in the report; the other sections still run

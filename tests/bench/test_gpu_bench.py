@@ -52,11 +52,13 @@ def test_dry_run_writes_the_report_with_every_section_skipped_with_a_reason(dry_
         assert "records" not in sec and "record" not in sec  # nothing ran, so nothing is reported as measured
     md = (out / "gpu.md").read_text()
     assert all(f"## {name}" in md for name in gpu.SECTIONS) and "**skipped**" in md
+    built = {k: s for k, s in report["sections"].items() if k != "quantize"}  # quantize needs no build
+    assert report["sections"]["quantize"]["reason"].startswith("dry run: quantize runs only on a GPU")
     if not _has_nvcc():
-        assert all("nvcc" in s["reason"] for s in report["sections"].values())
+        assert all("nvcc" in s["reason"] for s in built.values())
         return
     assert report["build"]["source"] == "compiled here" and report["build"]["archs"] == ["sm_90"]
-    assert all("dry run: built and device code checked" in s["reason"] for s in report["sections"].values())
+    assert all("dry run: built and device code checked" in s["reason"] for s in built.values())
 
 
 def test_dry_run_builds_real_device_code_for_every_section(dry_run):
@@ -247,3 +249,39 @@ def test_markdown_of_a_gpu_run():
     assert "| 2x8g8 | 4096×4096 | 1 | 20.0 | 210.0 | 12.0 | 2800.0 | **0.60** | 15.0 | 8.0 | 5.0 |" in md
     assert "| 1x16g8 | 4096×4096 | 1 | RuntimeError: boom |" in md and "**error**: FormatError: x" in md
     assert "4300 GB/s" in md and "## numerics\n\nnot run" in md
+
+
+def test_quantize_section_markdown_puts_the_cpu_run_beside_the_gpu_runs():
+    record = {"windows": 64, "seqlen": 2048, "settings": ["max_rounds=1"], "same_checkpoint": True,
+              "runs": {"1 process": {"wall_s": 30.0, "block_seconds": [20.5], "sha256": "a",
+                                     "phases_s": {"capture": 1, "hessian": 2, "aq": 10, "block_ft": 3, "forward": 2}},
+                       "2 processes (NCCL)": {"skipped": "1 GPU visible; 2 processes need 2"}},
+              "cpu": {"file": "benchmarks/results/x/quantize-memory-llama2-7b-shapes.json", "cpu": "AMD EPYC",
+                      "cores": 2, "wall_s": 1800.0, "phases_s": {"hessian": 700, "aq": 300}}}
+    md = gpu.markdown({"mode": "gpu", "machine": {"gpu": "NVIDIA H200"}, "build": {"archs": ["sm_90"]},
+                       "sections": {"quantize": {"status": "ok", "record": record}}})
+    assert "| 1 process | 30.0 | 1.0 / 2.0 / 10.0 / 3.0 / 2.0 | 20.5 |" in md
+    assert "| 2 processes (NCCL) | 1 GPU visible; 2 processes need 2 |" in md
+    assert "| CPU: AMD EPYC, 2 cores (benchmarks/results/x/quantize-memory-llama2-7b-shapes.json) | 1800.0 |" in md
+    assert "wrote the same checkpoint: yes" in md
+
+
+def test_the_7b_block_model_and_its_corpus_are_made_offline(tmp_path):
+    fp_dir, corpus = gpu.make_7b_block_model(tmp_path)
+    config = json.loads((fp_dir / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (4096, 11008, 1)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(fp_dir)(corpus.read_text())["input_ids"]
+    assert len(ids) * 4 // 5 >= gpu.QUANTIZE_WINDOWS * gpu.QUANTIZE_SEQLEN  # the calibration part fills the windows
+
+
+def test_the_quantize_section_runs_its_cli_and_reads_the_report(tmp_path):
+    """The section's command line and report parsing, on the CPU at tiny shapes (on a GPU: --device cuda)."""
+    tiny = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                max_position_embeddings=256)
+    rec = gpu.run_quantize(tmp_path, device="cpu", shapes=tiny, windows=12, seqlen=32)
+    one = rec["runs"]["1 process"]
+    assert "error" not in one, one
+    assert one["wall_s"] > 0 and len(one["block_seconds"]) == 1 and one["phases_s"]["aq"] >= 0
+    assert "skipped" in rec["runs"]["2 processes (NCCL)"] and rec["same_checkpoint"] is None

@@ -266,10 +266,12 @@ def test_quantize_section_markdown_puts_the_cpu_run_beside_the_gpu_runs():
     assert "wrote the same checkpoint: yes" in md
 
 
-def test_the_7b_block_model_and_its_corpus_are_made_offline(tmp_path):
-    fp_dir, corpus = gpu.make_7b_block_model(tmp_path)
+def test_the_block_model_and_its_corpus_are_made_offline(tmp_path):
+    """At tiny shapes (the section's default is Llama-2-7B's: 400 MB to write)."""
+    tiny = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+    fp_dir, corpus = gpu.make_7b_block_model(tmp_path, shapes=tiny)
     config = json.loads((fp_dir / "config.json").read_text())
-    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (4096, 11008, 1)
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (64, 128, 1)
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(fp_dir)(corpus.read_text())["input_ids"]

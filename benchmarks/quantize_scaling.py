@@ -4,8 +4,9 @@ docs/scaling.md).
 Two measurements, then a projection:
 1. SmolLM2-135M (the embedded default), `quantize --preset fast --num-blocks 2`, once with `--offload disk` and
    once with `--offload none`, each in its own child (peak RSS polled from /proc): real per-block times and phases.
-2. The 7B-shaped block of `benchmarks/quantize_memory.py` (its result file, read, not re-run): the cost of one FP
-   forward per token and of one AQ round per weight at Llama-2-7B block shapes.
+2. The first block of a random model with Llama-2-7B block shapes, quantized here with `benchmarks/quantize_memory.py`'s
+   settings at `--windows` windows of 2048 tokens: the cost of one block forward per token and of one AQ round per
+   weight; its peak memory from the memory run's result file (read, not re-run).
 3. Per-block and whole-model times for Llama-2-7B, Llama-3-8B and Llama-2-70B at the `fast` and `paper` presets,
    from (2) scaled by each model's block size and token count, on one 2-core node and on N of them with
    `quantize --nproc`/torchrun as built (only AQ is split across ranks). Upper bounds: every AQ round and every
@@ -13,7 +14,7 @@ Two measurements, then a projection:
 
 Writes `benchmarks/results/<machine>/quantize-scaling.{json,md}` and the generated section of docs/scaling.md.
 
-    python benchmarks/quantize_scaling.py        # ≈ 5 min here, after quantize_memory.py
+    python benchmarks/quantize_scaling.py        # ≈ 15 min here, after quantize_memory.py
 """
 
 from __future__ import annotations
@@ -80,20 +81,44 @@ def measure_smollm2(work: Path, threads: int) -> list[dict]:
     return rows
 
 
-def unit_costs(memory: dict) -> dict:
-    """Seconds per token of one FP block forward, of the XXᵀ pass, and seconds per weight of one AQ round, from the
-    largest window count of the 7B-shaped memory run (one AQ round with a 4-iteration k-means: the k-means start is
-    charged to the round, an overestimate)."""
+def measure_7b_block(work: Path, threads: int, windows: int) -> dict:
+    """`quantize` of the first block of the 7B-shaped random model with quantize_memory.py's settings, at a few
+    windows of 2048 tokens: its phase times give the per-token and per-weight costs (measured here, on an idle
+    machine, rather than taken from the long memory run)."""
+    from aqlm_compile.bench.proc import child_env, run_measured
+    from aqlm_compile.bench.synthetic import LLAMA2_7B, make_fp_model
+    from aqlm_compile.models import default_model_dir
+
+    fp = make_fp_model(work / "fp-llama2-7b-1block", 1, default_model_dir(), shapes=LLAMA2_7B)
+    out = work / "q-7b"
+    cmd = [sys.executable, "-m", "aqlm_compile", "quantize", str(fp), "-o", str(out), "--preset", "fast",
+           "--num-blocks", "1", "--nsamples", str(windows), "--seqlen", "2048", "--offload", "disk", "--device", "cpu",
+           "--quiet", "--set", "max_rounds=1", "--set", "kmeans_iters=4", "--set", "finetune_epochs=1",
+           "--set", "finetune_max_steps=4", "--set", f"val_size={max(1, windows // 4)}"]
+    print(f"Llama-2-7B-shaped block, {windows} × 2048 tokens ...", flush=True)
+    res = run_measured(cmd, env=child_env(threads), log_path=work / "q-7b.log")
+    if res.returncode != 0:
+        raise SystemExit(f"quantize failed ({res.returncode}): {(work / 'q-7b.log').read_text()[-400:]}")
+    report = json.loads((out / "quantize_report.json").read_text())
+    return {"windows": windows, "seqlen": 2048, "offload": "disk", "exit_status": 0, "wall_s": round(res.wall_s, 1),
+            "peak_rss_bytes": res.peak_rss_bytes, "phases_s": report["timings"]}
+
+
+def unit_costs(timed: dict, memory: dict) -> dict:
+    """Seconds per token of one block forward and of the XXᵀ sums, and seconds per weight of one AQ round (with a
+    4-iteration k-means start charged to the round, an overestimate), from `timed` (measure_7b_block); the memory
+    figures from the memory run's largest window count."""
     row = max((r for r in memory["rows"] if r["exit_status"] == 0 and r["offload"] == "disk"),
               key=lambda r: r["windows"])
     shapes = memory["shapes"]
     m = dict(hidden=shapes["hidden_size"], ffn=shapes["intermediate_size"], heads=32, kv_heads=32)
-    tokens = row["windows"] * row["seqlen"]
-    phases = row["phases_s"]
+    tokens = timed["windows"] * timed["seqlen"]
+    phases = timed["phases_s"]
     embedding = 2 * 49152 * m["hidden"] * 4
     # what the peak holds besides the activations of one batch: the embedding and head, the FP block, the XXᵀ sums
     fixed = embedding + 4 * block_params(m) + 8 * xxt_values(m)
-    return {"source_windows": row["windows"], "seqlen": row["seqlen"], "tokens": tokens,
+    return {"timed_windows": timed["windows"], "memory_windows": row["windows"], "seqlen": row["seqlen"],
+            "tokens": tokens,
             "block_params": block_params(m), "xxt_values": xxt_values(m), "hidden": m["hidden"], "ffn": m["ffn"],
             "forward_s_per_token": phases["forward"] / tokens,
             "xxt_s_per_token": max(phases["hessian"] - phases["forward"], 0.0) / tokens,
@@ -159,7 +184,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--memory-result", help="quantize-memory result JSON (default: this machine's llama2-7b-shapes)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-smollm2", action="store_true", help="only the projection (no measurement of its own)")
+    ap.add_argument("--windows", type=int, default=8, help="windows of 2048 tokens for the timed 7B-shaped block")
     args = ap.parse_args()
 
     from aqlm_compile.bench.machine import machine_info, machine_slug
@@ -173,11 +198,10 @@ def main() -> None:
     if not source.is_file():
         raise SystemExit(f"{source}: not found; run `python benchmarks/quantize_memory.py --tag llama2-7b-shapes` first")
     memory = json.loads(source.read_text())
-    costs = unit_costs(memory)
-    smol = []
-    if not args.skip_smollm2:
-        with tempfile.TemporaryDirectory(prefix="quantize-scaling-") as tmp:
-            smol = measure_smollm2(Path(tmp), args.threads)
+    with tempfile.TemporaryDirectory(prefix="quantize-scaling-") as tmp:
+        smol = measure_smollm2(Path(tmp), args.threads)
+        timed = measure_7b_block(Path(tmp), args.threads, args.windows)
+    costs = unit_costs(timed, memory)
     projections = {}
     for preset in ("fast", "paper"):
         settings = PRESETS[preset].to_dict()
@@ -186,22 +210,22 @@ def main() -> None:
     result = {"what": "quantize time and memory per block, measured (SmolLM2-135M, a 7B-shaped block) and projected "
                       "to 7B-70B models", "command": "python benchmarks/quantize_scaling.py " + " ".join(sys.argv[1:]),
               "memory_result": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
-              "smollm2": smol, "unit_costs": costs, "projections": projections, "threads": args.threads,
+              "smollm2": smol, "llama2_7b_block": timed, "unit_costs": costs, "projections": projections, "threads": args.threads,
               "machine": machine, "wall_s": round(time.time() - start, 1)}
     md = [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_bytes', 0) / 2**30:.0f} "
           f"GiB, {args.threads} threads. Command: `{result['command']}`.", ""]
-    if smol:
-        md += ["### Measured: SmolLM2-135M, `--preset fast --num-blocks 2` (64 × 512 tokens)", "",
-               "| offload | seconds per block | hessian / AQ / block FT / forward (s, 2 blocks) | peak RSS | wall |",
-               "|---|---|---|---|---|"]
-        for r in smol:
-            p = r["phases_s"]
-            md.append(f"| {r['offload']} | {', '.join(f'{s:.0f}' for s in r['block_seconds'])} | {p['hessian']:.0f} / "
-                      f"{p['aq']:.0f} / {p['block_ft']:.0f} / {p['forward']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB"
-                      f" | {r['wall_s']:.0f} s |")
-        md.append("")
-    md += [f"### Measured: one Llama-2-7B-shaped block ({costs['source_windows']} × {costs['seqlen']} tokens, "
-           f"from `{result['memory_result']}`)", "",
+    md += ["### Measured: SmolLM2-135M, `--preset fast --num-blocks 2` (64 × 512 tokens)", "",
+           "| offload | seconds per block | hessian / AQ / block FT / forward (s, 2 blocks) | peak RSS | wall |",
+           "|---|---|---|---|---|"]
+    for r in smol:
+        p = r["phases_s"]
+        md.append(f"| {r['offload']} | {', '.join(f'{s:.0f}' for s in r['block_seconds'])} | {p['hessian']:.0f} / "
+                  f"{p['aq']:.0f} / {p['block_ft']:.0f} / {p['forward']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB"
+                  f" | {r['wall_s']:.0f} s |")
+    md.append("")
+    md += [f"### Measured: one Llama-2-7B-shaped block (random weights, {costs['timed_windows']} × {costs['seqlen']}"
+           f" tokens, one AQ round, one fine-tuning epoch of 4 steps; peak memory from `{result['memory_result']}` at "
+           f"{costs['memory_windows']} windows)", "",
            f"- Forward of one block: {costs['forward_s_per_token'] * 1e3:.2f} ms per token; the XXᵀ sums add "
            f"{costs['xxt_s_per_token'] * 1e3:.2f} ms per token.",
            f"- One AQ round (2x8g8, all seven linears, with a 4-iteration k-means start): {costs['aq_round_s']:.0f} s.",

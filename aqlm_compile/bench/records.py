@@ -73,7 +73,7 @@ WRITERS = {
                                  {"what", "command", "shapes", "threads", "rows", "disk_peak_growth", "machine",
                                   "wall_s"}, None),
     "*/quantize-scaling.json": ("benchmarks/quantize_scaling.py",
-                                {"what", "command", "memory_result", "smollm2", "unit_costs", "projections", "threads",
+                                {"what", "command", "memory_result", "smollm2", "llama2_7b_block", "unit_costs", "projections", "threads",
                                  "machine", "wall_s"}, None),
     "*/fuzz.json": ("benchmarks/fuzz.py", {"what", "command", "counts", "seed", "totals", "all", "failures",
                                            "machine", "wall_s"}, None),

@@ -318,7 +318,12 @@ def load(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32):
     with torch.device("meta"):  # every structural check first, with nothing allocated
         _build_model(ckpt_dir, raw, aqlm_config, tensors, dtype)
     model, hf_config = _build_model(ckpt_dir, raw, aqlm_config, tensors, dtype)
-    state = {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in tensors.items()}
+    # each tensor in the dtype its module holds (what copying into the module did before `assign`): codes stay
+    # integers, anything else becomes `dtype`, whatever the file stored it as
+    want = {name: t.dtype for name, t in model.state_dict().items()}
+    state = {name: t.to(want.get(name, dtype) if t.is_floating_point() or want.get(name, t.dtype).is_floating_point
+                         else t.dtype)
+             for name, t in tensors.items()}
     del tensors
     model.load_state_dict(state, strict=False, assign=True)  # the file's tensors become the parameters
     if getattr(hf_config, "tie_word_embeddings", False):

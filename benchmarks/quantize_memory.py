@@ -8,7 +8,10 @@ Quantizes the first block of a random model with Llama-2-7B block shapes (`bench
 with a short k-means, and block fine-tuning runs `--finetune-epochs` epochs of at most `--finetune-steps` batches
 (its working set is one batch whatever the window count; the validation pass still reads its windows). The in-memory run is only attempted where its buffers fit (`--with-memory`).
 
-    python benchmarks/quantize_memory.py --tag llama2-7b-shapes             # 64 and 256 × 2048 (hours here)
+    python benchmarks/quantize_memory.py --tag llama2-7b-shapes --work DIR  # 64 and 256 × 2048 (≈ 3 h here)
+
+With `--work DIR`, each finished row is kept there (`row-<windows>-<offload>.json`, with its command) and a re-run
+with the same folder measures only the rows still missing: a run cut short resumes.
     python benchmarks/quantize_memory.py --tag smoke --shapes tiny --windows 8 32 --seqlen 128
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -58,11 +62,18 @@ def main() -> None:
     for n in args.windows:
         for mode in modes:
             out = work / f"q-{n}-{mode}"
+            done = work / f"row-{n}-{mode}.json"  # a finished row: a re-run with the same --work reuses it
             cmd = [sys.executable, "-m", "aqlm_compile", "quantize", str(fp), "-o", str(out), "--preset", "fast",
                    "--num-blocks", "1", "--nsamples", str(n), "--seqlen", str(args.seqlen), "--offload", mode,
                    "--device", "cpu", "--quiet", "--set", "max_rounds=1", "--set", "kmeans_iters=4",
                    "--set", f"finetune_epochs={args.finetune_epochs}",
                    "--set", f"finetune_max_steps={args.finetune_steps or 'none'}", "--set", f"val_size={min(8, n // 4)}"]
+            if done.is_file():
+                saved = json.loads(done.read_text())
+                if saved.get("command") == cmd[1:]:
+                    print(f"{n} windows, offload {mode}: measured before ({done})", flush=True)
+                    rows.append(saved["row"])
+                    continue
             print(f"{n} windows, offload {mode} ...", flush=True)
             res = run_measured(cmd, env=child_env(args.threads), log_path=work / f"q-{n}-{mode}.log")
             buffer = n * args.seqlen * hidden * 4
@@ -75,6 +86,11 @@ def main() -> None:
             else:
                 row["error"] = (work / f"q-{n}-{mode}.log").read_text()[-400:]
             rows.append(row)
+            if res.returncode == 0:
+                from aqlm_compile.cache import atomic_write_bytes
+
+                atomic_write_bytes(done, json.dumps({"command": cmd[1:], "row": row}).encode())
+                shutil.rmtree(out, ignore_errors=True)  # the checkpoint is not what is measured
     machine = machine_info(measure_bandwidth=False)
     disk = [r for r in rows if r["offload"] == "disk" and r["exit_status"] == 0]
     growth = (max(r["peak_rss_bytes"] for r in disk) / min(r["peak_rss_bytes"] for r in disk) - 1) if len(disk) > 1 \

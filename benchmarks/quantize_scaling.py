@@ -36,9 +36,9 @@ MODELS = {
     "Llama-3-8B": dict(hidden=4096, ffn=14336, heads=32, kv_heads=8, blocks=32, vocab=128256, tied=False),
     "Llama-2-70B": dict(hidden=8192, ffn=28672, heads=64, kv_heads=8, blocks=80, vocab=32000, tied=False),
 }
-# The reference implementation's published cost (AQLM README / paper appendix; pv-tuning paper).
-REFERENCE = {"Llama-2-7B": "≈ 1 A100-day (AQ + block fine-tuning)",
-             "Llama-3-8B": "≈ 1 A100-day (same shapes class)",
+# The reference implementation's published cost (its README, as quoted in issue 16).
+REFERENCE = {"Llama-2-7B": "≈ 1 A100-day",
+             "Llama-3-8B": "not published",
              "Llama-2-70B": "3–4 days on 8 A100s"}
 NODES = (1, 4, 8, 32)
 FORWARD_BATCH = 8  # windows per forward batch in the block loop (quantize/pipeline.py)
@@ -180,61 +180,34 @@ def memory_of(costs: dict, settings: dict, m: dict) -> dict:
             "disk_gib": round((3 + (settings["global_epochs"] > 0)) * buffer / 2**30, 1)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--memory-result", help="quantize-memory result JSON (default: this machine's llama2-7b-shapes)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--windows", type=int, default=8, help="windows of 2048 tokens for the timed 7B-shaped block")
-    args = ap.parse_args()
-
-    from aqlm_compile.bench.machine import machine_info, machine_slug
-    from aqlm_compile.bench.records import write_result
+def render(result: dict) -> str:
+    """The markdown of a result record (also what `--render` rewrites from a recorded JSON, measuring nothing)."""
     from aqlm_compile.quantize.presets import PRESETS
 
-    start = time.time()
-    machine = machine_info(measure_bandwidth=False)
-    out_dir = ROOT / "benchmarks" / "results" / machine_slug(machine)
-    source = Path(args.memory_result) if args.memory_result else out_dir / "quantize-memory-llama2-7b-shapes.json"
-    if not source.is_file():
-        raise SystemExit(f"{source}: not found; run `python benchmarks/quantize_memory.py --tag llama2-7b-shapes` first")
-    memory = json.loads(source.read_text())
-    with tempfile.TemporaryDirectory(prefix="quantize-scaling-") as tmp:
-        smol = measure_smollm2(Path(tmp), args.threads)
-        timed = measure_7b_block(Path(tmp), args.threads, args.windows)
-    costs = unit_costs(timed, memory)
-    projections = {}
-    for preset in ("fast", "paper"):
-        settings = PRESETS[preset].to_dict()
-        projections[preset] = {name: {**project(costs, settings, m), **memory_of(costs, settings, m)}
-                               for name, m in MODELS.items()}
-    result = {"what": "quantize time and memory per block, measured (SmolLM2-135M, a 7B-shaped block) and projected "
-                      "to 7B-70B models", "command": "python benchmarks/quantize_scaling.py " + " ".join(sys.argv[1:]),
-              "memory_result": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
-              "smollm2": smol, "llama2_7b_block": timed, "unit_costs": costs, "projections": projections, "threads": args.threads,
-              "machine": machine, "wall_s": round(time.time() - start, 1)}
+    machine, costs, timed = result["machine"], result["unit_costs"], result["llama2_7b_block"]
     md = [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_bytes', 0) / 2**30:.0f} "
-          f"GiB, {args.threads} threads. Command: `{result['command']}`.", ""]
+          f"GiB, {result['threads']} threads. Command: `{result['command']}`.", ""]
     md += ["### Measured: SmolLM2-135M, `--preset fast --num-blocks 2` (64 × 512 tokens)", "",
            "| offload | seconds per block | hessian / AQ / block FT / forward (s, 2 blocks) | peak RSS | wall |",
            "|---|---|---|---|---|"]
-    for r in smol:
+    for r in result["smollm2"]:
         p = r["phases_s"]
-        md.append(f"| {r['offload']} | {', '.join(f'{s:.0f}' for s in r['block_seconds'])} | {p['hessian']:.0f} / "
+        md.append(f"| {r['offload']} | {', '.join(f'{x:.0f}' for x in r['block_seconds'])} | {p['hessian']:.0f} / "
                   f"{p['aq']:.0f} / {p['block_ft']:.0f} / {p['forward']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB"
                   f" | {r['wall_s']:.0f} s |")
     md.append("")
-    md += [f"### Measured: one Llama-2-7B-shaped block (random weights, {costs['timed_windows']} × {costs['seqlen']}"
-           f" tokens, one AQ round, one fine-tuning epoch of 4 steps; peak memory from `{result['memory_result']}` at "
-           f"{costs['memory_windows']} windows)", "",
+    md += [f"### Measured: one Llama-2-7B-shaped block (random weights, {timed['windows']} × {timed['seqlen']} tokens, "
+           f"one AQ round, one fine-tuning epoch of 4 steps: {timed['wall_s']:.0f} s; peak memory from "
+           f"`{result['memory_result']}` at {costs['memory_windows']} windows of {costs['seqlen']} tokens)", "",
            f"- Forward of one block: {costs['forward_s_per_token'] * 1e3:.2f} ms per token; the XXᵀ sums add "
            f"{costs['xxt_s_per_token'] * 1e3:.2f} ms per token.",
            f"- One AQ round (2x8g8, all seven linears, with a 4-iteration k-means start): {costs['aq_round_s']:.0f} s.",
            f"- Peak RSS with `--offload disk`: {costs['peak_rss_bytes'] / 2**30:.2f} GiB: "
            f"{costs['embedding_bytes'] / 2**30:.2f} GiB the synthetic model's fp32 embedding and head, "
            f"{4 * costs['block_params'] / 2**30:.2f} GiB the FP block, {8 * costs['xxt_values'] / 2**30:.2f} GiB the "
-           f"XXᵀ sums, and {costs['activation_bytes'] / 2**30:.2f} GiB the rest (one batch of "
-           f"{costs['batch_tokens']} tokens through the block, the torch runtime).", ""]
-    for preset, rows in projections.items():
+           f"XXᵀ sums, and {costs['activation_bytes'] / 2**30:.2f} GiB the rest (AQ's and one batch's working "
+           f"memory, the torch runtime), scaled below as activations of {costs['batch_tokens']} tokens.", ""]
+    for preset, rows in result["projections"].items():
         s = PRESETS[preset]
         note = ("" if s.codebook_solver == "cg" else
                 f" AQ is counted at the measured `cg` round; this preset's `{s.codebook_solver}` codebook solver "
@@ -254,17 +227,65 @@ def main() -> None:
                       + f" | {r['host_peak_gib']:.0f} GiB ({r['activations_gib']:.0f}) | {r['disk_gib']:.0f} GiB | "
                       f"{REFERENCE[name]} |")
         md.append("")
-    table = "\n".join(md)
-    write_result(out_dir, "quantize-scaling", result, "# Quantize: time and memory per block, and at scale\n\n"
-                 + table + "\n")
-    if DOC.is_file():
-        text = DOC.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            from aqlm_compile.cache import atomic_write_bytes
+    return "\n".join(md)
 
-            atomic_write_bytes(DOC, (head + BEGIN + "\n" + table + "\n" + END + tail).encode())
+
+def write_doc(table: str) -> None:
+    """docs/scaling.md's generated section, between its markers."""
+    from aqlm_compile.cache import atomic_write_bytes
+
+    text = DOC.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        atomic_write_bytes(DOC, (head + BEGIN + "\n" + table + "\n" + END + tail).encode())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--memory-result", help="quantize-memory result JSON (default: this machine's llama2-7b-shapes)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=8, help="windows of 2048 tokens for the timed 7B-shaped block")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown and the doc from this recorded result")
+    args = ap.parse_args()
+
+    from aqlm_compile.bench.machine import machine_info, machine_slug
+    from aqlm_compile.cache import atomic_write_bytes
+    from aqlm_compile.bench.records import write_result
+    from aqlm_compile.quantize.presets import PRESETS
+
+    title = "# Quantize: time and memory per block, and at scale\n\n"
+    if args.render:
+        path = Path(args.render)
+        table = render(json.loads(path.read_text()))
+        atomic_write_bytes(path.with_suffix(".md"), (title + table + "\n").encode())
+        write_doc(table)
+        return
+    start = time.time()
+    machine = machine_info(measure_bandwidth=False)
+    out_dir = ROOT / "benchmarks" / "results" / machine_slug(machine)
+    source = Path(args.memory_result) if args.memory_result else out_dir / "quantize-memory-llama2-7b-shapes.json"
+    if not source.is_file():
+        raise SystemExit(f"{source}: not found; run `python benchmarks/quantize_memory.py --tag llama2-7b-shapes` first")
+    memory = json.loads(source.read_text())
+    with tempfile.TemporaryDirectory(prefix="quantize-scaling-") as tmp:
+        smol = measure_smollm2(Path(tmp), args.threads)
+        timed = measure_7b_block(Path(tmp), args.threads, args.windows)
+    costs = unit_costs(timed, memory)
+    projections = {}
+    for preset in ("fast", "paper"):
+        settings = PRESETS[preset].to_dict()
+        projections[preset] = {name: {**project(costs, settings, m), **memory_of(costs, settings, m)}
+                               for name, m in MODELS.items()}
+    source = source.resolve()
+    result = {"what": "quantize time and memory per block, measured (SmolLM2-135M, a 7B-shaped block) and projected "
+                      "to 7B-70B models", "command": "python benchmarks/quantize_scaling.py " + " ".join(sys.argv[1:]),
+              "memory_result": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
+              "smollm2": smol, "llama2_7b_block": timed, "unit_costs": costs, "projections": projections,
+              "threads": args.threads, "machine": machine, "wall_s": round(time.time() - start, 1)}
+    table = render(result)
+    write_result(out_dir, "quantize-scaling", result, title + table + "\n")
+    write_doc(table)
 
 
 if __name__ == "__main__":

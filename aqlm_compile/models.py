@@ -175,6 +175,29 @@ def safetensors_weight_map(model_dir: Path) -> dict[str, Path] | None:
         raise ModelError(f"{single}: unreadable safetensors header ({exc})") from None
 
 
+def _read_safetensors(weight_files: dict[str, Path], shapes: dict, during: str = ""):
+    """Yield (name, tensor) for each name of `shapes` ({name: expected shape}), read one tensor at a time with
+    `safe_open` from the file `weight_files` names; a wrong shape or an unreadable file is one ModelError line."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for key in shapes:
+        by_file.setdefault(weight_files[key], []).append(key)
+    for path, keys in by_file.items():
+        try:
+            with safe_open(path, "pt", device="cpu") as f:
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(shapes[key]):
+                        raise ModelError(f"{path}: {key} has shape {tuple(tensor.shape)}; config.json implies "
+                                         f"{tuple(shapes[key])}")
+                    yield key, tensor
+        except ModelError:
+            raise
+        except Exception as exc:  # safetensors' own error types for a corrupt, truncated or rewritten file
+            raise ModelError(f"{path}: unreadable{during} ({str(exc).splitlines()[0][:200]})") from None
+
+
 class LazyBlocks:
     """The decoder layers of a model built with `load_fp_model(lazy=True)`: on the meta device until `load(i)` reads
     layer i's tensors from the safetensors files (converted to the model's dtype, onto the embeddings' device);
@@ -191,7 +214,6 @@ class LazyBlocks:
 
     def load(self, i: int):
         import torch
-        from safetensors import safe_open
 
         layer = self._layers()[i]
         if self.is_loaded(i):
@@ -205,23 +227,9 @@ class LazyBlocks:
                              f"safetensors files ({len(missing)} of layer {i} missing; --offload none loads the "
                              f"model through transformers, which renames legacy tensor names)")
         state = {}
-        by_file: dict[Path, list[str]] = {}
-        for key in wanted:
-            by_file.setdefault(self.files[key], []).append(key)
-        for path, keys in by_file.items():
-            try:
-                with safe_open(path, "pt", device="cpu") as f:
-                    for key in keys:
-                        tensor = f.get_tensor(key)
-                        if tuple(tensor.shape) != tuple(shapes[wanted[key]]):
-                            raise ModelError(f"{path}: {key} has shape {tuple(tensor.shape)}; config.json implies "
-                                             f"{tuple(shapes[wanted[key]])}")
-                        state[wanted[key]] = tensor.to(
-                            device=device, dtype=self.dtype if tensor.is_floating_point() else None)
-            except ModelError:
-                raise
-            except Exception as exc:  # safetensors' own error types: a truncated or rewritten file mid-run
-                raise ModelError(f"{path}: unreadable while loading layer {i} ({str(exc).splitlines()[0][:200]})") from None
+        for key, tensor in _read_safetensors(self.files, {k: shapes[wanted[k]] for k in wanted},
+                                             f" while loading layer {i}"):
+            state[wanted[key]] = tensor.to(device=device, dtype=self.dtype if tensor.is_floating_point() else None)
         for name, tensor in state.items():
             module_name, _, attr = name.rpartition(".")
             module = layer.get_submodule(module_name) if module_name else layer
@@ -244,7 +252,6 @@ def _lazy_skeleton(model_dir: Path, weight_files: dict[str, Path], dtype):
     """The model with real embeddings, final norm, head and rotary tables (built with no decoder layer, then
     loaded) and meta-device decoder layers, with a `LazyBlocks` as `model.aqlm_lazy_blocks`."""
     import torch
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     from .skeleton import build_with_meta_layers
@@ -264,25 +271,10 @@ def _lazy_skeleton(model_dir: Path, weight_files: dict[str, Path], dtype):
         raise ModelError(f"{model_dir}: no tensor {absent[0]} in the safetensors files (--offload none loads the "
                          f"model through transformers, which renames legacy tensor names)")
     targets = model.state_dict()
-    by_file: dict[Path, list[str]] = {}
-    for key in own:
-        if key in weight_files:
-            by_file.setdefault(weight_files[key], []).append(key)
     with torch.no_grad():  # one tensor at a time, into the shell's own storage: a single transient copy at most
-        for path, keys in by_file.items():
-            try:
-                with safe_open(path, "pt", device="cpu") as f:
-                    for key in keys:
-                        tensor = f.get_tensor(key)
-                        if tuple(tensor.shape) != tuple(targets[key].shape):
-                            raise ModelError(f"{path}: {key} has shape {tuple(tensor.shape)}; config.json implies "
-                                             f"{tuple(targets[key].shape)}")
-                        targets[key].copy_(tensor)
-                        del tensor
-            except ModelError:
-                raise
-            except Exception as exc:  # safetensors' own error types for a corrupt file
-                raise ModelError(f"{path}: unreadable ({str(exc).splitlines()[0][:200]})") from None
+        for key, tensor in _read_safetensors(weight_files, {k: targets[k].shape for k in own if k in weight_files}):
+            targets[key].copy_(tensor)
+            del tensor
     model.aqlm_lazy_blocks = LazyBlocks(model, full_name, weight_files, dtype)
     return model
 

@@ -111,10 +111,15 @@ def main():
                    "CUDA; one thread each unless OMP_NUM_THREADS says otherwise): the linears of each block are dealt out over them, and the checkpoint is the one process "
                    "would write at the same threads per process (quantize/distributed.py). Across machines: torchrun "
                    "--nnodes K --nproc-per-node N -m aqlm_compile quantize ... (one shared file system).")
+@click.option("--shard-windows", is_flag=True,
+              help="With several processes: also split the calibration windows over them (forward passes, XXᵀ, "
+                   "block and global fine-tuning data-parallel, each process holding its share of the activations). "
+                   "Faster and smaller per process; the checkpoint then equals one process's within float rounding "
+                   "instead of bit for bit (quantize/distributed.py).")
 @click.pass_context
 def quantize(ctx, model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples,
              seqlen, beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, head, assignments, quiet,
-             offload, nproc):
+             offload, nproc, shard_windows):
     """Quantize MODEL_DIR (default: the embedded SmolLM2-135M-Instruct) with AQLM and write a checkpoint."""
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(_quantize_in_processes(ctx, nproc))
@@ -129,7 +134,7 @@ def quantize(ctx, model_dir, out_dir, config, head_config, dataset, method, pres
                      overrides={"nsamples": nsamples, "seqlen": seqlen, "beam_size": beam_size,
                                 "pv_steps": pv_steps},
                      from_checkpoint=from_checkpoint, bits=bits, embedding=embedding, head=head,
-                     assignments=assignments, offload=offload)
+                     assignments=assignments, offload=offload, shard_windows=shard_windows)
     finally:
         reporter.close()
         if "WORLD_SIZE" in os.environ:  # started by torchrun: leave its process group cleanly

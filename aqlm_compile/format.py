@@ -363,7 +363,8 @@ class WorkFolder:
                                   "rerun without --resume to start over")
             next_block = int(state["next_block"])
             for stale in self.path.glob("activations-*.safetensors"):  # a kill after a commit, before its cleanup
-                if stale != self._activations(next_block):
+                # (a sharded run has one file per rank: activations-{n}.rank{r}-of-{w}.safetensors)
+                if not stale.name.startswith(f"activations-{next_block}."):
                     stale.unlink(missing_ok=True)
             return next_block
         if self.path.exists():
@@ -372,28 +373,44 @@ class WorkFolder:
         atomic_write_bytes(progress, json.dumps({"fingerprint": fingerprint, "next_block": 0}).encode())
         return 0
 
-    def _activations(self, next_block: int) -> Path:
-        return self.path / f"activations-{next_block}.safetensors"
+    def _activations(self, next_block: int, shard: str = "") -> Path:
+        return self.path / f"activations-{next_block}{shard}.safetensors"
 
     def save_block(self, index: int, block_state: dict[str, torch.Tensor], activations, report: dict) -> None:
         """Commit block `index`: its state, the next block's inputs (`activations`: a tensor, written; or a
         `quantize.activations.DiskActivations` in this folder, synced and renamed into place: no copy), then
         progress.json."""
+        self.save_activations(index, activations)
+        self.commit_block(index, block_state, report)
+        self.drop_activations(index)
+
+    def save_activations(self, index: int, activations, shard: str = "") -> None:
+        """The inputs of block `index + 1` (`shard`: one rank's slice of the windows, in a file of its own), before
+        the commit that names them."""
+        final = self._activations(index + 1, shard)
+        if not isinstance(activations, torch.Tensor):
+            activations.flush()
+            activations.rename(final)
+            return
+        tmp = final.with_name(f".{final.name}.tmp")
+        save_file({"hidden": activations.detach().contiguous()}, str(tmp))
+        os.replace(tmp, final)
+
+    def commit_block(self, index: int, block_state: dict[str, torch.Tensor], report: dict) -> None:
+        """Block `index`'s state, then progress.json naming block `index + 1` as next: the commit point (its
+        activations are saved already)."""
         fingerprint = json.loads((self.path / "progress.json").read_text())["fingerprint"]
-        on_disk = not isinstance(activations, torch.Tensor)
-        for final, tensors in ((self.path / "blocks" / f"{index}.safetensors", block_state),
-                               (self._activations(index + 1), None if on_disk else {"hidden": activations})):
-            if tensors is None:
-                activations.flush()
-                activations.rename(final)
-                continue
-            tmp = final.with_name(f".{final.name}.tmp")
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, final)
+        final = self.path / "blocks" / f"{index}.safetensors"
+        tmp = final.with_name(f".{final.name}.tmp")
+        save_file({k: v.detach().contiguous() for k, v in block_state.items()}, str(tmp))
+        os.replace(tmp, final)
         reports = self.reports() + [report]
         atomic_write_bytes(self.path / "progress.json", json.dumps(
             {"fingerprint": fingerprint, "next_block": index + 1, "reports": reports}).encode())
-        self._activations(index).unlink(missing_ok=True)  # the previous commit's, no longer named by progress
+
+    def drop_activations(self, index: int, shard: str = "") -> None:
+        """The inputs of block `index`, no longer named by progress.json once block `index` is committed."""
+        self._activations(index, shard).unlink(missing_ok=True)
 
     def reports(self) -> list[dict]:
         progress = self.path / "progress.json"
@@ -407,11 +424,16 @@ class WorkFolder:
     def load_block(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / "blocks" / f"{index}.safetensors"))
 
-    def load_activations(self, on_disk: bool = False):
-        """The inputs of the block progress.json names as next: a tensor, or with `on_disk` the file itself
-        (`quantize.activations.DiskActivations`, read a batch at a time)."""
+    def has_activations(self, shard: str = "") -> bool:
+        """Whether the inputs of the block progress.json names as next are there (`shard`: one rank's slice)."""
         next_block = int(json.loads((self.path / "progress.json").read_text())["next_block"])
-        path = self._activations(next_block)
+        return self._activations(next_block, shard).is_file()
+
+    def load_activations(self, on_disk: bool = False, shard: str = ""):
+        """The inputs of the block progress.json names as next: a tensor, or with `on_disk` the file itself
+        (`quantize.activations.DiskActivations`, read a batch at a time). `shard`: one rank's slice."""
+        next_block = int(json.loads((self.path / "progress.json").read_text())["next_block"])
+        path = self._activations(next_block, shard)
         if not path.is_file():
             raise FormatError(f"{path}: missing (the work folder {self.path} is incomplete; rerun without --resume)")
         if on_disk:

@@ -32,7 +32,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                  device: str = "auto", num_blocks: int | None = None, overrides: dict | None = None, reporter=None,
                  stop_after_block: int | None = None, from_checkpoint: str | None = None,
                  bits: float | None = None, embedding: str | None = None, head: str | None = None,
-                 assignments=(), offload: str = "auto") -> dict:
+                 assignments=(), offload: str = "auto", shard_windows: bool = False) -> dict:
     """Quantize `model_dir` with `method` (a name in `quantize.methods`; AQLM by default) at `preset` plus
     `overrides` (settings fields), and write the checkpoint to `out_dir`. `config` defaults to 2x8g8; `head_config`
     also quantizes the lm_head with that config. `from_checkpoint`: an AQLM checkpoint of `model_dir` to start from
@@ -45,7 +45,8 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     as their fields' types; the named options in `overrides` win over them. `offload`: where the calibration
     activations live — "none" (memory), "disk" (files beside the output, read a batch at a time: memory that does
     not grow with the calibration set), "auto" (disk when they would take more than a quarter of this machine's
-    memory). Returns the run's report."""
+    memory). `shard_windows`: with several processes (torchrun, `quantize --nproc`), split the calibration windows
+    over them too (quantize/distributed.py). Returns the run's report."""
     import torch
 
     from . import format as fmt
@@ -77,6 +78,8 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
         raise ModelError("--bits with --num-blocks: the budget counts every block's linears as quantized (the blocks "
                          "past N would stay in float and break it)")
     if from_checkpoint is not None:
+        if shard_windows:
+            raise ModelError("--shard-windows: not with --from-checkpoint (its end-to-end stage runs replicated)")
         if bits is not None:
             raise ModelError("--bits: not with --from-checkpoint (the checkpoint's layer configs are kept)")
         return _finish_job(model_dir, out, Path(from_checkpoint), config, head_config, num_blocks, resume, dataset,
@@ -85,7 +88,11 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     head_aqlm = None if head_config is None else AqlmConfig.parse(head_config)
     source = resolve_model_dir(model_dir)
     device = pick_device(device)
-    ranks = _ranks(device)
+    if shard_windows and not method_cls.supports_window_shards:
+        raise ModelError(f"--shard-windows: method {method_cls.name!r} does not run on a split of the windows")
+    ranks = _ranks(device, shard_windows)
+    if shard_windows and ranks.world == 1:
+        raise ModelError("--shard-windows: only with several processes (--nproc N > 1, or torchrun)")
     if not ranks.is_main:
         reporter = Reporter()  # one progress display: rank 0's
     start = time.perf_counter()
@@ -108,7 +115,9 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     load_seconds = time.perf_counter() - start
     # quantize_model adds the method and its settings to the fingerprint
     fingerprint = {"model": str(source.resolve()), "config": aqlm_config.name, "seed": seed, "dataset": corpus.name,
-                   "num_blocks": num_blocks, **({"head_config": head_aqlm.name} if head_aqlm else {})}
+                   "num_blocks": num_blocks, **({"head_config": head_aqlm.name} if head_aqlm else {}),
+                   # a sharded run's work folder holds one activation file per rank (quantize_model adds it too)
+                   **({"window_shards": ranks.world} if ranks.sharded else {})}
     work = fmt.WorkFolder(work_folder_for(out))
     spill = _spill_folder(out, ranks, offload)
     plan, layer_configs, plan_seconds = None, None, 0.0
@@ -154,6 +163,8 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
                 "timings": report["timings"], "seconds": report["seconds"]}
     if ranks.world > 1:
         metadata["processes"] = ranks.world
+    if ranks.sharded:
+        metadata["window_shards"] = ranks.world
     if ranks.is_main:
         fmt.save(out, model, aqlm_config, source_dir=source, metadata=metadata,
                  extra_files={"quantize_report.json": json.dumps(report, indent=1)})
@@ -183,7 +194,9 @@ def _offload_mode(offload: str, source: Path, settings, ranks, teacher: bool) ->
     buffer = settings.nsamples * settings.seqlen * hidden * 4
     weights = sum(f.stat().st_size for f in source.glob("*.safetensors")) * 2  # fp32 from (mostly) 16-bit files
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return "disk" if ranks.world * max((3 + teacher) * buffer, weights) > memory / 4 else "none"
+    # every rank of a --nproc run holds its own buffers (a share of them with --shard-windows) and FP weights
+    buffers = (3 + teacher) * buffer * (1 if ranks.sharded else ranks.world)
+    return "disk" if max(buffers, ranks.world * weights) > memory / 4 else "none"
 
 
 def _spill_folder(out: Path, ranks, offload: str) -> Path | None:
@@ -196,11 +209,11 @@ def _spill_folder(out: Path, ranks, offload: str) -> Path | None:
     return folder
 
 
-def _ranks(device: str):
+def _ranks(device: str, shard_windows: bool = False):
     """This process's rank when torchrun started several (`quantize --nproc`, quantize/distributed.py)."""
     from .quantize.distributed import from_environment
 
-    return from_environment(device)
+    return from_environment(device, shard_windows)
 
 
 def _most_common(configs: dict) -> AqlmConfig:

@@ -91,6 +91,7 @@ def main() -> None:
 
                 atomic_write_bytes(done, json.dumps({"command": cmd[1:], "row": row}).encode())
                 shutil.rmtree(out, ignore_errors=True)  # the checkpoint is not what is measured
+    rows.sort(key=lambda r: (r["windows"], r["offload"]))  # --windows may list the long row first
     machine = machine_info(measure_bandwidth=False)
     disk = [r for r in rows if r["offload"] == "disk" and r["exit_status"] == 0]
     growth = (max(r["peak_rss_bytes"] for r in disk) / min(r["peak_rss_bytes"] for r in disk) - 1) if len(disk) > 1 \
@@ -111,7 +112,7 @@ def main() -> None:
         md.append(f"| {r['windows']} × {r['seqlen']} | {r['offload']} | {r['activation_buffer_bytes'] / 2**30:.2f} GiB | "
                   f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['wall_s'] / 60:.1f} min | {r['exit_status']} |")
     if growth is not None:
-        md += ["", f"Peak RSS with `--offload disk`, largest over smallest window count: **{growth * 100:+.1f}%**."]
+        md += ["", f"Peak RSS with `--offload disk`, highest over lowest: **{growth * 100:+.1f}%**."]
     md += ["", f"Command: `{result['command']}`.", ""]
     write_result(ROOT / "benchmarks" / "results" / machine_slug(machine), f"quantize-memory-{args.tag}", result,
                  "\n".join(md))

@@ -9,12 +9,17 @@ Two measurements, then a projection:
    weight; its peak memory from the memory run's result file (read, not re-run).
 3. Per-block and whole-model times for Llama-2-7B, Llama-3-8B and Llama-2-70B at the `fast` and `paper` presets,
    from (2) scaled by each model's block size and token count, on one 2-core node and on N of them with
-   `quantize --nproc`/torchrun as built (only AQ is split across ranks). Upper bounds: every AQ round and every
-   fine-tuning epoch a preset allows is counted (early stopping only shortens them).
+   `quantize --nproc`/torchrun: the linears of a block dealt out (only AQ split), and with `--shard-windows` (the
+   windows split too: forward passes, XXᵀ and fine-tuning divided by N, plus the all-reduce of XXᵀ and of the
+   gradients at an assumed `NETWORK_BYTES_S`). Upper bounds: every AQ round and every fine-tuning epoch a preset
+   allows is counted (early stopping only shortens them).
 
 Writes `benchmarks/results/<machine>/quantize-scaling.{json,md}` and the generated section of docs/scaling.md.
 
     python benchmarks/quantize_scaling.py        # ≈ 15 min here, after quantize_memory.py
+    python benchmarks/quantize_scaling.py --render RESULT.json [--memory-result M.json]
+        # measures nothing: re-derives the projections of a recorded run (from its measured 7B-shaped block and,
+        # if given, another memory result) and rewrites its JSON, markdown and the doc; the record says so
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ REFERENCE = {"Llama-2-7B": "≈ 1 A100-day",
              "Llama-3-8B": "not published",
              "Llama-2-70B": "3–4 days on 8 A100s"}
 NODES = (1, 4, 8, 32)
+# An assumption, not a measurement: 10 Gbit/s between nodes, for the all-reduce of XXᵀ and of the gradients with
+# --shard-windows (a ring all-reduce moves ≈ 2× the buffer through each node)
+NETWORK_BYTES_S = 1.25e9
 FORWARD_BATCH = 8  # windows per forward batch in the block loop (quantize/pipeline.py)
 
 
@@ -151,13 +159,24 @@ def project(costs: dict, settings: dict, m: dict) -> dict:
            "per_block": {"forward_s": round(forward_s), "finetune_s": round(finetune_s), "aq_s": round(aq_s)},
            "global_ft_s": round(global_s)}
     linears = linear_params(m)
+    # --shard-windows: per block, XXᵀ (float64) all-reduced once, and the block's trainable floats (≈ codebooks,
+    # scales, norms: under 1% of its weights, counted as 1%) once per fine-tuning step; global fine-tuning likewise
+    steps = settings["finetune_epochs"] * -(-(train // settings["seqlen"]) // settings["finetune_batch_size"])
+    trainable = 0.01 * block_params(m) * 4
+    comm_s = 2 * (8 * xxt_values(m) + steps * trainable) / NETWORK_BYTES_S
+    global_steps = settings["global_epochs"] * train / settings["seqlen"] / settings["global_batch_size"]
+    global_comm_s = 2 * global_steps * trainable * m["blocks"] / NETWORK_BYTES_S
     for n in NODES:
-        # --nproc/torchrun as built: the seven linears dealt round robin, the rest replicated on every rank
+        # --nproc/torchrun: the seven linears dealt round robin; the rest replicated on every rank, or with
+        # --shard-windows split over them
         ranks = [0] * min(n, len(linears))
         for k, p in enumerate(linears):
             ranks[k % len(ranks)] += p
         aq_n = aq_s * max(ranks) / sum(linears)
         out[f"model_days_{n}_nodes"] = round((m["blocks"] * (forward_s + finetune_s + aq_n) + global_s) / 86400, 2)
+        comm = (m["blocks"] * comm_s + global_comm_s) if n > 1 else 0.0
+        out[f"model_days_{n}_nodes_sharded"] = round(
+            (m["blocks"] * ((forward_s + finetune_s) / n + aq_n) + global_s / n + comm) / 86400, 2)
     return out
 
 
@@ -216,6 +235,8 @@ def render(result: dict) -> str:
         md += [f"### Projected: `--preset {preset}` ({s.nsamples} × {s.seqlen} tokens, ≤ {s.max_rounds} AQ rounds, "
                f"≤ {s.finetune_epochs} fine-tuning epochs, {s.global_epochs:g} global epoch(s)) on 2-core nodes", "",
                f"Fine-tuning batch {s.finetune_batch_size} × {s.seqlen} tokens.{note}", "",
+               "Days on N nodes: linears dealt out (`--nproc`/torchrun) / windows split too (`--shard-windows`, "
+               f"with the all-reduces at an assumed {NETWORK_BYTES_S * 8 / 1e9:.0f} Gbit/s).", "",
                "| model | hours per block (forward / FT / AQ) | days, 1 node | " +
                " | ".join(f"days, {n} nodes" for n in NODES[1:]) + " | host peak (activations) | disk | reference |",
                "|---|---|---|" + "---|" * (len(NODES) - 1) + "---|---|---|"]
@@ -223,7 +244,9 @@ def render(result: dict) -> str:
             b = r["per_block"]
             md.append(f"| {name} | {r['per_block_s'] / 3600:.1f} ({b['forward_s'] / 3600:.1f} / "
                       f"{b['finetune_s'] / 3600:.1f} / {b['aq_s'] / 3600:.1f}) | "
-                      + " | ".join(f"{r[f'model_days_{n}_nodes']:.1f}" for n in NODES)
+                      + " | ".join(f"{r[f'model_days_{n}_nodes']:.1f}" if n == 1 else
+                                   f"{r[f'model_days_{n}_nodes']:.1f} / {r[f'model_days_{n}_nodes_sharded']:.1f}"
+                                   for n in NODES)
                       + f" | {r['host_peak_gib']:.0f} GiB ({r['activations_gib']:.0f}) | {r['disk_gib']:.0f} GiB | "
                       f"{REFERENCE[name]} |")
         md.append("")
@@ -246,18 +269,26 @@ def main() -> None:
     ap.add_argument("--memory-result", help="quantize-memory result JSON (default: this machine's llama2-7b-shapes)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=8, help="windows of 2048 tokens for the timed 7B-shaped block")
-    ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown and the doc from this recorded result")
+    ap.add_argument("--render", metavar="JSON",
+                    help="measure nothing: re-derive the projections of this recorded result (with --memory-result, "
+                         "from that memory run) and rewrite its JSON, markdown and the doc")
     args = ap.parse_args()
 
     from aqlm_compile.bench.machine import machine_info, machine_slug
     from aqlm_compile.cache import atomic_write_bytes
     from aqlm_compile.bench.records import write_result
-    from aqlm_compile.quantize.presets import PRESETS
 
     title = "# Quantize: time and memory per block, and at scale\n\n"
     if args.render:
         path = Path(args.render)
-        table = render(json.loads(path.read_text()))
+        result = json.loads(path.read_text())
+        source = Path(args.memory_result) if args.memory_result else ROOT / result["memory_result"]
+        derive(result, source)
+        # the measured parts (SmolLM2 rows, the 7B-shaped block, the machine) are the recorded run's
+        result["derived"] = {"command": "python benchmarks/quantize_scaling.py " + " ".join(sys.argv[1:]),
+                             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        table = render(result)
+        atomic_write_bytes(path, json.dumps(result, indent=1).encode())
         atomic_write_bytes(path.with_suffix(".md"), (title + table + "\n").encode())
         write_doc(table)
         return
@@ -267,25 +298,35 @@ def main() -> None:
     source = Path(args.memory_result) if args.memory_result else out_dir / "quantize-memory-llama2-7b-shapes.json"
     if not source.is_file():
         raise SystemExit(f"{source}: not found; run `python benchmarks/quantize_memory.py --tag llama2-7b-shapes` first")
-    memory = json.loads(source.read_text())
     with tempfile.TemporaryDirectory(prefix="quantize-scaling-") as tmp:
         smol = measure_smollm2(Path(tmp), args.threads)
         timed = measure_7b_block(Path(tmp), args.threads, args.windows)
-    costs = unit_costs(timed, memory)
+    result = {"what": "quantize time and memory per block, measured (SmolLM2-135M, a 7B-shaped block) and projected "
+                      "to 7B-70B models", "command": "python benchmarks/quantize_scaling.py " + " ".join(sys.argv[1:]),
+              "smollm2": smol, "llama2_7b_block": timed,
+              "threads": args.threads, "machine": machine, "wall_s": round(time.time() - start, 1)}
+    derive(result, source)
+    table = render(result)
+    write_result(out_dir, "quantize-scaling", result, title + table + "\n")
+    write_doc(table)
+
+
+def derive(result: dict, memory_path: Path) -> None:
+    """The unit costs and projections of `result` (in place), from its measured 7B-shaped block and the memory run
+    at `memory_path`."""
+    from aqlm_compile.quantize.presets import PRESETS
+
+    if not memory_path.is_file():
+        raise SystemExit(f"{memory_path}: not found")
+    costs = unit_costs(result["llama2_7b_block"], json.loads(memory_path.read_text()))
     projections = {}
     for preset in ("fast", "paper"):
         settings = PRESETS[preset].to_dict()
         projections[preset] = {name: {**project(costs, settings, m), **memory_of(costs, settings, m)}
                                for name, m in MODELS.items()}
-    source = source.resolve()
-    result = {"what": "quantize time and memory per block, measured (SmolLM2-135M, a 7B-shaped block) and projected "
-                      "to 7B-70B models", "command": "python benchmarks/quantize_scaling.py " + " ".join(sys.argv[1:]),
-              "memory_result": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
-              "smollm2": smol, "llama2_7b_block": timed, "unit_costs": costs, "projections": projections,
-              "threads": args.threads, "machine": machine, "wall_s": round(time.time() - start, 1)}
-    table = render(result)
-    write_result(out_dir, "quantize-scaling", result, title + table + "\n")
-    write_doc(table)
+    source = memory_path.resolve()
+    result.update({"memory_result": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
+                   "unit_costs": costs, "projections": projections})
 
 
 if __name__ == "__main__":

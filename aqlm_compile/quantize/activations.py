@@ -153,15 +153,19 @@ def spill_path(folder: Path) -> Path:
     return Path(folder) / f"spill-{os.getpid()}-{next(_NAMES)}.safetensors"
 
 
-def relative_mse(outputs, targets, batch_size: int) -> float:
-    """Σ(outputs − targets)² / Σ targets², a batch of windows at a time (either kind of buffer)."""
-    if isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):  # as it always was, in memory
-        return ((outputs - targets).pow(2).sum() / targets.pow(2).sum()).item()
+def relative_mse(outputs, targets, batch_size: int, ranks=None) -> float:
+    """Σ(outputs − targets)² / Σ targets², a batch of windows at a time (either kind of buffer). `ranks` with
+    sharded windows (distributed.py): each rank holds a slice, and the sums are over every rank's."""
+    sharded = ranks is not None and ranks.sharded
+    if not sharded and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):
+        return ((outputs - targets).pow(2).sum() / targets.pow(2).sum()).item()  # as it always was, in memory
     num = den = 0.0
     for start in range(0, len(targets), batch_size):
         o, t = outputs[start : start + batch_size], targets[start : start + batch_size]
         num += (o - t).pow(2).sum().item()
         den += t.pow(2).sum().item()
+    if sharded:
+        num, den = ranks.sum_floats([num, den])
     return num / den
 
 

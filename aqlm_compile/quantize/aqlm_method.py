@@ -33,6 +33,7 @@ class AqlmMethod(QuantizationMethod):
     settings_class = QuantizeSettings
     presets = PRESETS
     phases = ("aq", "block_ft", "global_ft", "pv")
+    supports_window_shards = True  # block, global and PV fine-tuning sum over ranks (distributed.py)
 
     settings: QuantizeSettings
 
@@ -79,7 +80,9 @@ class AqlmMethod(QuantizationMethod):
         run.reporter.update(layer_task, f"  block {i}: fine-tuning")
         with run.timed("block_ft"):
             ft = finetune_block(block, run.runner, ctx.inputs, ctx.targets, run.train_idx, run.val_idx, settings,
-                                run.generator(i, _FINETUNE_STREAM))
+                                run.generator(i, _FINETUNE_STREAM), ranks=ranks)
+            if ranks.sharded:  # the summed gradients gave every rank the same steps; rank 0's bytes make it certain
+                ranks.broadcast_module(block, 0)
         return {"layers": layer_reports, "finetune": ft}
 
     def describe_block(self, report: dict) -> str:
@@ -98,6 +101,7 @@ class AqlmMethod(QuantizationMethod):
 
     def finish(self, model, ctx: RunContext) -> dict:
         settings = self.settings
+        ranks = ctx.ranks or SINGLE
         result = {"global_finetune": {"steps": 0}}
         if settings.global_epochs > 0:
             with ctx.timed("global_ft"):
@@ -106,7 +110,7 @@ class AqlmMethod(QuantizationMethod):
                 report = global_finetune(model, ctx.tokens, ctx.teacher, ctx.train_idx, ctx.val_idx, settings,
                                          ctx.generator(_GLOBAL_STREAM),
                                          on_step=lambda loss: ctx.reporter.advance(gtask),
-                                         teacher_head=ctx.teacher_head)
+                                         teacher_head=ctx.teacher_head, ranks=ranks)
             ctx.reporter.log(f"global fine-tuning: {report}")
             result["global_finetune"] = report
         if settings.pv_steps > 0:
@@ -114,7 +118,9 @@ class AqlmMethod(QuantizationMethod):
                 ptask = ctx.reporter.task("PV-tuning", settings.pv_steps)
                 report = pv_tune(model, ctx.tokens, ctx.teacher, ctx.train_idx, ctx.val_idx, settings,
                                  ctx.generator(_PV_STREAM), on_step=lambda loss: ctx.reporter.advance(ptask),
-                                 teacher_head=ctx.teacher_head)
+                                 teacher_head=ctx.teacher_head, ranks=ranks)
             ctx.reporter.log(f"PV-tuning: {report}")
             result["pv_tuning"] = report
+        if ranks.sharded and (settings.global_epochs > 0 or settings.pv_steps > 0):
+            ranks.broadcast_module(model, 0)  # as after block fine-tuning: rank 0's bytes, certainly the same
         return result

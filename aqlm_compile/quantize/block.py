@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import empty_like
+from .distributed import SINGLE, Ranks
 from .presets import QuantizeSettings
 
 
@@ -42,10 +43,12 @@ class BlockRunner:
         return outs
 
 
-def collect_hessians(block, linears: dict, runner: BlockRunner, inputs: torch.Tensor, batch_size: int):
+def collect_hessians(block, linears: dict, runner: BlockRunner, inputs: torch.Tensor, batch_size: int,
+                     ranks: Ranks = SINGLE):
     """FP outputs of the block and H = mean xxᵀ (float64 accumulation) for each linear.
 
-    Linears fed the same tensor (q/k/v, gate/up) share one H, computed once per batch.
+    Linears fed the same tensor (q/k/v, gate/up) share one H, computed once per batch. With sharded windows
+    (`ranks.sharded`) the sums and the token count are those of every rank's windows (all-reduced in float64).
     """
     sums: list[torch.Tensor] = []
     slot_of: dict[str, int] = {}
@@ -82,6 +85,10 @@ def collect_hessians(block, linears: dict, runner: BlockRunner, inputs: torch.Te
     finally:
         for h in handles:
             h.remove()
+    if ranks.sharded:  # every rank ran the same linears in the same order: the slots match
+        for s in sums:
+            ranks.sum_(s)
+        count = int(ranks.sum_(torch.tensor([count], dtype=torch.float64)).item())
     # one tensor per input: linears fed the same one get the same object (so callers can group them by identity)
     shared = [(s / count).float() for s in sums]
     hessians = {name: shared[slot] for name, slot in slot_of.items()}
@@ -100,12 +107,25 @@ def trainable_parameters(block) -> list[torch.nn.Parameter]:
 
 def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: torch.Tensor, train_idx: torch.Tensor,
                    val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator,
-                   on_step=None) -> dict:
-    """Adam on the element-mean MSE to the FP outputs, validation early stop, best parameters restored."""
+                   on_step=None, ranks: Ranks = SINGLE) -> dict:
+    """Adam on the element-mean MSE to the FP outputs, validation early stop, best parameters restored.
+
+    `train_idx`/`val_idx` index all the windows; with sharded windows (`ranks.sharded`) `inputs`/`targets` hold this
+    rank's slice, each rank runs the windows of a batch it holds and the gradients are summed over the ranks: one
+    process's batches and steps, data-parallel (distributed.py)."""
     if settings.finetune_epochs <= 0:
         return {"epochs": 0}
     params = trainable_parameters(block)
     opt = torch.optim.Adam(params, lr=settings.finetune_lr, betas=(0.9, 0.95))
+    numel = math.prod(targets.shape[1:])
+    n_windows = len(train_idx) + len(val_idx)
+
+    def summed_error(idx: torch.Tensor):
+        """Σ squared error over the windows of global `idx` this rank holds (None: it holds none)."""
+        local = ranks.local(idx, n_windows)
+        if len(local) == 0:
+            return None
+        return F.mse_loss(runner(block, inputs[local]), targets[local], reduction="sum")
 
     def val_loss() -> float:
         if len(val_idx) == 0:
@@ -114,8 +134,12 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
             total = 0.0
             for start in range(0, len(val_idx), settings.finetune_batch_size):
                 idx = val_idx[start : start + settings.finetune_batch_size]
-                total += F.mse_loss(runner(block, inputs[idx]), targets[idx], reduction="sum").item()
-            return total / (len(val_idx) * targets[0].numel())
+                if ranks.sharded:
+                    part = summed_error(idx)
+                    total += 0.0 if part is None else part.item()
+                else:
+                    total += F.mse_loss(runner(block, inputs[idx]), targets[idx], reduction="sum").item()
+            return ranks.sum_floats([total])[0] / (len(val_idx) * numel)
 
     best = val_loss()
     history = [best]
@@ -128,9 +152,15 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
             perm = perm[: settings.finetune_max_steps * settings.finetune_batch_size]
         for start in range(0, len(perm), settings.finetune_batch_size):
             idx = perm[start : start + settings.finetune_batch_size]
-            loss = F.mse_loss(runner(block, inputs[idx]), targets[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if ranks.sharded:  # this rank's share of the batch's element mean; the gradients summed over ranks
+                part = summed_error(idx)
+                if part is not None:
+                    (part / (len(idx) * numel)).backward()
+                ranks.sum_gradients(params)
+            else:
+                loss = F.mse_loss(runner(block, inputs[idx]), targets[idx])
+                loss.backward()
             opt.step()
             if on_step:
                 on_step()

@@ -15,6 +15,16 @@ What is split, and why the result is the single-process checkpoint bit for bit:
 
 Bit-identical holds at the same thread count per process: one process with N threads runs its matmuls in another
 order than a process with 1 thread (torchrun gives each process OMP_NUM_THREADS=1).
+
+**Sharded windows** (`quantize --shard-windows`, `Ranks.shard`): each rank holds a contiguous slice of the
+calibration windows (`windows`), so the forward passes, XXᵀ, block and global fine-tuning and the activation
+memory are divided by the rank count too, not only AQ. What is summed over windows is summed locally, then over
+the ranks (`sum_`): XXᵀ and its token count, validation losses, relative errors. Fine-tuning keeps one process's
+batches (the same seeded order of window indices): each rank runs the windows of the batch it holds, its loss is
+its part of the batch's sum divided by the whole batch's size, and the gradients are summed over the ranks
+(`sum_gradients`) before every rank takes the same optimizer step. The algorithm is one process's; the float sums
+run in another order, so the checkpoint is equal to one process's within rounding, not bit for bit (the tolerance
+`tests/quantize/test_distributed.py` states).
 """
 
 from __future__ import annotations
@@ -32,10 +42,101 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    shard: bool = False  # calibration windows split over the ranks (see the module docstring)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard and self.world > 1
+
+    def windows(self, n: int, align: int = 8) -> tuple[int, int]:
+        """This rank's calibration windows [lo, hi) of `n`: all of them unless sharded; else contiguous slices in
+        multiples of `align` (the block loop's forward batch, pipeline.FORWARD_BATCH: each rank's XXᵀ batches are
+        then one process's batches), or of one window where that would leave a rank without any."""
+        if not self.sharded:
+            return 0, n
+        if n < self.world:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--shard-windows: {n} calibration windows for {self.world} processes; expected at "
+                              "least one per process")
+        chunk = -(-n // self.world)  # ceil
+        aligned = -(-chunk // align) * align
+        # whole batches, unless a rank would go without a window or the slices would be > 10% uneven (the
+        # slowest rank sets the pace)
+        if aligned * (self.world - 1) < n and aligned <= 1.1 * chunk:
+            lo = self.rank * aligned
+            return lo, min(n, lo + aligned)
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world  # balanced, one window's granularity
+
+    def local(self, idx: torch.Tensor, n: int) -> torch.Tensor:
+        """The positions, in this rank's slice of `n` windows, of the global window indices `idx` it holds (in
+        `idx`'s order)."""
+        lo, hi = self.windows(n)
+        keep = idx[(idx >= lo) & (idx < hi)]
+        return keep - lo
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks, in place (sharded runs only: replicated ranks already hold the total)."""
+        if self.sharded:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """`values` summed over the ranks, as rank 0 has the sums: every rank then takes the same decisions on them
+        (early stopping, the best state) even if an all-reduce left them a rounding apart."""
+        if not self.sharded:
+            return values
+        t = self.sum_(torch.tensor(values, dtype=torch.float64))
+        torch.distributed.broadcast(t, 0)
+        return t.tolist()
+
+    def sum_tensors_(self, tensors: list[torch.Tensor], bucket: int = 1 << 24) -> None:
+        """Each of `tensors` summed over the ranks, in place (sharded runs only): small ones packed into messages of
+        up to `bucket` elements of their own dtype, a larger one sent alone (no model-sized copy)."""
+        if not self.sharded:
+            return
+        pending: dict[tuple, list[torch.Tensor]] = {}
+
+        def send(group: list[torch.Tensor]) -> None:
+            flat = torch.cat([t.reshape(-1) for t in group])
+            torch.distributed.all_reduce(flat)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+
+        for t in tensors:
+            if t.numel() >= bucket:  # reduced where it lies
+                if t.is_contiguous():
+                    torch.distributed.all_reduce(t)
+                else:
+                    c = t.contiguous()
+                    torch.distributed.all_reduce(c)
+                    t.copy_(c)
+                continue
+            key = (t.dtype, t.device)
+            group = pending.setdefault(key, [])
+            if group and sum(g.numel() for g in group) + t.numel() > bucket:
+                send(group)
+                group.clear()
+            group.append(t)
+        for group in pending.values():  # in insertion order: the same on every rank
+            if group:
+                send(group)
+
+    def sum_gradients(self, params) -> None:
+        """The gradients of `params` summed over the ranks (a rank that ran no window of the batch has none: zeros)."""
+        if not self.sharded:
+            return
+        params = list(params)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.sum_tensors_([p.grad for p in params])
 
     def owner(self, index: int) -> int:
         """The rank that quantizes the `index`-th linear of a block (round robin)."""
@@ -85,9 +186,10 @@ class Ranks:
 SINGLE = Ranks()
 
 
-def from_environment(device: str = "cpu") -> Ranks:
+def from_environment(device: str = "cpu", shard: bool = False) -> Ranks:
     """The Ranks torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR, ...), with the process group
-    started (gloo for CPU tensors, and NCCL for CUDA tensors on a GPU run); SINGLE when not started by torchrun."""
+    started (gloo for CPU tensors, and NCCL for CUDA tensors on a GPU run); SINGLE when not started by torchrun.
+    `shard`: the calibration windows are split over the ranks (`quantize --shard-windows`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
@@ -99,7 +201,7 @@ def from_environment(device: str = "cpu") -> Ranks:
         # a rank waits in a broadcast while the owner of a large linear quantizes it (hours for a 70B layer on a
         # CPU): the default 30-minute timeout would abort healthy runs; a failed rank is stopped by its launcher
         torch.distributed.init_process_group(backend, timeout=timedelta(hours=24))
-    return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size(), shard)
 
 
 def shutdown(ranks: Ranks) -> None:

@@ -184,6 +184,10 @@ class QuantizationMethod:
     # Timing phases this method adds through `ctx.timed`; listed (at 0) in every report even when a phase is
     # skipped, so reports of one method always have the same keys.
     phases: ClassVar[tuple[str, ...]] = ()
+    # Whether the method runs with the calibration windows split over ranks (`quantize --shard-windows`,
+    # distributed.py): its hooks then see this rank's slice in `inputs`/`targets`/`teacher` while `tokens` and the
+    # train/val indices cover every window, and must sum over ranks what they sum over windows
+    supports_window_shards: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings | None = None):
         if settings is None:

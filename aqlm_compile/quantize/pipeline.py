@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import AqlmConfig
-from ..errors import ModelError
+from ..errors import FormatError, ModelError
 from ..format import WorkFolder, replace_module
 from ..models import block_linears, decoder_layers, load_all_blocks, load_block, unload_block
 from ..nn import AqlmLinear
@@ -121,15 +121,17 @@ def final_norm(model):
     return norm
 
 
-def head_hessian(model, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """H = mean xxᵀ of the lm_head's inputs, x = final_norm(last block's outputs); fp64 accumulation as for blocks."""
+def head_hessian(model, hidden: torch.Tensor, batch_size: int, ranks: Ranks = SINGLE) -> torch.Tensor:
+    """H = mean xxᵀ of the lm_head's inputs, x = final_norm(last block's outputs); fp64 accumulation as for blocks
+    (with sharded windows, over every rank's)."""
     norm = final_norm(model)
     total = torch.zeros(hidden.shape[-1], hidden.shape[-1], dtype=torch.float64, device=hidden.device)
     with torch.no_grad():
         for start in range(0, hidden.shape[0], batch_size):
             x = norm(hidden[start : start + batch_size]).reshape(-1, hidden.shape[-1]).float()
             total += (x.T @ x).double()
-    return (total / (hidden.shape[0] * hidden.shape[1])).float()
+    count = ranks.sum_floats([hidden.shape[0] * hidden.shape[1]])[0]
+    return (ranks.sum_(total) / count).float()
 
 
 def quantize_head(model, hidden: torch.Tensor, config: AqlmConfig, method: QuantizationMethod,
@@ -140,12 +142,16 @@ def quantize_head(model, hidden: torch.Tensor, config: AqlmConfig, method: Quant
     if type(head) is not torch.nn.Linear:
         raise ModelError(f"{type(model).__name__}: the lm_head is a {type(head).__name__}, not a linear layer")
     config.check_shape(head.out_features, head.in_features, "lm_head")
-    new, report = method.quantize_head(head, head_hessian(model, hidden, FORWARD_BATCH), config, run)
+    new, report = method.quantize_head(head, head_hessian(model, hidden, FORWARD_BATCH, run.ranks or SINGLE), config,
+                                       run)
     embedding = model.get_input_embeddings()
     report["untied"] = embedding is not None and embedding.weight is head.weight
     if report["untied"]:
         embedding.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False
+    ranks = run.ranks or SINGLE
+    if ranks.world > 1:  # every rank quantized it alike; rank 0's bytes make the replicas certainly one model
+        ranks.broadcast_module(new, 0)
     names = [n for n, m in model.named_modules() if m is head]
     replace_module(model, names[0], new)
     run.teacher_head = head
@@ -185,7 +191,9 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
     if spill is not None:
         Path(spill).mkdir(parents=True, exist_ok=True)
     lazy = getattr(model, "aqlm_lazy_blocks", None) is not None
-    inputs, kwargs, teacher = capture_inputs(model, layers[0], tokens, method.needs_teacher() and not lazy, spill)
+    lo, hi = ranks.windows(tokens.shape[0])  # all of them unless --shard-windows
+    inputs, kwargs, teacher = capture_inputs(model, layers[0], tokens[lo:hi], method.needs_teacher() and not lazy,
+                                             spill)
     runner = BlockRunner(kwargs)
     if lazy and method.needs_teacher():
         teacher = teacher_by_blocks(model, inputs, runner)
@@ -207,8 +215,11 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         return {name: layer_configs[full] for name, full in names.items()}
 
     start = 0
+    shard = f".rank{ranks.rank}-of-{ranks.world}" if ranks.sharded else ""  # this rank's activations file
     if work is not None:
-        start = _start_work(work, {**(fingerprint or {}), "method": method.record()}, resume, ranks)
+        # sharded ranks each keep their windows' activations: resumable only with the same split
+        split = {"window_shards": ranks.world} if ranks.sharded else {}
+        start = _start_work(work, {**(fingerprint or {}), **split, "method": method.record()}, resume, ranks)
         if start > n_blocks:
             raise ValueError(f"work folder says {start} blocks are done, but only {n_blocks} are to be quantized")
         for i in range(start):
@@ -217,7 +228,12 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
             layers[i].load_state_dict(work.load_block(i))
         if start > 0:
             release(inputs)
-            inputs = work.load_activations(on_disk=spill is not None)
+            if ranks.sharded:  # every rank stops on a missing slice, not only its owner (the others would wait)
+                missing = ranks.sum_floats([0.0 if work.has_activations(shard) else 1.0])[0]
+                if missing:
+                    raise FormatError(f"{work.path}: {int(missing)} of {ranks.world} ranks' activation files for "
+                                      f"block {start} are missing; rerun without --resume")
+            inputs = work.load_activations(on_disk=spill is not None, shard=shard)
             if spill is not None:
                 inputs.spill, inputs.device = Path(spill), tokens.device
             reporter.log(f"resuming at block {start} of {n_blocks}")
@@ -230,7 +246,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         linears = block_linears(block)
         block_start = time.perf_counter()
         with run.timed("hessian"):
-            targets, hessians = collect_hessians(block, linears, runner, inputs, FORWARD_BATCH)
+            targets, hessians = collect_hessians(block, linears, runner, inputs, FORWARD_BATCH, ranks)
 
         ctx = BlockContext(run=run, index=i, linears=linears, inputs=inputs, targets=targets, hessians=hessians,
                            configs=configs_of(i))
@@ -240,7 +256,7 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
 
         with run.timed("forward"):
             outputs = runner.run(block, inputs, FORWARD_BATCH)
-            out_err = relative_mse(outputs, targets, FORWARD_BATCH)
+            out_err = relative_mse(outputs, targets, FORWARD_BATCH, ranks)
         release(inputs)
         release(targets)
         inputs = outputs
@@ -251,7 +267,14 @@ def quantize_model(model, tokens: torch.Tensor, config: AqlmConfig, method: Quan
         summary = method.describe_block(method_report)
         reporter.log(f"block {i:3d}: output rel. MSE {out_err:.4f}  " + (f"{summary}  " if summary else "")
                      + f"{report['seconds']:.1f}s")
-        if work is not None and ranks.is_main:
+        if work is not None and ranks.sharded:  # every rank commits its slice; rank 0 then names them
+            work.save_activations(i, inputs, shard)
+            ranks.barrier()
+            if ranks.is_main:
+                work.commit_block(i, block.state_dict(), report)
+            ranks.barrier()
+            work.drop_activations(i, shard)
+        elif work is not None and ranks.is_main:
             work.save_block(i, block.state_dict(), inputs, report)
         reporter.advance(block_task)
         del linears, block  # the replaced FP linears go now, before the next block is read

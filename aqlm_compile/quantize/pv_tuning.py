@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..nn import AqlmLinear, pack_codes
-from .global_ft import KlObjective, end_to_end_parameters, improves
+from .distributed import SINGLE, Ranks
+from .global_ft import KlObjective, backward_summed, end_to_end_parameters, improves
 from .presets import QuantizeSettings
 
 _CODE_BETA2 = 0.95
@@ -132,9 +133,24 @@ def _forward_keeping_weight(self, x):
     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+def _weight_gradient(layer, ranks: Ranks) -> torch.Tensor:
+    """The gradient of `layer`'s decoded weight from the last backward; with sharded windows summed over the ranks
+    (a rank that ran no window of the batch adds zeros). One message per layer: a model's worth of weight gradients
+    in one buffer would double the largest thing PV-tuning holds."""
+    w = getattr(layer, "_pv_weight", None)
+    grad = w.grad if w is not None else None
+    if not ranks.sharded:
+        return grad
+    if grad is None:
+        grad = torch.zeros(layer.out_features, layer.in_features, dtype=layer.codebooks.dtype,
+                           device=layer.codebooks.device)
+    ranks.sum_tensors_([grad])
+    return grad
+
+
 def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx: torch.Tensor,
             val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator, on_step=None,
-            teacher_head=None) -> dict:
+            teacher_head=None, ranks: Ranks = SINGLE) -> dict:
     """`settings.pv_steps` PV steps of `settings.pv_batch_size` windows (see the module docstring). Returns a report:
     steps, validation KL per evaluation, the mean fraction of code groups changed per step."""
     if settings.pv_steps <= 0:
@@ -146,7 +162,7 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     for m in layers.values():
         m.forward = types.MethodType(_forward_keeping_weight, m)
     bs = settings.pv_batch_size
-    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head)
+    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head, ranks)
     loss_on = objective.loss
 
     def val_loss():
@@ -165,18 +181,18 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
                     break
                 loss = loss_on(perm[start : start + bs])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                backward_summed(loss, params, ranks)
                 opt.step()  # P: codebooks, scales, norms
                 fractions = []
                 for name, st in buffers.items():  # V: codes, toward each layer's buffer
                     order = torch.randperm(st.layer.config.num_codebooks, generator=generator).tolist()
-                    fractions.append(st.step(layers[name]._pv_weight.grad, settings.pv_code_lr,
+                    fractions.append(st.step(_weight_gradient(layers[name], ranks), settings.pv_code_lr,
                                              settings.pv_max_code_change, order))
                     layers[name]._pv_weight = None
                 changed.append(sum(fractions) / max(1, len(fractions)))
                 step += 1
                 if on_step:
-                    on_step(loss.item())
+                    on_step(0.0 if loss is None else loss.item())
                 if step % steps_per_eval == 0 or step == settings.pv_steps:
                     current = val_loss()
                     history.append(current)

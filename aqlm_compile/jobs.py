@@ -51,7 +51,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
 
     from . import format as fmt
     from .data import calibration_windows, load_corpus, tokenize
-    from .models import load_fp_model, move_model, resolve_model_dir
+    from .models import load_all_blocks, load_fp_model, move_model, resolve_model_dir
     from .progress import Reporter
     from .quantize.pipeline import quantize_model
     from .quantize.methods import get_method
@@ -97,9 +97,14 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
         reporter = Reporter()  # one progress display: rank 0's
     start = time.perf_counter()
     offload = _offload_mode(offload, source, settings, ranks, quantizer.needs_teacher())
-    # with --offload disk the FP blocks are read one at a time too (models.LazyBlocks); not with --bits: its plan's
-    # Fisher pass backpropagates through the whole FP model
-    model, tokenizer = load_fp_model(source, lazy=offload == "disk" and bits is None)
+    # with --offload disk the FP blocks are read one at a time too (models.LazyBlocks), --bits's Fisher pass included
+    # (bit_budget.output_fisher_by_blocks), unless the logits are more than lm_head(norm(h)): then loaded whole
+    model, tokenizer = load_fp_model(source, lazy=offload == "disk")
+    if bits is not None and getattr(model, "aqlm_lazy_blocks", None) is not None:
+        from .quantize.bit_budget import logits_are_head_of_norm
+
+        if not logits_are_head_of_norm(model.config):
+            load_all_blocks(model)
     move_model(model, device)
     for name, linear in ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
         if ".layers." in f".{name}." and linear.in_features % aqlm_config.in_group_size:
@@ -128,7 +133,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
         if head != "fp16":
             fingerprint["dense_head"] = head
         layer_configs, plan = _bit_plan(model, tokens, aqlm_config, head_aqlm, bits, embedding, head, seed,
-                                        settings, work, fingerprint, resume, reporter)
+                                        settings, work, fingerprint, resume, reporter, spill)
         fingerprint["layer_configs"] = {n: c.name for n, c in layer_configs.items()}
         aqlm_config = _most_common(layer_configs)
         fingerprint["config"] = aqlm_config.name
@@ -229,7 +234,7 @@ PLAN_WINDOWS = 16
 
 
 def _bit_plan(model, tokens, base: AqlmConfig, head_aqlm, bits: float, embedding: str, head: str, seed: int,
-              settings, work, fingerprint: dict, resume: bool, reporter) -> tuple[dict, dict]:
+              settings, work, fingerprint: dict, resume: bool, reporter, spill=None) -> tuple[dict, dict]:
     """({module name: config}, the plan's record for config.json) for `quantize --bits`. On --resume, the plan the
     interrupted run recorded in its work folder (the same budget, data and settings) is reused, not re-measured."""
     from .embedding import EMBEDDINGS, HEADS
@@ -254,7 +259,7 @@ def _bit_plan(model, tokens, base: AqlmConfig, head_aqlm, bits: float, embedding
     except ValueError as exc:
         raise ModelError(str(exc)) from None
     plan = plan_bits(model, tokens[:PLAN_WINDOWS], base, bits, params_all, fixed, seed,
-                     kmeans_max_points=settings.kmeans_max_points, reporter=reporter)
+                     kmeans_max_points=settings.kmeans_max_points, reporter=reporter, spill=spill)
     record = plan.record()
     reporter.log(f"bit plan: {bits} bits/param asked, {record['total_bits_per_param']:.3f} planned; linears per "
                  f"config {record['linears_per_config']}")

@@ -7,7 +7,8 @@ Runs before the block loop (`jobs.quantize_job`), on the FP model and a few cali
 
 1. **Sensitivity of every output** (`output_fisher`): one forward/backward of the FP model with the next-token
    cross-entropy; per block linear, F_j = mean over tokens of (∂L/∂y_j)², the diagonal (empirical) Fisher of its
-   outputs. A change δ_j of row j raises the loss by ≈ ½ F_j · δ_j H δ_jᵀ, with H = mean xxᵀ of the layer's inputs.
+   outputs. For a lazily loaded model (`quantize --offload disk`: one FP block in memory at a time) the same
+   backward runs block by block (`output_fisher_by_blocks`). A change δ_j of row j raises the loss by ≈ ½ F_j · δ_j H δ_jᵀ, with H = mean xxᵀ of the layer's inputs.
    This makes errors of different layers comparable: a block whose outputs the loss barely feels gets fewer bits.
 2. **What each option would cost in loss** (block by block on FP activations, like the block loop): per linear,
    one residual k-means with up to `max_codebooks` codebooks (`allocation.prefix_losses`) scores every `MxBgG`
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from ..config import AqlmConfig
 from ..errors import ConfigError
-from ..models import block_linears, decoder_layers
+from ..models import block_linears, decoder_layers, load_block, unload_block
 from ..progress import Reporter
 from .allocation import Option, allocate, prefix_losses
 from .block import BlockRunner, collect_hessians
@@ -82,6 +83,81 @@ def output_fisher(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
         for p, flag in frozen:
             p.requires_grad_(flag)
     return {name: s / count for name, s in sums.items()}
+
+
+def output_fisher_by_blocks(model, windows: torch.Tensor, spill=None) -> dict[str, torch.Tensor]:
+    """`output_fisher` for a model whose decoder blocks are read one at a time (`models.load_fp_model(lazy=True)`):
+    the forward keeps every block's inputs (in `spill`, a folder, when given: `activations.DiskActivations`), the
+    loss's gradient w.r.t. the last block's outputs comes from the final norm and the head, and each block, read
+    again from the last to the first, turns its output gradient into its input gradient (one window at a time, as
+    the whole-model pass), its linears' output gradients squared and summed on the way. The same sums as the
+    whole-model backward, up to float rounding; host memory holds one FP block. Logits must be lm_head(final
+    norm(h)) (`logits_are_head_of_norm`)."""
+    from .activations import empty_like, release
+    from .pipeline import capture_inputs, final_norm
+
+    layers_name, layers = decoder_layers(model)
+    n = windows.shape[0]
+    inputs, kwargs, _ = capture_inputs(model, layers[0], windows, with_teacher=False, spill=spill)
+    runner = BlockRunner(kwargs)
+    hidden = [inputs]  # hidden[j]: block j's inputs, every window
+    for j in range(len(layers)):
+        hidden.append(runner.run(load_block(model, j), hidden[j], 1))
+        unload_block(model, j)
+    norm, head = final_norm(model), model.get_output_embeddings()
+    frozen = [(p, p.requires_grad) for p in [*norm.parameters(), *head.parameters()]]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    grads = empty_like(hidden[-1])
+    try:
+        with torch.enable_grad():
+            for w in range(n):
+                h = hidden[-1][w : w + 1].detach().requires_grad_(True)
+                loss = F.cross_entropy(head(norm(h)).float()[0, :-1], windows[w, 1:], reduction="sum")
+                grads[w : w + 1] = torch.autograd.grad(loss, h)[0]
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    release(hidden.pop())
+    sums: dict[str, torch.Tensor] = {}
+    for j in reversed(range(len(layers))):
+        block = load_block(model, j)
+        for p in block.parameters():
+            p.requires_grad_(False)
+        handles = []
+        for name, linear in block_linears(block).items():
+            full = f"{layers_name}.{j}.{name}"
+
+            def on_output(module, args, out, full=full):
+                def on_grad(g):
+                    s = g.detach().float().reshape(-1, g.shape[-1]).pow(2).sum(0)
+                    sums[full] = sums[full] + s if full in sums else s
+
+                out.register_hook(on_grad)
+
+            handles.append(linear.register_forward_hook(on_output))
+        below = empty_like(grads)
+        try:
+            with torch.enable_grad():
+                for w in range(n):
+                    h = hidden[j][w : w + 1].detach().requires_grad_(True)
+                    below[w : w + 1] = torch.autograd.grad(runner(block, h), h, grad_outputs=grads[w : w + 1])[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+        unload_block(model, j)
+        release(grads)
+        release(hidden.pop())
+        grads = below
+    release(grads)
+    count = n * windows.shape[1]
+    return {name: s / count for name, s in sums.items()}
+
+
+def logits_are_head_of_norm(config) -> bool:
+    """Whether a model's logits are lm_head(final norm(last hidden state)) and nothing more (no soft-capping or
+    scaling, as Llama, Qwen2 and Mistral): what `output_fisher_by_blocks` assumes."""
+    return not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
 
 
 @dataclass
@@ -159,25 +235,30 @@ def candidate_configs(base: AqlmConfig, max_codebooks: int) -> list[AqlmConfig]:
 def plan_bits(model, windows: torch.Tensor, base: AqlmConfig, bits_per_param: float, params_all: int,
               fixed_bits: int, seed: int, max_codebooks: int | None = None, kmeans_iters: int = 10,
               kmeans_max_points: int | None = 16384, reporter: Reporter | None = None,
-              batch_size: int = 4) -> BitPlan:
+              batch_size: int = 4, spill=None) -> BitPlan:
     """The plan for `model` (FP, left unchanged) on calibration `windows` [n, T] (a few suffice: they only rank the
     options). `params_all` and `fixed_bits` are counted by the caller (`jobs.quantize_job`), who knows the embedding
-    form and the head. Raises ConfigError when the budget cannot be met even at one codebook everywhere."""
+    form and the head. A lazily loaded model is read one block at a time (`spill`: a folder for the activations).
+    Raises ConfigError when the budget cannot be met even at one codebook everywhere."""
+    from .activations import release
     from .pipeline import capture_inputs  # the block loop's capture: the same inputs the quantizer will see
 
     reporter = reporter or Reporter()
     max_codebooks = max_codebooks or max_codebooks_for(base)
     candidates = candidate_configs(base, max_codebooks)
-    fisher = output_fisher(model, windows)
-    _, layers = decoder_layers(model)
-    full = {m: n for n, m in model.named_modules()}
-    inputs, kwargs, _ = capture_inputs(model, layers[0], windows, with_teacher=False)
+    lazy = getattr(model, "aqlm_lazy_blocks", None) is not None
+    fisher = output_fisher_by_blocks(model, windows, spill) if lazy else output_fisher(model, windows)
+    layers_name, layers = decoder_layers(model)
+    inputs, kwargs, _ = capture_inputs(model, layers[0], windows, with_teacher=False, spill=spill)
     runner = BlockRunner(kwargs)
     options: dict[str, list[Option]] = {}
     members: dict[str, list[str]] = {}
     task = reporter.task("bit plan", len(layers))
-    for i, layer in enumerate(layers):
+    for i in range(len(layers)):
+        layer = load_block(model, i)  # lazily loaded: read now, dropped at the end of the iteration
         linears = block_linears(layer)
+        # names by path (a module→name dict would keep every FP block of a lazy model alive)
+        full = {lin: f"{layers_name}.{i}.{n}" for n, lin in linears.items()}
         targets, hessians = collect_hessians(layer, linears, runner, inputs, batch_size)
         groups: dict[int, list[str]] = {}
         for name in linears:
@@ -199,8 +280,12 @@ def plan_bits(model, windows: torch.Tensor, base: AqlmConfig, bits_per_param: fl
                     bits[k] += c.layer_bits(lin.out_features, lin.in_features)
                     loss[k] += curve[k]
             options[key] = [Option(c.name, b, l) for c, b, l in zip(candidates, bits, loss)]
+        release(inputs)
         inputs = targets
+        del linears, layer, hessians, full
+        unload_block(model, i)
         reporter.advance(task)
+    release(inputs)
     budget = int(bits_per_param * params_all) - fixed_bits
     try:
         chosen = allocate(options, budget)

@@ -17,7 +17,7 @@ from aqlm_compile.jobs import eval_job, quantize_job
 from aqlm_compile.models import block_linears, decoder_layers, load_fp_model
 from aqlm_compile.quantize import bit_budget
 from aqlm_compile.quantize.bit_budget import (candidate_configs, fixed_bits, max_codebooks_for, output_fisher,
-                                              plan_bits)
+                                              output_fisher_by_blocks, plan_bits)
 
 BASE = AqlmConfig.parse("2x4g8")  # 16-codeword books: on 64-wide layers the codebooks do not swamp the codes
 
@@ -144,6 +144,56 @@ def test_plan_follows_the_sensitivities(tiny_llama, monkeypatch):
 
 def _digest(path):
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _fp_blocks(layers):
+    return [i for i, layer in enumerate(layers)
+            if any(isinstance(m, torch.nn.Linear) and not m.weight.is_meta for m in layer.modules())]
+
+
+def test_a_lazily_loaded_model_is_planned_one_block_at_a_time(tiny_llama, tiny_corpus, tmp_path):
+    """--bits with --offload disk (issue 16): the Fisher pass runs block by block (forward keeping each block's
+    inputs on disk, then each block's backward from the last to the first) and the plan reads one FP block at a
+    time; the Fisher and the plan are the whole model's, and the job writes the whole-model run's checkpoint."""
+    whole = _fp(tiny_llama)
+    lazy, _ = load_fp_model(tiny_llama, lazy=True)
+    windows = _windows(whole)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    expected, got = output_fisher(whole, windows), output_fisher_by_blocks(lazy, windows, spill)
+    assert expected.keys() == got.keys()
+    for name in expected:  # the same operations per block: equal here, allowed to differ by rounding
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=0)
+    assert list(spill.iterdir()) == []  # every activation file removed
+
+    _, layers = decoder_layers(lazy)
+    seen, original = [], lazy.aqlm_lazy_blocks.load
+
+    def load(i):
+        layer = original(i)
+        seen.append((i, _fp_blocks(layers)))
+        return layer
+
+    lazy.aqlm_lazy_blocks.load = load
+    params_all, _ = param_counts(whole)
+    fixed = fixed_bits(whole, "stored", None)
+    low, high = _bounds(whole)
+    bits = (low + 0.4 * (high - low)) / params_all
+    plan = plan_bits(lazy, windows, BASE, bits, params_all, fixed, seed=0, kmeans_iters=3, spill=spill)
+    n = len(layers)
+    # forward, backward (last to first), then the options block by block: never two FP blocks in memory
+    assert seen == [(i, [i]) for i in range(n)] + [(i, [i]) for i in reversed(range(n))] + \
+        [(i, [i]) for i in range(n)]
+    reference = plan_bits(whole, windows, BASE, bits, params_all, fixed, seed=0, kmeans_iters=3)
+    assert {k: c.name for k, c in plan.configs.items()} == {k: c.name for k, c in reference.configs.items()}
+
+    common = dict(config=BASE.name, dataset=str(tiny_corpus), preset="tiny", device="cpu",
+                  bits=round(bits, 3), overrides={"kmeans_iters": 3, "max_rounds": 1})
+    quantize_job(str(tiny_llama), str(tmp_path / "disk"), offload="disk", **common)
+    quantize_job(str(tiny_llama), str(tmp_path / "none"), offload="none", **common)
+    assert _digest(tmp_path / "disk") == _digest(tmp_path / "none")
+    report = json.loads((tmp_path / "disk" / "quantize_report.json").read_text())
+    assert report["offload"] == "disk"
 
 
 def test_bits_job_writes_a_mixed_checkpoint_that_resumes_and_evaluates(tiny_llama, tiny_corpus, tmp_path,

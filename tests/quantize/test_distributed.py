@@ -113,14 +113,21 @@ def test_a_bad_input_is_one_line_from_the_parent(tiny_llama, tiny_corpus, tmp_pa
 
 @pytest.mark.slow
 def test_two_processes_on_a_smollm2_prefix(tmp_path):
-    """SmolLM2-135M, its first 4 blocks, fast preset: 2 processes and 1 write the same checkpoint (≈ 10 min)."""
+    """SmolLM2-135M, its first 4 blocks, fast preset: 2 processes and 1 write the same checkpoint, and 2 with
+    --shard-windows one within the stated tolerance (≈ 15 min)."""
     args = ["--preset", "fast", "--num-blocks", "4", "--device", "cpu", "--quiet"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, sharded = tmp_path / "one", tmp_path / "two", tmp_path / "sharded"
     r = _run(["quantize", "-o", str(one), *args])
     assert r.returncode == 0, r.stderr[-2000:]
     r = _run(["quantize", "-o", str(two), *args, "--nproc", "2"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert _digest(one) == _digest(two)
+    r = _run(["quantize", "-o", str(sharded), *args, "--nproc", "2", "--shard-windows"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_within_sharding_tolerance(one, sharded)
+    a = json.loads((one / "quantize_report.json").read_text())["blocks"]
+    b = json.loads((sharded / "quantize_report.json").read_text())["blocks"]
+    assert [x["output_relative_mse"] for x in b] == pytest.approx([x["output_relative_mse"] for x in a], rel=1e-3)
 
 
 def test_a_work_folder_rank_0_refuses_stops_every_rank_with_its_message(tiny_llama, tiny_corpus, tmp_path):

@@ -112,20 +112,30 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
 
     `train_idx`/`val_idx` index all the windows; with sharded windows (`ranks.sharded`) `inputs`/`targets` hold this
     rank's slice, each rank runs the windows of a batch it holds and the gradients are summed over the ranks: one
-    process's batches and steps, data-parallel (distributed.py)."""
+    process's batches and steps, data-parallel (distributed.py). `settings.micro_batch_size`: the windows of a batch
+    go through forward and backward that many at a time, the gradients accumulated (the same step, to rounding,
+    with the memory of a micro-batch)."""
     if settings.finetune_epochs <= 0:
         return {"epochs": 0}
     params = trainable_parameters(block)
     opt = torch.optim.Adam(params, lr=settings.finetune_lr, betas=(0.9, 0.95))
     numel = math.prod(targets.shape[1:])
     n_windows = len(train_idx) + len(val_idx)
+    chunked = ranks.sharded or settings.micro_batch_size is not None
 
-    def summed_error(idx: torch.Tensor):
-        """Σ squared error over the windows of global `idx` this rank holds (None: it holds none)."""
+    def summed_error(idx: torch.Tensor, scale: float | None = None) -> float:
+        """Σ squared error over the windows of global `idx` this rank holds, a micro-batch at a time; with `scale`,
+        each micro-batch's sum × scale is also back-propagated (gradients accumulate)."""
         local = ranks.local(idx, n_windows)
-        if len(local) == 0:
-            return None
-        return F.mse_loss(runner(block, inputs[local]), targets[local], reduction="sum")
+        step = settings.micro_batch_size or max(1, len(local))
+        total = 0.0
+        for start in range(0, len(local), step):
+            part = local[start : start + step]
+            error = F.mse_loss(runner(block, inputs[part]), targets[part], reduction="sum")
+            if scale is not None:
+                (error * scale).backward()
+            total += error.item()
+        return total
 
     def val_loss() -> float:
         if len(val_idx) == 0:
@@ -134,9 +144,8 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
             total = 0.0
             for start in range(0, len(val_idx), settings.finetune_batch_size):
                 idx = val_idx[start : start + settings.finetune_batch_size]
-                if ranks.sharded:
-                    part = summed_error(idx)
-                    total += 0.0 if part is None else part.item()
+                if chunked:
+                    total += summed_error(idx)
                 else:
                     total += F.mse_loss(runner(block, inputs[idx]), targets[idx], reduction="sum").item()
             return ranks.sum_floats([total])[0] / (len(val_idx) * numel)
@@ -153,10 +162,8 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
         for start in range(0, len(perm), settings.finetune_batch_size):
             idx = perm[start : start + settings.finetune_batch_size]
             opt.zero_grad(set_to_none=True)
-            if ranks.sharded:  # this rank's share of the batch's element mean; the gradients summed over ranks
-                part = summed_error(idx)
-                if part is not None:
-                    (part / (len(idx) * numel)).backward()
+            if chunked:  # this rank's share of the batch's element mean, by micro-batches; summed over ranks
+                summed_error(idx, 1.0 / (len(idx) * numel))
                 ranks.sum_gradients(params)
             else:
                 loss = F.mse_loss(runner(block, inputs[idx]), targets[idx])

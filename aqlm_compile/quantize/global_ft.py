@@ -39,34 +39,54 @@ class KlObjective:
     """KL(teacher ‖ student) on calibration windows: the teacher is the FP model's final hidden states through
     `teacher_head` (the FP lm_head when the model's own head is quantized; else the model's head).
 
-    `tokens` are all the windows; with sharded windows (`ranks.sharded`, distributed.py) `teacher_hidden` holds this
-    rank's slice, `loss` is this rank's share of the batch's mean (None when it holds no window of the batch: its
-    gradients are zeros) and the caller sums the gradients over the ranks; `mean` is over every rank's windows."""
+    `tokens` are all the windows. A batch goes through `loss` whole, or — `chunked`: with sharded windows
+    (`ranks.sharded`, distributed.py: `teacher_hidden` holds this rank's slice) or micro-batches (`micro`) — through
+    `accumulate`, which back-propagates this rank's share of the batch's mean a micro-batch at a time (the caller
+    then sums the gradients over the ranks). `mean` is over every rank's windows."""
 
     def __init__(self, model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, batch_size: int, teacher_head=None,
-                 ranks: Ranks = SINGLE):
+                 ranks: Ranks = SINGLE, micro: int | None = None):
         self.head = model.get_output_embeddings()
         self.teacher_head = teacher_head if teacher_head is not None else self.head
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.tokens, self.teacher_hidden, self.batch_size = tokens, teacher_hidden, batch_size
-        self.ranks, self.lo = ranks, ranks.windows(tokens.shape[0])[0]
+        self.ranks, self.lo, self.micro = ranks, ranks.windows(tokens.shape[0])[0], micro
+        self.chunked = ranks.sharded or micro is not None
 
-    def loss(self, idx: torch.Tensor) -> torch.Tensor | None:
-        if not self.ranks.sharded:
-            hidden = self.base(input_ids=self.tokens[idx]).last_hidden_state
-            with torch.no_grad():
-                teacher = self.teacher_head(self.teacher_hidden[idx])
-            return kl_loss(self.head(hidden), teacher)
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """The batch's mean KL over its tokens, whole (not `chunked`)."""
+        hidden = self.base(input_ids=self.tokens[idx]).last_hidden_state
+        with torch.no_grad():
+            teacher = self.teacher_head(self.teacher_hidden[idx])
+        return kl_loss(self.head(hidden), teacher)
+
+    def _parts(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's windows of global `idx` (positions in its slice), by micro-batches."""
         local = self.ranks.local(idx, self.tokens.shape[0])
-        if len(local) == 0:
-            return None
+        step = self.micro or max(1, len(local))
+        return [local[i : i + step] for i in range(0, len(local), step)]
+
+    def _summed(self, local: torch.Tensor) -> torch.Tensor:
+        """KL summed over the tokens of this rank's windows `local`."""
         hidden = self.base(input_ids=self.tokens[self.lo + local]).last_hidden_state
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_hidden[local])
         s = F.log_softmax(self.head(hidden).float().flatten(0, -2), dim=-1)
         t = F.log_softmax(teacher.float().flatten(0, -2), dim=-1)
-        # kl_loss's "batchmean" divides by the batch's tokens: here by the whole batch's, over every rank
-        return F.kl_div(s, t, log_target=True, reduction="sum") / (len(idx) * self.tokens.shape[1])
+        return F.kl_div(s, t, log_target=True, reduction="sum")
+
+    def accumulate(self, idx: torch.Tensor, after_part=None) -> float:
+        """Back-propagate this rank's share of batch `idx`'s mean KL (kl_loss's "batchmean": over the whole batch's
+        tokens, every rank's), a micro-batch at a time, calling `after_part()` after each; returns the share."""
+        tokens = len(idx) * self.tokens.shape[1]
+        value = 0.0
+        for part in self._parts(idx):
+            loss = self._summed(part) / tokens
+            loss.backward()
+            if after_part is not None:
+                after_part()
+            value += loss.item()
+        return value
 
     def mean(self, idx: torch.Tensor) -> float:
         """Mean loss over windows `idx` (no gradient); NaN for none."""
@@ -74,17 +94,27 @@ class KlObjective:
             return float("nan")
         bs = self.batch_size
         with torch.no_grad():
-            parts = [self.loss(idx[i : i + bs]) for i in range(0, len(idx), bs)]
-            total = sum(0.0 if p is None else p.item() * len(idx[i * bs : i * bs + bs]) for i, p in enumerate(parts))
-        return self.ranks.sum_floats([total])[0] / len(idx)
+            if not self.chunked:
+                return sum(self.loss(idx[i : i + bs]).item() * len(idx[i : i + bs])
+                           for i in range(0, len(idx), bs)) / len(idx)
+            total = sum(self._summed(part).item() for i in range(0, len(idx), bs) for part in self._parts(idx[i : i + bs]))
+        return self.ranks.sum_floats([total / self.tokens.shape[1]])[0] / len(idx)
 
 
-def backward_summed(loss: torch.Tensor | None, params, ranks: Ranks) -> None:
-    """`loss.backward()`, then (sharded windows) the gradients summed over the ranks; a rank without a window of the
-    batch (`loss` None) adds zeros."""
-    if loss is not None:
+def step_gradients(objective: KlObjective, params, batch: torch.Tensor, opt, after_part=None) -> float:
+    """The gradients of one batch's loss on `params` (zeroed first): whole, or by micro-batches and summed over the
+    ranks (`objective.chunked`). Returns the loss (this rank's share when sharded)."""
+    if not objective.chunked:
+        loss = objective.loss(batch)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-    ranks.sum_gradients(params)
+        if after_part is not None:
+            after_part()
+        return loss.item()
+    opt.zero_grad(set_to_none=True)
+    value = objective.accumulate(batch, after_part)
+    objective.ranks.sum_gradients(params)
+    return value
 
 
 def improves(current: float, best: float) -> bool:
@@ -104,8 +134,7 @@ def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, t
     params = end_to_end_parameters(model)
     opt = torch.optim.Adam(params, lr=settings.global_lr, betas=(0.9, 0.95))
     bs = settings.global_batch_size
-    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head, ranks)
-    loss_on = objective.loss
+    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head, ranks, settings.micro_batch_size)
 
     def val_loss():
         return objective.mean(val_idx)
@@ -120,13 +149,11 @@ def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, t
         for start in range(0, len(perm), bs):
             if step >= total_steps:
                 break
-            loss = loss_on(perm[start : start + bs])
-            opt.zero_grad(set_to_none=True)
-            backward_summed(loss, params, ranks)
+            loss = step_gradients(objective, params, perm[start : start + bs], opt)
             opt.step()
             step += 1
             if on_step:
-                on_step(0.0 if loss is None else loss.item())
+                on_step(loss)
         current = val_loss()
         history.append(current)
         if improves(current, best):

@@ -33,6 +33,9 @@ class QuantizeSettings(MethodSettings):
     finetune_batch_size: int = 8
     finetune_early_stop: int = 2
     finetune_max_steps: int | None = None  # optimizer steps per epoch at most (None: every batch)
+    # windows per forward/backward inside a fine-tuning batch (block, global, PV), gradients accumulated: the same
+    # steps to rounding, with one micro-batch's activations in memory (None: the whole batch at once)
+    micro_batch_size: int | None = None
     # global fine-tuning on KL(teacher || student)
     global_epochs: float = 0.0
     global_lr: float = 1e-5
@@ -46,8 +49,9 @@ class QuantizeSettings(MethodSettings):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        if out["finetune_max_steps"] is None:  # unset: the record (and a resume fingerprint) of runs before it
-            del out["finetune_max_steps"]
+        for name in ("finetune_max_steps", "micro_batch_size"):
+            if out[name] is None:  # unset: the record (and a resume fingerprint) of runs before it
+                del out[name]
         return out
 
     def checked(self) -> QuantizeSettings:
@@ -57,6 +61,8 @@ class QuantizeSettings(MethodSettings):
             raise ConfigError(f"pv_max_code_change {self.pv_max_code_change}: expected a fraction in [0, 1]")
         if self.finetune_max_steps is not None and self.finetune_max_steps < 1:
             raise ConfigError(f"finetune_max_steps {self.finetune_max_steps}: expected >= 1 or none")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"micro_batch_size {self.micro_batch_size}: expected >= 1 or none")
         if self.pv_steps < 0 or self.pv_batch_size < 1:
             raise ConfigError(f"pv_steps {self.pv_steps}, pv_batch_size {self.pv_batch_size}: expected >= 0 and >= 1")
         return super().checked()

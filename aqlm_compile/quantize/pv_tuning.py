@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..nn import AqlmLinear, pack_codes
 from .distributed import SINGLE, Ranks
-from .global_ft import KlObjective, backward_summed, end_to_end_parameters, improves
+from .global_ft import KlObjective, end_to_end_parameters, improves, step_gradients
 from .presets import QuantizeSettings
 
 _CODE_BETA2 = 0.95
@@ -133,19 +133,35 @@ def _forward_keeping_weight(self, x):
     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-def _weight_gradient(layer, ranks: Ranks) -> torch.Tensor:
-    """The gradient of `layer`'s decoded weight from the last backward; with sharded windows summed over the ranks
-    (a rank that ran no window of the batch adds zeros). One message per layer: a model's worth of weight gradients
-    in one buffer would double the largest thing PV-tuning holds."""
-    w = getattr(layer, "_pv_weight", None)
-    grad = w.grad if w is not None else None
-    if not ranks.sharded:
+class _WeightGradients:
+    """The gradient of each layer's decoded weight over one batch: the last backward's (`_pv_weight.grad`), summed
+    over micro-batches (`take` after each) and, with sharded windows, over the ranks (`summed`; a rank that ran no
+    window of the batch adds zeros; one message per layer: a model's worth of weight gradients in one buffer would
+    double the largest thing PV-tuning holds)."""
+
+    def __init__(self, layers: dict):
+        self.layers, self.sums = layers, {}
+
+    def take(self) -> None:
+        for name, layer in self.layers.items():
+            w = getattr(layer, "_pv_weight", None)
+            if w is not None and w.grad is not None:
+                if name in self.sums:
+                    self.sums[name].add_(w.grad)
+                else:
+                    self.sums[name] = w.grad
+            layer._pv_weight = None  # the graph of this micro-batch can go
+
+    def summed(self, name: str, ranks: Ranks) -> torch.Tensor | None:
+        grad = self.sums.pop(name, None)
+        if not ranks.sharded:
+            return grad
+        if grad is None:
+            layer = self.layers[name]
+            grad = torch.zeros(layer.out_features, layer.in_features, dtype=layer.codebooks.dtype,
+                               device=layer.codebooks.device)
+        ranks.sum_tensors_([grad])
         return grad
-    if grad is None:
-        grad = torch.zeros(layer.out_features, layer.in_features, dtype=layer.codebooks.dtype,
-                           device=layer.codebooks.device)
-    ranks.sum_tensors_([grad])
-    return grad
 
 
 def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx: torch.Tensor,
@@ -162,8 +178,8 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     for m in layers.values():
         m.forward = types.MethodType(_forward_keeping_weight, m)
     bs = settings.pv_batch_size
-    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head, ranks)
-    loss_on = objective.loss
+    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head, ranks, settings.micro_batch_size)
+    weight_grads = _WeightGradients(layers)
 
     def val_loss():
         return objective.mean(val_idx)
@@ -179,20 +195,17 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
             for start in range(0, len(perm), bs):
                 if step >= settings.pv_steps:
                     break
-                loss = loss_on(perm[start : start + bs])
-                opt.zero_grad(set_to_none=True)
-                backward_summed(loss, params, ranks)
+                loss = step_gradients(objective, params, perm[start : start + bs], opt, weight_grads.take)
                 opt.step()  # P: codebooks, scales, norms
                 fractions = []
                 for name, st in buffers.items():  # V: codes, toward each layer's buffer
                     order = torch.randperm(st.layer.config.num_codebooks, generator=generator).tolist()
-                    fractions.append(st.step(_weight_gradient(layers[name], ranks), settings.pv_code_lr,
+                    fractions.append(st.step(weight_grads.summed(name, ranks), settings.pv_code_lr,
                                              settings.pv_max_code_change, order))
-                    layers[name]._pv_weight = None
                 changed.append(sum(fractions) / max(1, len(fractions)))
                 step += 1
                 if on_step:
-                    on_step(0.0 if loss is None else loss.item())
+                    on_step(loss)
                 if step % steps_per_eval == 0 or step == settings.pv_steps:
                     current = val_loss()
                     history.append(current)

@@ -187,7 +187,9 @@ def memory_of(costs: dict, settings: dict, m: dict) -> dict:
     batch and the fine-tuning batch) and by hidden + FFN width (the attention scores' growth with sequence
     length is left out). Disk: the activation buffers (inputs, targets, outputs; a teacher too with global
     fine-tuning)."""
-    batch_tokens = max(FORWARD_BATCH, settings["finetune_batch_size"]) * settings["seqlen"]
+    # a fine-tuning batch goes through forward/backward whole, or micro_batch_size windows at a time
+    batch_tokens = max(FORWARD_BATCH, settings.get("micro_batch_size") or settings["finetune_batch_size"]) * \
+        settings["seqlen"]
     width = (m["hidden"] + m["ffn"]) / (costs["hidden"] + costs["ffn"])
     activations = costs["activation_bytes"] * batch_tokens / costs["batch_tokens"] * width
     embeddings = (1 if m["tied"] else 2) * m["vocab"] * m["hidden"] * 4
@@ -234,7 +236,9 @@ def render(result: dict) -> str:
                 f"column is an estimate, not a bound.")
         md += [f"### Projected: `--preset {preset}` ({s.nsamples} × {s.seqlen} tokens, ≤ {s.max_rounds} AQ rounds, "
                f"≤ {s.finetune_epochs} fine-tuning epochs, {s.global_epochs:g} global epoch(s)) on 2-core nodes", "",
-               f"Fine-tuning batch {s.finetune_batch_size} × {s.seqlen} tokens.{note}", "",
+               f"Fine-tuning batch {s.finetune_batch_size} × {s.seqlen} tokens"
+               + (f", run with `--set micro_batch_size={FORWARD_BATCH}` (host memory of {FORWARD_BATCH} windows)"
+                  if s.finetune_batch_size > FORWARD_BATCH else "") + f".{note}", "",
                "Days on N nodes: linears dealt out (`--nproc`/torchrun) / windows split too (`--shard-windows`, "
                f"with the all-reduces at an assumed {NETWORK_BYTES_S * 8 / 1e9:.0f} Gbit/s).", "",
                "| model | hours per block (forward / FT / AQ) | days, 1 node | " +
@@ -322,6 +326,8 @@ def derive(result: dict, memory_path: Path) -> None:
     projections = {}
     for preset in ("fast", "paper"):
         settings = PRESETS[preset].to_dict()
+        if settings["finetune_batch_size"] > FORWARD_BATCH:  # as a user would run it: `--set micro_batch_size=8`
+            settings["micro_batch_size"] = FORWARD_BATCH
         projections[preset] = {name: {**project(costs, settings, m), **memory_of(costs, settings, m)}
                                for name, m in MODELS.items()}
     source = memory_path.resolve()

@@ -267,7 +267,8 @@ def _build_model(ckpt_dir: Path, raw: dict, aqlm_config, tensors, dtype):
         if torch.get_default_device().type == "meta":
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
         else:  # the decoder layers on the meta device: their dense linears are never allocated (load assigns them)
-            model, _ = build_with_meta_layers(hf_config, dtype, str(ckpt_dir / "config.json"))
+            # the other parameters too (embeddings, head, norms): load assigns the file's, nothing random first
+            model, _ = build_with_meta_layers(hf_config, dtype, str(ckpt_dir / "config.json"), empty_params=True)
     except ModelError as exc:
         raise FormatError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a config it cannot use

@@ -254,11 +254,11 @@ def _lazy_skeleton(model_dir: Path, weight_files: dict[str, Path], dtype):
     import torch
     from transformers import AutoConfig
 
-    from .skeleton import build_with_meta_layers
+    from .skeleton import assign, build_with_meta_layers, meta_tensors
 
     config = AutoConfig.from_pretrained(model_dir)
-    try:
-        model, full_name = build_with_meta_layers(config, dtype, str(model_dir))
+    try:  # every parameter on meta: the file's tensors are assigned, nothing allocated and initialised twice
+        model, full_name = build_with_meta_layers(config, dtype, str(model_dir), empty_params=True)
     except ModelError as exc:
         raise ModelError(f"{exc}; load it whole (--offload none)") from None
     model.tie_weights()
@@ -271,10 +271,16 @@ def _lazy_skeleton(model_dir: Path, weight_files: dict[str, Path], dtype):
         raise ModelError(f"{model_dir}: no tensor {absent[0]} in the safetensors files (--offload none loads the "
                          f"model through transformers, which renames legacy tensor names)")
     targets = model.state_dict()
-    with torch.no_grad():  # one tensor at a time, into the shell's own storage: a single transient copy at most
+    with torch.no_grad():  # one tensor at a time, assigned: the file's tensor (cast to the model's dtype) is the weight
         for key, tensor in _read_safetensors(weight_files, {k: targets[k].shape for k in own if k in weight_files}):
-            targets[key].copy_(tensor)
+            assign(model, key, tensor)
             del tensor
+    del targets
+    if tied:
+        model.tie_weights()  # the head reads the embedding's assigned table
+    left = [k for k in meta_tensors(model) if not k.startswith(full_name + ".")]
+    if left:
+        raise ModelError(f"{model_dir}: {left[0]} is not in the safetensors files")
     model.aqlm_lazy_blocks = LazyBlocks(model, full_name, weight_files, dtype)
     return model
 

@@ -5,6 +5,9 @@ the checkpoint loader (`format.load`: quantized layers are filled from the check
 never allocated) start from it. The model is built with no decoder layer, so every module outside the layers
 is real, its non-persistent buffers (rotary tables) included; the layers come from a meta-device build of the
 full config and are grafted in. Layers holding non-persistent buffers (which no checkpoint carries) are refused.
+With `empty_params` the parameters outside the layers (embeddings, final norm, head) are on the meta device too —
+only the buffers are real — so nothing is allocated and random-initialised just to be overwritten by the file's
+tensors (≈ 4 GB of fp32 embedding and head at a 128k vocabulary): the caller assigns them (`assign`).
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ def layers_of(model, n: int):
     raise ModelError(f"{type(model).__name__}: could not find the list of {n} decoder layers")
 
 
-def build_with_meta_layers(config, dtype, where: str):
-    """(model, name of its layer list): `config`'s model, real except for the decoder layers (meta device).
-    `where` names the folder in errors."""
+def build_with_meta_layers(config, dtype, where: str, empty_params: bool = False):
+    """(model, name of its layer list): `config`'s model, real except for the decoder layers (meta device) and,
+    with `empty_params`, every other parameter (buffers stay real). `where` names the folder in errors."""
+    import contextlib
+
     import torch
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     n = config.num_hidden_layers
     shell_config = copy.deepcopy(config)
     shell_config.num_hidden_layers = 0
-    model = AutoModelForCausalLM.from_config(shell_config, dtype=dtype, attn_implementation="sdpa")
+    with init_empty_weights(include_buffers=False) if empty_params else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(shell_config, dtype=dtype, attn_implementation="sdpa")
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     name, layers = layers_of(full, n)
@@ -45,6 +52,21 @@ def build_with_meta_layers(config, dtype, where: str):
     if transient:
         raise ModelError(f"{where}: its decoder layers hold buffers that are not in a checkpoint ({name}.{transient[0]})")
     return model, name
+
+
+def assign(model, key: str, tensor) -> None:
+    """Make `tensor` the parameter or buffer `key` of `model` (in place of a meta one), in the dtype that one has."""
+    import torch
+
+    parent_name, _, attr = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if old.is_floating_point() and tensor.dtype != old.dtype:
+        tensor = tensor.to(old.dtype)
+    if attr in parent._parameters:
+        parent._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        parent._buffers[attr] = tensor
 
 
 def meta_tensors(model) -> list[str]:

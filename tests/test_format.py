@@ -188,7 +188,16 @@ def test_load_never_allocates_the_dense_linears(saved, monkeypatch):
         made.append(self)
 
     monkeypatch.setattr(torch.nn.Linear, "__init__", recording_init)
+    embeddings = []
+    embedding_init = torch.nn.Embedding.__init__
+
+    def recording_embedding(self, *args, **kwargs):
+        embedding_init(self, *args, **kwargs)
+        embeddings.append(self.weight.is_meta)
+
+    monkeypatch.setattr(torch.nn.Embedding, "__init__", recording_embedding)
     model, _, _ = fmt.load(saved)
+    assert embeddings and all(embeddings)  # nor a random embedding table, overwritten right after
     _, layers = decoder_layers(model)
     quantized = {(m.out_features, m.in_features) for layer in layers for m in layer.modules() if isinstance(m, AqlmLinear)}
     assert quantized

@@ -38,6 +38,23 @@ def test_lazy_model_is_the_whole_model(which, request):
     assert _fp_blocks(layers) == list(range(1, len(layers)))
 
 
+def test_the_embedding_is_read_without_a_random_one_first(tiny_llama, monkeypatch):
+    """The skeleton's parameters outside the layers are built on the meta device and the file's tensors assigned:
+    no embedding table is allocated and random-initialised first (≈ 4 GB at a 128k vocabulary)."""
+    made = []
+    init = torch.nn.Embedding.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self.weight.is_meta)
+
+    monkeypatch.setattr(torch.nn.Embedding, "__init__", recording)
+    model, _ = load_fp_model(tiny_llama, lazy=True)
+    assert made and all(made)
+    emb = model.get_input_embeddings().weight
+    assert not emb.is_meta and emb.dtype == torch.float32 and float(emb.abs().sum()) > 0
+
+
 def test_the_block_loop_holds_one_fp_block_at_a_time(tiny_llama):
     model, _ = load_fp_model(tiny_llama, lazy=True)
     _, layers = decoder_layers(model)

@@ -204,17 +204,20 @@ def test_sharded_windows_match_one_process_within_the_stated_tolerance(one_proce
 _STOPPED_SHARDED_RUN = """
 import sys
 from aqlm_compile.jobs import quantize_job
-model, out, corpus = sys.argv[1:4]
+model, out, corpus, offload = sys.argv[1:5]
 quantize_job(model, out, config="2x8g8", dataset=corpus, preset="tiny", device="cpu", shard_windows=True,
-             overrides={"kmeans_iters": 3, "max_rounds": 1, "nsamples": 16, "val_size": 4}, stop_after_block=0)
+             overrides={"kmeans_iters": 3, "max_rounds": 1, "nsamples": 16, "val_size": 4}, stop_after_block=0,
+             offload=offload)
 """
 
 
-def test_a_sharded_run_resumes_from_every_ranks_activations(tiny_llama, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_a_sharded_run_resumes_from_every_ranks_activations(tiny_llama, tiny_corpus, tmp_path, offload):
     """torchrun, 2 ranks, stopped after block 0 (each rank's slice of block 1's inputs in the work folder), then
     `--nproc 2 --shard-windows --resume`: the uninterrupted sharded run's checkpoint, bit for bit. A one-process
     resume of that folder is refused (another split of the windows)."""
-    args = [*TINY, "--set", "nsamples=16", "--set", "val_size=4", "--nproc", "2", "--shard-windows"]
+    args = [*TINY, "--set", "nsamples=16", "--set", "val_size=4", "--nproc", "2", "--shard-windows",
+            "--offload", offload]
     whole = tmp_path / "whole"
     r = _run(["quantize", str(tiny_llama), "-o", str(whole), "--dataset", str(tiny_corpus), *args])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -222,7 +225,8 @@ def test_a_sharded_run_resumes_from_every_ranks_activations(tiny_llama, tiny_cor
     script.write_text(_STOPPED_SHARDED_RUN)
     part = tmp_path / "part"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script), str(tiny_llama), str(part), str(tiny_corpus)], capture_output=True, text=True,
+                        str(script), str(tiny_llama), str(part), str(tiny_corpus), offload], capture_output=True,
+                       text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert "KeyboardInterrupt" in r.stderr and not (part / "model.safetensors").exists(), r.stderr[-2000:]
     work = tmp_path / ".part.work"

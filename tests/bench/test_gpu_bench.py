@@ -287,3 +287,4 @@ def test_the_quantize_section_runs_its_cli_and_reads_the_report(tmp_path):
     assert "error" not in one, one
     assert one["wall_s"] > 0 and len(one["block_seconds"]) == 1 and one["phases_s"]["aq"] >= 0
     assert "skipped" in rec["runs"]["2 processes (NCCL)"] and rec["same_checkpoint"] is None
+    assert "skipped" in rec["runs"]["2 processes, --shard-windows (NCCL)"]

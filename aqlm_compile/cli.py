@@ -114,8 +114,8 @@ def main():
 @click.option("--shard-windows", is_flag=True,
               help="With several processes: also split the calibration windows over them (forward passes, XXᵀ, "
                    "block and global fine-tuning data-parallel, each process holding its share of the activations). "
-                   "Faster and smaller per process; the checkpoint then equals one process's within float rounding "
-                   "instead of bit for bit (quantize/distributed.py).")
+                   "Faster and smaller per process; the sums then run in another order, so the checkpoint is one of "
+                   "the same quality, not one process's bit for bit (quantize/distributed.py).")
 @click.pass_context
 def quantize(ctx, model_dir, out_dir, config, head_config, dataset, method, preset, seed, resume, device, nsamples,
              seqlen, beam_size, pv_steps, num_blocks, from_checkpoint, bits, embedding, head, assignments, quiet,

@@ -23,7 +23,8 @@ the ranks (`sum_`): XXᵀ and its token count, validation losses, relative error
 batches (the same seeded order of window indices): each rank runs the windows of the batch it holds, its loss is
 its part of the batch's sum divided by the whole batch's size, and the gradients are summed over the ranks
 (`sum_gradients`) before every rank takes the same optimizer step. The algorithm is one process's; the float sums
-run in another order, so the checkpoint is equal to one process's within rounding, not bit for bit (the tolerance
+run in another order, so the checkpoint is equal to one process's within rounding, not bit for bit; on a real
+model AQ's discrete choices then part ways after the first block, at the same quality (the tolerances
 `tests/quantize/test_distributed.py` states).
 """
 

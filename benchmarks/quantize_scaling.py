@@ -3,7 +3,9 @@ docs/scaling.md).
 
 Two measurements, then a projection:
 1. SmolLM2-135M (the embedded default), `quantize --preset fast --num-blocks 2`, once with `--offload disk` and
-   once with `--offload none`, each in its own child (peak RSS polled from /proc): real per-block times and phases.
+   once with `--offload none`, each in its own child (peak RSS polled from /proc): real per-block times and phases;
+   then with 2 processes of one thread each, `--nproc 2` (the linears split) and `--nproc 2 --shard-windows` (the
+   windows split too): what each split buys on the same cores.
 2. The first block of a random model with Llama-2-7B block shapes, quantized here with `benchmarks/quantize_memory.py`'s
    settings at `--windows` windows of 2048 tokens: the cost of one block forward per token and of one AQ round per
    weight; its peak memory from the memory run's result file (read, not re-run).
@@ -70,21 +72,30 @@ def xxt_values(m: dict) -> int:
     return 3 * m["hidden"] ** 2 + m["ffn"] ** 2
 
 
+# SmolLM2 runs: (offload, processes, what --nproc splits, extra arguments). The runs with 2 processes use one thread
+# each, so that every run uses the machine's 2 cores; their peak RSS is not recorded (one child's would mislead)
+SMOL_RUNS = (("disk", 1, None, []), ("none", 1, None, []), ("none", 2, "linears", ["--nproc", "2"]),
+             ("none", 2, "windows", ["--nproc", "2", "--shard-windows"]))
+
+
 def measure_smollm2(work: Path, threads: int) -> list[dict]:
     from aqlm_compile.bench.proc import child_env, run_measured
 
     rows = []
-    for mode in ("disk", "none"):
-        out = work / f"smol-{mode}"
+    for mode, processes, split, extra in SMOL_RUNS:
+        name = f"smol-{mode}-{processes}-{split}"
+        out = work / name
         cmd = [sys.executable, "-m", "aqlm_compile", "quantize", "-o", str(out), "--preset", "fast", "--num-blocks",
-               "2", "--offload", mode, "--device", "cpu", "--quiet"]
-        print(f"SmolLM2-135M, 2 blocks, --offload {mode} ...", flush=True)
-        res = run_measured(cmd, env=child_env(threads), log_path=work / f"smol-{mode}.log")
+               "2", "--offload", mode, "--device", "cpu", "--quiet", *extra]
+        print(f"SmolLM2-135M, 2 blocks, --offload {mode} {' '.join(extra)} ...", flush=True)
+        res = run_measured(cmd, env=child_env(threads if processes == 1 else max(1, threads // processes)),
+                           log_path=work / f"{name}.log")
         if res.returncode != 0:
-            raise SystemExit(f"quantize failed ({res.returncode}): {(work / f'smol-{mode}.log').read_text()[-400:]}")
+            raise SystemExit(f"quantize failed ({res.returncode}): {(work / f'{name}.log').read_text()[-400:]}")
         report = json.loads((out / "quantize_report.json").read_text())
-        rows.append({"model": "SmolLM2-135M", "offload": mode, "windows": 64, "seqlen": 512,
-                     "wall_s": round(res.wall_s, 1), "peak_rss_bytes": res.peak_rss_bytes,
+        rows.append({"model": "SmolLM2-135M", "offload": mode, "processes": processes, "split": split,
+                     "windows": 64, "seqlen": 512, "wall_s": round(res.wall_s, 1),
+                     "peak_rss_bytes": res.peak_rss_bytes if processes == 1 else None,
                      "block_seconds": [b["seconds"] for b in report["blocks"]], "phases_s": report["timings"]})
     return rows
 
@@ -209,13 +220,16 @@ def render(result: dict) -> str:
     md = [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_bytes', 0) / 2**30:.0f} "
           f"GiB, {result['threads']} threads. Command: `{result['command']}`.", ""]
     md += ["### Measured: SmolLM2-135M, `--preset fast --num-blocks 2` (64 × 512 tokens)", "",
-           "| offload | seconds per block | hessian / AQ / block FT / forward (s, 2 blocks) | peak RSS | wall |",
-           "|---|---|---|---|---|"]
+           "| offload | processes | seconds per block | hessian / AQ / block FT / forward (s, 2 blocks) | peak RSS | wall |",
+           "|---|---|---|---|---|---|"]
     for r in result["smollm2"]:
         p = r["phases_s"]
-        md.append(f"| {r['offload']} | {', '.join(f'{x:.0f}' for x in r['block_seconds'])} | {p['hessian']:.0f} / "
-                  f"{p['aq']:.0f} / {p['block_ft']:.0f} / {p['forward']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB"
-                  f" | {r['wall_s']:.0f} s |")
+        procs = r.get("processes", 1)
+        label = "1" if procs == 1 else f"{procs}, {r['split']} split (1 thread each)"
+        peak = "–" if r.get("peak_rss_bytes") is None else f"{r['peak_rss_bytes'] / 2**30:.2f} GiB"
+        md.append(f"| {r['offload']} | {label} | {', '.join(f'{x:.0f}' for x in r['block_seconds'])} | "
+                  f"{p['hessian']:.0f} / {p['aq']:.0f} / {p['block_ft']:.0f} / {p['forward']:.0f} | {peak} | "
+                  f"{r['wall_s']:.0f} s |")
     md.append("")
     md += [f"### Measured: one Llama-2-7B-shaped block (random weights, {timed['windows']} × {timed['seqlen']} tokens, "
            f"one AQ round, one fine-tuning epoch of 4 steps: {timed['wall_s']:.0f} s; peak memory from "

@@ -218,7 +218,9 @@ def render(result: dict) -> str:
 
     machine, costs, timed = result["machine"], result["unit_costs"], result["llama2_7b_block"]
     md = [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_bytes', 0) / 2**30:.0f} "
-          f"GiB, {result['threads']} threads. Command: `{result['command']}`.", ""]
+          f"GiB, {result['threads']} threads. Command: `{result['command']}`."
+          + (f" Projections re-derived from its measurements, with `{result['memory_result']}`: "
+             f"`{result['derived']['command']}` ({result['derived']['at'][:10]})." if result.get("derived") else ""), ""]
     md += ["### Measured: SmolLM2-135M, `--preset fast --num-blocks 2` (64 × 512 tokens)", "",
            "| offload | processes | seconds per block | hessian / AQ / block FT / forward (s, 2 blocks) | peak RSS | wall |",
            "|---|---|---|---|---|---|"]

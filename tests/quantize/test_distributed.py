@@ -63,12 +63,17 @@ def test_sharded_ranks_hold_contiguous_slices_of_whole_forward_batches():
         Ranks(0, 4, shard=True).windows(3)
 
 
-@pytest.fixture(scope="module")
-def one_process(tiny_llama, tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "one"
-    r = _run(["quantize", str(tiny_llama), "-o", str(out), "--dataset", str(tiny_corpus), *TINY])
+def _quantized(tmp_path_factory, name, tiny_llama, tiny_corpus, args):
+    """A checkpoint of the tiny model quantized by `quantize ARGS` (for the module's shared reference runs)."""
+    out = tmp_path_factory.mktemp("dist") / name
+    r = _run(["quantize", str(tiny_llama), "-o", str(out), "--dataset", str(tiny_corpus), *args])
     assert r.returncode == 0, r.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama, tiny_corpus, tmp_path_factory):
+    return _quantized(tmp_path_factory, "one", tiny_llama, tiny_corpus, TINY)
 
 
 @pytest.mark.parametrize("offload", ["none", "disk"])
@@ -183,10 +188,7 @@ def assert_within_sharding_tolerance(one, two):
 
 @pytest.fixture(scope="module")
 def one_process_end_to_end(tiny_llama, tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "one-e2e"
-    r = _run(["quantize", str(tiny_llama), "-o", str(out), "--dataset", str(tiny_corpus), *TINY, *SHARDED])
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
+    return _quantized(tmp_path_factory, "one-e2e", tiny_llama, tiny_corpus, [*TINY, *SHARDED])
 
 
 def test_sharded_windows_match_one_process_within_the_stated_tolerance(one_process_end_to_end, tiny_llama,
@@ -228,10 +230,7 @@ SHARDED_RESUME = [*TINY, "--set", "nsamples=16", "--set", "val_size=4", "--nproc
 @pytest.fixture(scope="module")
 def sharded_whole(tiny_llama, tiny_corpus, tmp_path_factory):
     """The uninterrupted sharded run (activations in memory and on disk give it bit for bit: the tolerance test)."""
-    out = tmp_path_factory.mktemp("dist") / "sharded-whole"
-    r = _run(["quantize", str(tiny_llama), "-o", str(out), "--dataset", str(tiny_corpus), *SHARDED_RESUME])
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
+    return _quantized(tmp_path_factory, "sharded-whole", tiny_llama, tiny_corpus, SHARDED_RESUME)
 
 
 @pytest.mark.parametrize("offload", ["none", "disk"])

@@ -228,6 +228,134 @@ def _bmm_converter(kernels: dict, prefix: str):
     return convert
 
 
+def _repeated_kv_source(node):
+    """(the [B, G, T, D] tensor node, n_rep) that `node` repeats over heads — HF's `repeat_kv`, exported as
+    unsqueeze(2) → (slice) → expand([B, G, n_rep, T, D]) → reshape/view([B, G·n_rep, T, D]): else (node, 1)."""
+    import torch
+
+    ops = torch.ops.aten
+    cur = node
+    if getattr(cur, "target", None) not in (ops.reshape.default, ops.view.default, ops._unsafe_view.default):
+        return node, 1
+    cur = cur.args[0]
+    if getattr(cur, "target", None) is ops.clone.default:
+        cur = cur.args[0]
+    if getattr(cur, "target", None) is not ops.expand.default:
+        return node, 1
+    rep_shape = cur.meta["val"].shape
+    cur = cur.args[0]
+    while getattr(cur, "target", None) is ops.slice.Tensor and cur.args[2:] in ((0, 9223372036854775807), (None, None)):
+        cur = cur.args[0]
+    if getattr(cur, "target", None) is not ops.unsqueeze.default or cur.args[1] != 2:
+        return node, 1
+    src = cur.args[0]
+    sv = src.meta["val"]
+    if sv.dim() != 4 or len(rep_shape) != 5 or not isinstance(rep_shape[2], int) or \
+            str(rep_shape[1]) != str(sv.shape[1]):
+        return node, 1
+    return src, int(rep_shape[2])
+
+
+def _attention_converter(kernels: dict, prefix: str, generic):
+    """`aten.scaled_dot_product_attention(q, k, v, bool mask)` on fp32 [1, H, S, D] → call_tir of
+    kernels/attention.py (one kernel instead of a dozen legalised ops over the scores; grouped-query K/V read
+    un-repeated). The kernel also bounds each query by its position, so only a causal LM's mask qualifies: the
+    exported graph must be a decoder-only LM's (DecoderWithCache), which is what reaches this route. Anything else
+    (no mask, a float mask, dropout, batch > 1, another scale form): Relax's own converter."""
+    import torch
+    from tvm import relax
+
+    from aqlm_compile.kernels.attention import causal_attention
+
+    def convert(node, importer):
+        q_node, k_node, v_node = node.args[:3]
+        mask_node = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+        scale = node.kwargs.get("scale")
+        qv, kv_ = q_node.meta["val"], k_node.meta["val"]
+        mv = getattr(mask_node, "meta", {}).get("val")
+        if mv is None or mv.dtype != torch.bool or mv.dim() != 4 or dropout or is_causal or \
+                node.kwargs.get("enable_gqa") or qv.dim() != 4 or qv.dtype != torch.float32 or \
+                not isinstance(qv.shape[1], int) or not isinstance(qv.shape[3], int) or qv.shape[0] != 1 or \
+                not isinstance(mv.shape[1], int):
+            return generic(node, importer)
+        heads, dim = int(qv.shape[1]), int(qv.shape[3])
+        (k_src, rep), (v_src, v_rep) = _repeated_kv_source(k_node), _repeated_kv_source(v_node)
+        if rep != v_rep or heads % rep or int(kv_.shape[1]) != heads:
+            (k_src, rep), (v_src, v_rep) = (k_node, 1), (v_node, 1)
+        scale = float(scale) if scale is not None else dim ** -0.5
+        mask_heads = int(mv.shape[1])
+        key = ("attention", heads, heads // rep, dim, scale, mask_heads)
+        if key not in kernels:
+            symbol = f"{prefix}_attention_{heads}x{heads // rep}x{dim}" + (f"_m{mask_heads}" if mask_heads > 1 else "")
+            kernels[key] = importer.block_builder.add_func(causal_attention(
+                heads, heads // rep, dim, scale, mask_heads=mask_heads, name=symbol).with_attr(
+                "tirx.is_scheduled", True), symbol)
+        q = importer.env[q_node]
+        return importer.block_builder.emit(relax.call_tir(
+            kernels[key], [q, importer.env[k_src], importer.env[v_src], importer.env[mask_node]],
+            relax.TensorType(importer.block_builder.normalize(q).ty.shape, "float32")))
+
+    return convert
+
+
+def _silu_mul_converter(kernels: dict, prefix: str):
+    """`aten.mul(silu(gate), up)` (the gated MLP, `aten.silu` kept whole) on fp32 tensors of one shape → call_tir
+    of kernels/elementwise.py over the flat tensors (the legalised sigmoid is scalar and single-threaded, and each
+    op writes the whole tensor); the silu's own call is then dead code. Any other multiply: Relax's own."""
+    import torch
+    from tvm import relax
+
+    from aqlm_compile.kernels.elementwise import silu_mul
+
+    defaults: dict = {}
+
+    def convert(node, importer):
+        bb = importer.block_builder
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+        is_silu = lambda n: getattr(n, "target", None) is torch.ops.aten.silu.default  # noqa: E731
+        if is_silu(b) and not is_silu(a):
+            a, b = b, a
+        av, bv, yv = (getattr(n, "meta", {}).get("val") for n in (a, b, node))
+        if not is_silu(a) or av is None or bv is None or yv is None or \
+                not (av.dtype == bv.dtype == yv.dtype == torch.float32) or tuple(av.shape) != tuple(bv.shape):
+            if id(importer) not in defaults:
+                defaults.clear()
+                defaults[id(importer)] = importer.create_convert_map()["mul.Tensor"]
+            return defaults[id(importer)](node)
+        numel = 1
+        for d in av.shape:
+            numel = numel * d
+        length = int(numel) if isinstance(numel, int) else None  # a SymInt: the prompt length
+        key = ("silu_mul", length)
+        if key not in kernels:
+            symbol = f"{prefix}_silu_mul" + (f"_{length}" if length is not None else "")
+            kernels[key] = bb.add_func(silu_mul(length, name=symbol).with_attr("tirx.is_scheduled", True), symbol)
+        gate, up = importer.env[a.args[0]], importer.env[b]
+        shape = bb.normalize(gate).ty.shape
+        total = 1
+        for d in shape:
+            total = total * d
+        flat = [bb.emit(relax.op.reshape(t, [total])) for t in (gate, up)]
+        y = bb.emit(relax.call_tir(kernels[key], flat, relax.TensorType((total,), "float32")))
+        return bb.emit(relax.op.reshape(y, shape))
+
+    return convert
+
+
+def _square_converter(node, importer):
+    """`aten.pow(x, 2)` (RMSNorm's x²) → x · x: the legalised pow calls libm's `powf` per element (29 ms of a
+    512-token SmolLM2 prefill). Other exponents: Relax's own power."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    if node.args[1] == 2:
+        return importer.block_builder.emit(relax.op.multiply(x, x))
+    return importer.block_builder.emit(relax.op.power(x, relax.const(node.args[1], importer.block_builder.normalize(
+        x).ty.dtype)))
+
+
 def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: str = "cpu",
                    target_kind: str = "llvm", chosen: dict | None = None, features=frozenset(),
                    layouts: dict | None = None):
@@ -242,10 +370,16 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
     def generic(node, importer):  # TVM's own linear, called the way custom converters are: (node, importer)
         return ExportedProgramImporter._linear(importer, node)
 
+    def sdpa_generic(node, importer):
+        return ExportedProgramImporter._scaled_dot_product_attention(importer, node)
+
     cpu = device == "cpu"
     dense = _dense_converter(kernels, prefix, generic) if cpu else generic
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.linear.default, None)  # keep linear whole: it maps onto kernels/dense.py
+    if cpu:  # keep attention whole: it maps onto kernels/attention.py
+        table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+        table.pop(torch.ops.aten.silu.default, None)  # and SiLU, fused with its multiply: kernels/elementwise.py
     ep = ep.run_decompositions(table)
     return from_exported_program(
         ep, keep_params_as_input=True, run_ep_decomposition=False,
@@ -253,7 +387,11 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
                                                                   target_kind, chosen, features, layouts),
                             "linear.default": dense, "to.device": _to_device,
                             "linear_rows_int8.default": _rows_int8_converter(kernels, prefix),
-                            **({"bmm.default": _bmm_converter(kernels, prefix)} if cpu else {})})
+                            **({"bmm.default": _bmm_converter(kernels, prefix),
+                                "scaled_dot_product_attention.default": _attention_converter(
+                                    kernels, prefix, sdpa_generic),
+                                "mul.Tensor": _silu_mul_converter(kernels, prefix),
+                                "pow.Tensor_Scalar": _square_converter} if cpu else {})})
 
 
 def _to_device(node, importer):

@@ -50,7 +50,7 @@ def run_kernel(kernel, config, layer, x, act_dtype="float32"):
 def cases():
     for cfg in CONFIGS:
         for kernel, batches in (("direct", [1, 3]), ("lut", [1, 3]), ("lut_grouped", [1, 3]), ("lut_split", [1, 2]),
-                                ("gemm", [1, 9, 21])):
+                                ("gemm", [1, 9, 21, 64, 71])):  # ≥ 64: the outer-product schedule
             if kernel in LUTS and AqlmConfig.parse(cfg).codebook_size > 256:
                 continue  # the table would hold 2^B entries per input group
             for batch in batches:
@@ -147,7 +147,7 @@ def test_partitioned_kernels_match_separate_layers(kernel, cfg):
     if kernel in LUTS and config.codebook_size > 256:
         return  # never selected for 1x16
     parts = [random_layer(config, 32, 256, seed=5), random_layer(config, 64, 256, seed=6)]
-    x = torch.randn(3 if kernel != "gemm" else 10, 256, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(3 if kernel != "gemm" else 70, 256, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         ref = torch.cat([x.double() @ p.weight().double().T + p.bias.double() for p in parts], dim=1)
     shape = GemvShape(96, 256, config, x.shape[0], partitions=(32, 64))

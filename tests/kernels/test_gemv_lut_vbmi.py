@@ -82,7 +82,7 @@ def test_lut_vbmi_matches_reference_within_the_table_rounding(out_f, in_f, batch
         assert 1e-4 < err < 0.02, err  # > 1e-4: it really is the int8 table (fp32 would be ~1e-7)
 
 
-@pytest.mark.parametrize("batch", [9, 23])
+@pytest.mark.parametrize("batch", [9, 23, 70])
 def test_gemm_decode_reads_row_tiled_codes_exactly(batch):
     cfg = AqlmConfig.parse("2x8g8")
     codes, cb, scales, bias = _layer(cfg, 192, 128, seed=2)

@@ -1,0 +1,150 @@
+"""kernels/attention.py (causal attention in one kernel) against torch's scaled_dot_product_attention — grouped-query
+heads, decode (one query after a cache), padding in the mask, a fully masked row, symbolic sizes — and its use in
+the Relax route's prefill and decode (`aten.scaled_dot_product_attention` kept whole)."""
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+torch = pytest.importorskip("torch")
+
+from aqlm_compile.kernels.attention import causal_attention  # noqa: E402
+from aqlm_compile.kernels.fast_math import fast_exp  # noqa: E402
+from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
+
+
+def _sdpa(q, k, v, mask):
+    rep = q.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        torch.tensor(q, dtype=torch.float64), torch.tensor(k, dtype=torch.float64).repeat_interleave(rep, 1),
+        torch.tensor(v, dtype=torch.float64).repeat_interleave(rep, 1), attn_mask=torch.tensor(mask))
+    return np.nan_to_num(out.numpy())  # a row with no key allowed: torch gives NaN, the model's graph 0
+
+
+def _run(lib, q, k, v, mask):
+    out = tvm.runtime.empty(q.shape, "float32", tvm.cpu())
+    lib["attn"](*(tvm.runtime.tensor(a) for a in (q, k, v, mask)), out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("heads,kv_heads,mask_heads", [(6, 2, 1), (4, 4, 4), (3, 1, 3)])
+def test_attention_matches_torch(heads, kv_heads, mask_heads):
+    """One compiled kernel for every prompt/past length: rows not a multiple of the row block, keys not a multiple
+    of the vector width, a task spanning two query heads, decode after a cache, padding of leading keys."""
+    dim = 32
+    lib = build(causal_attention(heads, kv_heads, dim, dim ** -0.5, mask_heads=mask_heads, name="attn"), x86_target())
+    rng = np.random.default_rng(0)
+    for s, past in [(1, 0), (1, 37), (5, 0), (7, 3), (33, 20)]:
+        t = s + past
+        q = rng.standard_normal((1, heads, s, dim)).astype(np.float32)
+        k, v = (rng.standard_normal((1, kv_heads, t, dim)).astype(np.float32) for _ in range(2))
+        mask = np.broadcast_to(np.tril(np.ones((s, t), bool), k=past), (1, mask_heads, s, t)).copy()
+        if t > 2:
+            mask[..., 0] = False  # a padded first key
+            mask[..., -1, 1] = False  # and one hole in the last query's row (per-head when the mask has heads)
+        got, want = _run(lib, q, k, v, mask), _sdpa(q, k, v, mask)
+        assert np.abs(got - want).max() <= 1e-5, (s, past)
+
+
+def test_fully_masked_row_is_zero_and_later_keys_are_never_read():
+    """A query whose every key is masked gets 0 (the exported graph's own result); keys after a query's position
+    do not count even where the mask allows them (the causal bound the kernel documents): huge values there change
+    nothing for the earlier queries."""
+    heads, dim, s = 2, 16, 4
+    lib = build(causal_attention(heads, heads, dim, 0.25, name="attn"), x86_target())
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, heads, s, dim)).astype(np.float32) for _ in range(3))
+    mask = np.tril(np.ones((s, s), bool))[None, None].copy()
+    mask[0, 0, 2, :] = False
+    got = _run(lib, q, k, v, mask)
+    assert np.all(got[0, :, 2] == 0)
+    poisoned_k, poisoned_v = k.copy(), v.copy()
+    poisoned_k[0, :, 3], poisoned_v[0, :, 3] = 1e4, 1e4  # the last key: only the last query may read it
+    all_true = np.ones_like(mask)
+    all_true[0, 0, 2, :] = False
+    got2 = _run(lib, q, poisoned_k, poisoned_v, all_true)
+    assert np.isfinite(got2[0, :, :3]).all() and np.abs(got2[0, :, :3] - got[0, :, :3]).max() <= 1e-6
+    assert np.abs(got2[0, :, 3] - got[0, :, 3]).max() > 1.0  # the last query does read it
+
+
+def test_fast_exp_is_within_float_rounding():
+    x = np.concatenate([np.linspace(-100, 0, 4001), np.linspace(0, 88, 881)]).astype(np.float32)
+    n = len(x)
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def f(a: T.Buffer((n,), "float32"), b: T.Buffer((n,), "float32")):
+        T.func_attr({"global_symbol": "attn", "tirx.noalias": True})
+        for i in T.vectorized(n):
+            b[i] = fast_exp(a[i])
+
+    lib = build(f, x86_target())
+    out = tvm.runtime.empty((n,), "float32", tvm.cpu())
+    lib["attn"](tvm.runtime.tensor(x), out)
+    want = np.exp(np.clip(x.astype(np.float64), -87, 88))
+    assert np.isfinite(out.numpy()).all()
+    assert (np.abs(out.numpy() - want) / want).max() <= 5e-7
+
+
+def test_whole_model_attention_runs_on_the_kernel(tiny_llama_ckpt, tmp_path):
+    """The Relax prefill and decode call the attention kernel (no legalised softmax or matmul left, K/V read
+    un-repeated), with the torch logits for a prompt and for a decode step after it."""
+    from tiny_models import torch_prefill_logits
+
+    from aqlm_compile.targets.plan import relax_graphs
+    from aqlm_compile.targets.relax import compile_relax_model, relax_decoder_module
+
+    module = relax_decoder_module(relax_graphs(tiny_llama_ckpt), device="cpu")
+    names = [gv.name_hint for gv, _ in module[0].functions_items()]
+    spec, params = module[2], module[1]
+    for fn in ("prefill", "decode"):
+        ours = [n for n in names if n.startswith(f"{fn}_attention_")]
+        assert ours == [f"{fn}_attention_4x2x{spec.head_dim}"], names
+    live = tvm.relax.transform.DeadCodeElimination(["prefill", "decode"])(module[0])  # as compile_relax_model
+    ops = [line for line in live.script().splitlines() if "R.nn.softmax" in line or "R.matmul" in line or
+           "R.broadcast_to" in line]
+    assert len(ops) == 2 and all("bool" in line for line in ops), ops  # the mask's expand, once per function
+    compile_relax_model(module, tmp_path, x86_target(), "model.so")
+    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "model.so")), tvm.cpu())
+    ids = np.array([[1, 5, 9, 13, 17, 21, 25, 29, 33]], np.int64)
+    empty = tvm.runtime.tensor(np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32))
+    out = vm["prefill"](tvm.runtime.tensor(ids[:, :-1]), tvm.runtime.tensor(np.ones_like(ids[:, :-1])),
+                        *[empty] * (2 * spec.num_layers), *params)
+    want = torch_prefill_logits(tiny_llama_ckpt, ids[:, :-1])
+    got = out[0].numpy()[0]
+    assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+    past = [out[i] for i in range(1, 1 + 2 * spec.num_layers)]
+    step = vm["decode"](tvm.runtime.tensor(ids[:, -1:]), tvm.runtime.tensor(np.ones_like(ids)), *past, *params)
+    want = torch_prefill_logits(tiny_llama_ckpt, ids)
+    assert np.abs(step[0].numpy()[0] - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("length", [None, 1536, 37, 20000])
+def test_silu_mul_matches_torch(length):
+    """silu(a) · b, threaded (symbolic or long) and on the calling thread (short, fixed); very negative inputs stay
+    finite; lengths not a multiple of the vector width take the scalar tail."""
+    from aqlm_compile.kernels.elementwise import silu_mul
+
+    lib = build(silu_mul(length, name="attn"), x86_target())
+    for n in ([1, 17, 5003] if length is None else [length]):
+        rng = np.random.default_rng(n)
+        a, b = (rng.standard_normal(n) * 8).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        a[0] = -200.0
+        y = tvm.runtime.empty((n,), "float32", tvm.cpu())
+        lib["attn"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), y)
+        want = torch.nn.functional.silu(torch.tensor(a, dtype=torch.float64)).numpy() * b
+        assert np.isfinite(y.numpy()).all() and np.abs(y.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), n
+
+
+def test_mlp_activation_and_norm_square_are_rewritten(tiny_llama_ckpt):
+    """The Relax route's gated MLP calls the fused silu·up kernel (no sigmoid left) and RMSNorm squares by a multiply
+    (no power: libm's powf per element) — in both functions; the logits are checked by the whole-model test above."""
+    from aqlm_compile.targets.plan import relax_graphs
+    from aqlm_compile.targets.relax import relax_decoder_module
+
+    module = relax_decoder_module(relax_graphs(tiny_llama_ckpt), device="cpu")
+    live = tvm.relax.transform.DeadCodeElimination(["prefill", "decode"])(module[0])
+    text = live.script()
+    names = [gv.name_hint for gv, _ in live.functions_items()]
+    assert "prefill_silu_mul" in names and any(n.startswith("decode_silu_mul_") for n in names), names
+    assert "R.sigmoid" not in text and "R.nn.silu" not in text and "R.power" not in text

@@ -59,6 +59,9 @@ class ReportOptions:
     # dense baselines of the default model: FP16 (the mission's) and fp32 (TVM and ORT); quick: FP16 only
     dense_dtype: str = "both"
     onnx_dense: bool = True
+    # our artifact also with `build --head int8` (TVM route): a second engine, the lm_head (and a tied embedding)
+    # streamed as int8 rows — half the head's bytes per token
+    head_int8: bool = True
     kernel_shapes: tuple[str, ...] = ("4096x4096", "11008x4096")
     kernel_configs: tuple[str, ...] = ("2x8g8", "1x16g8")
     kernel_batches: tuple[int, ...] = (1, 4, 16)
@@ -111,6 +114,7 @@ class Subject:
     speed_ckpt: Path | None = None
     artifact: Path | None = None
     artifact_build: dict | None = None
+    artifact_head_int8: Path | None = None
     ggufs: dict = field(default_factory=dict)
     gguf_imatrix: bool = False
     notes: list = field(default_factory=list)
@@ -174,29 +178,38 @@ class Report:
             return None
         return ensure_checkpoint(subject.fp_dir, subject.tag, config, preset, log=self.log)
 
-    def build_artifact(self, subject: Subject, ckpt: Path, dense_dtype: str = "both", onnx_dense: bool = True):
-        """The x86 artifact of `ckpt` with the dense baselines, built once (in a child: its time and RSS recorded)."""
+    def build_artifact(self, subject: Subject, ckpt: Path, dense_dtype: str = "both", onnx_dense: bool = True,
+                       head_int8: bool = False):
+        """The x86 artifact of `ckpt` with the dense baselines, built once (in a child: its time and RSS recorded).
+        `head_int8`: also the TVM route alone with `--head int8` (subject.artifact_head_int8)."""
+        art = self._build(subject, ckpt, "x86", ["--dense-model", str(subject.fp_dir), "--dense-dtype", dense_dtype]
+                          + ([] if onnx_dense else ["--no-onnx-dense"]))
+        if head_int8:
+            subject.artifact_head_int8 = self._build(subject, ckpt, "x86-head-int8", ["--head", "int8", "--no-onnx"])
+        subject.artifact = art
+        return art
+
+    def _build(self, subject: Subject, ckpt: Path, suffix: str, extra: list[str]) -> Path:
         # keyed by the compiler's sources too: an artifact built by an older compiler is not measured as this one
-        stem = f"{ckpt.name}-x86"
+        stem = f"{ckpt.name}-{suffix}"
         art = report_root() / "artifacts" / f"{stem}-{compiler_fingerprint()}"
         record = art.with_name(art.name + ".build.json")
         if not (art / "manifest.json").is_file():
             olds = [*art.parent.glob(f"{stem}-*"), *art.parent.glob(f"{stem}.*"), art.parent / stem]
             for old in olds:  # the same checkpoint's artifacts (and their logs) from other compilers
-                if old.exists() and not old.name.startswith(art.name):
+                # (not another variant's: "…-x86-head-int8-…" also matches "…-x86-*")
+                if old.exists() and not old.name.startswith(art.name) and "head" not in old.name[len(stem):]:
                     shutil.rmtree(old) if old.is_dir() else old.unlink()
             cmd = [sys.executable, "-m", "aqlm_compile.cli", "build", str(ckpt), "--target", "x86", "-o", str(art),
-                   "--dense-model", str(subject.fp_dir), "--dense-dtype", dense_dtype]
-            if not onnx_dense:
-                cmd.append("--no-onnx-dense")
+                   *extra]
             self.log(f"building {art.name} ...")
             res = run_measured(cmd, env=child_env(self.opts.threads), log_path=art.with_name(art.name + ".log"))
             if res.returncode != 0:
                 raise RuntimeError(f"build of {ckpt} failed (exit {res.returncode}): {res.stderr_tail[-400:]}")
             atomic_write_bytes(record, json.dumps({"wall_s": round(res.wall_s, 1),
                                                    "peak_rss_bytes": res.peak_rss_bytes}).encode())
-        subject.artifact = art
-        subject.artifact_build = json.loads(record.read_text()) if record.is_file() else None
+        if suffix == "x86":
+            subject.artifact_build = json.loads(record.read_text()) if record.is_file() else None
         return art
 
     def ggufs(self, subject: Subject, types, imatrix_chunks: int = 64) -> None:
@@ -284,6 +297,15 @@ class Report:
             out.append({"engine": f"aqlm-compile {cfg}, TVM runtime", "family": "aqlm-compile", "runtime": "tvm",
                         "kind": "aqlm", "weights": f"AQLM {cfg} + fp16 embedding/head",
                         "file_bytes": size(tvm["library"], tvm["params"])})
+        if subject.artifact_head_int8 is not None:
+            m8 = json.loads((subject.artifact_head_int8 / "manifest.json").read_text())
+            t8 = m8["tvm"]
+            tied = json.loads((subject.fp_dir / "config.json").read_text()).get("tie_word_embeddings", False)
+            out.append({"engine": f"aqlm-compile {cfg} + int8 head, TVM runtime", "family": "aqlm-compile",
+                        "runtime": "tvm", "kind": "aqlm",
+                        "weights": f"AQLM {cfg} + int8 {'embedding/head (tied)' if tied else 'head, fp16 embedding'}",
+                        "file_bytes": sum(m8["files"][n]["bytes"] for n in (t8["library"], t8["params"])),
+                        "artifact": str(subject.artifact_head_int8)})
         if onnx:
             ort_files = [onnx["model"], onnx["op_library"], manifest["kernel_library"]] + \
                 [n for n in files if n.startswith("onnx/") and n.endswith(".data") and "dense" not in n]
@@ -319,8 +341,8 @@ class Report:
             return {"decode_tokens_per_s": r["decode_tokens_per_s"],
                     "prefill_tokens_per_s": {str(k): v for k, v in r["prefill_tokens_per_s"].items()},
                     "peak_rss_bytes": r["peak_rss_bytes"]}
-        cmd = [sys.executable, "-m", "aqlm_compile.bench.speed", str(subject.artifact), "--runtime",
-               engine["runtime"], "--kind", engine["kind"], "--threads", str(threads),
+        cmd = [sys.executable, "-m", "aqlm_compile.bench.speed", engine.get("artifact", str(subject.artifact)),
+               "--runtime", engine["runtime"], "--kind", engine["kind"], "--threads", str(threads),
                "--prompts", ",".join(str(p) for p in prompts), "--gen", str(gen), "--reps", "1"]
         res = run_measured(cmd, env=child_env(threads), timeout=1800)
         if res.returncode != 0:
@@ -427,7 +449,8 @@ class Report:
             preset = o.presets[0]
             main.speed_ckpt = self.checkpoint(main, SPEED_CONFIG, preset)
             if main.speed_ckpt is not None:
-                self.build_artifact(main, main.speed_ckpt, dense_dtype=o.dense_dtype, onnx_dense=o.onnx_dense)
+                self.build_artifact(main, main.speed_ckpt, dense_dtype=o.dense_dtype, onnx_dense=o.onnx_dense,
+                                    head_int8=o.head_int8)
         self.ggufs(main, o.llamacpp_types, imatrix_chunks=64 if not o.quick else 4)
         if "quality" in o.sections:
             self.quality(main)
@@ -439,7 +462,7 @@ class Report:
                                         SPEED_CONFIG)
             syn.speed_ckpt = ckpt
             # fp16 dense only (the FP16 baseline); an fp32 ONNX file of this size passes protobuf's 2 GB limit
-            self.build_artifact(syn, ckpt, dense_dtype="fp16", onnx_dense=False)
+            self.build_artifact(syn, ckpt, dense_dtype="fp16", onnx_dense=False, head_int8=o.head_int8)
             syn.notes.append("dense fp32 (TVM and ORT) not built at this size: the FP16 baseline is the mission's, "
                              "and an fp32 ONNX file passes protobuf's 2 GB limit")
             self.ggufs(syn, o.llamacpp_types, imatrix_chunks=8)
@@ -486,6 +509,9 @@ def _bytes_split(s: Subject, e: dict) -> tuple[int, int]:
             if ".layers." in name:
                 blocks += nbytes * (scale if "codes" not in name else 1)
             elif name.startswith("lm_head"):
+                shape = sl.get_shape()
+                if "+ int8 head" in e["engine"] and name.endswith(".weight") and len(shape) == 2:
+                    nbytes = shape[0] * (shape[1] + 4)  # int8 rows and an fp32 scale per row
                 head += nbytes * scale
     return blocks, head
 

@@ -63,6 +63,10 @@ def test_quick_report_schema(quick_report):
     assert any("TVM runtime" in e and "aqlm-compile" in e for e in engines)
     assert any("ONNX Runtime + op library" in e for e in engines)
     assert any(e.startswith("dense FP16") for e in engines)
+    assert any("+ int8 head, TVM runtime" in e for e in engines)  # the second artifact (build --head int8)
+    int8 = next(r for r in rows if "+ int8 head" in r["engine"])
+    plain = next(r for r in rows if r["engine"] == int8["engine"].replace(" + int8 head", ""))
+    assert int8["artifact"] != plain.get("artifact") and int8["file_bytes"] < plain["file_bytes"]
     for r in rows:
         assert "error" not in r, r
         assert r["decode_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0 and r["file_bytes"] > 0

@@ -60,12 +60,18 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
             return flat[(o // 64) * (J * M * 64) + j * (M * 64) + m * 64 + o % 64]
         return codes[o, j, m]
 
-    def decoded(cbf, codes, flat, ob, o, j, t):
+    # Small codebooks (up to 8 bits) are widened to fp32 once per task, so decoding a tile is plain loads and adds;
+    # a 16-bit codebook (65536 × g per codebook) would cost more to widen than the tile's lookups save.
+    widen = K <= 256
+
+    def decoded(cb, cbf, codes, flat, ob, o, j, t):
         """Ŵ[ob·OB + o, j·g + t] before its row scale: the sum of the M codewords' entries t (from the fp32 copy
-        of the block's partition's codebooks)."""
-        total = cbf[0, T.bitwise_and(T.Cast("int32", code(codes, flat, ob * OB + o, j, 0)), mask), t]
-        for m in range(1, M):
-            total = total + cbf[m, T.bitwise_and(T.Cast("int32", code(codes, flat, ob * OB + o, j, m)), mask), t]
+        of the block's partition's codebooks where there is one)."""
+        total = T.float32(0)
+        for m in range(M):
+            c = T.bitwise_and(T.Cast("int32", code(codes, flat, ob * OB + o, j, m)), mask)
+            total = total + (cbf[m, c, t] if widen else
+                             T.Cast("float32", cb[shape.partition_of(ob * OB) * M + m, c, t]))
         return total
 
     @T.prim_func
@@ -77,8 +83,8 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
         y = T.match_buffer(y_h, (n_tok, O), act)
         flat = T.decl_buffer((O * J * M,), cdt, data=codes.data)
         for ob in T.parallel(O // OB):
-            cbf = T.alloc_buffer((M, K, g), "float32", scope="global")
-            for m, c in T.grid(M, K):
+            cbf = T.alloc_buffer((M, K if widen else 1, g), "float32", scope="global")
+            for m, c in T.grid(M, K if widen else 0):
                 for t in T.vectorized(g):
                     cbf[m, c, t] = T.Cast("float32", cb[shape.partition_of(ob * OB) * M + m, c, t])
             if n_tok >= outer_product_from:
@@ -91,7 +97,7 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
                 for kb in range(I // KB):
                     for jj, o in T.grid(JB, OB):
                         for t in T.unroll(g):
-                            wt[jj * g + t, o] = decoded(cbf, codes, flat, ob, o, kb * JB + jj, t)
+                            wt[jj * g + t, o] = decoded(cb, cbf, codes, flat, ob, o, kb * JB + jj, t)
                     for nb in range((n_tok + NB - 1) // NB):
                         for rw in range(OB // RW):
                             for n in T.unroll(NB):
@@ -119,7 +125,7 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
                 for kb in range(I // KS):
                     for o, jj in T.grid(OB, JS):
                         for t in T.vectorized(g):
-                            w[o, jj * g + t] = decoded(cbf, codes, flat, ob, o, kb * JS + jj, t)
+                            w[o, jj * g + t] = decoded(cb, cbf, codes, flat, ob, o, kb * JS + jj, t)
                     for nb in range((n_tok + NS - 1) // NS):
                         for orow in range(OB // RO):
                             for n, r in T.grid(NS, RO):

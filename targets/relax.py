@@ -256,41 +256,71 @@ def _repeated_kv_source(node):
     return src, int(rep_shape[2])
 
 
-def _attention_converter(kernels: dict, prefix: str, generic):
+def _sdpa_args(node):
+    """(q, k, v, mask nodes, scale, dropout, is_causal) of an `aten.scaled_dot_product_attention` node."""
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    return q, k, v, mask, node.kwargs.get("scale"), dropout, is_causal
+
+
+def attention_fits_kernel(node) -> bool:
+    """Whether kernels/attention.py computes this `aten.scaled_dot_product_attention` node exactly: batch 1, fp32
+    q/k/v [1, H, S, D] with the same D and K/V heads dividing H, a bool mask [1, 1 or H, S, T], no dropout, no
+    `is_causal` flag, no `enable_gqa`. (The kernel also bounds each query by its position: a causal LM's mask.)
+    `import_decoder` keeps the op whole only when every such node fits; otherwise torch decomposes them all, as
+    before the kernel existed."""
+    import torch
+
+    q, k, v, mask, _, dropout, is_causal = _sdpa_args(node)
+    qv, kv, vv = (getattr(n, "meta", {}).get("val") for n in (q, k, v))
+    mv = getattr(mask, "meta", {}).get("val")
+    if any(t is None for t in (qv, kv, vv, mv)) or dropout or is_causal or node.kwargs.get("enable_gqa"):
+        return False
+    if not all(t.dim() == 4 and t.dtype == torch.float32 for t in (qv, kv, vv)) or mv.dtype != torch.bool or \
+            mv.dim() != 4:
+        return False
+    fixed = [qv.shape[0], qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], kv.shape[3], vv.shape[3],
+             mv.shape[0], mv.shape[1]]
+    if not all(isinstance(d, int) for d in fixed):
+        return False
+    heads, dim = qv.shape[1], qv.shape[3]
+    same = lambda a, b: str(a) == str(b)  # noqa: E731 - symbolic sizes compare by expression
+    return qv.shape[0] == 1 and kv.shape[0] == vv.shape[0] == 1 and kv.shape[1] == vv.shape[1] and \
+        heads % kv.shape[1] == 0 and kv.shape[3] == vv.shape[3] == dim and same(kv.shape[2], vv.shape[2]) and \
+        mv.shape[0] == 1 and mv.shape[1] in (1, heads) and same(mv.shape[2], qv.shape[2]) and \
+        same(mv.shape[3], kv.shape[2])
+
+
+def _attention_converter(kernels: dict, prefix: str):
     """`aten.scaled_dot_product_attention(q, k, v, bool mask)` on fp32 [1, H, S, D] → call_tir of
     kernels/attention.py (one kernel instead of a dozen legalised ops over the scores; grouped-query K/V read
     un-repeated). The kernel also bounds each query by its position, so only a causal LM's mask qualifies: the
-    exported graph must be a decoder-only LM's (DecoderWithCache), which is what reaches this route. Anything else
-    (no mask, a float mask, dropout, batch > 1, another scale form): Relax's own converter."""
-    import torch
+    exported graph must be a decoder-only LM's (DecoderWithCache), which is what reaches this route, and only nodes
+    that `attention_fits_kernel` are kept whole."""
     from tvm import relax
 
     from aqlm_compile.kernels.attention import causal_attention
 
     def convert(node, importer):
-        q_node, k_node, v_node = node.args[:3]
-        mask_node = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-        is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
-        scale = node.kwargs.get("scale")
-        qv, kv_ = q_node.meta["val"], k_node.meta["val"]
-        mv = getattr(mask_node, "meta", {}).get("val")
-        if mv is None or mv.dtype != torch.bool or mv.dim() != 4 or dropout or is_causal or \
-                node.kwargs.get("enable_gqa") or qv.dim() != 4 or qv.dtype != torch.float32 or \
-                not isinstance(qv.shape[1], int) or not isinstance(qv.shape[3], int) or qv.shape[0] != 1 or \
-                not isinstance(mv.shape[1], int):
-            return generic(node, importer)
-        heads, dim = int(qv.shape[1]), int(qv.shape[3])
+        if not attention_fits_kernel(node):  # import_decoder decomposes such graphs: never reached
+            raise NotImplementedError(f"{node.name}: scaled_dot_product_attention the attention kernel cannot take")
+        q_node, k_node, v_node, mask_node, scale, _, _ = _sdpa_args(node)
+        heads, dim = int(q_node.meta["val"].shape[1]), int(q_node.meta["val"].shape[3])
+        kv_heads = int(k_node.meta["val"].shape[1])  # H, or fewer that every query head shares (broadcast)
         (k_src, rep), (v_src, v_rep) = _repeated_kv_source(k_node), _repeated_kv_source(v_node)
-        if rep != v_rep or heads % rep or int(kv_.shape[1]) != heads:
-            (k_src, rep), (v_src, v_rep) = (k_node, 1), (v_node, 1)
+        if rep != v_rep or int(k_src.meta["val"].shape[1]) * rep != kv_heads or \
+                int(v_src.meta["val"].shape[1]) * rep != kv_heads:
+            k_src, v_src, rep = k_node, v_node, 1
+        groups = kv_heads // rep
         scale = float(scale) if scale is not None else dim ** -0.5
-        mask_heads = int(mv.shape[1])
-        key = ("attention", heads, heads // rep, dim, scale, mask_heads)
+        mask_heads = int(mask_node.meta["val"].shape[1])
+        key = ("attention", heads, groups, dim, scale, mask_heads)
         if key not in kernels:
-            symbol = f"{prefix}_attention_{heads}x{heads // rep}x{dim}" + (f"_m{mask_heads}" if mask_heads > 1 else "")
+            symbol = f"{prefix}_attention_{heads}x{groups}x{dim}" + (f"_m{mask_heads}" if mask_heads > 1 else "")
             kernels[key] = importer.block_builder.add_func(causal_attention(
-                heads, heads // rep, dim, scale, mask_heads=mask_heads, name=symbol).with_attr(
+                heads, groups, dim, scale, mask_heads=mask_heads, name=symbol).with_attr(
                 "tirx.is_scheduled", True), symbol)
         q = importer.env[q_node]
         return importer.block_builder.emit(relax.call_tir(
@@ -345,15 +375,14 @@ def _silu_mul_converter(kernels: dict, prefix: str):
 
 
 def _square_converter(node, importer):
-    """`aten.pow(x, 2)` (RMSNorm's x²) → x · x: the legalised pow calls libm's `powf` per element (29 ms of a
-    512-token SmolLM2 prefill). Other exponents: Relax's own power."""
+    """`aten.pow(x, 2)` (RMSNorm's x²) → x · x: the legalised pow calls libm's `powf` per element. Other exponents:
+    the importer's own converter."""
     from tvm import relax
 
     x = importer.env[node.args[0]]
     if node.args[1] == 2:
         return importer.block_builder.emit(relax.op.multiply(x, x))
-    return importer.block_builder.emit(relax.op.power(x, relax.const(node.args[1], importer.block_builder.normalize(
-        x).ty.dtype)))
+    return importer.create_convert_map()["pow.Tensor_Scalar"](node)
 
 
 def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: str = "cpu",
@@ -370,16 +399,15 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
     def generic(node, importer):  # TVM's own linear, called the way custom converters are: (node, importer)
         return ExportedProgramImporter._linear(importer, node)
 
-    def sdpa_generic(node, importer):
-        return ExportedProgramImporter._scaled_dot_product_attention(importer, node)
-
     cpu = device == "cpu"
     dense = _dense_converter(kernels, prefix, generic) if cpu else generic
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.linear.default, None)  # keep linear whole: it maps onto kernels/dense.py
-    if cpu:  # keep attention whole: it maps onto kernels/attention.py
+    sdpa = [n for n in ep.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    if cpu and all(attention_fits_kernel(n) for n in sdpa):  # keep attention whole: kernels/attention.py
         table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
-        table.pop(torch.ops.aten.silu.default, None)  # and SiLU, fused with its multiply: kernels/elementwise.py
+    if cpu:  # and SiLU, fused with its multiply: kernels/elementwise.py
+        table.pop(torch.ops.aten.silu.default, None)
     ep = ep.run_decompositions(table)
     return from_exported_program(
         ep, keep_params_as_input=True, run_ep_decomposition=False,
@@ -388,8 +416,7 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
                             "linear.default": dense, "to.device": _to_device,
                             "linear_rows_int8.default": _rows_int8_converter(kernels, prefix),
                             **({"bmm.default": _bmm_converter(kernels, prefix),
-                                "scaled_dot_product_attention.default": _attention_converter(
-                                    kernels, prefix, sdpa_generic),
+                                "scaled_dot_product_attention.default": _attention_converter(kernels, prefix),
                                 "mul.Tensor": _silu_mul_converter(kernels, prefix),
                                 "pow.Tensor_Scalar": _square_converter} if cpu else {})})
 

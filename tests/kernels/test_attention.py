@@ -148,3 +148,36 @@ def test_mlp_activation_and_norm_square_are_rewritten(tiny_llama_ckpt):
     names = [gv.name_hint for gv, _ in live.functions_items()]
     assert "prefill_silu_mul" in names and any(n.startswith("decode_silu_mul_") for n in names), names
     assert "R.sigmoid" not in text and "R.nn.silu" not in text and "R.power" not in text
+
+
+def test_attention_the_kernel_cannot_take_is_decomposed_as_before():
+    """A float mask (or dropout, batch > 1, …) is not the kernel's contract: import_decoder then lets torch decompose
+    every scaled_dot_product_attention, and the module still computes torch's attention."""
+    from aqlm_compile.targets.relax import attention_fits_kernel, import_decoder
+
+    class FloatMask(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    class BoolMask(torch.nn.Module):
+        def forward(self, q, k, v, keep):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    rng = np.random.default_rng(3)
+    q, k, v = (torch.tensor(rng.standard_normal((1, 2, 5, 8)), dtype=torch.float32) for _ in range(3))
+    keep = torch.tril(torch.ones(5, 5, dtype=torch.bool))[None, None]
+    bias = torch.where(keep, 0.0, -1e9).float()
+    for module, mask, fits in ((FloatMask(), bias, False), (BoolMask(), keep, True)):
+        ep = torch.export.export(module, (q, k, v, mask))
+        node = next(n for n in ep.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default)
+        assert attention_fits_kernel(node) is fits
+        mod = import_decoder(ep, None)
+        names = [gv.name_hint for gv, _ in mod.functions_items()]
+        assert any(n.startswith("main_attention_") for n in names) is fits, names
+        mod = tvm.relax.transform.DeadCodeElimination(["main"])(mod)
+        lib = tvm.compile(tvm.relax.transform.LegalizeOps()(mod), target=x86_target())
+        vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
+        out = vm["main"](*(tvm.runtime.tensor(t.numpy()) for t in (q, k, v, mask)))
+        got = (out if hasattr(out, "numpy") else out[0]).numpy()  # the importer returns a tuple of outputs
+        want = module(q, k, v, mask).numpy()
+        assert np.abs(got - want).max() <= 1e-5, type(module).__name__

@@ -28,6 +28,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .fast_math import NEG_BIG, fast_exp
+from .gemv_direct import tree_sum
 
 
 def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float, mask_heads: int = 1,
@@ -113,7 +114,7 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
                     corr[0] = fast_exp(run_max[r] - block_max[0])
                     for x in T.vectorized(V):
                         sc[r, x] = fast_exp(sc[r, x] * T.float32(scale) - block_max[0]) * ok[r, x]
-                    run_sum[r] = run_sum[r] * corr[0] + _tree_sum([sc[r, x] for x in range(V)])
+                    run_sum[r] = run_sum[r] * corr[0] + tree_sum([sc[r, x] for x in range(V)])
                     run_max[r] = block_max[0]
                     for d in T.vectorized(D):
                         acc[r, d] = acc[r, d] * corr[0]
@@ -127,9 +128,3 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
                         run_sum[r] > T.float32(0), acc[r, d] / T.max(run_sum[r], T.float32(1e-30)), T.float32(0))
 
     return kernel
-
-
-def _tree_sum(terms):
-    while len(terms) > 1:
-        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
-    return terms[0]

@@ -192,13 +192,15 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
                                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                                         tiles[T.min(ob + prefetch, O // TR - 1), c * JC + bb * JB + jj, m, 0]),
                                         T.int32(0), T.int32(3), T.int32(1)))
-                                idx = tiles[ob, c * JC + bb * JB + jj, m, T.ramp(0, 1, TR)]
-                                pm = shape.partition_of(ob * TR) * M + m
+                                # the codes and codebook row are passed as expressions, not bound to names: a
+                                # TIR let becomes a stack store per use in TVM's LLVM codegen (debug info)
                                 part[0, n, T.ramp(0, 1, TR)] = part[0, n, T.ramp(0, 1, TR)] + widen(
-                                    0, lookup(table, 0, n, bb * JB + jj, pm, idx))
+                                    0, lookup(table, 0, n, bb * JB + jj, shape.partition_of(ob * TR) * M + m,
+                                              tiles[ob, c * JC + bb * JB + jj, m, T.ramp(0, 1, TR)]))
                                 if planes == 2:
                                     part[1, n, T.ramp(0, 1, TR)] = part[1, n, T.ramp(0, 1, TR)] + widen(
-                                        1, lookup(table, 1, n, bb * JB + jj, pm, idx))
+                                        1, lookup(table, 1, n, bb * JB + jj, shape.partition_of(ob * TR) * M + m,
+                                                  tiles[ob, c * JC + bb * JB + jj, m, T.ramp(0, 1, TR)]))
                     for n in range(N):
                         for r in T.vectorized(TR):
                             acc[n, r] = acc[n, r] + combine(part, n, r) * table_scale[n, bb]

@@ -549,17 +549,20 @@ def compile_relax_model(module, dest, target, lib_name: str, export=None, params
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
+    from aqlm_compile.kernels.injective_cpu import InjectiveCPU
+
     mod, params, spec, chosen = module
     device = "cuda" if target.kind.name == "cuda" else "cpu"
     # Everything but the AQLM kernels (attention, norms, the dense lm_head, embeddings) comes out of LegalizeOps as
-    # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do. On CUDA every
+    # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do (and ours for
+    # the injective ops, which dlight has no CPU rule for: kernels/injective_cpu.py). On CUDA every
     # kernel must be bound to threads: dlight's GPU rules, and TVM's CUDA pipeline without its FuseOps/FuseTIR
     # step, whose FuseTIR fails on the prefill function (RenewDefs: a variable defined twice).
     with target:
         mod = relax.transform.DeadCodeElimination(["prefill", "decode"])(mod)  # e.g. the unused fp32 lm_head copy
         mod = relax.transform.LegalizeOps()(mod)
         if device == "cpu":
-            mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+            mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), InjectiveCPU())(mod)
         else:
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)

@@ -7,10 +7,12 @@ checkpoint's lm_head): widened in registers, accumulated in fp32, half the bytes
 scale per row (`row_scales`: the artifact's int8 head, export.keep_head_int8): a quarter of fp32's bytes.
 
 The weights are software-prefetched `prefetch_bytes` ahead into L2 (`prefetcht1`, one per 64-byte line of each
-row): the head is read once per token from DRAM, and the hardware prefetcher alone left the kernel latency-bound.
-Measured on the 2-vCPU Zen 4 VM, 2 threads, SmolLM2's 49152×576 head with weights from DRAM (interleaved runs of a
-/tmp script, recorded in the stop-32 closing note): int8 1.91 → 0.70 ms, fp16 2.61 → 1.21 ms, fp32 3.75 →
-2.95 ms; a prefetch into L1 (`prefetcht0`) gained far less (int8 1.99 → 1.59 ms) and 24 or 96 KiB ahead less than 48.
+row, for the first token of a call only): the head is read once per token, mostly from DRAM, and the hardware
+prefetcher alone left the kernel latency-bound. Hand-measured on the 2-vCPU Zen 4 VM, 2 threads, SmolLM2's
+49152×576 head, interleaved rounds over rotating copies of the weights larger than the 32 MiB L3 (a /tmp script;
+figures in docs/tvm-and-ort-notes.md N24): int8 1.91 → 0.70 ms, fp16 2.61 → 1.21 ms, fp32 3.75 → 2.95 ms; a
+prefetch into L1 (`prefetcht0`) gained less (int8 1.99 → 1.59 ms), and 24 or 96 KiB ahead less than 48. The whole
+model's gain is in the scoreboard run `prefetch-injective` (benchmarks/results).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ def dense_linear(out_features: int, in_features: int, rows: int = 4, name: str =
 
     wbytes = {"float32": 4, "float16": 2}.get(weight_dtype, 1)
     prefetch = -(-prefetch_bytes // (R * I * wbytes))  # row blocks ahead
-    # io steps of V weights per 64-byte line: the prefetch is issued once per line of each row
-    step = max(1, 64 // (V * wbytes))
-    step = step if (I // V) % step == 0 else 1
+    # io steps of V weights per 64-byte line: the prefetch is issued once per line of each row (per fewer steps
+    # where I/V is not a multiple: an extra prefetch of a line costs little)
+    step = _largest_divisor(I // V, max(1, 64 // (V * wbytes)))
 
     @T.macro
     def rows_dot(x, w, acc, n, ob):
@@ -41,10 +43,10 @@ def dense_linear(out_features: int, in_features: int, rows: int = 4, name: str =
             for v in T.vectorized(V):
                 acc[r, v] = T.float32(0)
         for line in range(I // V // step):
-            if prefetch > 0:
+            if prefetch > 0 and n == 0:  # later tokens of a prefill re-read the rows from cache
                 for r in T.unroll(R):
-                    # locality 2 (prefetcht1, into L2): with t0 (into L1) the streamed head ran no faster than
-                    # without a prefetch, the L1 miss queue being the limit (module docstring)
+                    # locality 2 (prefetcht1, into L2): t0 (into L1) gained much less, the L1 miss queue being
+                    # the limit (module docstring)
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                         w[T.min(ob * R + r + prefetch * R, O - 1), line * step * V]), T.int32(0), T.int32(2),
                         T.int32(1)))

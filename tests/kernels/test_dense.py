@@ -1,6 +1,6 @@
 """kernels/dense.py (the dense linear: the lm_head, the FP16 baseline's layers) against numpy: fp32, fp16 and
-int8-with-row-scales weights, one and several tokens, rows that are not a multiple of the row block's prefetch
-distance (the prefetch address is clamped to the last row, so it never reads past the weights)."""
+int8-with-row-scales weights, one and several tokens (the prefetch is issued for the first only), with and without
+the software prefetch, input widths whose vector steps do not fill whole 64-byte lines."""
 
 import numpy as np
 import pytest

@@ -1,7 +1,7 @@
 """kernels/injective_cpu.py (dlight rule for legalised injective ops on CPU): before/after on legalised Relax ops —
-a symbolic-size broadcast multiply gets a parallel outer loop and a vectorized inner one and still computes the
-same; a decode-sized op is vectorized but stays serial; a reduction and an already scheduled function are left to
-other rules."""
+a symbolic-size broadcast multiply and the KV concatenation get a parallel outer loop and a vectorized inner one and
+still compute the same; a decode-sized op and a one-row op stay serial; a reduction and an already scheduled
+function are left alone."""
 
 import numpy as np
 import pytest
@@ -67,12 +67,31 @@ def test_small_static_op_stays_serial():
     assert tirx.ForKind.VECTORIZED in kinds and tirx.ForKind.PARALLEL not in kinds
 
 
+def test_symbolic_inner_extent_with_one_outer_iteration_stays_serial():
+    """A mask-like [1, P+S] op: nothing to share among threads, and its symbolic inner loop is not vectorized."""
+    n = tirx.Var("n", "int64")
+    kinds = _loop_kinds(_prim(_schedule(_legalised([1, n], [1, n], relax.op.add), x86_target())))
+    assert tirx.ForKind.PARALLEL not in kinds and tirx.ForKind.VECTORIZED not in kinds
+
+
+def test_kv_concatenation_with_symbolic_lengths_and_a_narrow_inner_extent():
+    """The prefill's KV concatenation ([1, H, P, D] ++ [1, H, S, D], P and S symbolic; D = 40: 8 lanes) runs
+    parallel and vectorized and computes the same."""
+    p, s = tirx.Var("p", "int64"), tirx.Var("s", "int64")
+    target = x86_target()
+    after = _schedule(_legalised([1, 3, p, 40], [1, 3, s, 40], lambda a, b: relax.op.concat([a, b], axis=2)), target)
+    kinds = _loop_kinds(_prim(after))
+    assert tirx.ForKind.PARALLEL in kinds and tirx.ForKind.VECTORIZED in kinds
+    vm = relax.VirtualMachine(tvm.compile(after, target=target), tvm.cpu())
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((1, 3, 5, 40)).astype(np.float32), rng.standard_normal((1, 3, 7, 40)).astype(np.float32)
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy(),
+                                  np.concatenate([a, b], axis=2))
+
+
 def test_reductions_are_not_matched():
     mod = _legalised([4, 64], [4, 64], lambda x, y: relax.op.sum(relax.op.multiply(x, y), axis=[1]))
     assert InjectiveCPU().apply(_prim(mod, "sum"), x86_target(), False) is None
     assert InjectiveCPU().apply(_prim(mod, "multiply"), x86_target(), False) is not None
     scheduled = _prim(mod, "multiply").with_attr("tirx.is_scheduled", True)
-    after = _schedule(tvm.IRModule({"multiply": scheduled}), x86_target())
-    import tvm_ffi
-
-    assert tvm_ffi.structural_equal(after["multiply"], scheduled)  # a hand-scheduled kernel is left alone
+    assert InjectiveCPU().apply(scheduled, x86_target(), False) is None  # a hand-scheduled kernel is left alone

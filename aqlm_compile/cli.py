@@ -239,8 +239,8 @@ def _targets_taking(what: str) -> str:
                    "AqlmMatMul and portable models), or inside each .onnx file.  [default: external past 1 GiB of "
                    "weights; a protobuf file cannot pass 2 GiB]")
 @click.option("--head", type=click.Choice(["fp16", "int8"]),
-              help="TVM route: the dense lm_head (and an embedding tied to it) as stored, or int8 rows with a per-row "
-                   "scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).  "
+              help="Both routes (TVM and ONNX): the dense lm_head (and an embedding tied to it) as stored, or int8 rows "
+                   "with a per-row scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).  "
                    "[default: the form a `quantize --bits --head` checkpoint records, else fp16]")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
           dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head, onnx_external_data):

@@ -11,6 +11,7 @@ turns each into one `aqlm.aqlm_gemm` node.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -68,6 +69,30 @@ def keep_dense_fp16(model) -> None:
             module.weight = halves[id(w)]
             module.forward = types.MethodType(
                 _embedding_fp16 if isinstance(module, torch.nn.Embedding) else _linear_fp16, module)
+
+
+def _linear_f16_op(self, x):
+    y = torch.ops.aqlm.linear_f16(x, self.weight)
+    return y if self.bias is None else y + self.bias.float()
+
+
+@contextlib.contextmanager
+def dense_ops_for_onnx(model):
+    """While the ONNX route exports: every dense linear that `keep_dense_fp16` left fp16 (the lm_head) computes
+    through `aqlm.linear_f16`, one `aqlm.DenseMatMul` node that the op library runs with kernels/dense.py on the
+    fp16 rows. Traced as `linear(x, W16.float())`, it would be a Cast + MatMul that ONNX Runtime constant-folds into
+    an fp32 copy of the weight at session creation: twice the bytes streamed per token, on ORT's own one-thread
+    pool (docs/tvm-and-ort-notes.md N26). An int8 head is one op already (`keep_head_int8`). The Relax route keeps
+    `linear` (its converter matches the fp16 weight), so the forwards are restored afterwards."""
+    swapped = [m for m in model.modules()
+               if type(m) is torch.nn.Linear and getattr(m.forward, "__func__", None) is _linear_fp16]
+    for module in swapped:
+        module.forward = types.MethodType(_linear_f16_op, module)
+    try:
+        yield model
+    finally:
+        for module in swapped:
+            module.forward = types.MethodType(_linear_fp16, module)
 
 
 def example_inputs(spec: DecoderSpec, seq: int = 3, past: int = 2, dtype=torch.float32):

@@ -31,3 +31,12 @@ def gemm_symbol(out_f: int, in_f: int, partitions=None, row_tiled: bool = False,
     """GEMM for any token count."""
     return (f"aqlm_gemm_{out_f}x{in_f}{_suffix(partitions)}{config_suffix(config_name)}"
             + (ROW_TILED_SUFFIX if row_tiled else ""))
+
+
+DENSE_WEIGHT_SUFFIX = {"float16": "f16", "int8": "i8"}
+
+
+def dense_symbol(out_f: int, in_f: int, weight_dtype: str) -> str:
+    """The dense kernel (kernels/dense.py) of a `DenseMatMul` node, any token count: `(x, w, y)` for fp16 rows,
+    `(x, w, s, y)` for int8 rows with their per-row scales."""
+    return f"aqlm_dense_{out_f}x{in_f}_{DENSE_WEIGHT_SUFFIX[weight_dtype]}"

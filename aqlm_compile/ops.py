@@ -10,7 +10,10 @@ them, the passes rewrite them, the ONNX and Relax routes consume them).
   g = codebooks.shape[3] (`AqlmConfig.from_shapes`). (Named `aqlm_gemm`, not `linear`: converter maps key ops by
   name only, and `linear.default` would collide with aten's — docs/tvm-and-ort-notes.md N14.)
 
-Both have a reference implementation (the same decode as `AqlmLinear`) and a fake one, so they export as single
+- `aqlm::linear_rows_int8(x, W8, s)` and `aqlm::linear_f16(x, W16)`: a dense layer (the lm_head) in the form the
+  artifact stores it (int8 rows with per-row scales; fp16), one node each (ONNX: `aqlm.DenseMatMul`).
+
+All have a reference implementation (the same decode as `AqlmLinear`) and a fake one, so they export as single
 nodes and run eagerly for the before/after tests.
 """
 
@@ -68,6 +71,18 @@ def linear_rows_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
 
 @linear_rows_int8.register_fake
 def _(x, weight, scales):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("aqlm::linear_f16", mutates_args=())
+def linear_f16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x · W16ᵀ in fp32: a dense layer kept fp16 as stored (the ONNX route's lm_head, export.dense_head_ops). One
+    node, so ONNX Runtime cannot constant-fold a Cast of the weight into an fp32 copy of it."""
+    return F.linear(x, weight.to(x.dtype))
+
+
+@linear_f16.register_fake
+def _(x, weight):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -1,8 +1,12 @@
-"""A/B of whole-model decode steps in the TVM runtime: two or more artifacts of the same checkpoint, interleaved in
-one process, same thread count — did a build change make a decode step faster?
+"""A/B of whole-model decode steps in the TVM runtime (or ONNX Runtime): two or more artifacts of the same
+checkpoint, interleaved in one process, same thread count — did a build change make a decode step faster?
 
-    .venv/bin/python benchmarks/decode_ab.py ART_A ART_B [...] --tag NAME [--past 64] [--rounds 8] [--steps 20]
-                                              [--threads 2]
+    .venv/bin/python benchmarks/decode_ab.py ART_A ART_B[@ort] [...] --tag NAME [--past 64] [--rounds 8]
+                                              [--steps 20] [--threads 2]
+
+`ART@ort` times the artifact's ONNX decoder in ONNX Runtime with the op library (runtime/ort.py `OrtDecoder`,
+ORT's own pool at one thread, the op library's TVM pool at --threads), on the same inputs: the TVM and ORT routes
+of one artifact side by side.
 
 Each round times `steps` decode calls (one token after `past` cached tokens, random KV cache, the same inputs for
 every artifact) of each artifact in turn, alternating which goes first; the median step of a round is kept and the
@@ -22,6 +26,31 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_ort(artifact: Path, past: int, threads: int, seed: int = 0):
+    """`load` for the artifact's ONNX decoder in ONNX Runtime (the same inputs as `load` draws for the TVM route);
+    the call returns [logits] like the TVM VM's."""
+    import numpy as np
+
+    from aqlm_compile import artifact as art
+    from aqlm_compile.runtime.ort import OrtDecoder
+
+    d = OrtDecoder(artifact, kind="aqlm", threads=threads)
+    rng = np.random.default_rng(seed)
+    kv = [rng.standard_normal((1, d.num_kv_heads, past, d.head_dim)).astype(np.float32)
+          for _ in range(2 * d.num_layers)]
+    ids = np.array([[rng.integers(0, d.vocab_size)]], np.int64)
+    feeds = dict(zip(d.input_names, [ids, np.ones((1, past + 1), np.int64), *kv]))
+
+    class Logits:  # the VM's output[0] has .numpy()
+        def __init__(self, a):
+            self.a = a
+
+        def numpy(self):
+            return self.a
+
+    return (lambda: [Logits(d.session.run(None, feeds)[0])]), art.read_manifest(Path(artifact))
 
 
 def load(artifact: Path, past: int, seed: int = 0):
@@ -63,8 +92,11 @@ def main() -> None:
     from aqlm_compile.cache import atomic_write_bytes
 
     start = time.time()
-    arts = [Path(a) for a in args.artifacts]
-    calls, manifests = zip(*(load(a, args.past) for a in arts))
+    runtimes = ["ort" if a.endswith("@ort") else "tvm" for a in args.artifacts]
+    arts = [Path(a.removesuffix("@ort")) for a in args.artifacts]
+    calls, manifests = zip(*(load_ort(a, args.past, args.threads) if rt == "ort" else load(a, args.past)
+                             for a, rt in zip(arts, runtimes)))
+    arts = [a if rt == "tvm" else Path(f"{a}@ort") for a, rt in zip(arts, runtimes)]
     outs = [c() for c in calls]  # warm-up; the logits to compare
     logits = [np.asarray(o[0].numpy(), np.float64) for o in outs]
     rounds = {str(a): [] for a in arts}
@@ -82,20 +114,24 @@ def main() -> None:
             rounds[str(arts[i])].append(statistics.median(steps) * 1e3)
     machine = machine_info()
     rows = []
-    for a, lg, m in zip(arts, logits, manifests):
+    for a, rt, lg, m in zip(arts, runtimes, logits, manifests):
         ms = rounds[str(a)]
-        k = (m.get("tvm") or {}).get("kernels", {})
-        params = m["files"].get("model_params.bin", {}).get("bytes")
-        rows.append({"artifact": str(a), "median_ms": statistics.median(ms), "rounds_ms": ms,
+        k = (m.get("tvm") or {}).get("kernels", {}) if rt == "tvm" else m.get("kernels", {})
+        files = ("model_params.bin",) if rt == "tvm" else ("onnx/model.onnx", "onnx/model.onnx.data")
+        params = sum(m["files"].get(f, {}).get("bytes", 0) for f in files) or None
+        rows.append({"artifact": str(a), "runtime": rt, "median_ms": statistics.median(ms), "rounds_ms": ms,
                      "tokens_per_s": 1e3 / statistics.median(ms),
                      "max_abs_logit_diff_vs_first": float(np.abs(lg - logits[0]).max()),
                      "same_argmax_as_first": bool(lg.argmax() == logits[0].argmax()),
-                     "kernels": sorted({v["kernel"] for s, v in k.items() if s.startswith("decode_")}),
+                     "kernels": sorted({v["kernel"] for s, v in k.items()
+                                        if s.startswith("decode_") or rt == "ort"}),
                      # what the TVM route loads: the params file's bytes; how the head and embedding are stored
                      "params_bytes": params, "head": (m.get("tvm") or {}).get("head"),
+                     "ort_head": ", ".join(f"{v['weight_dtype']} rows (DenseMatMul)" for v in k.values()
+                                           if v.get("kernel") == "dense") if rt == "ort" else None,
                      "lm_head_config": m["layers"].get("lm_head", {}).get("config", m["aqlm_config"])
                      if "lm_head" in m["layers"] else None, "embedding": m.get("embedding", "stored")})
-    record = {"what": "TVM runtime decode step, artifacts interleaved", "command": " ".join(sys.argv),
+    record = {"what": "decode step (TVM runtime; ONNX Runtime for ART@ort), artifacts interleaved", "command": " ".join(sys.argv),
               "past": args.past, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
               "machine": machine, "wall_s": round(time.time() - start, 1), "rows": rows}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / machine_slug(machine)
@@ -104,12 +140,14 @@ def main() -> None:
     lines = [f"# Decode A/B: {args.tag}", "",
              f"{machine['cpu']}, {args.threads} threads; one decode step after {args.past} cached tokens; median of "
              f"{args.steps} steps per round, {args.rounds} rounds interleaved. Command: `{record['command']}`.", "",
-             "| artifact | lm_head | embedding | params file | median ms/step | tokens/s | rounds (ms) | "
-             "max abs logit diff vs first | same argmax | decode kernels |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| artifact | runtime | lm_head | embedding | weights file | median ms/step | tokens/s | rounds (ms) | "
+             "max abs logit diff vs first | same argmax | decode kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         head = f"AQLM {row['lm_head_config']}" if row["lm_head_config"] else (row["head"] or "dense")
         size = f"{row['params_bytes'] / 1e6:.1f} MB" if row["params_bytes"] else "n/a"
-        lines.append(f"| {Path(row['artifact']).name} | {head} | {row['embedding']} | {size} | "
+        if row["runtime"] == "ort":  # the op library's dense kernel (aqlm.DenseMatMul), else ORT's own MatMul
+            head = row["ort_head"] or "fp32 MatMul (ORT)"
+        lines.append(f"| {Path(row['artifact']).name} | {row['runtime']} | {head} | {row['embedding']} | {size} | "
                      f"{row['median_ms']:.2f} | {row['tokens_per_s']:.1f} | "
                      f"{', '.join(f'{x:.1f}' for x in row['rounds_ms'])} | {row['max_abs_logit_diff_vs_first']:.2e} | "
                      f"{row['same_argmax_as_first']} | {', '.join(row['kernels'])} |")

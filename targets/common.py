@@ -14,7 +14,8 @@ import tvm  # noqa: E402
 from aqlm_compile import __version__, artifact  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
-from aqlm_compile.kernel_abi import gemm_symbol, gemv_symbol  # noqa: E402
+from aqlm_compile.kernel_abi import dense_symbol, gemm_symbol, gemv_symbol  # noqa: E402
+from aqlm_compile.kernels.dense import dense_linear  # noqa: E402
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR  # noqa: E402
 from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED  # noqa: E402
 from aqlm_compile.kernels.registry import (MAX_GEMV_BATCH, codes_layout, find_kernel, required_features,  # noqa: E402
@@ -46,13 +47,15 @@ def cpu_features(tvm_target, arch: str) -> list[str]:
 
 
 def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, features=frozenset(),
-                   artifact_config=None):
+                   artifact_config=None, dense=()):
     """One IRModule for the artifact's kernel library: for each requested shape (targets/plan.py `KernelRequest`) a
     GEMV per batch size 1..max_batch and, where the kernel table has a library kernel for any token count on this
     target kind (the CPU prefill GEMM), that one too. `kernels` records which kernel each symbol is and why.
     `features`: the target's CPU features (`target_features`). A shape whose kernels read row-tiled codes gets
     symbols ending in ROW_TILED_SUFFIX; the ORT op repacks the codes for them once. A request whose config is not
-    `artifact_config` (the manifest's) gets symbols with its config's suffix (kernel_abi.config_suffix)."""
+    `artifact_config` (the manifest's) gets symbols with its config's suffix (kernel_abi.config_suffix). `dense`:
+    (out, in, weight dtype) of the dense layers the ORT op library runs (`aqlm.DenseMatMul`, plan.dense_requests),
+    each a kernels/dense.py kernel for any token count (`kernel_abi.dense_symbol`)."""
     if not 1 <= max_batch <= MAX_GEMV_BATCH:
         raise ConfigError(f"--max-batch {max_batch}: expected 1..{MAX_GEMV_BATCH}")
     funcs, kernels = {}, {}
@@ -75,6 +78,11 @@ def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, 
                                "in_features": in_f, "batch": batch if batch else "any",
                                **({"config": own} if own else {}),
                                **({"partitions": list(parts)} if parts else {})}
+    for out_f, in_f, dtype in dense:
+        symbol = dense_symbol(out_f, in_f, dtype)
+        funcs[symbol] = dense_linear(out_f, in_f, name=symbol, weight_dtype=dtype, row_scales=dtype == "int8")
+        kernels[symbol] = {"kernel": "dense", "reason": f"dense {dtype} rows (aqlm.DenseMatMul)",
+                           "out_features": out_f, "in_features": in_f, "batch": "any", "weight_dtype": dtype}
     return tvm.IRModule(funcs), kernels
 
 

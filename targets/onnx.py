@@ -5,6 +5,8 @@
 - `export_onnx` translates every `aqlm.aqlm_gemm` node into one `AqlmMatMul` (attributes num_codebooks,
   nbits_per_codebook, in_group_size, out_group_size) with the checkpoint tensors as initializers in their stored
   dtypes (int8/int16 codes, fp16 codebooks and scales).
+- `DENSE_OP_TYPE` (`aqlm.DenseMatMul`): the dense lm_head in its stored form (fp16 rows, or int8 rows + scales),
+  from `aqlm.linear_f16` / `aqlm.linear_rows_int8`; the op library runs kernels/dense.py for it (docs N26).
 - `make_portable` adds a model-local ONNX function `aqlm.AqlmMatMul` (standard ops only), so stock ONNX Runtime
   runs the same file with no library. Its decode is tied to a runtime value (the input's shape), so ORT's constant
   folding cannot turn it into a dense initializer at session creation (docs/tvm-and-ort-notes.md N9): the model stays
@@ -52,9 +54,30 @@ def _schema() -> OpSchema:
     )
 
 
+DENSE_OP_TYPE = "DenseMatMul"
+
+
+def _dense_schema() -> OpSchema:
+    P = OpSchema.FormalParameter
+    return OpSchema(
+        DENSE_OP_TYPE, DOMAIN, VERSION,
+        doc="y = x · Wᵀ, or with scales y[..., o] = scales[o] · Σ_i x[..., i] · W[o, i]: a dense layer (the lm_head) "
+            "in its stored form, fp16 or int8 rows. See docs/aqlm-onnx-op.md.",
+        inputs=[P("x", "T", "activations [..., in]"),
+                P("weight", "TW", "rows [out, in]"),
+                P("scales", "T", "per-row scale [out] (int8 rows only)",
+                  param_option=OpSchema.FormalParameterOption.Optional)],
+        outputs=[P("y", "T", "[..., out]")],
+        type_constraints=[("T", ["tensor(float)"], "activations"),
+                          ("TW", ["tensor(float16)", "tensor(int8)"], "weights")],
+    )
+
+
 def register_schema() -> None:
     if not onnx.defs.has(OP_TYPE, DOMAIN):
         onnx.defs.register_schema(_schema())
+    if not onnx.defs.has(DENSE_OP_TYPE, DOMAIN):
+        onnx.defs.register_schema(_dense_schema())
 
 
 def _translation():
@@ -76,6 +99,24 @@ def _translation():
                                 in_group_size=cfg.in_group_size, out_group_size=cfg.out_group_size)
 
     return aqlm_gemm
+
+
+def _dense_translations() -> dict:
+    """`aqlm.linear_f16` / `aqlm.linear_rows_int8` (export.dense_ops_for_onnx, export.keep_head_int8) →
+    `aqlm.DenseMatMul`."""
+    import onnxscript
+    import torch
+
+    register_schema()
+    opset = onnxscript.values.Opset(DOMAIN, VERSION)
+
+    def linear_f16(x, weight):
+        return opset.DenseMatMul(x, weight)
+
+    def linear_rows_int8(x, weight, scales):
+        return opset.DenseMatMul(x, weight, scales)
+
+    return {torch.ops.aqlm.linear_f16.default: linear_f16, torch.ops.aqlm.linear_rows_int8.default: linear_rows_int8}
 
 
 # A protobuf message cannot pass 2 GiB: above this many bytes of initializers the weights go to one external data
@@ -100,7 +141,8 @@ def export_onnx(ep, spec, path: str | Path, external_data: bool | None = None) -
 
     register_schema()
     prog = torch.onnx.export(ep, dynamo=True, optimize=True, verbose=False,
-                             custom_translation_table={torch.ops.aqlm.aqlm_gemm.default: _translation()},
+                             custom_translation_table={torch.ops.aqlm.aqlm_gemm.default: _translation(),
+                                                       **_dense_translations()},
                              input_names=["input_ids", "attention_mask", *spec.kv_names()],
                              output_names=["logits", *spec.present_names()])
     if external_data is None:
@@ -138,6 +180,25 @@ def _save(model: onnx.ModelProto, path) -> None:
 
 def aqlm_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def dense_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == DENSE_OP_TYPE]
+
+
+def _portable_dense_function(opset_version: int) -> onnx.FunctionProto:
+    """DenseMatMul(x, weight, scales) from standard ops: MatMul(x, Transpose(Cast(weight))), times the scales when
+    given (an omitted optional input of a function is an empty name: `OptionalHasElement` is not defined on it in
+    every ORT, so make_portable always passes scales — ones for fp16 rows)."""
+    n = helper.make_node
+    nodes = [
+        n("CastLike", ["weight", "x"], ["w"]),
+        n("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        n("MatMul", ["x", "wt"], ["xw"]),
+        n("Mul", ["xw", "scales"], ["y"]),
+    ]
+    return helper.make_function(DOMAIN, DENSE_OP_TYPE, ["x", "weight", "scales"], ["y"], nodes,
+                                [helper.make_opsetid("", opset_version)])
 
 
 def _portable_function(opset_version: int) -> onnx.FunctionProto:
@@ -207,8 +268,8 @@ def _portable_function(opset_version: int) -> onnx.FunctionProto:
 
 def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` that stock ONNX Runtime runs: every AqlmMatMul node gets all six inputs (a zero bias and a
-    single partition where absent: O floats and one int64 per layer) and the model carries the function that
-    defines the op."""
+    single partition where absent: O floats and one int64 per layer), every DenseMatMul its scales (ones for fp16
+    rows), and the model carries the functions that define the ops."""
     from onnx import numpy_helper
 
     portable = onnx.ModelProto()
@@ -220,7 +281,20 @@ def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
         dims = vi.type.tensor_type.shape.dim
         if dims and all(d.HasField("dim_value") for d in dims):
             shapes.setdefault(vi.name, tuple(d.dim_value for d in dims))
+    dense = False
     for i, node in enumerate(portable.graph.node):
+        if node.domain == DOMAIN and node.op_type == DENSE_OP_TYPE:
+            dense = True
+            if len(node.input) < 3 or not node.input[2]:
+                if node.input[1] not in shapes:
+                    raise ValueError(f"{node.name}: the shape of weight {node.input[1]!r} is unknown")
+                ones = f"{node.name or i}_unit_scales"
+                portable.graph.initializer.append(numpy_helper.from_array(
+                    np.ones(shapes[node.input[1]][0], np.float32), ones))
+                inputs = [node.input[0], node.input[1], ones]
+                del node.input[:]
+                node.input.extend(inputs)
+            continue
         if not (node.domain == DOMAIN and node.op_type == OP_TYPE):
             continue
         inputs = list(node.input) + [""] * (6 - len(node.input))
@@ -237,6 +311,8 @@ def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
         node.input.extend(inputs)
     del portable.functions[:]
     portable.functions.append(_portable_function(opset_version))
+    if dense:
+        portable.functions.append(_portable_dense_function(opset_version))
     if not external_locations(portable):  # external data is only found beside a file: checked once written
         onnx.checker.check_model(portable, full_check=False)
     return portable

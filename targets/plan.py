@@ -65,8 +65,8 @@ def export_graphs(model, routes, options: BuildOptions, supports=None, relax_fus
     traced as the op dialect; for the Relax route its dense weights are then kept fp16, as stored). `relax_fuse`:
     the Relax route fuses q/k/v and gate/up too, their parameters concatenated once here (`--fuse-tvm`: CPU
     targets only, whose every kernel takes fused layers; the CUDA prefill decodes Ŵ in the graph, unfused)."""
-    from aqlm_compile.export import (compact_embedding, export_decoder, keep_dense_fp16, keep_head_int8,
-                                     prepare_for_export, scales_for_kernels)
+    from aqlm_compile.export import (compact_embedding, dense_ops_for_onnx, export_decoder, keep_dense_fp16,
+                                     keep_head_int8, prepare_for_export, scales_for_kernels)
     from aqlm_compile.passes.pipeline import PipelineOptions, run_pipeline
 
     prepare_for_export(model)
@@ -75,17 +75,20 @@ def export_graphs(model, routes, options: BuildOptions, supports=None, relax_fus
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     graphs = Graphs()
+    # both routes read the dense weights (embedding, lm_head) as the checkpoint stores them (fp16), or the head as
+    # int8 rows (`--head int8`): the same values in ORT and in the TVM runtime
+    keep_dense_fp16(model)
+    if options.head == "int8":
+        keep_head_int8(model)
     if "onnx" in routes:
-        ep, spec = export_decoder(model)
+        with dense_ops_for_onnx(model):
+            ep, spec = export_decoder(model)
         report = run_pipeline(ep, dump_ir=options.dump_ir, options=PipelineOptions(
             supports=supports, name_prefix=DECODER_PREFIX, fuse=options.fuse))
         graphs.onnx = (ep, spec, report)
     if "tvm" in routes:
-        # after the ONNX export: that graph holds the tensors it was traced with; these read fp16 dense weights
-        # and the scales as the kernels take them
-        keep_dense_fp16(model)
-        if options.head == "int8":
-            keep_head_int8(model)
+        # after the ONNX export: that graph holds the tensors it was traced with; these read the scales as the
+        # kernels take them
         scales_for_kernels(model)
         for name, tokens in RELAX_FUNCTIONS:
             ep, spec = export_decoder(model, tokens)
@@ -121,6 +124,23 @@ def kernel_requests(layers: dict, aqlm_config: AqlmConfig, graphs: Graphs) -> li
                 key = (g.out_features, g.in_features, parts, g.config.name)
                 found.setdefault(key, KernelRequest(g.out_features, g.in_features, g.config, parts))
     return [found[k] for k in sorted(found, key=lambda k: (k[0], k[1], k[2] or (), k[3]))]
+
+
+def dense_requests(graphs: Graphs) -> list[tuple[int, int, str]]:
+    """(out, in, weight dtype) of every dense layer the ONNX route hands to the op library (`aqlm.linear_f16`,
+    `aqlm.linear_rows_int8` → `aqlm.DenseMatMul`): the kernel library gets a kernels/dense.py kernel for each."""
+    import torch
+
+    import aqlm_compile.ops  # noqa: F401  (registers torch.ops.aqlm)
+
+    if graphs.onnx is None:
+        return []
+    found = set()
+    for node in graphs.onnx[0].graph_module.graph.nodes:
+        if node.target in (torch.ops.aqlm.linear_f16.default, torch.ops.aqlm.linear_rows_int8.default):
+            w = node.args[1].meta["val"]
+            found.add((int(w.shape[0]), int(w.shape[1]), str(w.dtype).replace("torch.", "")))
+    return sorted(found)
 
 
 def _layers(model) -> dict:
@@ -168,7 +188,8 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
 
     tvm_target = target.tvm_target(options)
     mod, kernels = kernel_library(kernel_requests(layers, aqlm_config, graphs), target.kind, options.max_batch,
-                                  target_features(tvm_target), artifact_config=aqlm_config)
+                                  target_features(tvm_target), artifact_config=aqlm_config,
+                                  dense=dense_requests(graphs))
     with target.compile_context(options), tvm_target:
         lib = tvm.compile(mod, target=tvm_target)
     lib_name = f"kernels_{target.name}.so"

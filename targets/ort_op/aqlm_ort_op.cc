@@ -1,4 +1,5 @@
-// ONNX Runtime custom-op library for aqlm.AqlmMatMul (domain "aqlm", version 1; spec: docs/aqlm-onnx-op.md).
+// ONNX Runtime custom-op library for aqlm.AqlmMatMul and aqlm.DenseMatMul (domain "aqlm", version 1; spec:
+// docs/aqlm-onnx-op.md).
 //
 // Written against ORT's C ABI only (ort_min_abi.h), so it loads into any ORT >= 1.16 through
 // SessionOptions.register_custom_ops_library. The arithmetic is not here: each call runs the TVM-compiled kernel
@@ -379,6 +380,116 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   return nullptr;
 }
 
+// --- aqlm.DenseMatMul: a dense layer (the lm_head) in its stored form, fp16 rows or int8 rows with row scales ---
+// The arithmetic is kernels/dense.py's, compiled into the kernel library as aqlm_dense_OxI_f16 / _i8
+// (kernel_abi.dense_symbol), run on the TVM pool like every AqlmMatMul: ORT's own pool has one thread (N11).
+struct DenseKernel {
+  // weights and scales are initializers: an unaligned one is copied once (address, size and a sample of the bytes
+  // say whether the copy is still the one of this tensor), not per call (57 MB for SmolLM2's fp16 head)
+  struct Cached {
+    Aligned copy;
+    const void* src = nullptr;
+    size_t bytes = 0;
+    uint64_t sample = 0;
+    void* get(void* data, size_t n) {
+      if (reinterpret_cast<uintptr_t>(data) % 64 == 0) return data;
+      const uint64_t h = sample_bytes(static_cast<const unsigned char*>(data), n);
+      if (src != data || bytes != n || sample != h) {
+        std::memcpy(copy.get(n), data, n);
+        src = data;
+        bytes = n;
+        sample = h;
+      }
+      return copy.ptr;
+    }
+  };
+  Cached weight, scales;
+  Aligned x_copy, y_copy;
+  std::map<std::string, tvm::ffi::Function> functions;
+  std::mutex mu;
+};
+
+OrtStatus* dense_error(OrtErrorCode code, const std::string& msg) {
+  using Fn = OrtStatus* (*)(OrtErrorCode, const char*);
+  return ort_fn<Fn>(g_api, ort_slot::CreateStatus)(code, ("DenseMatMul: " + msg).c_str());
+}
+
+OrtStatus* dense_compute(DenseKernel* k, OrtKernelContext* ctx) {
+  using InCount = OrtStatus* (*)(const OrtKernelContext*, size_t*);
+  using GetIn = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
+  using GetOut = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+  size_t n_in = 0;
+  ORT_TRY(ort_fn<InCount>(g_api, ort_slot::KernelContext_GetInputCount)(ctx, &n_in));
+  if (n_in < 2 || n_in > 3) return dense_error(ORT_INVALID_ARGUMENT, "expected 2 or 3 inputs, found " + std::to_string(n_in));
+  TensorView t[3];
+  bool present[3] = {false, false, false};
+  for (size_t i = 0; i < n_in; ++i) {
+    const OrtValue* v = nullptr;
+    ORT_TRY(ort_fn<GetIn>(g_api, ort_slot::KernelContext_GetInput)(ctx, i, &v));
+    if (v == nullptr) {
+      if (i == 2) continue;  // omitted scales
+      return dense_error(ORT_INVALID_ARGUMENT, "input " + std::to_string(i) + " is missing");
+    }
+    ORT_TRY(describe(v, &t[i]));
+    present[i] = true;
+  }
+  TensorView &x = t[0], &w = t[1], &sc = t[2];
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.empty())
+    return dense_error(ORT_INVALID_ARGUMENT, std::string("x: expected float32 [..., in], found ") + type_name(x.type) + " " + shape_str(x.shape));
+  const bool int8 = w.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  if ((!int8 && w.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) || w.shape.size() != 2 || w.shape[0] < 1 || w.shape[1] < 1)
+    return dense_error(ORT_INVALID_ARGUMENT, std::string("weight: expected float16 or int8 [out, in], found ") + type_name(w.type) + " " + shape_str(w.shape));
+  const int64_t O = w.shape[0], I = w.shape[1];
+  if (x.shape.back() != I)
+    return dense_error(ORT_INVALID_ARGUMENT, "x: last dimension " + std::to_string(x.shape.back()) + " does not match weight " + shape_str(w.shape));
+  const bool has_scales = present[2] && sc.numel() > 0;
+  if (int8 != has_scales)
+    return dense_error(ORT_INVALID_ARGUMENT, int8 ? "scales: int8 rows need float32 scales [" + std::to_string(O) + "]"
+                                                  : std::string("scales: only int8 rows take scales (weight is float16)"));
+  if (has_scales && (sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || sc.numel() != O))
+    return dense_error(ORT_INVALID_ARGUMENT, std::string("scales: expected float32 [") + std::to_string(O) + "], found " + type_name(sc.type) + " " + shape_str(sc.shape));
+
+  const int64_t N = x.numel() / I;
+  std::vector<int64_t> y_shape = x.shape;
+  y_shape.back() = O;
+  OrtValue* y_value = nullptr;
+  ORT_TRY(ort_fn<GetOut>(g_api, ort_slot::KernelContext_GetOutput)(ctx, 0, y_shape.data(), y_shape.size(), &y_value));
+  TensorView y;
+  ORT_TRY(describe(y_value, &y));
+  if (N == 0) return nullptr;
+
+  std::lock_guard<std::mutex> lock(k->mu);
+  std::string error;
+  const tvm::ffi::Module* mod = kernel_module(&error);
+  if (!mod) return dense_error(ORT_FAIL, error);
+  const std::string symbol = "aqlm_dense_" + std::to_string(O) + "x" + std::to_string(I) + (int8 ? "_i8" : "_f16");
+  auto it = k->functions.find(symbol);
+  if (it == k->functions.end()) {
+    auto f = (*mod)->GetFunction(symbol);
+    if (!f.has_value())
+      return dense_error(ORT_FAIL, "the kernel library has no kernel " + symbol + ": was it built from this checkpoint?");
+    it = k->functions.emplace(symbol, f.value()).first;
+  }
+  std::vector<int64_t> x_shape{N, I}, w_shape{O, I}, s_shape{O}, yk_shape{N, O};
+  void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(N * O * 4);
+  std::vector<DLTensor> args;
+  args.push_back(dl(aligned_or_copy(x.data, N * I * 4, k->x_copy), DLDataType{kDLFloat, 32, 1}, x_shape));
+  args.push_back(dl(k->weight.get(w.data, O * I * (int8 ? 1 : 2)),
+                    int8 ? DLDataType{kDLInt, 8, 1} : DLDataType{kDLFloat, 16, 1}, w_shape));
+  if (int8) args.push_back(dl(k->scales.get(sc.data, O * 4), DLDataType{kDLFloat, 32, 1}, s_shape));
+  args.push_back(dl(y_ptr, DLDataType{kDLFloat, 32, 1}, yk_shape));
+  std::vector<tvm::ffi::AnyView> packed;
+  for (auto& a : args) packed.emplace_back(&a);
+  try {
+    tvm::ffi::Any result;
+    it->second.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result);
+  } catch (const std::exception& e) {
+    return dense_error(ORT_RUNTIME_EXCEPTION, symbol + ": " + e.what());
+  }
+  if (y_ptr != y.data) std::memcpy(y.data, y_ptr, N * O * 4);
+  return nullptr;
+}
+
 // --- the OrtCustomOp callbacks ---------------------------------------------------------------------------------
 OrtStatusPtr create_kernel_v2(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) {
   using GetAttr = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
@@ -445,6 +556,37 @@ OrtCustomOp make_op() {
 
 OrtCustomOp g_op = make_op();
 
+OrtStatusPtr dense_create_kernel_v2(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** out) {
+  *out = new DenseKernel();
+  return nullptr;
+}
+OrtStatusPtr dense_compute_v2(void* kernel, OrtKernelContext* ctx) {
+  try {
+    return dense_compute(static_cast<DenseKernel*>(kernel), ctx);
+  } catch (const std::exception& e) {
+    return dense_error(ORT_RUNTIME_EXCEPTION, e.what());
+  }
+}
+void dense_destroy(void* kernel) { delete static_cast<DenseKernel*>(kernel); }
+const char* dense_name(const OrtCustomOp*) { return "DenseMatMul"; }
+size_t dense_input_count(const OrtCustomOp*) { return 3; }
+OrtCustomOpInputOutputCharacteristic dense_input_char(const OrtCustomOp*, size_t i) {
+  return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
+OrtCustomOp make_dense_op() {
+  OrtCustomOp op = make_op();
+  op.GetName = dense_name;
+  op.GetInputTypeCount = dense_input_count;
+  op.GetInputCharacteristic = dense_input_char;
+  op.KernelDestroy = dense_destroy;
+  op.CreateKernelV2 = dense_create_kernel_v2;
+  op.KernelComputeV2 = dense_compute_v2;
+  return op;
+}
+
+OrtCustomOp g_dense_op = make_dense_op();
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
@@ -461,6 +603,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtCustomOpDomain* domain = nullptr;
   ORT_TRY(ort_fn<CreateDomain>(g_api, ort_slot::CreateCustomOpDomain)("aqlm", &domain));
   ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_op));
+  ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_dense_op));
   // The domain must outlive every session using it: it is intentionally never released.
   return ort_fn<AddDomain>(g_api, ort_slot::AddCustomOpDomain)(options, domain);
 }

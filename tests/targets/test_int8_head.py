@@ -27,7 +27,7 @@ def test_int8_head_artifact_matches_torch_with_that_head(tiny_llama_ckpt, tmp_pa
     from aqlm_compile.targets.registry import BuildOptions
 
     fp16 = build(tiny_llama_ckpt, "x86", BuildOptions(onnx=False), tmp_path / "fp16")
-    int8 = build(tiny_llama_ckpt, "x86", BuildOptions(onnx=False, head="int8"), tmp_path / "int8")
+    int8 = build(tiny_llama_ckpt, "x86", BuildOptions(head="int8"), tmp_path / "int8")  # + the ONNX route
     assert int8["tvm"]["head"].startswith("int8") and fp16["tvm"]["head"].startswith("fp16")
     sizes = [(tmp_path / name / "model_params.bin").stat().st_size for name in ("fp16", "int8")]
     assert sizes[1] < sizes[0]
@@ -52,3 +52,21 @@ def test_int8_head_artifact_matches_torch_with_that_head(tiny_llama_ckpt, tmp_pa
         want.append(out[0][0].numpy())
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= 1e-4 * max(1.0, np.abs(w).max())
+
+    # the ONNX route stores and computes the same head: one DenseMatMul on int8 rows + scales, run by the op library
+    # (kernels/dense.py) and by the portable twin's standard ops
+    import onnx
+
+    from aqlm_compile.runtime.ort import OrtDecoder
+    from aqlm_compile.targets.onnx import dense_nodes
+
+    graph = onnx.load(str(tmp_path / "int8" / "onnx/model.onnx"))
+    inits = {t.name: t for t in graph.graph.initializer}
+    (node,) = dense_nodes(graph)
+    assert inits[node.input[1]].data_type == onnx.TensorProto.INT8 and len(node.input) == 3
+    assert int8["kernels"][f"aqlm_dense_{'x'.join(map(str, inits[node.input[1]].dims))}_i8"]["kernel"] == "dense"
+    for kind in ("aqlm", "portable"):
+        dec = OrtDecoder(tmp_path / "int8", kind=kind, threads=1)
+        for step, w in zip((ids, np.array([3]), np.array([7])), want):
+            g = dec.step(step)
+            assert np.abs(g - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), kind

@@ -58,7 +58,7 @@ def test_ort_decoder_matches_torch(kind, arch, request):
 
 
 def test_artifact_onnx_files_are_checked_and_listed(llama_art):
-    from aqlm_compile.targets.onnx import aqlm_nodes, register_schema
+    from aqlm_compile.targets.onnx import aqlm_nodes, dense_nodes, register_schema
 
     manifest = json.loads((llama_art / "manifest.json").read_text())
     for rel in ("onnx/model.onnx", "onnx/model.portable.onnx", "libaqlm_ort.so", "runtime/libtvm_runtime.so"):
@@ -70,9 +70,19 @@ def test_artifact_onnx_files_are_checked_and_listed(llama_art):
     assert len(nodes) == 8  # fused: per block q/k/v, o, gate+up, down
     assert {a.name: a.i for a in nodes[0].attribute} == {"num_codebooks": 2, "nbits_per_codebook": 8,
                                                          "in_group_size": 8, "out_group_size": 1}
+    # the lm_head: one DenseMatMul on the fp16 rows as stored (no fp32 copy, no MatMul on ORT's one-thread pool),
+    # run by kernels/dense.py from the kernel library
+    inits = {t.name: t for t in model.graph.initializer}
+    dense = dense_nodes(model)
+    assert len(dense) == 1 and len(dense[0].input) == 2, dense
+    assert inits[dense[0].input[1]].data_type == onnx.TensorProto.FLOAT16
+    o, i = inits[dense[0].input[1]].dims
+    assert manifest["kernels"][f"aqlm_dense_{o}x{i}_f16"]["kernel"] == "dense"
+    assert not [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & set(inits)]
+    assert not [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) == (o, i)]
     portable = onnx.load(str(llama_art / "onnx/model.portable.onnx"))
     onnx.checker.check_model(portable, full_check=True)
-    assert [f.name for f in portable.functions] == ["AqlmMatMul"]
+    assert [f.name for f in portable.functions] == ["AqlmMatMul", "DenseMatMul"]
 
 
 def test_generate_cli_json_same_tokens(llama_art):

@@ -186,3 +186,61 @@ def test_fused_node_with_concat_inputs_op_library_and_portable(op_library, tmp_p
         for tokens in (1, 5):  # GEMV and GEMM (max batch 2)
             y = torch.from_numpy(sess.run(None, {"x": x[:, :tokens].numpy()})[0]).double()
             assert ((y - ref[:, :tokens]).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def dense_library(tmp_path_factory):
+    """A kernel library with the dense kernels of a 96×128 layer (fp16 rows; int8 rows + scales) only."""
+    from aqlm_compile.targets.common import kernel_library, tvm
+    from aqlm_compile.targets.ort import build_ort_library, host_runtime_libs
+    from aqlm_compile.targets.x86 import x86_target
+
+    dest = tmp_path_factory.mktemp("dense")
+    mod, kernels = kernel_library([], "llvm", dense=[(96, IN, "float16"), (96, IN, "int8")])
+    assert set(kernels) == {f"aqlm_dense_96x{IN}_f16", f"aqlm_dense_96x{IN}_i8"}
+    tvm.compile(mod, target=x86_target()).export_library(str(dest / "kernels_x86.so"))
+    build_ort_library(dest, "kernels_x86.so", host_runtime_libs())
+    return dest / "libaqlm_ort.so"
+
+
+def dense_model(weight, scales=None, x_shape=(1, None, IN)):
+    inits = [numpy_helper.from_array(weight, "w")] + ([numpy_helper.from_array(scales, "s")] if scales is not None else [])
+    node = helper.make_node("DenseMatMul", ["x", "w"] + (["s"] if scales is not None else []), ["y"], domain="aqlm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("aqlm", 1)],
+                             ir_version=10)
+
+
+def test_dense_op_fp16_and_int8_rows(dense_library):
+    """aqlm.DenseMatMul (the lm_head in its stored form) against numpy in float64, for a decode step and prefills."""
+    rng = np.random.default_rng(0)
+    w16 = rng.standard_normal((96, IN)).astype(np.float16)
+    w8 = rng.integers(-127, 128, (96, IN)).astype(np.int8)
+    s = (rng.random(96) * 0.01 + 0.001).astype(np.float32)
+    for model, dense in ((dense_model(w16), w16.astype(np.float64)),
+                         (dense_model(w8, s), w8.astype(np.float64) * s.astype(np.float64)[:, None])):
+        sess = session(model, dense_library)
+        for tokens in (1, 3, 13):
+            x = rng.standard_normal((1, tokens, IN)).astype(np.float32)
+            ref = x.astype(np.float64) @ dense.T
+            y = sess.run(None, {"x": x})[0]
+            assert y.shape == (1, tokens, 96)
+            assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), tokens
+
+
+def test_dense_op_bad_inputs_are_ort_errors(dense_library):
+    rng = np.random.default_rng(1)
+    w8 = rng.integers(-127, 128, (96, IN)).astype(np.int8)
+    x = np.zeros((1, 1, IN), np.float32)
+    with pytest.raises(Exception, match=r"DenseMatMul: scales: int8 rows need float32 scales \[96\]"):
+        session(dense_model(w8), dense_library).run(None, {"x": x})
+    with pytest.raises(Exception, match=r"DenseMatMul: scales: only int8 rows take scales"):
+        session(dense_model(w8.astype(np.float16), np.ones(96, np.float32)), dense_library).run(None, {"x": x})
+    with pytest.raises(Exception, match=r"DenseMatMul: scales: expected float32 \[96\], found float32 \[95\]"):
+        session(dense_model(w8, np.ones(95, np.float32)), dense_library).run(None, {"x": x})
+    with pytest.raises(Exception, match=r"DenseMatMul: x: last dimension 64 does not match weight \[96, 128\]"):
+        session(dense_model(w8, np.ones(96, np.float32), x_shape=(1, None, None)), dense_library).run(
+            None, {"x": np.zeros((1, 1, 64), np.float32)})
+    with pytest.raises(Exception, match=r"DenseMatMul: the kernel library has no kernel aqlm_dense_32x128_f16"):
+        session(dense_model(w8[:32].astype(np.float16)), dense_library).run(None, {"x": x})

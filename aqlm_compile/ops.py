@@ -76,7 +76,7 @@ def _(x, weight, scales):
 
 @torch.library.custom_op("aqlm::linear_f16", mutates_args=())
 def linear_f16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y = x · W16ᵀ in fp32: a dense layer kept fp16 as stored (the ONNX route's lm_head, export.dense_head_ops). One
+    """y = x · W16ᵀ in fp32: a dense layer kept fp16 as stored (the ONNX route's lm_head, export.dense_ops_for_onnx). One
     node, so ONNX Runtime cannot constant-fold a Cast of the weight into an fp32 copy of it."""
     return F.linear(x, weight.to(x.dtype))
 

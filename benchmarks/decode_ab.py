@@ -123,8 +123,10 @@ def main() -> None:
                      "tokens_per_s": 1e3 / statistics.median(ms),
                      "max_abs_logit_diff_vs_first": float(np.abs(lg - logits[0]).max()),
                      "same_argmax_as_first": bool(lg.argmax() == logits[0].argmax()),
+                     # the kernels a decode step calls: the VM's decode_*, or the op library's one-token ones
                      "kernels": sorted({v["kernel"] for s, v in k.items()
-                                        if s.startswith("decode_") or rt == "ort"}),
+                                        if s.startswith("decode_") or (rt == "ort" and v.get("batch") in (1, "any")
+                                                                       and "gemm" not in s)}),
                      # what the TVM route loads: the params file's bytes; how the head and embedding are stored
                      "params_bytes": params, "head": (m.get("tvm") or {}).get("head"),
                      "ort_head": ", ".join(f"{v['weight_dtype']} rows (DenseMatMul)" for v in k.values()
@@ -145,7 +147,7 @@ def main() -> None:
     for row in rows:
         head = f"AQLM {row['lm_head_config']}" if row["lm_head_config"] else (row["head"] or "dense")
         size = f"{row['params_bytes'] / 1e6:.1f} MB" if row["params_bytes"] else "n/a"
-        if row["runtime"] == "ort":  # the op library's dense kernel (aqlm.DenseMatMul), else ORT's own MatMul
+        if row["runtime"] == "ort" and not row["lm_head_config"]:  # dense head: the op library's kernel, or ORT's MatMul
             head = row["ort_head"] or "fp32 MatMul (ORT)"
         lines.append(f"| {Path(row['artifact']).name} | {row['runtime']} | {head} | {row['embedding']} | {size} | "
                      f"{row['median_ms']:.2f} | {row['tokens_per_s']:.1f} | "

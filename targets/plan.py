@@ -62,7 +62,8 @@ def supports_for(target: Target):
 
 def export_graphs(model, routes, options: BuildOptions, supports=None, relax_fuse: bool = False) -> Graphs:
     """Export (once each) and lower the graphs the `routes` need from a loaded checkpoint `model` (changed in place:
-    traced as the op dialect; for the Relax route its dense weights are then kept fp16, as stored). `relax_fuse`:
+    traced as the op dialect, its dense weights kept fp16 as stored or the head as int8 rows, `options.head`, for
+    both routes; the ONNX route's fp16 head traced as one op, export.dense_ops_for_onnx). `relax_fuse`:
     the Relax route fuses q/k/v and gate/up too, their parameters concatenated once here (`--fuse-tvm`: CPU
     targets only, whose every kernel takes fused layers; the CUDA prefill decodes Ŵ in the graph, unfused)."""
     from aqlm_compile.export import (compact_embedding, dense_ops_for_onnx, export_decoder, keep_dense_fp16,

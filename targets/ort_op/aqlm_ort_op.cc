@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -161,6 +162,10 @@ struct Aligned {
       std::free(ptr);
       bytes = (n + 63) / 64 * 64;
       ptr = std::aligned_alloc(64, bytes);
+      if (ptr == nullptr) {
+        bytes = 0;
+        throw std::bad_alloc();  // an ORT error status from the compute wrappers, not a null write
+      }
     }
     return ptr;
   }

@@ -244,3 +244,31 @@ def test_dense_op_bad_inputs_are_ort_errors(dense_library):
             None, {"x": np.zeros((1, 1, 64), np.float32)})
     with pytest.raises(Exception, match=r"DenseMatMul: the kernel library has no kernel aqlm_dense_32x128_f16"):
         session(dense_model(w8[:32].astype(np.float16)), dense_library).run(None, {"x": x})
+
+
+def test_dense_op_unaligned_inputs(dense_library):
+    """x and the weight at addresses that are not 64-byte aligned (fed as graph inputs from unaligned numpy views):
+    the op copies them for the kernels, which assume aligned data; a different weight gets a new copy."""
+    rng = np.random.default_rng(2)
+    node = helper.make_node("DenseMatMul", ["x", "w"], ["y"], domain="aqlm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, IN]),
+                                            helper.make_tensor_value_info("w", TensorProto.FLOAT16, [96, IN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("aqlm", 1)],
+                              ir_version=10)
+    sess = session(model, dense_library)
+
+    def unaligned(a):
+        buf = np.zeros(a.nbytes + 64, np.uint8)
+        off = (-buf.ctypes.data) % 64 + 4  # 4 bytes past a 64-byte boundary
+        view = np.frombuffer(buf.data, a.dtype, a.size, off).reshape(a.shape)
+        view[...] = a
+        assert view.ctypes.data % 64 == 4
+        return view
+
+    for seed in (0, 1):
+        w = rng.standard_normal((96, IN)).astype(np.float16)
+        x = rng.standard_normal((1, 3, IN)).astype(np.float32)
+        y = sess.run(None, {"x": unaligned(x), "w": unaligned(w)})[0]
+        ref = x.astype(np.float64) @ w.astype(np.float64).T
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), seed

@@ -22,7 +22,8 @@ KINDS = ("aqlm", "portable", "dense")
 
 
 class OrtDecoder:
-    def __init__(self, artifact_dir: str | Path, kind: str = "aqlm", threads: int | None = None):
+    def __init__(self, artifact_dir: str | Path, kind: str = "aqlm", threads: int | None = None,
+                 profile_prefix: str | None = None):
         import onnxruntime as ort
 
         if kind not in KINDS:
@@ -61,6 +62,9 @@ class OrtDecoder:
                                   f"({str(exc).splitlines()[0]})") from None
         else:
             so.intra_op_num_threads = threads
+        if profile_prefix is not None:  # ORT's own per-node profiler (benchmarks/profile_ort.py)
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
         path = artifact.member(self.dir, self.manifest, onnx_info[key], f"onnx.{key}")
         _check_external_data(self.dir, self.manifest, onnx_info[key], f"onnx.{key}")
         try:

@@ -37,9 +37,13 @@ std::mutex g_mutex;
 std::unique_ptr<tvm::ffi::Module> g_module;
 std::string g_module_error;
 
-OrtStatus* make_error(OrtErrorCode code, const std::string& msg) {
+OrtStatus* op_error(const char* op, OrtErrorCode code, const std::string& msg) {
   using Fn = OrtStatus* (*)(OrtErrorCode, const char*);
-  return ort_fn<Fn>(g_api, ort_slot::CreateStatus)(code, ("AqlmMatMul: " + msg).c_str());
+  return ort_fn<Fn>(g_api, ort_slot::CreateStatus)(code, (std::string(op) + ": " + msg).c_str());
+}
+
+OrtStatus* make_error(OrtErrorCode code, const std::string& msg) {
+  return op_error("AqlmMatMul", code, msg);
 }
 
 #define ORT_TRY(expr)                     \
@@ -244,25 +248,58 @@ void* aligned_or_copy(void* data, size_t bytes, Aligned& scratch) {
   return dst;
 }
 
-OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
+// The call's inputs: `min_in` required ones, up to `max_in` in all (the rest optional, possibly absent).
+OrtStatus* read_inputs(OrtKernelContext* ctx, const char* op, size_t min_in, size_t max_in, TensorView* t,
+                       bool* present) {
   using InCount = OrtStatus* (*)(const OrtKernelContext*, size_t*);
   using GetIn = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
-  using GetOut = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
   size_t n_in = 0;
   ORT_TRY(ort_fn<InCount>(g_api, ort_slot::KernelContext_GetInputCount)(ctx, &n_in));
-  if (n_in < 4 || n_in > 6) return make_error(ORT_INVALID_ARGUMENT, "expected 4 to 6 inputs, found " + std::to_string(n_in));
-  TensorView t[6];
-  bool present[6] = {false, false, false, false, false, false};
+  if (n_in < min_in || n_in > max_in)
+    return op_error(op, ORT_INVALID_ARGUMENT, "expected " + std::to_string(min_in) + " to " + std::to_string(max_in) +
+                    " inputs, found " + std::to_string(n_in));
+  for (size_t i = 0; i < max_in; ++i) present[i] = false;
   for (size_t i = 0; i < n_in; ++i) {
     const OrtValue* v = nullptr;
     ORT_TRY(ort_fn<GetIn>(g_api, ort_slot::KernelContext_GetInput)(ctx, i, &v));
     if (v == nullptr) {
-      if (i >= 4) continue;  // omitted optional bias / partitions
-      return make_error(ORT_INVALID_ARGUMENT, "input " + std::to_string(i) + " is missing");
+      if (i >= min_in) continue;  // an omitted optional input
+      return op_error(op, ORT_INVALID_ARGUMENT, "input " + std::to_string(i) + " is missing");
     }
     ORT_TRY(describe(v, &t[i]));
     present[i] = true;
   }
+  return nullptr;
+}
+
+// Output 0 shaped like x with its last dimension `out`.
+OrtStatus* output_like(OrtKernelContext* ctx, const TensorView& x, int64_t out, TensorView* y) {
+  using GetOut = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+  std::vector<int64_t> shape = x.shape;
+  shape.back() = out;
+  OrtValue* value = nullptr;
+  ORT_TRY(ort_fn<GetOut>(g_api, ort_slot::KernelContext_GetOutput)(ctx, 0, shape.data(), shape.size(), &value));
+  return describe(value, y);
+}
+
+// Run a kernel of the library on DLTensor arguments; an exception becomes an ORT error naming the symbol.
+OrtStatus* call_kernel(const char* op, const tvm::ffi::Function& f, const std::string& symbol,
+                       std::vector<DLTensor>& args) {
+  std::vector<tvm::ffi::AnyView> packed;
+  for (auto& a : args) packed.emplace_back(&a);
+  try {
+    tvm::ffi::Any result;
+    f.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result);
+  } catch (const std::exception& e) {
+    return op_error(op, ORT_RUNTIME_EXCEPTION, symbol + ": " + e.what());
+  }
+  return nullptr;
+}
+
+OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
+  TensorView t[6];
+  bool present[6];
+  ORT_TRY(read_inputs(ctx, "AqlmMatMul", 4, 6, t, present));  // optional: bias, partitions
   TensorView &x = t[0], &codes = t[1], &cb = t[2], &sc = t[3];
   const int64_t K = int64_t(1) << k->B;
   if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.empty())
@@ -312,12 +349,8 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   // format's readers do), so no value indexes outside the codebook.
 
   int64_t N = x.numel() / I;
-  std::vector<int64_t> y_shape = x.shape;
-  y_shape.back() = O;
-  OrtValue* y_value = nullptr;
-  ORT_TRY(ort_fn<GetOut>(g_api, ort_slot::KernelContext_GetOutput)(ctx, 0, y_shape.data(), y_shape.size(), &y_value));
   TensorView y;
-  ORT_TRY(describe(y_value, &y));
+  ORT_TRY(output_like(ctx, x, O, &y));
   if (N == 0) return nullptr;
 
   std::lock_guard<std::mutex> lock(k->mu);
@@ -364,7 +397,7 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   const size_t code_bytes = k->B <= 8 ? 1 : 2;
   std::vector<int64_t> x_shape{N, I}, codes_shape{O, J, k->M}, cb_shape{P * k->M, K, k->g}, o_shape{O}, yk_shape{N, O};
   void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(N * O * 4);
-  DLTensor args[6] = {
+  std::vector<DLTensor> args = {
       dl(aligned_or_copy(x.data, N * I * 4, k->x_copy), DLDataType{kDLFloat, 32, 1}, x_shape),
       dl(k->row_tiled[symbol] ? row_tiled_codes(k, codes.data, O, J, k->M, code_bytes)
                               : aligned_or_copy(codes.data, O * J * k->M * code_bytes, k->codes_copy),
@@ -373,14 +406,7 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
       dl(scales, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(bias, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(y_ptr, DLDataType{kDLFloat, 32, 1}, yk_shape)};
-  std::vector<tvm::ffi::AnyView> packed;
-  for (auto& a : args) packed.emplace_back(&a);
-  try {
-    tvm::ffi::Any result;
-    it->second.CallPacked(packed.data(), 6, &result);
-  } catch (const std::exception& e) {
-    return make_error(ORT_RUNTIME_EXCEPTION, symbol + ": " + e.what());
-  }
+  ORT_TRY(call_kernel("AqlmMatMul", it->second, symbol, args));
   if (y_ptr != y.data) std::memcpy(y.data, y_ptr, N * O * 4);
   return nullptr;
 }
@@ -414,30 +440,12 @@ struct DenseKernel {
   std::mutex mu;
 };
 
-OrtStatus* dense_error(OrtErrorCode code, const std::string& msg) {
-  using Fn = OrtStatus* (*)(OrtErrorCode, const char*);
-  return ort_fn<Fn>(g_api, ort_slot::CreateStatus)(code, ("DenseMatMul: " + msg).c_str());
-}
+OrtStatus* dense_error(OrtErrorCode code, const std::string& msg) { return op_error("DenseMatMul", code, msg); }
 
 OrtStatus* dense_compute(DenseKernel* k, OrtKernelContext* ctx) {
-  using InCount = OrtStatus* (*)(const OrtKernelContext*, size_t*);
-  using GetIn = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
-  using GetOut = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
-  size_t n_in = 0;
-  ORT_TRY(ort_fn<InCount>(g_api, ort_slot::KernelContext_GetInputCount)(ctx, &n_in));
-  if (n_in < 2 || n_in > 3) return dense_error(ORT_INVALID_ARGUMENT, "expected 2 or 3 inputs, found " + std::to_string(n_in));
   TensorView t[3];
-  bool present[3] = {false, false, false};
-  for (size_t i = 0; i < n_in; ++i) {
-    const OrtValue* v = nullptr;
-    ORT_TRY(ort_fn<GetIn>(g_api, ort_slot::KernelContext_GetInput)(ctx, i, &v));
-    if (v == nullptr) {
-      if (i == 2) continue;  // omitted scales
-      return dense_error(ORT_INVALID_ARGUMENT, "input " + std::to_string(i) + " is missing");
-    }
-    ORT_TRY(describe(v, &t[i]));
-    present[i] = true;
-  }
+  bool present[3];
+  ORT_TRY(read_inputs(ctx, "DenseMatMul", 2, 3, t, present));  // optional: scales
   TensorView &x = t[0], &w = t[1], &sc = t[2];
   if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.empty())
     return dense_error(ORT_INVALID_ARGUMENT, std::string("x: expected float32 [..., in], found ") + type_name(x.type) + " " + shape_str(x.shape));
@@ -455,12 +463,8 @@ OrtStatus* dense_compute(DenseKernel* k, OrtKernelContext* ctx) {
     return dense_error(ORT_INVALID_ARGUMENT, std::string("scales: expected float32 [") + std::to_string(O) + "], found " + type_name(sc.type) + " " + shape_str(sc.shape));
 
   const int64_t N = x.numel() / I;
-  std::vector<int64_t> y_shape = x.shape;
-  y_shape.back() = O;
-  OrtValue* y_value = nullptr;
-  ORT_TRY(ort_fn<GetOut>(g_api, ort_slot::KernelContext_GetOutput)(ctx, 0, y_shape.data(), y_shape.size(), &y_value));
   TensorView y;
-  ORT_TRY(describe(y_value, &y));
+  ORT_TRY(output_like(ctx, x, O, &y));
   if (N == 0) return nullptr;
 
   std::lock_guard<std::mutex> lock(k->mu);
@@ -483,14 +487,7 @@ OrtStatus* dense_compute(DenseKernel* k, OrtKernelContext* ctx) {
                     int8 ? DLDataType{kDLInt, 8, 1} : DLDataType{kDLFloat, 16, 1}, w_shape));
   if (int8) args.push_back(dl(k->scales.get(sc.data, O * 4), DLDataType{kDLFloat, 32, 1}, s_shape));
   args.push_back(dl(y_ptr, DLDataType{kDLFloat, 32, 1}, yk_shape));
-  std::vector<tvm::ffi::AnyView> packed;
-  for (auto& a : args) packed.emplace_back(&a);
-  try {
-    tvm::ffi::Any result;
-    it->second.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result);
-  } catch (const std::exception& e) {
-    return dense_error(ORT_RUNTIME_EXCEPTION, symbol + ": " + e.what());
-  }
+  ORT_TRY(call_kernel("DenseMatMul", it->second, symbol, args));
   if (y_ptr != y.data) std::memcpy(y.data, y_ptr, N * O * 4);
   return nullptr;
 }

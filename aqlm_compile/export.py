@@ -95,6 +95,106 @@ def dense_ops_for_onnx(model):
             module.forward = types.MethodType(_linear_fp16, module)
 
 
+# rotary types whose inverse frequencies do not change with the sequence length (a cos/sin table computed once holds)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def gqa_eligible(attn, config) -> str | None:
+    """None when the attention module `attn` computes what `aqlm.gqa_attention` does (Llama-style: q/k/v/o
+    projections, half-split rotary with a static table, no q/k norm, no logit softcapping); else why not."""
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx"):
+        if not hasattr(attn, name):
+            return f"no {name}"
+    for name in ("q_norm", "k_norm", "rotary_fn"):
+        if getattr(attn, name, None) is not None:
+            return f"has {name}"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit softcapping"
+    # a sliding window: HF's cache then keeps only the window's last keys (DynamicSlidingWindowLayer), which the
+    # op's present KV (all positions) is not
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+    if window:
+        return f"sliding window {window}"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
+        return f"rope type {rope.get('rope_type')!r}"
+    if rope.get("partial_rotary_factor", 1.0) != 1.0 or getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return "partial rotary"
+    return None
+
+
+def _attention_gqa(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                   **kwargs):
+    q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    layer = past_key_values.layers[self.layer_idx]
+    gqa = self._aqlm_gqa
+    tables = gqa["tables"]  # read from the module when called: the trace swaps its buffers for graph inputs
+    out, layer.keys, layer.values = torch.ops.aqlm.gqa_attention(
+        q, k, v, layer.keys, layer.values, gqa["state"]["mask"], tables.aqlm_rope_cos, tables.aqlm_rope_sin,
+        gqa["num_heads"], gqa["kv_num_heads"], gqa["scale"])
+    return self.o_proj(out), None
+
+
+@contextlib.contextmanager
+def attention_ops_for_onnx(model):
+    """While the ONNX route exports: every decoder layer's attention whose math `aqlm.gqa_attention` covers
+    (`gqa_eligible`) computes through it: rotary, the KV-cache append and causal grouped-query attention in one
+    node, which targets/onnx.py writes as ORT's `com.microsoft.GroupQueryAttention` (its CPU kernel; docs/tvm-and-
+    ort-notes.md N27). Traced from the HF modules, the same work is ≈ 40 small ONNX nodes per layer (reshapes,
+    transposes, the rotate-half slices, repeat_kv expands, mask arithmetic) that ONNX Runtime runs one by one.
+    The rotary table is computed once, [max_position_embeddings, head_dim/2], from the model's own rotary module
+    (its inverse frequencies and attention scaling). Layers it does not cover keep their traced form. The Relax
+    route keeps the HF forward too (its kernels are fused by TVM), so the forwards are restored afterwards."""
+    inner = getattr(model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    layers = getattr(inner, "layers", None)
+    config = model.config
+    if rotary is None or layers is None or not hasattr(rotary, "inv_freq"):
+        yield model
+        return
+    chosen = [layer.self_attn for layer in layers
+              if hasattr(layer, "self_attn") and gqa_eligible(layer.self_attn, config) is None]
+    if not chosen:
+        yield model
+        return
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+    freqs = torch.outer(positions, rotary.inv_freq.detach().float())
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    cos, sin = (freqs.cos() * scaling).contiguous(), (freqs.sin() * scaling).contiguous()
+    # buffers of the inner model for the trace: one named table for all layers (a tensor attribute per layer would
+    # become a lifted constant per layer)
+    inner.register_buffer("aqlm_rope_cos", cos, persistent=False)
+    inner.register_buffer("aqlm_rope_sin", sin, persistent=False)
+    state = {"mask": None}
+    saved = [(m, m.__dict__.get("forward")) for m in (inner, *chosen)]  # an instance forward set before this
+    for attn in chosen:
+        attn._aqlm_gqa = {"state": state, "tables": inner, "num_heads": config.num_attention_heads,
+                          "kv_num_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                          "scale": float(attn.scaling)}
+        attn.forward = types.MethodType(_attention_gqa, attn)
+    inner_forward = inner.forward
+
+    def forward_keeping_mask(*args, **kwargs):
+        # the op takes the [1, P+S] mask as the runtimes pass it (HF hands the attention a 4-D one, or none)
+        state["mask"] = kwargs.get("attention_mask")
+        try:
+            return inner_forward(*args, **kwargs)
+        finally:
+            state["mask"] = None  # no tensor left on the modules once traced
+
+    inner.forward = forward_keeping_mask
+    try:
+        yield model
+    finally:
+        for module, forward in saved:
+            del module.forward
+            if forward is not None:
+                module.forward = forward
+        for attn in chosen:
+            del attn._aqlm_gqa
+        del inner.aqlm_rope_cos, inner.aqlm_rope_sin
+
+
 def example_inputs(spec: DecoderSpec, seq: int = 3, past: int = 2, dtype=torch.float32):
     ids = torch.randint(0, spec.vocab_size, (1, seq))
     mask = torch.ones(1, past + seq, dtype=torch.int64)

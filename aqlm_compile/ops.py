@@ -12,6 +12,9 @@ them, the passes rewrite them, the ONNX and Relax routes consume them).
 
 - `aqlm::linear_rows_int8(x, W8, s)` and `aqlm::linear_f16(x, W16)`: a dense layer (the lm_head) in the form the
   artifact stores it (int8 rows with per-row scales; fp16), one node each (ONNX: `aqlm.DenseMatMul`).
+- `aqlm::gqa_attention(q, k, v, past_k, past_v, mask, cos, sin, ...) -> (out, present_k, present_v)`: a decoder
+  layer's rotary + KV-cache append + causal grouped-query attention, one node (ONNX: ORT's
+  `com.microsoft.GroupQueryAttention`; export.attention_ops_for_onnx).
 
 All have a reference implementation (the same decode as `AqlmLinear`) and a fake one, so they export as single
 nodes and run eagerly for the before/after tests.
@@ -84,6 +87,46 @@ def linear_f16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @linear_f16.register_fake
 def _(x, weight):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, h, S, D] with the half-split layout (HF `rotate_half`); cos/sin [S, D/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@torch.library.custom_op("aqlm::gqa_attention", mutates_args=())
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                  attention_mask: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int,
+                  kv_num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal grouped-query attention of S new tokens after P cached ones, as ORT's GroupQueryAttention computes it
+    (do_rotary, half-split rotary): q [B, S, H·D], k/v [B, S, H_kv·D] before rotary; past_k/v [B, H_kv, P, D];
+    positions P..P+S-1 read rows of cos_cache/sin_cache [max_positions, D/2]; `attention_mask` [B, P+S] must be all
+    ones (no padding: batch 1, what every runtime of an artifact passes). Returns (out [B, S, H·D], present_k,
+    present_v [B, H_kv, P+S, D])."""
+    b, s, _ = q.shape
+    p, d = past_k.shape[2], past_k.shape[3]
+    cos, sin = cos_cache[p:p + s].to(q.dtype), sin_cache[p:p + s].to(q.dtype)
+    qh = _rotate(q.view(b, s, num_heads, d).transpose(1, 2), cos, sin)
+    kh = _rotate(k.view(b, s, kv_num_heads, d).transpose(1, 2), cos, sin)
+    vh = v.view(b, s, kv_num_heads, d).transpose(1, 2)
+    keys, values = torch.cat((past_k, kh), dim=2), torch.cat((past_v, vh), dim=2)
+    rep = num_heads // kv_num_heads
+    scores = qh @ keys.repeat_interleave(rep, dim=1).transpose(-1, -2) * scale
+    query_pos = torch.arange(p, p + s).view(-1, 1)
+    key_pos = torch.arange(p + s).view(1, -1)
+    weights = torch.softmax(scores.masked_fill(key_pos > query_pos, float("-inf")), dim=-1)
+    out = (weights @ values.repeat_interleave(rep, dim=1)).transpose(1, 2).reshape(b, s, num_heads * d)
+    return out, keys, values
+
+
+@gqa_attention.register_fake
+def _(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads, kv_num_heads, scale):
+    b, s, _ = q.shape
+    total = past_k.shape[2] + s
+    kv_shape = (b, past_k.shape[1], total, past_k.shape[3])
+    return q.new_empty((b, s, num_heads * past_k.shape[3])), past_k.new_empty(kv_shape), past_v.new_empty(kv_shape)
 
 
 def export_forward(layer, x: torch.Tensor) -> torch.Tensor:

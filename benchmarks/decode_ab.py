@@ -2,7 +2,7 @@
 checkpoint, interleaved in one process, same thread count — did a build change make a decode step faster?
 
     .venv/bin/python benchmarks/decode_ab.py ART_A ART_B[@ort] [...] --tag NAME [--past 64] [--rounds 8]
-                                              [--steps 20] [--threads 2]
+                                              [--steps 20] [--threads 2] [--isolate]
 
 `ART@ort` times the artifact's ONNX decoder in ONNX Runtime with the op library (runtime/ort.py `OrtDecoder`,
 ORT's own pool at one thread, the op library's TVM pool at --threads), on the same inputs: the TVM and ORT routes
@@ -13,6 +13,10 @@ every artifact) of each artifact in turn, alternating which goes first; the medi
 median over rounds reported, with every round's figure (the spread shows the machine's noise). The logits of each
 artifact are compared with the first one's (max |Δ| and the argmax), since a faster build must compute the same
 thing. Writes benchmarks/results/<machine>/decode-ab-<tag>.{json,md}. Nothing else should run meanwhile.
+
+`--isolate`: each artifact is loaded in its own worker process (started once; the parent still interleaves the
+rounds), as a deployment runs one runtime. In one process the TVM route's thread pool and the op library's (a second
+TVM runtime, for ART@ort) both exist and an ORT step measured ≈ 1 ms slower than alone (hand-run, stop 34).
 """
 
 from __future__ import annotations
@@ -72,6 +76,58 @@ def load(artifact: Path, past: int, seed: int = 0):
     return (lambda: fn(*call_args)), art.read_manifest(Path(artifact))
 
 
+MARK = "DECODE_AB "  # the worker's protocol lines on stdout (anything else a library prints is ignored)
+
+
+def worker(spec: str, past: int, threads: int, steps: int, logits_path: str) -> None:
+    """--isolate's child: load one artifact, save its logits, then time `steps` calls per "time" line on stdin."""
+    import numpy as np
+
+    call, _ = (load_ort(Path(spec.removesuffix("@ort")), past, threads) if spec.endswith("@ort")
+               else load(Path(spec), past))
+    np.save(logits_path, np.asarray(call()[0].numpy(), np.float64))
+    print(MARK + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "time":
+            break
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        print(MARK + json.dumps({"ms": statistics.median(times) * 1e3}), flush=True)
+
+
+class Worker:
+    """The parent's handle on one --isolate child."""
+
+    def __init__(self, spec: str, args, folder: Path, index: int):
+        import subprocess
+
+        self.logits_path = str(folder / f"logits-{index}.npy")
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, spec, "--worker", spec, "--past", str(args.past), "--threads", str(args.threads),
+             "--steps", str(args.steps), "--logits", self.logits_path, "--tag", "worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "TVM_NUM_THREADS": str(args.threads)})
+        self.read()
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        raise SystemExit(f"decode_ab: a worker exited (code {self.proc.wait()})")
+
+    def time(self) -> float:
+        self.proc.stdin.write("time\n")
+        self.proc.stdin.flush()
+        return self.read()["ms"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("artifacts", nargs="+")
@@ -81,7 +137,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", help="output folder (default benchmarks/results/<machine>)")
+    ap.add_argument("--isolate", action="store_true", help="each artifact in its own worker process")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--logits", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+        worker(args.worker, args.past, args.threads, args.steps, args.logits)
+        return
     if len(args.artifacts) < 2:
         sys.exit("decode_ab: give at least two artifacts")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's pool starts (docs/tvm-and-ort-notes.md N2)
@@ -94,11 +157,34 @@ def main() -> None:
     start = time.time()
     runtimes = ["ort" if a.endswith("@ort") else "tvm" for a in args.artifacts]
     arts = [Path(a.removesuffix("@ort")) for a in args.artifacts]
-    calls, manifests = zip(*(load_ort(a, args.past, args.threads) if rt == "ort" else load(a, args.past)
-                             for a, rt in zip(arts, runtimes)))
+    if args.isolate:
+        import tempfile
+
+        from aqlm_compile import artifact as art
+
+        folder = Path(tempfile.mkdtemp(prefix="decode-ab-"))
+        workers = [Worker(spec, args, folder, i) for i, spec in enumerate(args.artifacts)]
+        manifests = [art.read_manifest(a) for a in arts]
+        logits = [np.load(w.logits_path) for w in workers]
+        timers = [w.time for w in workers]
+    else:
+        calls, manifests = zip(*(load_ort(a, args.past, args.threads) if rt == "ort" else load(a, args.past)
+                                 for a, rt in zip(arts, runtimes)))
+        outs = [c() for c in calls]  # warm-up; the logits to compare
+        logits = [np.asarray(o[0].numpy(), np.float64) for o in outs]
+
+        def timer(call):
+            def run():
+                steps = []
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    call()
+                    steps.append(time.perf_counter() - t0)
+                return statistics.median(steps) * 1e3
+            return run
+
+        timers = [timer(c) for c in calls]
     arts = [a if rt == "tvm" else Path(f"{a}@ort") for a, rt in zip(arts, runtimes)]
-    outs = [c() for c in calls]  # warm-up; the logits to compare
-    logits = [np.asarray(o[0].numpy(), np.float64) for o in outs]
     rounds = {str(a): [] for a in arts}
     for r in range(args.rounds):
         order = list(range(len(arts)))
@@ -106,12 +192,10 @@ def main() -> None:
             order.reverse()
         for i in order:
             time.sleep(0.2)
-            steps = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                calls[i]()
-                steps.append(time.perf_counter() - t0)
-            rounds[str(arts[i])].append(statistics.median(steps) * 1e3)
+            rounds[str(arts[i])].append(timers[i]())
+    if args.isolate:
+        for w in workers:
+            w.close()
     machine = machine_info()
     rows = []
     for a, rt, lg, m in zip(arts, runtimes, logits, manifests):
@@ -133,7 +217,8 @@ def main() -> None:
                                            if v.get("kernel") == "dense") if rt == "ort" else None,
                      "lm_head_config": m["layers"].get("lm_head", {}).get("config", m["aqlm_config"])
                      if "lm_head" in m["layers"] else None, "embedding": m.get("embedding", "stored")})
-    record = {"what": "decode step (TVM runtime; ONNX Runtime for ART@ort), artifacts interleaved", "command": " ".join(sys.argv),
+    record = {"what": "decode step (TVM runtime; ONNX Runtime for ART@ort), artifacts interleaved"
+              + (", each in its own process" if args.isolate else ", one process"), "command": " ".join(sys.argv),
               "past": args.past, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
               "machine": machine, "wall_s": round(time.time() - start, 1), "rows": rows}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / machine_slug(machine)
@@ -141,7 +226,9 @@ def main() -> None:
     atomic_write_bytes(base.with_suffix(".json"), (json.dumps(record, indent=1) + "\n").encode())
     lines = [f"# Decode A/B: {args.tag}", "",
              f"{machine['cpu']}, {args.threads} threads; one decode step after {args.past} cached tokens; median of "
-             f"{args.steps} steps per round, {args.rounds} rounds interleaved. Command: `{record['command']}`.", "",
+             f"{args.steps} steps per round, {args.rounds} rounds interleaved"
+             f"{', each artifact in its own process' if args.isolate else ', one process'}. "
+             f"Command: `{record['command']}`.", "",
              "| artifact | runtime | lm_head | embedding | weights file | median ms/step | tokens/s | rounds (ms) | "
              "max abs logit diff vs first | same argmax | decode kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 from onnx.defs import OpSchema
 
 from aqlm_compile.config import AqlmConfig
+from aqlm_compile.passes.skip_rms_norm_for_ort import skip_rms_norm_for_ort
 
 DOMAIN, VERSION = "aqlm", 1
 OP_TYPE = "AqlmMatMul"
@@ -78,6 +79,8 @@ def register_schema() -> None:
         onnx.defs.register_schema(_schema())
     if not onnx.defs.has(DENSE_OP_TYPE, DOMAIN):
         onnx.defs.register_schema(_dense_schema())
+    if not onnx.defs.has(GQA_OP_TYPE, ORT_DOMAIN):
+        onnx.defs.register_schema(_gqa_schema())
 
 
 def _translation():
@@ -119,6 +122,67 @@ def _dense_translations() -> dict:
     return {torch.ops.aqlm.linear_f16.default: linear_f16, torch.ops.aqlm.linear_rows_int8.default: linear_rows_int8}
 
 
+ORT_DOMAIN = "com.microsoft"
+GQA_OP_TYPE = "GroupQueryAttention"
+
+
+def _gqa_schema() -> OpSchema:
+    """The part of ONNX Runtime's contrib schema of GroupQueryAttention (since ORT 1.17; inputs in its order) that
+    the export writes: the onnx package has no com.microsoft schemas, and the exporter and onnx.checker want one."""
+    P, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    return OpSchema(
+        GQA_OP_TYPE, ORT_DOMAIN, 1,
+        doc="ONNX Runtime's grouped-query attention with KV cache (contrib op); see docs/tvm-and-ort-notes.md N27.",
+        inputs=[P("query", "T", "[B, S, H·D]"), P("key", "T", "[B, S, H_kv·D]", param_option=opt),
+                P("value", "T", "[B, S, H_kv·D]", param_option=opt),
+                P("past_key", "T", "[B, H_kv, P, D]", param_option=opt),
+                P("past_value", "T", "[B, H_kv, P, D]", param_option=opt),
+                P("seqlens_k", "M", "[B]: total length - 1"), P("total_sequence_length", "M", "scalar"),
+                P("cos_cache", "T", "[max_positions, D/2]", param_option=opt),
+                P("sin_cache", "T", "[max_positions, D/2]", param_option=opt)],
+        outputs=[P("output", "T", "[B, S, H·D]"), P("present_key", "T", "[B, H_kv, P+S, D]"),
+                 P("present_value", "T", "[B, H_kv, P+S, D]")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
+                          ("M", ["tensor(int32)"], "lengths")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads", required=True),
+                    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads", required=True),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale", required=False),
+                    OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, "apply rotary", required=False),
+                    OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "0: half-split",
+                                       required=False)],
+    )
+
+
+def _attention_translations() -> dict:
+    """`aqlm.gqa_attention` (export.attention_ops_for_onnx) → ORT's `com.microsoft.GroupQueryAttention` with its own
+    rotary (do_rotary, half-split) and the past/present KV tensors the decoder already has ([1, H_kv, P, D] →
+    [1, H_kv, P+S, D]). Its sequence inputs come from the length of the [1, P+S] mask (all ones: no padding):
+    seqlens_k = P+S-1 (int32 [1]), total_sequence_length = P+S (int32 scalar); every layer's are the same nodes,
+    which the exporter's optimizer merges. docs/tvm-and-ort-notes.md N27."""
+    import onnxscript
+    import torch
+
+    register_schema()
+    ms = onnxscript.values.Opset(ORT_DOMAIN, 1)
+
+    def gqa_attention(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads, kv_num_heads, scale):
+        from onnxscript import opset18 as op
+
+        one = op.Constant(value_ints=[1])
+        total = op.Slice(op.Shape(attention_mask), one, op.Constant(value_ints=[2]))  # [P+S], int64
+        seqlens_k = op.Cast(op.Sub(total, one), to=TensorProto.INT32)
+        total = op.Cast(op.Squeeze(total), to=TensorProto.INT32)
+        return ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache,
+                                      num_heads=int(num_heads), kv_num_heads=int(kv_num_heads), do_rotary=1,
+                                      rotary_interleaved=0, scale=float(scale))
+
+    return {torch.ops.aqlm.gqa_attention.default: gqa_attention}
+
+
+def gqa_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == ORT_DOMAIN and n.op_type == GQA_OP_TYPE]
+
+
 # A protobuf message cannot pass 2 GiB: above this many bytes of initializers the weights go to one external data
 # file beside the graph (`<model>.onnx.data`), which is also what lets ORT memory-map them.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -142,9 +206,10 @@ def export_onnx(ep, spec, path: str | Path, external_data: bool | None = None) -
     register_schema()
     prog = torch.onnx.export(ep, dynamo=True, optimize=True, verbose=False,
                              custom_translation_table={torch.ops.aqlm.aqlm_gemm.default: _translation(),
-                                                       **_dense_translations()},
+                                                       **_dense_translations(), **_attention_translations()},
                              input_names=["input_ids", "attention_mask", *spec.kv_names()],
                              output_names=["logits", *spec.present_names()])
+    skip_rms_norm_for_ort(prog.model)  # passes/skip_rms_norm_for_ort.py
     if external_data is None:
         size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
         external_data = size > EXTERNAL_DATA_THRESHOLD

@@ -66,8 +66,8 @@ def export_graphs(model, routes, options: BuildOptions, supports=None, relax_fus
     both routes; the ONNX route's fp16 head traced as one op, export.dense_ops_for_onnx). `relax_fuse`:
     the Relax route fuses q/k/v and gate/up too, their parameters concatenated once here (`--fuse-tvm`: CPU
     targets only, whose every kernel takes fused layers; the CUDA prefill decodes Ŵ in the graph, unfused)."""
-    from aqlm_compile.export import (compact_embedding, dense_ops_for_onnx, export_decoder, keep_dense_fp16,
-                                     keep_head_int8, prepare_for_export, scales_for_kernels)
+    from aqlm_compile.export import (attention_ops_for_onnx, compact_embedding, dense_ops_for_onnx, export_decoder,
+                                     keep_dense_fp16, keep_head_int8, prepare_for_export, scales_for_kernels)
     from aqlm_compile.passes.pipeline import PipelineOptions, run_pipeline
 
     prepare_for_export(model)
@@ -82,7 +82,7 @@ def export_graphs(model, routes, options: BuildOptions, supports=None, relax_fus
     if options.head == "int8":
         keep_head_int8(model)
     if "onnx" in routes:
-        with dense_ops_for_onnx(model):
+        with dense_ops_for_onnx(model), attention_ops_for_onnx(model):
             ep, spec = export_decoder(model)
         report = run_pipeline(ep, dump_ir=options.dump_ir, options=PipelineOptions(
             supports=supports, name_prefix=DECODER_PREFIX, fuse=options.fuse))

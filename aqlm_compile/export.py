@@ -97,17 +97,23 @@ def dense_ops_for_onnx(model):
 
 # rotary types whose inverse frequencies do not change with the sequence length (a cos/sin table computed once holds)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# attention classes whose forward is exactly: q/k/v projections, half-split rotary (HF `rotate_half`) at every
+# layer, KV-cache append, causal (grouped-query) softmax attention with `scaling`, o projection. Named, not
+# recognised by their attributes: look-alikes differ (SmolLM3 skips rotary in some layers, Cohere and Helium
+# interleave it, OLMo clamps q/k/v, BitNet norms before o_proj).
+GQA_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "MixtralAttention", "Qwen2Attention")
 
 
 def gqa_eligible(attn, config) -> str | None:
-    """None when the attention module `attn` computes what `aqlm.gqa_attention` does (Llama-style: q/k/v/o
-    projections, half-split rotary with a static table, no q/k norm, no logit softcapping); else why not."""
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx"):
-        if not hasattr(attn, name):
-            return f"no {name}"
-    for name in ("q_norm", "k_norm", "rotary_fn"):
-        if getattr(attn, name, None) is not None:
-            return f"has {name}"
+    """None when the attention module `attn` computes what `aqlm.gqa_attention` does (a class of
+    `GQA_ATTENTION_CLASSES`, a static rotary table, no sliding window, a head size ORT's kernel takes); else why
+    not."""
+    name = type(attn).__name__
+    if name not in GQA_ATTENTION_CLASSES:
+        return f"attention class {name}"
+    for field in ("q_norm", "k_norm"):  # a subclass may add them
+        if getattr(attn, field, None) is not None:
+            return f"has {field}"
     if getattr(config, "attn_logit_softcapping", None):
         return "attention logit softcapping"
     # a sliding window: HF's cache then keeps only the window's last keys (DynamicSlidingWindowLayer), which the
@@ -116,10 +122,15 @@ def gqa_eligible(attn, config) -> str | None:
     if window:
         return f"sliding window {window}"
     rope = getattr(config, "rope_parameters", None) or {}
+    if any(isinstance(v, dict) for v in rope.values()):
+        return "rotary parameters per layer type"
     if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
         return f"rope type {rope.get('rope_type')!r}"
     if rope.get("partial_rotary_factor", 1.0) != 1.0 or getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "partial rotary"
+    # ORT's GroupQueryAttention with a rotary table checks this when a node runs, not when the session loads
+    if attn.head_dim % 16:
+        return f"head_dim {attn.head_dim} (ORT's GroupQueryAttention needs a multiple of 16)"
     return None
 
 
@@ -135,6 +146,17 @@ def _attention_gqa(self, hidden_states, position_embeddings=None, attention_mask
     return self.o_proj(out), None
 
 
+def gqa_max_positions(model) -> int | None:
+    """The positions the ONNX route's rotary table covers (its GroupQueryAttention refuses a longer sequence), or
+    None when `attention_ops_for_onnx` would leave every layer traced."""
+    inner = getattr(model, "model", None)
+    if getattr(getattr(inner, "rotary_emb", None), "inv_freq", None) is None or not hasattr(inner, "layers"):
+        return None
+    if not any(gqa_eligible(getattr(layer, "self_attn", None), model.config) is None for layer in inner.layers):
+        return None
+    return int(model.config.max_position_embeddings)
+
+
 @contextlib.contextmanager
 def attention_ops_for_onnx(model):
     """While the ONNX route exports: every decoder layer's attention whose math `aqlm.gqa_attention` covers
@@ -142,36 +164,23 @@ def attention_ops_for_onnx(model):
     node, which targets/onnx.py writes as ORT's `com.microsoft.GroupQueryAttention` (its CPU kernel; docs/tvm-and-
     ort-notes.md N27). Traced from the HF modules, the same work is ≈ 40 small ONNX nodes per layer (reshapes,
     transposes, the rotate-half slices, repeat_kv expands, mask arithmetic) that ONNX Runtime runs one by one.
-    The rotary table is computed once, [max_position_embeddings, head_dim/2], from the model's own rotary module
-    (its inverse frequencies and attention scaling). Layers it does not cover keep their traced form. The Relax
-    route keeps the HF forward too (its kernels are fused by TVM), so the forwards are restored afterwards."""
+    The rotary table is computed once, [max_position_embeddings, head_dim/2] (`gqa_max_positions`: the longest
+    sequence the exported decoder then takes), from the model's own rotary module (its inverse frequencies and
+    attention scaling). Layers it does not cover keep their traced form. The Relax route keeps the HF forward too
+    (its kernels are fused by TVM), so everything is restored afterwards, also when the export fails."""
     inner = getattr(model, "model", None)
-    rotary = getattr(inner, "rotary_emb", None)
-    layers = getattr(inner, "layers", None)
+    if gqa_max_positions(model) is None:
+        yield model
+        return
     config = model.config
-    if rotary is None or layers is None or not hasattr(rotary, "inv_freq"):
-        yield model
-        return
-    chosen = [layer.self_attn for layer in layers
-              if hasattr(layer, "self_attn") and gqa_eligible(layer.self_attn, config) is None]
-    if not chosen:
-        yield model
-        return
-    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
-    freqs = torch.outer(positions, rotary.inv_freq.detach().float())
-    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    chosen = [attn for attn in (getattr(layer, "self_attn", None) for layer in inner.layers)
+              if attn is not None and gqa_eligible(attn, config) is None]
+    positions = torch.arange(gqa_max_positions(model), dtype=torch.float32)
+    freqs = torch.outer(positions, inner.rotary_emb.inv_freq.detach().float())
+    scaling = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
     cos, sin = (freqs.cos() * scaling).contiguous(), (freqs.sin() * scaling).contiguous()
-    # buffers of the inner model for the trace: one named table for all layers (a tensor attribute per layer would
-    # become a lifted constant per layer)
-    inner.register_buffer("aqlm_rope_cos", cos, persistent=False)
-    inner.register_buffer("aqlm_rope_sin", sin, persistent=False)
     state = {"mask": None}
     saved = [(m, m.__dict__.get("forward")) for m in (inner, *chosen)]  # an instance forward set before this
-    for attn in chosen:
-        attn._aqlm_gqa = {"state": state, "tables": inner, "num_heads": config.num_attention_heads,
-                          "kv_num_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                          "scale": float(attn.scaling)}
-        attn.forward = types.MethodType(_attention_gqa, attn)
     inner_forward = inner.forward
 
     def forward_keeping_mask(*args, **kwargs):
@@ -182,17 +191,28 @@ def attention_ops_for_onnx(model):
         finally:
             state["mask"] = None  # no tensor left on the modules once traced
 
-    inner.forward = forward_keeping_mask
     try:
+        # buffers of the inner model for the trace: one named table for all layers (a tensor attribute per layer
+        # would become a lifted constant per layer)
+        inner.register_buffer("aqlm_rope_cos", cos, persistent=False)
+        inner.register_buffer("aqlm_rope_sin", sin, persistent=False)
+        for attn in chosen:
+            head_dim = attn.head_dim
+            attn._aqlm_gqa = {"state": state, "tables": inner, "scale": float(attn.scaling),
+                              "num_heads": attn.q_proj.out_features // head_dim,
+                              "kv_num_heads": attn.k_proj.out_features // head_dim}
+            attn.forward = types.MethodType(_attention_gqa, attn)
+        inner.forward = forward_keeping_mask
         yield model
     finally:
         for module, forward in saved:
-            del module.forward
+            module.__dict__.pop("forward", None)
             if forward is not None:
                 module.forward = forward
         for attn in chosen:
-            del attn._aqlm_gqa
-        del inner.aqlm_rope_cos, inner.aqlm_rope_sin
+            attn.__dict__.pop("_aqlm_gqa", None)
+        for name in ("aqlm_rope_cos", "aqlm_rope_sin"):
+            inner._buffers.pop(name, None)
 
 
 def example_inputs(spec: DecoderSpec, seq: int = 3, past: int = 2, dtype=torch.float32):

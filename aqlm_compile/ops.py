@@ -107,6 +107,8 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: tor
     present_v [B, H_kv, P+S, D])."""
     b, s, _ = q.shape
     p, d = past_k.shape[2], past_k.shape[3]
+    if p + s > cos_cache.shape[0]:
+        raise ValueError(f"gqa_attention: {p + s} positions, the rotary table has {cos_cache.shape[0]}")
     cos, sin = cos_cache[p:p + s].to(q.dtype), sin_cache[p:p + s].to(q.dtype)
     qh = _rotate(q.view(b, s, num_heads, d).transpose(1, 2), cos, sin)
     kh = _rotate(k.view(b, s, kv_num_heads, d).transpose(1, 2), cos, sin)

@@ -83,10 +83,13 @@ def worker(spec: str, past: int, threads: int, steps: int, logits_path: str) -> 
     """--isolate's child: load one artifact, save its logits, then time `steps` calls per "time" line on stdin."""
     import numpy as np
 
+    # the protocol gets the real stdout; whatever a library prints goes to stderr
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     call, _ = (load_ort(Path(spec.removesuffix("@ort")), past, threads) if spec.endswith("@ort")
                else load(Path(spec), past))
     np.save(logits_path, np.asarray(call()[0].numpy(), np.float64))
-    print(MARK + json.dumps({"ready": True}), flush=True)
+    print(MARK + json.dumps({"ready": True}), file=proto, flush=True)
     for line in sys.stdin:
         if line.strip() != "time":
             break
@@ -95,7 +98,7 @@ def worker(spec: str, past: int, threads: int, steps: int, logits_path: str) -> 
             t0 = time.perf_counter()
             call()
             times.append(time.perf_counter() - t0)
-        print(MARK + json.dumps({"ms": statistics.median(times) * 1e3}), flush=True)
+        print(MARK + json.dumps({"ms": statistics.median(times) * 1e3}), file=proto, flush=True)
 
 
 class Worker:
@@ -104,6 +107,7 @@ class Worker:
     def __init__(self, spec: str, args, folder: Path, index: int):
         import subprocess
 
+        self.spec = spec
         self.logits_path = str(folder / f"logits-{index}.npy")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, spec, "--worker", spec, "--past", str(args.past), "--threads", str(args.threads),
@@ -116,7 +120,7 @@ class Worker:
         for line in self.proc.stdout:
             if line.startswith(MARK):
                 return json.loads(line[len(MARK):])
-        raise SystemExit(f"decode_ab: a worker exited (code {self.proc.wait()})")
+        raise SystemExit(f"decode_ab: the worker of {self.spec} exited (code {self.proc.wait()})")
 
     def time(self) -> float:
         self.proc.stdin.write("time\n")
@@ -194,8 +198,11 @@ def main() -> None:
             time.sleep(0.2)
             rounds[str(arts[i])].append(timers[i]())
     if args.isolate:
+        import shutil
+
         for w in workers:
             w.close()
+        shutil.rmtree(folder, ignore_errors=True)
     machine = machine_info()
     rows = []
     for a, rt, lg, m in zip(arts, runtimes, logits, manifests):

@@ -172,6 +172,8 @@ def _attention_translations() -> dict:
         total = op.Slice(op.Shape(attention_mask), one, op.Constant(value_ints=[2]))  # [P+S], int64
         seqlens_k = op.Cast(op.Sub(total, one), to=TensorProto.INT32)
         total = op.Cast(op.Squeeze(total), to=TensorProto.INT32)
+        # the op wants the table in the activations' type (fp32 here; a constant cast ORT folds)
+        cos_cache, sin_cache = op.CastLike(cos_cache, q), op.CastLike(sin_cache, q)
         return ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache,
                                       num_heads=int(num_heads), kv_num_heads=int(kv_num_heads), do_rotary=1,
                                       rotary_interleaved=0, scale=float(scale))
@@ -181,6 +183,22 @@ def _attention_translations() -> dict:
 
 def gqa_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == ORT_DOMAIN and n.op_type == GQA_OP_TYPE]
+
+
+def rotary_positions(model: onnx.ModelProto) -> int | None:
+    """The rows of the rotary table the model's GroupQueryAttention nodes read: the most positions (past +
+    new tokens) the decoder takes. None without such nodes."""
+    nodes = gqa_nodes(model)
+    if not nodes:
+        return None
+    producers = {out: n for n in model.graph.node for out in n.output}
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    name = nodes[0].input[7]
+    while name not in dims and name in producers and producers[name].op_type in ("CastLike", "Cast", "Identity"):
+        name = producers[name].input[0]
+    if name not in dims:
+        raise ValueError(f"{nodes[0].name}: the rotary table {name!r} is not an initializer")
+    return int(dims[name][0])
 
 
 # A protobuf message cannot pass 2 GiB: above this many bytes of initializers the weights go to one external data
@@ -400,17 +418,21 @@ def onnx_route(ep, spec, report, dense_model_dir=None, external_data: bool | Non
         from aqlm_compile.cache import atomic_write_bytes
 
         model = export_onnx(ep, spec, tmp / entry["model"], external_data=external_data)
+        positions = rotary_positions(model)
+        if positions is not None:  # runtime/ort.py refuses a longer sequence with a clear error
+            entry["max_positions"] = positions
         if external_locations(model):
             entry["external_data"] = f"onnx/{external_data_name(entry['model'])}"
         # a model with external data: the portable twin refers to the same file (one copy of the weights)
         atomic_write_bytes(tmp / entry["portable"], make_portable(model).SerializeToString())
         if dense_model_dir is not None:
-            from aqlm_compile.export import export_decoder
+            from aqlm_compile.export import attention_ops_for_onnx, export_decoder
             from aqlm_compile.models import load_fp_model
 
             fp, _ = load_fp_model(Path(dense_model_dir))
             fp.config.use_cache = True
-            dense_ep, dense_spec = export_decoder(fp)
+            with attention_ops_for_onnx(fp):  # the same ONNX attention as the AQLM model: a like-for-like baseline
+                dense_ep, dense_spec = export_decoder(fp)
             export_onnx(dense_ep, dense_spec, tmp / entry["dense"], external_data=external_data)
         onnx.checker.check_model(str(tmp / entry["portable"]))
 

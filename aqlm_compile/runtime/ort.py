@@ -41,6 +41,9 @@ class OrtDecoder:
         self.num_layers, self.num_kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
         self.vocab_size, self.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
         self.eos_token_ids = spec["eos_token_ids"]
+        # the rotary table of the graph's GroupQueryAttention nodes (targets/onnx.py): the positions it covers
+        self.max_positions = (artifact.expect(onnx_info, "max_positions", int, where, low=1, high=1 << 31,
+                                              field="onnx.max_positions") if "max_positions" in onnx_info else None)
         explicit, threads = threads is not None, threads or os.cpu_count() or 1
         so = ort.SessionOptions()
         if kind == "aqlm":
@@ -89,6 +92,9 @@ class OrtDecoder:
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if self.max_positions is not None and self.length + ids.shape[1] > self.max_positions:
+            raise ConfigError(f"{self.dir}: {self.length} cached + {ids.shape[1]} new tokens: this ONNX decoder "
+                              f"takes at most {self.max_positions} positions (its rotary table)")
         mask = np.ones((1, self.length + ids.shape[1]), np.int64)
         feeds = dict(zip(self.input_names, [ids, mask, *self.past]))
         out = self.session.run(None, feeds)

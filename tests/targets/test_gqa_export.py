@@ -41,13 +41,24 @@ def torch_call(wrap):
     return call
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_op_computes_what_hf_attention_does(arch, tmp_path):
-    model = fp_model(tmp_path, arch)
+@pytest.mark.parametrize("arch, overrides", [
+    ("llama", {}), ("qwen2", {}),
+    ("llama", {"num_key_value_heads": 4}),  # MHA
+    ("llama", {"head_dim": 32}),  # head_dim != hidden / heads
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 32}}),  # attention scaling != 1
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 32}}),
+])
+def test_op_computes_what_hf_attention_does(arch, overrides, tmp_path):
+    from aqlm_compile import export
+
+    model = fp_model(tmp_path, arch, **overrides)
     wrap = DecoderWithCache(model)
     want, want_kv = run_steps(torch_call(wrap), wrap.spec)
     with attention_ops_for_onnx(model):
-        assert all(type(layer.self_attn).forward is not layer.self_attn.forward for layer in model.model.layers)
+        assert all(layer.self_attn.forward.__func__ is export._attention_gqa for layer in model.model.layers)
         got, got_kv = run_steps(torch_call(wrap), wrap.spec)
     for a, b in zip(got + got_kv, want + want_kv):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
@@ -64,6 +75,13 @@ def test_sliding_window_and_qk_norm_layers_keep_their_traced_form(tmp_path):
     attn = plain.model.layers[0].self_attn
     attn.q_norm = torch.nn.Identity()
     assert gqa_eligible(attn, plain.config) == "has q_norm"
+    # a look-alike class is not taken on its attributes (SmolLM3, Cohere, OLMo... differ inside their forward)
+    llama = fp_model(tmp_path, "llama")
+    lookalike = type("OtherAttention", (type(llama.model.layers[0].self_attn),), {})
+    llama.model.layers[0].self_attn.__class__ = lookalike
+    assert gqa_eligible(llama.model.layers[0].self_attn, llama.config) == "attention class OtherAttention"
+    narrow = fp_model(tmp_path / "narrow", "llama", head_dim=8)
+    assert "multiple of 16" in gqa_eligible(narrow.model.layers[0].self_attn, narrow.config)
 
 
 @pytest.mark.parametrize("arch, gqa", [("llama", True), ("qwen2", False)])
@@ -76,6 +94,8 @@ def test_exported_graph_in_ort_matches_torch(arch, gqa, tmp_path):
     if not gqa:  # a layer the op does not cover (say, with a q/k norm) keeps its traced attention
         for layer in model.model.layers:
             layer.self_attn.q_norm = torch.nn.Identity()
+    from aqlm_compile.targets.onnx import rotary_positions
+
     wrap = DecoderWithCache(model)
     want, want_kv = run_steps(torch_call(wrap), wrap.spec)
     with attention_ops_for_onnx(model):
@@ -83,6 +103,7 @@ def test_exported_graph_in_ort_matches_torch(arch, gqa, tmp_path):
     proto = export_onnx(ep, spec, tmp_path / "model.onnx")
     layers = model.config.num_hidden_layers
     assert len(gqa_nodes(proto)) == (layers if gqa else 0)
+    assert rotary_positions(proto) == (model.config.max_position_embeddings if gqa else None)
     ops = {n.op_type for n in proto.graph.node}
     assert ("Softmax" in ops) != gqa  # the traced attention is gone exactly when the op replaced it
     # every norm after a residual add is one SkipSimplifiedLayerNormalization (passes/skip_rms_norm_for_ort.py)

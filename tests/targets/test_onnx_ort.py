@@ -80,6 +80,18 @@ def test_artifact_onnx_files_are_checked_and_listed(llama_art):
     assert manifest["kernels"][f"aqlm_dense_{o}x{i}_f16"]["kernel"] == "dense"
     assert not [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & set(inits)]
     assert not [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) == (o, i)]
+    # attention: one GroupQueryAttention per layer (docs/tvm-and-ort-notes.md N27); its rotary table bounds the
+    # sequence, which the manifest records and the ORT decoder enforces
+    from aqlm_compile.runtime.ort import OrtDecoder
+    from aqlm_compile.targets.onnx import gqa_nodes
+
+    assert len(gqa_nodes(model)) == 2 and "Softmax" not in {n.op_type for n in model.graph.node}
+    limit = json.loads((llama_art / "weights/config.json").read_text())["max_position_embeddings"]
+    assert manifest["onnx"]["max_positions"] == limit
+    dec = OrtDecoder(llama_art, threads=1)
+    dec.length = limit - 1
+    with pytest.raises(ConfigError, match=f"takes at most {limit} positions"):
+        dec.step(np.array([1, 2]))
     portable = onnx.load(str(llama_art / "onnx/model.portable.onnx"))
     onnx.checker.check_model(portable, full_check=True)
     assert [f.name for f in portable.functions] == ["AqlmMatMul", "DenseMatMul"]

@@ -36,6 +36,45 @@ SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
 TOOL_NAMES = ("llama-quantize", "llama-imatrix", "llama-bench")
 CMAKE_FLAGS = ("-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DCMAKE_BUILD_TYPE=Release")
+# /proc/cpuinfo flag → ggml's CMake option, for a build with this CPU's x86 extensions but not AMX (`build_flags`)
+X86_OPTIONS = (("sse4_2", "GGML_SSE42"), ("avx", "GGML_AVX"), ("avx2", "GGML_AVX2"), ("fma", "GGML_FMA"),
+               ("f16c", "GGML_F16C"), ("bmi2", "GGML_BMI2"), ("avx_vnni", "GGML_AVX_VNNI"),
+               ("avx512vbmi", "GGML_AVX512_VBMI"), ("avx512_vnni", "GGML_AVX512_VNNI"),
+               ("avx512_bf16", "GGML_AVX512_BF16"))
+AVX512_BASE = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")  # what GGML_AVX512 compiles for
+AMX_ENV = "AQLM_LLAMACPP_AMX"
+
+
+def build_flags(cpu_flags: set[str], allow_amx: bool = False) -> tuple[tuple[str, ...], str]:
+    """(CMake flags, build variant) for llama.cpp on a CPU with `cpu_flags` (/proc/cpuinfo). Natively
+    (`-march=native`, the documented build) unless the CPU advertises AMX: then its other x86 extensions one by one
+    and not AMX, variant "noamx". On the 2-vCPU Xeon VMs this project runs on, the native build's AMX matmul
+    (`ggml_backend_amx_mul_mat`, used for prompts of Q4_0/Q8_0 and more) faults at `ldtilecfg` with two threads
+    (SIGSEGV/SIGILL, llama-bench exit -11/-4) while every type runs in the no-AMX build (docs/tvm-and-ort-notes.md
+    N28). `allow_amx` (env AQLM_LLAMACPP_AMX=1) keeps the native build on a machine whose AMX works."""
+    if allow_amx or not {"amx_tile", "amx_int8", "amx_bf16"} & cpu_flags:
+        return CMAKE_FLAGS, "native"
+    isa = [f"-D{option}={'ON' if flag in cpu_flags else 'OFF'}" for flag, option in X86_OPTIONS]
+    isa.append(f"-DGGML_AVX512={'ON' if set(AVX512_BASE) <= cpu_flags else 'OFF'}")
+    isa += [f"-D{option}=OFF" for option in ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")]
+    rest = tuple(f for f in CMAKE_FLAGS if not f.startswith("-DGGML_NATIVE"))
+    return ("-DGGML_NATIVE=OFF", *isa, *rest), "noamx"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _variant() -> tuple[tuple[str, ...], str]:
+    """This machine's llama.cpp build: (CMake flags, variant name), `build_flags`."""
+    return build_flags(_cpu_flags(), os.environ.get(AMX_ENV) == "1")
 NOT_BUILT = "llama.cpp tools not built: run `aqlm-compile bench --report --build-llamacpp` (≈10 min on 2 cores)"
 
 
@@ -55,7 +94,7 @@ class LlamaCppError(AqlmError):
 
 @dataclass(frozen=True)
 class LlamaTools:
-    """Paths of the built llama.cpp binaries (they link the shared libs beside them in build/bin)."""
+    """Paths of the built llama.cpp binaries (they link the shared libs beside them in build*/bin)."""
 
     root: Path  # <source>/llama.cpp
     quantize: Path
@@ -131,8 +170,14 @@ def source_dir(log: Callable[[str], None] = print, sdist: Path | None = None) ->
 # ----------------------------------------------------------------------------------------------- build
 
 
+def _build_dir(root: Path) -> Path:
+    """`build` for the native variant (as before), `build-<variant>` otherwise: a variant never reuses another's."""
+    variant = _variant()[1]
+    return root / ("build" if variant == "native" else f"build-{variant}")
+
+
 def _binaries(root: Path) -> dict[str, Path]:
-    return {name: root / "build" / "bin" / name for name in TOOL_NAMES}
+    return {name: _build_dir(root) / "bin" / name for name in TOOL_NAMES}
 
 
 def _built(root: Path) -> LlamaTools | None:
@@ -181,7 +226,8 @@ def tools(build: bool = False, log: Callable[[str], None] = print, jobs: int | N
 
     Without `build` this never downloads or compiles anything (it is what the report calls to decide whether
     the llama.cpp peer runs), and raises ToolMissing with the command that builds them.
-    The build uses CMake exactly as in docs (native CPU flags, no curl/openssl/tests, Release), all cores
+    The build uses CMake as in llama.cpp's docs (native CPU flags, no curl/openssl/tests, Release; on a CPU that
+    advertises AMX, its other extensions one by one without AMX: `build_flags`), all cores
     (`jobs`, default os.cpu_count()), and logs to <source>/build.log.
     """
     root = _version_dir() / "llama.cpp"
@@ -205,15 +251,19 @@ def tools(build: bool = False, log: Callable[[str], None] = print, jobs: int | N
         log(f"building llama.cpp {LLAMACPP_VERSION} tools with {jobs} jobs (log: {log_path}) ...")
         t = time.perf_counter()
         with open(log_path, "ab") as lf:
-            configure = [cmake, "-S", str(src), "-B", str(src / "build"), *CMAKE_FLAGS]
+            flags, variant = _variant()
+            build_dir = _build_dir(src)
+            log(f"llama.cpp build variant {variant}: {' '.join(flags)}")
+            configure = [cmake, "-S", str(src), "-B", str(build_dir), *flags]
             if _run_logged(configure, lf, log, "configure") != 0:
                 raise ToolMissing(f"llama.cpp cmake configure failed: see {log_path}")
-            compile_ = [cmake, "--build", str(src / "build"), "-j", str(jobs), "--target", *TOOL_NAMES]
+            compile_ = [cmake, "--build", str(build_dir), "-j", str(jobs), "--target", *TOOL_NAMES]
             if _run_logged(compile_, lf, log, "build llama.cpp") != 0:
                 raise ToolMissing(f"llama.cpp build failed: see {log_path}")
         found = _built(src)
         if found is None:
-            raise ToolMissing(f"llama.cpp build finished but {', '.join(TOOL_NAMES)} are not all in {src / 'build/bin'}")
+            raise ToolMissing(f"llama.cpp build finished but {', '.join(TOOL_NAMES)} are not all in "
+                              f"{_build_dir(src) / 'bin'}")
         log(f"llama.cpp tools built in {time.perf_counter() - t:.0f} s")
         return found
 

@@ -137,6 +137,10 @@ class Report:
 
         try:
             self.tools = llamacpp.tools(build=self.opts.build_llamacpp, log=self.log)
+            flags, variant = llamacpp._variant()
+            note = f"llama.cpp {llamacpp.LLAMACPP_VERSION}, build variant {variant} ({' '.join(flags)})"
+            if note not in self.data["notes"]:
+                self.data["notes"].append(note)
         except llamacpp.ToolMissing as exc:
             self.skip("llama.cpp", str(exc))
             self.tools = None

@@ -121,3 +121,21 @@ def test_quantize_imatrix_bench(built_tools, f32_gguf, tiny_llama, tmp_path):
     assert "-p 32 -n 16" in result["command"]
     decode_only = llamacpp.bench(built_tools, q8, threads=2, prompts=(), gen=16, reps=1)
     assert decode_only["prefill_tokens_per_s"] == {} and decode_only["decode_tokens_per_s"] > 0
+
+
+def test_build_flags_leave_amx_out_where_the_cpu_advertises_it():
+    from aqlm_compile.bench.llamacpp import CMAKE_FLAGS, build_flags
+
+    zen4 = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw",
+            "avx512vbmi", "avx512_vnni", "avx512_bf16"}
+    assert build_flags(zen4) == (CMAKE_FLAGS, "native")  # no AMX: the native build, as documented
+    flags, variant = build_flags(zen4 | {"amx_tile", "amx_int8", "amx_bf16", "avx512_fp16"})
+    assert variant == "noamx" and "-DGGML_NATIVE=OFF" in flags and "-DGGML_NATIVE=ON" not in flags
+    for on in ("GGML_AVX512", "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16", "GGML_AVX2", "GGML_FMA"):
+        assert f"-D{on}=ON" in flags, on
+    for off in ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16", "GGML_AVX_VNNI"):
+        assert f"-D{off}=OFF" in flags, off
+    assert set(CMAKE_FLAGS[1:]) <= set(flags)  # curl/openssl/tests off, Release
+    assert build_flags(zen4 | {"amx_tile"}, allow_amx=True) == (CMAKE_FLAGS, "native")
+    # AVX-512 only with every part GGML_AVX512 compiles for
+    assert "-DGGML_AVX512=OFF" in build_flags({"avx512f", "amx_tile"})[0]

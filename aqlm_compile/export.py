@@ -169,13 +169,14 @@ def attention_ops_for_onnx(model):
     attention scaling). Layers it does not cover keep their traced form. The Relax route keeps the HF forward too
     (its kernels are fused by TVM), so everything is restored afterwards, also when the export fails."""
     inner = getattr(model, "model", None)
-    if gqa_max_positions(model) is None:
+    max_positions = gqa_max_positions(model)
+    if max_positions is None:
         yield model
         return
     config = model.config
     chosen = [attn for attn in (getattr(layer, "self_attn", None) for layer in inner.layers)
               if attn is not None and gqa_eligible(attn, config) is None]
-    positions = torch.arange(gqa_max_positions(model), dtype=torch.float32)
+    positions = torch.arange(max_positions, dtype=torch.float32)
     freqs = torch.outer(positions, inner.rotary_emb.inv_freq.detach().float())
     scaling = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
     cos, sin = (freqs.cos() * scaling).contiguous(), (freqs.sin() * scaling).contiguous()

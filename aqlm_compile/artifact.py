@@ -55,6 +55,13 @@ def write(out_dir: str | Path, populate, manifest: dict) -> Path:
     return out_dir
 
 
+def head_form(manifest: dict) -> str:
+    """How an artifact stores a dense lm_head: "int8" rows or "fp16" as stored (`build --head`; manifests before the
+    top-level field record it in the TVM route's entry only)."""
+    head = manifest.get("head") or (manifest.get("tvm") or {}).get("head", "")
+    return "int8" if str(head).startswith("int8") else "fp16"
+
+
 def read_manifest(artifact_dir: str | Path) -> dict:
     """The manifest, with the fields every runtime reads checked for type (`expect`), before anything uses them."""
     path = Path(artifact_dir) / MANIFEST

@@ -95,8 +95,8 @@ def main():
                    "recorded, and build/eval use it unless told otherwise).")
 @click.option("--head", type=click.Choice(["fp16", "int8"]),
               help="With --bits: a dense lm_head's form in the artifact (and of an embedding tied to it), as the budget "
-                   "counts it: fp16, or int8 rows with a per-row scale (default fp16; recorded, and build/eval use it "
-                   "unless told otherwise).")
+                   "counts it: fp16, or int8 rows with a per-row scale (default int8 for a dense lm_head; recorded, and "
+                   "build/eval use it unless told otherwise).")
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE",
               help="Override one of the method's settings (repeatable), e.g. --set global_lr=1e-5 --set "
                    "global_epochs=2; names and types: the method's settings dataclass (quantize/presets.py for aqlm). "
@@ -157,7 +157,7 @@ def quantize(ctx, model_dir, out_dir, config, head_config, dataset, method, pres
                    "form a `quantize --bits` checkpoint records, else stored]")
 @click.option("--head", type=click.Choice(["fp16", "int8"]),
               help="Evaluate with a dense lm_head (and an embedding tied to it) as `build --head` stores it.  "
-                   "[default: the form a `quantize --bits --head` checkpoint records, else fp16]")
+                   "[default: as `build` does: the form a `quantize --bits` checkpoint records, else int8]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(path, dataset, seqlen, windows, no_rtn, embedding, head, as_json):
     """Held-out perplexity of an AQLM checkpoint, its FP source and an RTN baseline (or of an FP model)."""
@@ -167,7 +167,7 @@ def eval_(path, dataset, seqlen, windows, no_rtn, embedding, head, as_json):
     reporter = default_reporter(quiet=True)
     try:
         result = eval_job(path, dataset=dataset, seqlen=seqlen, windows=windows, rtn=not no_rtn, reporter=reporter,
-                          embedding=embedding or _recorded_embedding(path), head=head or _recorded_head(path))
+                          embedding=embedding or _recorded_embedding(path), head=head)
     finally:
         reporter.close()
     if as_json:
@@ -184,12 +184,14 @@ def eval_(path, dataset, seqlen, windows, no_rtn, embedding, head, as_json):
     for name, ppl, bits in rows:
         ppl_s = "n/a" if ppl is None else f"{ppl:.2f}"
         click.echo(f"{name:<28} {ppl_s:>12} {bits:>11.3f}")
+    if result.get("head") == "int8":
+        click.echo("AQLM row scored with the lm_head as int8 rows, as `build` stores it (--head fp16: as stored)")
     if "config" in result:
         click.echo("bits/param counts the quantized linears: codes + fp16 codebooks + fp16 scales")
         click.echo(f"whole checkpoint: {result['file_bytes'] / 1e6:.1f} MB (model.safetensors) = "
                    f"{result['bits_per_param_all']:.3f} bits/param over all {result['params_all'] / 1e6:.1f} M "
                    "parameters (embeddings, norms and an fp16 lm_head included)")
-        click.echo(f"artifact weights (embedding {result.get('embedding', 'stored')}): "
+        click.echo(f"artifact weights (embedding {result.get('embedding', 'stored')}, head {result['head']}): "
                    f"{result['weight_bits_per_param_all'] * result['params_all'] / 8e6:.1f} MB = "
                    f"{result['weight_bits_per_param_all']:.3f} bits/param (what quantize --bits budgets)")
 
@@ -241,7 +243,8 @@ def _targets_taking(what: str) -> str:
 @click.option("--head", type=click.Choice(["fp16", "int8"]),
               help="Both routes (TVM and ONNX): the dense lm_head (and an embedding tied to it) as stored, or int8 rows "
                    "with a per-row scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).  "
-                   "[default: the form a `quantize --bits --head` checkpoint records, else fp16]")
+                   "[default: the form a `quantize --bits` checkpoint records, else int8; fp16 for --target cuda and "
+                   "an AQLM head]")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
           dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head, onnx_external_data):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder (targets/plan.py)."""
@@ -263,7 +266,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         cpu=cpu, archs=tuple(a.strip() for a in archs.split(",")) if archs else None, max_batch=max_batch,
         onnx=with_onnx, tvm=with_tvm, fuse=fuse, fuse_tvm=fuse_tvm, dump_ir=dump_ir, dense_model_dir=dense_model_dir,
         dense_dtypes={"fp32": ("float32",), "fp16": ("float16",), "both": ("float32", "float16")}[dense_dtype],
-        onnx_dense=onnx_dense, head=head or _recorded_head(checkpoint_dir), onnx_external_data=onnx_external_data,
+        onnx_dense=onnx_dense, head=head, onnx_external_data=onnx_external_data,
         embedding=embedding or _recorded_embedding(checkpoint_dir))
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
     manifest = build_plan(checkpoint_dir, spec, options, out_dir)
@@ -351,11 +354,6 @@ def _recorded_form(path, key: str, forms: tuple[str, ...], default: str) -> str:
 def _recorded_embedding(path) -> str:
     """The input embedding's recorded form (`quantize --bits --embedding`), else "stored"."""
     return _recorded_form(path, "embedding", ("stored", "int8", "int4", "head"), "stored")
-
-
-def _recorded_head(path) -> str:
-    """The dense lm_head's recorded form (`quantize --bits --head`, config.json aqlm_compile.dense_head), else fp16."""
-    return _recorded_form(path, "dense_head", ("fp16", "int8"), "fp16")
 
 
 def _source_model(checkpoint_dir: str, dense_model_dir) -> str:
@@ -467,7 +465,7 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--note", "notes", multiple=True, help="--report: context to keep in the report (repeatable).")
 @click.option("--checkpoint", "extra_checkpoints", multiple=True,
               help="--report: also score this checkpoint of the default model, as CKPT[:EMBEDDING[:HEAD]] (EMBEDDING: "
-                   "default the form it records, else stored; HEAD: fp16 or int8, as `build --head`), its size the "
+                   "default the form it records, else stored; HEAD: fp16 or int8, default as `build --head`), its size the "
                    "weights its artifact stores (repeatable).")
 @click.option("--shapes", default="4096x4096,11008x4096,4096x11008,576x576,1536x576,576x1536", show_default=True)
 @click.option("--configs", default="2x8g8,1x16g8,8x8g32,1x8g8", show_default=True)
@@ -561,16 +559,16 @@ def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks,
         if not fmt.is_checkpoint(Path(path)):
             raise ConfigError(f"--checkpoint {spec}: {path} is not an AQLM checkpoint")
         form = form or _recorded_embedding(path)
-        head = head or _recorded_head(path)
+        head = head or None  # None: as `build` would (the recorded form, else int8: embedding.default_head)
         if form not in EMBEDDINGS:
             raise ConfigError(f"--checkpoint {spec}: embedding {form!r}: expected one of {', '.join(EMBEDDINGS)}")
-        if head not in HEADS:
+        if head is not None and head not in HEADS:
             raise ConfigError(f"--checkpoint {spec}: head {head!r}: expected one of {', '.join(HEADS)}")
         meta = json.loads((Path(path) / "config.json").read_text()).get("aqlm_compile") or {}
         if form == "head" and not (meta.get("head_config") and meta.get("head_untied")):
             raise ConfigError(f"--checkpoint {spec}: embedding head needs a checkpoint quantized with --head-config "
                               "whose embedding was tied to the head")
-        if head != "fp16" and meta.get("head_config"):
+        if head not in (None, "fp16") and meta.get("head_config"):
             raise ConfigError(f"--checkpoint {spec}: head {head} needs a dense lm_head (this one is AQLM "
                               f"{meta['head_config']})")
         extra.append((Path(path), form, head))

@@ -116,6 +116,20 @@ def _embedding_from_head(self, ids):
 
 
 HEADS = ("fp16", "int8")
+# `build`, `eval` and `quantize --bits` store a dense lm_head (and an embedding tied to it) as int8 rows unless told
+# otherwise: half its bytes per token for +0.24% held-out PPL on SmolLM2-135M 2x8g8 and +0.18% on 4x8g8
+# (benchmarks/head_int8_ppl.py; issue 13's bar for a default is 1%: docs/quantization.md step 6b)
+DEFAULT_HEAD = "int8"
+
+
+def default_head(model, recorded: str | None = None, device: str = "cpu") -> str:
+    """The dense lm_head's form when `--head` is not given: the form a `quantize --bits` checkpoint recorded
+    (config.json aqlm_compile.dense_head) or DEFAULT_HEAD — where the head is a dense linear and the target a CPU
+    (kernels/dense.py's int8 kernel is CPU-scheduled); otherwise "fp16", which leaves any head as stored (an AQLM
+    head, a CUDA build)."""
+    if device != "cpu" or type(model.get_output_embeddings()) is not torch.nn.Linear:
+        return "fp16"
+    return recorded if recorded in HEADS else DEFAULT_HEAD
 
 
 def round_head(model, kind: str) -> None:

@@ -128,7 +128,11 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     plan, layer_configs, plan_seconds = None, None, 0.0
     if bits is not None:
         plan_start = time.perf_counter()
-        embedding, head = embedding or "stored", head or "fp16"
+        if head is None:  # the form `build` stores by default: int8 rows for a dense head (an AQLM head: as is)
+            from .embedding import default_head
+
+            head = "fp16" if head_aqlm is not None else default_head(model)
+        embedding = embedding or "stored"
         fingerprint.update({"bits": bits, "embedding": embedding, "base_config": aqlm_config.name})
         if head != "fp16":
             fingerprint["dense_head"] = head
@@ -160,7 +164,7 @@ def quantize_job(model_dir: str | None, out_dir: str, config: str | None = None,
     if plan is not None:
         recorded["bit_plan"] = plan
         recorded["embedding"] = embedding
-        if head != "fp16":
+        if head_aqlm is None:  # build/eval read the head in the form its budget counted (an explicit fp16 too)
             recorded["dense_head"] = head
     metadata = {**recorded, "preset": preset, "seed": seed,
                 "dataset": corpus.name, "method": quantizer.record(),
@@ -333,10 +337,11 @@ def _finish_job(model_dir, out: Path, start: Path, config, head_config, num_bloc
 
 
 def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, windows: int | None = 32,
-             rtn: bool = True, fp: bool = True, reporter=None, embedding: str = "stored", head: str = "fp16") -> dict:
+             rtn: bool = True, fp: bool = True, reporter=None, embedding: str = "stored", head: str | None = None) -> dict:
     """Perplexity of a checkpoint (and of its FP source and an RTN baseline at the same code bits), or of an FP model.
     `embedding`: the checkpoint's input embedding as `build --embedding` puts it in an artifact (embedding.compact_embedding);
-    `head`: its dense lm_head as `build --head` does (embedding.round_head)."""
+    `head`: its dense lm_head as `build --head` does (embedding.round_head; None: as `build` does by default,
+    embedding.default_head)."""
     import torch
 
     from . import format as fmt
@@ -354,6 +359,10 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
         from .models import find_source_model
 
         model, aqlm_config, meta = fmt.load(target)
+        if head is None:
+            from .embedding import default_head
+
+            head = default_head(model, meta.get("dense_head"))
         tokenizer = fmt.load_tokenizer(target)
         found = find_source_model(meta.get("source_model"), target)
         source = str(found) if found else None
@@ -380,7 +389,7 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
             from .embedding import round_head
 
             round_head(model, head)  # after compact_embedding: a compact embedding keeps the rows it was made from
-            result["head"] = head
+        result["head"] = head
         # the whole model (embeddings, norms, an fp16 head, ...): the file's bytes over every parameter
         file_bytes = (target / fmt.WEIGHTS).stat().st_size
         # ... and the weights as an artifact with this embedding form stores them (what `quantize --bits` budgets)
@@ -388,7 +397,7 @@ def eval_job(path: str, dataset: str | None = "brown", seqlen: int = 512, window
                        "bits_per_param_all": file_bytes * 8 / params_all,
                        "weight_bits_per_param_all": stored_bits / params_all})
     else:
-        if embedding != "stored" or head != "fp16":
+        if embedding != "stored" or head not in (None, "fp16"):
             from .errors import ConfigError
 
             raise ConfigError(f"--embedding {embedding} / --head {head}: {path} is not an AQLM checkpoint")

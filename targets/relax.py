@@ -374,6 +374,157 @@ def _silu_mul_converter(kernels: dict, prefix: str):
     return convert
 
 
+def _rms_norm_match(node):
+    """(x node, weight node, eps) when `node` is the last multiply of an RMSNorm as HF's Llama/Qwen2/Mistral norms
+    trace — w · to(x · rsqrt(mean(x², -1, keepdim) + eps)), every tensor fp32, w 1-D over x's last dimension, the
+    casts fp32 to fp32 — else None."""
+    import torch
+
+    aten = torch.ops.aten
+
+    def strip(n):  # a cast that changes nothing
+        while getattr(n, "target", None) in (aten.to.dtype, aten._to_copy.default) and \
+                getattr(n.args[0], "meta", {}).get("val") is not None and \
+                n.args[0].meta["val"].dtype == n.meta["val"].dtype:
+            n = n.args[0]
+        return n
+
+    def val(n):
+        return getattr(n, "meta", {}).get("val")
+
+    if len(node.args) != 2:
+        return None
+    for w, normed in (node.args, node.args[::-1]):
+        normed = strip(normed)
+        if getattr(normed, "target", None) is not aten.mul.Tensor:
+            continue
+        for x, inv in (normed.args, normed.args[::-1]):
+            if getattr(inv, "target", None) is not aten.rsqrt.default:
+                continue
+            add = inv.args[0]
+            if getattr(add, "target", None) is not aten.add.Tensor or not isinstance(add.args[1], (int, float)):
+                continue
+            mean = add.args[0]
+            if getattr(mean, "target", None) is not aten.mean.dim or list(mean.args[1]) not in ([-1],) or \
+                    not (len(mean.args) > 2 and mean.args[2]):
+                continue
+            sq = mean.args[0]
+            if getattr(sq, "target", None) is not aten.pow.Tensor_Scalar or sq.args[1] != 2 or sq.args[0] is not x:
+                continue
+            xv, wv, yv = val(x), val(w), val(node)
+            if xv is None or wv is None or yv is None or {xv.dtype, wv.dtype, yv.dtype} != {torch.float32} or \
+                    wv.dim() != 1 or xv.dim() < 2 or int(wv.shape[0]) != int(xv.shape[-1]) or \
+                    tuple(yv.shape) != tuple(xv.shape):
+                continue
+            return x, w, float(add.args[1])
+    return None
+
+
+def _rms_norm_converter(kernels: dict, prefix: str, otherwise):
+    """An RMSNorm's last multiply (`_rms_norm_match`) → call_tir of kernels/layer_ops.py on x as [tokens, C] (its x², mean,
+    + eps, rsqrt and the other multiply are then dead code); any other multiply → `otherwise`."""
+    from tvm import relax
+
+    from aqlm_compile.kernels.layer_ops import rms_norm
+
+    def convert(node, importer):
+        match = _rms_norm_match(node)
+        if match is None:
+            return otherwise(node, importer)
+        x_node, w_node, eps = match
+        bb = importer.block_builder
+        channels = int(w_node.meta["val"].shape[0])
+        x2, x_shape, n_tok = _tokens_2d(bb, importer.env[x_node], x_node, channels)
+        lead = [d for d in x_node.meta["val"].shape[:-1]]
+        rows = int(np.prod([int(d) for d in lead])) if all(isinstance(d, int) for d in lead) else None  # None: prefill
+        key = ("rms_norm", channels, eps, rows)
+        if key not in kernels:
+            same_shape = sum(1 for k in kernels if isinstance(k, tuple) and k[:2] == ("rms_norm", channels) and
+                             k[3] == rows)  # another eps at this shape gets its own symbol
+            symbol = f"{prefix}_rms_norm_{channels}" + (f"_r{rows}" if rows is not None else "") + \
+                (f"_{same_shape}" if same_shape else "")
+            kernels[key] = bb.add_func(rms_norm(channels, eps, rows, name=symbol).with_attr("tirx.is_scheduled", True),
+                                       symbol)
+        y = bb.emit(relax.call_tir(kernels[key], [x2, importer.env[w_node]],
+                                   relax.TensorType((n_tok, channels), "float32")))
+        return bb.emit(relax.op.reshape(y, x_shape))
+
+    return convert
+
+
+def _rotary_match(node):
+    """(t node, cos node, sin node) when `node` is the add of HF's half-split rotary embedding as it traces —
+    t·cos + cat(−t[..., D/2:], t[..., :D/2])·sin, t [1, H, S, D] and cos/sin [1, 1, S, D], all fp32 — else None."""
+    import torch
+
+    aten = torch.ops.aten
+
+    def val(n):
+        return getattr(n, "meta", {}).get("val")
+
+    def is_slice(n, t, start, end):
+        return getattr(n, "target", None) is aten.slice.Tensor and n.args[0] is t and n.args[1] in (3, -1) and \
+            n.args[2] == start and (n.args[3] == end if end is not None else n.args[3] >= 2 ** 62 or n.args[3] == 0)
+
+    if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    for plain, rotated in (node.args, node.args[::-1]):
+        if getattr(plain, "target", None) is not aten.mul.Tensor or \
+                getattr(rotated, "target", None) is not aten.mul.Tensor:
+            continue
+        for t, cos in (plain.args, plain.args[::-1]):
+            tv = val(t)
+            if tv is None or tv.dim() != 4 or tv.shape[0] != 1 or isinstance(tv.shape[3], torch.SymInt):
+                continue
+            d = int(tv.shape[3])
+            for cat, sin in (rotated.args, rotated.args[::-1]):
+                if getattr(cat, "target", None) is not aten.cat.default or len(cat.args[0]) != 2 or \
+                        (cat.args[1] if len(cat.args) > 1 else 0) not in (3, -1):
+                    continue
+                neg, first = cat.args[0]
+                if getattr(neg, "target", None) is not aten.neg.default or not is_slice(neg.args[0], t, d // 2, None) \
+                        or not is_slice(first, t, 0, d // 2):
+                    continue
+                cv, sv, yv = val(cos), val(sin), val(node)
+                if cv is None or sv is None or yv is None or d % 2 or \
+                        {tv.dtype, cv.dtype, sv.dtype, yv.dtype} != {torch.float32} or \
+                        any(v.dim() != 4 or v.shape[0] != 1 or v.shape[1] != 1 or v.shape[3] != d for v in (cv, sv)) \
+                        or tuple(yv.shape) != tuple(tv.shape):
+                    continue
+                return t, cos, sin
+    return None
+
+
+def _rotary_converter(kernels: dict, prefix: str):
+    """HF's rotary embedding (`_rotary_match`, at its add) → call_tir of kernels/layer_ops.py `rotary` (the slices,
+    negation, concatenation and multiplies are then dead code); any other add: the importer's own."""
+    from tvm import relax
+
+    from aqlm_compile.kernels.layer_ops import rotary
+
+    defaults: dict = {}
+
+    def convert(node, importer):
+        match = _rotary_match(node)
+        if match is None:
+            if id(importer) not in defaults:
+                defaults.clear()
+                defaults[id(importer)] = importer.create_convert_map()["add.Tensor"]
+            return defaults[id(importer)](node)
+        t, cos, sin = match
+        heads, dim = int(t.meta["val"].shape[1]), int(t.meta["val"].shape[3])
+        bb = importer.block_builder
+        key = ("rotary", heads, dim)
+        if key not in kernels:
+            symbol = f"{prefix}_rotary_{heads}x{dim}"
+            kernels[key] = bb.add_func(rotary(heads, dim, name=symbol).with_attr("tirx.is_scheduled", True), symbol)
+        tt = importer.env[t]
+        return bb.emit(relax.call_tir(kernels[key], [tt, importer.env[cos], importer.env[sin]],
+                                      relax.TensorType(bb.normalize(tt).ty.shape, "float32")))
+
+    return convert
+
+
 def _square_converter(node, importer):
     """`aten.pow(x, 2)` (RMSNorm's x²) → x · x: the legalised pow calls libm's `powf` per element. Other exponents:
     the importer's own converter."""
@@ -417,7 +568,8 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
                             "linear_rows_int8.default": _rows_int8_converter(kernels, prefix),
                             **({"bmm.default": _bmm_converter(kernels, prefix),
                                 "scaled_dot_product_attention.default": _attention_converter(kernels, prefix),
-                                "mul.Tensor": _silu_mul_converter(kernels, prefix),
+                                "mul.Tensor": _rms_norm_converter(kernels, prefix, _silu_mul_converter(kernels, prefix)),
+                                "add.Tensor": _rotary_converter(kernels, prefix),
                                 "pow.Tensor_Scalar": _square_converter} if cpu else {})})
 
 

@@ -1,6 +1,9 @@
 """kernels/attention.py (causal attention in one kernel) against torch's scaled_dot_product_attention — grouped-query
 heads, decode (one query after a cache), padding in the mask, a fully masked row, symbolic sizes — and its use in
-the Relax route's prefill and decode (`aten.scaled_dot_product_attention` kept whole)."""
+the Relax route's prefill and decode (`aten.scaled_dot_product_attention` kept whole); the other fused CPU kernels of
+that route (silu·up, RMSNorm)."""
+
+import json
 
 import numpy as np
 import pytest
@@ -136,9 +139,10 @@ def test_silu_mul_matches_torch(length):
         assert np.isfinite(y.numpy()).all() and np.abs(y.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), n
 
 
-def test_mlp_activation_and_norm_square_are_rewritten(tiny_llama_ckpt):
-    """The Relax route's gated MLP calls the fused silu·up kernel (no sigmoid left) and RMSNorm squares by a multiply
-    (no power: libm's powf per element) — in both functions; the logits are checked by the whole-model test above."""
+def test_mlp_activation_and_norms_are_rewritten(tiny_llama_ckpt):
+    """The Relax route's gated MLP calls the fused silu·up kernel (no sigmoid left) and every RMSNorm is one call of
+    kernels/layer_ops.py (no power, mean or rsqrt left) — in both functions; the logits are checked by the whole-model
+    tests (test_onnx_ort.py test_tvm_decoder_matches_torch)."""
     from aqlm_compile.targets.plan import relax_graphs
     from aqlm_compile.targets.relax import relax_decoder_module
 
@@ -148,6 +152,72 @@ def test_mlp_activation_and_norm_square_are_rewritten(tiny_llama_ckpt):
     names = [gv.name_hint for gv, _ in live.functions_items()]
     assert "prefill_silu_mul" in names and any(n.startswith("decode_silu_mul_") for n in names), names
     assert "R.sigmoid" not in text and "R.nn.silu" not in text and "R.power" not in text
+    assert "prefill_rms_norm_64" in names and "decode_rms_norm_64_r1" in names, names
+    assert "R.mean" not in text and "R.rsqrt" not in text
+    # one call per norm: 2 per block and the final one
+    layers = json.loads((tiny_llama_ckpt / "config.json").read_text())["num_hidden_layers"]
+    assert text.count("cls.decode_rms_norm_64_r1") == 2 * layers + 1
+    # the rotary embedding: one call each for q and k per block (the halves' slices, negation and concatenation dead)
+    assert text.count("cls.decode_rotary_") == 2 * layers and text.count("cls.prefill_rotary_") == 2 * layers
+    assert text.count("R.negative") == 0, text.count("R.negative")
+
+
+@pytest.mark.parametrize("rows", [None, 1, 3, 9])
+def test_rms_norm_matches_torch(rows):
+    """kernels/layer_ops.py against HF's LlamaRMSNorm (fp64 reference): a symbolic row count (threaded), fixed rows on the
+    calling thread and threaded; large and tiny rows; a width that is not a multiple of the vector is refused."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from aqlm_compile.kernels.layer_ops import rms_norm
+
+    lib = build(rms_norm(576, 1e-5, rows, name="norm"), x86_target())
+    norm = LlamaRMSNorm(576, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576, generator=torch.Generator().manual_seed(0)))
+    for n in ([1, 4, 37] if rows is None else [rows]):
+        x = np.random.default_rng(n).standard_normal((n, 576)).astype(np.float32) * 30
+        x[0] *= 1e-3
+        y = tvm.runtime.empty((n, 576), "float32", tvm.cpu())
+        lib["norm"](tvm.runtime.tensor(x), tvm.runtime.tensor(norm.weight.float().detach().numpy()), y)
+        want = norm(torch.tensor(x, dtype=torch.float64)).detach().numpy()
+        assert np.abs(y.numpy() - want).max() <= 1e-5 * np.abs(want).max(), n
+    with pytest.raises(ValueError, match="multiple of 16"):
+        rms_norm(100, 1e-5)
+
+
+def test_a_norm_that_is_not_rms_norm_stays_as_traced():
+    """The rewrite takes only the exact RMSNorm pattern: a different exponent, a mean over another axis or a weight that
+    is not one value per channel leave the graph as traced (and it still computes torch's values)."""
+    from aqlm_compile.targets.relax import _rms_norm_match, import_decoder
+
+    class Norms(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(16))
+
+        def forward(self, x, scale):
+            a = self.w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))  # RMSNorm
+            b = self.w * (x * torch.rsqrt(x.pow(3).mean(-1, keepdim=True).abs() + 1e-6))  # not: x³
+            c = self.w * (x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + 1e-6))  # not: over rows
+            d = scale * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))  # not: a weight per element
+            return a + b + c + d
+
+    x, scale = torch.randn(3, 16), torch.randn(3, 16)
+    ep = torch.export.export(Norms(), (x, scale)).run_decompositions({})
+    muls = [n for n in ep.graph.nodes if n.target is torch.ops.aten.mul.Tensor and
+            any(getattr(a, "op", None) == "placeholder" for a in n.args) and
+            not any(getattr(a, "target", None) is torch.ops.aten.rsqrt.default for a in n.args)]
+    assert [_rms_norm_match(n) is not None for n in muls] == [True, False, False, False]
+    mod = import_decoder(ep, None)
+    names = [gv.name_hint for gv, _ in mod.functions_items()]
+    assert sum(n.startswith("main_rms_norm_16") for n in names) == 1, names
+    mod = tvm.relax.transform.DeadCodeElimination(["main"])(mod)
+    lib = tvm.compile(tvm.relax.transform.LegalizeOps()(mod), target=x86_target())
+    vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
+    params = [tvm.runtime.tensor(p.detach().numpy()) for p in ep.module().parameters()]
+    out = vm["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(scale.numpy()), *params)
+    got = (out if hasattr(out, "numpy") else out[0]).numpy()
+    assert np.abs(got - Norms.forward(ep.module(), x, scale).detach().numpy()).max() <= 1e-4
 
 
 def test_attention_the_kernel_cannot_take_is_decomposed_as_before():
@@ -181,3 +251,55 @@ def test_attention_the_kernel_cannot_take_is_decomposed_as_before():
         got = (out if hasattr(out, "numpy") else out[0]).numpy()  # the importer returns a tuple of outputs
         want = module(q, k, v, mask).numpy()
         assert np.abs(got - want).max() <= 1e-5, type(module).__name__
+
+
+@pytest.mark.parametrize("positions", [1, 5, 40])
+def test_rotary_matches_hf(positions):
+    """kernels/layer_ops.py `rotary` against transformers' apply_rotary_pos_emb (half-split), on the calling thread (few
+    rows) and threaded (heads × positions ≥ 64)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from aqlm_compile.kernels.layer_ops import rotary
+
+    lib = build(rotary(9, 64, name="rot"), x86_target())
+    rng = np.random.default_rng(positions)
+    t = rng.standard_normal((1, 9, positions, 64)).astype(np.float32)
+    angles = rng.standard_normal((1, positions, 64)).astype(np.float32)
+    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
+    y = tvm.runtime.empty(t.shape, "float32", tvm.cpu())
+    lib["rot"](*(tvm.runtime.tensor(a) for a in (t, cos, sin)), y)
+    want, _ = apply_rotary_pos_emb(torch.tensor(t), torch.tensor(t), torch.tensor(cos[:, 0]), torch.tensor(sin[:, 0]))
+    assert np.abs(y.numpy() - want.numpy()).max() <= 1e-6
+    with pytest.raises(ValueError, match="even"):
+        rotary(2, 15)
+
+
+def test_what_is_not_the_rotary_embedding_stays_as_traced():
+    """Only the half-split rotary at its add is rewritten: the interleaved form (rotated pairs), halves swapped the
+    other way, or a plain add of two products stay as traced — and the module computes torch's values."""
+    from aqlm_compile.targets.relax import _rotary_match, import_decoder
+
+    def half(t):
+        return torch.cat((-t[..., 8:], t[..., :8]), dim=-1)
+
+    class Rotaries(torch.nn.Module):
+        def forward(self, t, cos, sin):
+            a = t * cos + half(t) * sin  # the rotary embedding
+            b = t * cos + torch.cat((t[..., 8:], -t[..., :8]), dim=-1) * sin  # not: the other sign
+            c = t * cos + t * sin  # not: no rotation
+            return a * b * c
+
+    t = torch.randn(1, 3, 4, 16)
+    cos, sin = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16)
+    ep = torch.export.export(Rotaries(), (t, cos, sin)).run_decompositions({})
+    adds = [n for n in ep.graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert [_rotary_match(n) is not None for n in adds] == [True, False, False]
+    mod = import_decoder(ep, None)
+    names = [gv.name_hint for gv, _ in mod.functions_items()]
+    assert sum(n.startswith("main_rotary_3x16") for n in names) == 1, names
+    mod = tvm.relax.transform.DeadCodeElimination(["main"])(mod)
+    lib = tvm.compile(tvm.relax.transform.LegalizeOps()(mod), target=x86_target())
+    vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
+    out = vm["main"](*(tvm.runtime.tensor(a.numpy()) for a in (t, cos, sin)))
+    got = (out if hasattr(out, "numpy") else out[0]).numpy()
+    assert np.abs(got - Rotaries()(t, cos, sin).numpy()).max() <= 1e-4

@@ -188,7 +188,7 @@ def test_rms_norm_matches_torch(rows):
 def test_a_norm_that_is_not_rms_norm_stays_as_traced():
     """The rewrite takes only the exact RMSNorm pattern: a different exponent, a mean over another axis or a weight that
     is not one value per channel leave the graph as traced (and it still computes torch's values)."""
-    from aqlm_compile.targets.relax import _rms_norm_match, import_decoder
+    from aqlm_compile.targets.relax import _rms_norm_match
 
     class Norms(torch.nn.Module):
         def __init__(self):
@@ -208,22 +208,28 @@ def test_a_norm_that_is_not_rms_norm_stays_as_traced():
             any(getattr(a, "op", None) == "placeholder" for a in n.args) and
             not any(getattr(a, "target", None) is torch.ops.aten.rsqrt.default for a in n.args)]
     assert [_rms_norm_match(n) is not None for n in muls] == [True, False, False, False]
+    names, got = _imported(ep, "main", x.numpy(), scale.numpy(),
+                           *(p.detach().numpy() for p in ep.module().parameters()))
+    assert sum(n.startswith("main_rms_norm_16") for n in names) == 1, names
+    assert np.abs(got - Norms.forward(ep.module(), x, scale).detach().numpy()).max() <= 1e-4
+
+
+def _imported(ep, prefix: str, *inputs):
+    """(names of the functions `import_decoder` made of `ep`, the compiled module's output on `inputs` as numpy)."""
+    from aqlm_compile.targets.relax import import_decoder
+
     mod = import_decoder(ep, None)
     names = [gv.name_hint for gv, _ in mod.functions_items()]
-    assert sum(n.startswith("main_rms_norm_16") for n in names) == 1, names
-    mod = tvm.relax.transform.DeadCodeElimination(["main"])(mod)
+    mod = tvm.relax.transform.DeadCodeElimination([prefix])(mod)
     lib = tvm.compile(tvm.relax.transform.LegalizeOps()(mod), target=x86_target())
-    vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
-    params = [tvm.runtime.tensor(p.detach().numpy()) for p in ep.module().parameters()]
-    out = vm["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(scale.numpy()), *params)
-    got = (out if hasattr(out, "numpy") else out[0]).numpy()
-    assert np.abs(got - Norms.forward(ep.module(), x, scale).detach().numpy()).max() <= 1e-4
+    out = tvm.relax.VirtualMachine(lib, tvm.cpu())[prefix](*(tvm.runtime.tensor(np.asarray(a)) for a in inputs))
+    return names, (out if hasattr(out, "numpy") else out[0]).numpy()  # the importer returns a tuple of outputs
 
 
 def test_attention_the_kernel_cannot_take_is_decomposed_as_before():
     """A float mask (or dropout, batch > 1, …) is not the kernel's contract: import_decoder then lets torch decompose
     every scaled_dot_product_attention, and the module still computes torch's attention."""
-    from aqlm_compile.targets.relax import attention_fits_kernel, import_decoder
+    from aqlm_compile.targets.relax import attention_fits_kernel
 
     class FloatMask(torch.nn.Module):
         def forward(self, q, k, v, bias):
@@ -241,14 +247,8 @@ def test_attention_the_kernel_cannot_take_is_decomposed_as_before():
         ep = torch.export.export(module, (q, k, v, mask))
         node = next(n for n in ep.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default)
         assert attention_fits_kernel(node) is fits
-        mod = import_decoder(ep, None)
-        names = [gv.name_hint for gv, _ in mod.functions_items()]
+        names, got = _imported(ep, "main", *(t.numpy() for t in (q, k, v, mask)))
         assert any(n.startswith("main_attention_") for n in names) is fits, names
-        mod = tvm.relax.transform.DeadCodeElimination(["main"])(mod)
-        lib = tvm.compile(tvm.relax.transform.LegalizeOps()(mod), target=x86_target())
-        vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
-        out = vm["main"](*(tvm.runtime.tensor(t.numpy()) for t in (q, k, v, mask)))
-        got = (out if hasattr(out, "numpy") else out[0]).numpy()  # the importer returns a tuple of outputs
         want = module(q, k, v, mask).numpy()
         assert np.abs(got - want).max() <= 1e-5, type(module).__name__
 
@@ -277,7 +277,7 @@ def test_rotary_matches_hf(positions):
 def test_what_is_not_the_rotary_embedding_stays_as_traced():
     """Only the half-split rotary at its add is rewritten: the interleaved form (rotated pairs), halves swapped the
     other way, or a plain add of two products stay as traced — and the module computes torch's values."""
-    from aqlm_compile.targets.relax import _rotary_match, import_decoder
+    from aqlm_compile.targets.relax import _rotary_match
 
     def half(t):
         return torch.cat((-t[..., 8:], t[..., :8]), dim=-1)
@@ -294,12 +294,6 @@ def test_what_is_not_the_rotary_embedding_stays_as_traced():
     ep = torch.export.export(Rotaries(), (t, cos, sin)).run_decompositions({})
     adds = [n for n in ep.graph.nodes if n.target is torch.ops.aten.add.Tensor]
     assert [_rotary_match(n) is not None for n in adds] == [True, False, False]
-    mod = import_decoder(ep, None)
-    names = [gv.name_hint for gv, _ in mod.functions_items()]
+    names, got = _imported(ep, "main", *(a.numpy() for a in (t, cos, sin)))
     assert sum(n.startswith("main_rotary_3x16") for n in names) == 1, names
-    mod = tvm.relax.transform.DeadCodeElimination(["main"])(mod)
-    lib = tvm.compile(tvm.relax.transform.LegalizeOps()(mod), target=x86_target())
-    vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
-    out = vm["main"](*(tvm.runtime.tensor(a.numpy()) for a in (t, cos, sin)))
-    got = (out if hasattr(out, "numpy") else out[0]).numpy()
     assert np.abs(got - Rotaries()(t, cos, sin).numpy()).max() <= 1e-4

@@ -330,6 +330,20 @@ def _attention_converter(kernels: dict, prefix: str):
     return convert
 
 
+def _importer_own(op: str):
+    """The importer's own converter for `op` (e.g. "add.Tensor"), as a custom converter is called: (node, importer);
+    looked up once per importer (`create_convert_map` builds the whole table)."""
+    cache: dict = {}
+
+    def convert(node, importer):
+        if id(importer) not in cache:
+            cache.clear()
+            cache[id(importer)] = importer.create_convert_map()[op]
+        return cache[id(importer)](node)
+
+    return convert
+
+
 def _silu_mul_converter(kernels: dict, prefix: str):
     """`aten.mul(silu(gate), up)` (the gated MLP, `aten.silu` kept whole) on fp32 tensors of one shape → call_tir
     of kernels/elementwise.py over the flat tensors (the legalised sigmoid is scalar and single-threaded, and each
@@ -339,7 +353,7 @@ def _silu_mul_converter(kernels: dict, prefix: str):
 
     from aqlm_compile.kernels.elementwise import silu_mul
 
-    defaults: dict = {}
+    default = _importer_own("mul.Tensor")
 
     def convert(node, importer):
         bb = importer.block_builder
@@ -350,10 +364,7 @@ def _silu_mul_converter(kernels: dict, prefix: str):
         av, bv, yv = (getattr(n, "meta", {}).get("val") for n in (a, b, node))
         if not is_silu(a) or av is None or bv is None or yv is None or \
                 not (av.dtype == bv.dtype == yv.dtype == torch.float32) or tuple(av.shape) != tuple(bv.shape):
-            if id(importer) not in defaults:
-                defaults.clear()
-                defaults[id(importer)] = importer.create_convert_map()["mul.Tensor"]
-            return defaults[id(importer)](node)
+            return default(node, importer)
         numel = 1
         for d in av.shape:
             numel = numel * d
@@ -502,15 +513,12 @@ def _rotary_converter(kernels: dict, prefix: str):
 
     from aqlm_compile.kernels.layer_ops import rotary
 
-    defaults: dict = {}
+    default = _importer_own("add.Tensor")
 
     def convert(node, importer):
         match = _rotary_match(node)
         if match is None:
-            if id(importer) not in defaults:
-                defaults.clear()
-                defaults[id(importer)] = importer.create_convert_map()["add.Tensor"]
-            return defaults[id(importer)](node)
+            return default(node, importer)
         t, cos, sin = match
         heads, dim = int(t.meta["val"].shape[1]), int(t.meta["val"].shape[3])
         bb = importer.block_builder

@@ -1,17 +1,23 @@
 """Byte-permute lookup-table AQLM GEMV for x86 CPUs with AVX-512 VBMI (decode, batch 1–8), for 8-bit codes (Kx8).
 
 The T-MAC route (Wei et al. 2024) applied to AQLM's 256-entry codebooks. Per input group j, codebook m and token n,
-the table holds the 256 partial dot products t[n, j, m, k] = C_m[k] · x[n, j·g:(j+1)·g] (fp32, vectorised over k
-from a transposed fp32 copy of the codebooks), rounded to 16 bits with one scale per token per block of
-`group_block` groups (scale = peak |t| over the block / 32767) and stored as two byte planes: the signed high byte
-and the low byte. Rows go in tiles of 64 (one zmm register of int8 codes): for each group and codebook the 64
-codes of a tile are one 64-byte load, and `vpermi2b` looks 64 rows up at once in a 128-entry half of a plane (two
-registers); the code's top bit picks the half (codes are stored signed: code ≥ 128 ⇔ byte < 0). Each plane's bytes
+the table holds the 256 partial dot products t[n, j, m, k] = C_m[k] · x[n, j·g:(j+1)·g] (fp32 multiply-adds,
+vectorised over k from a transposed fp32 copy of the codebooks), rounded to 16 bits with one scale per token, block
+of `group_block` groups and fused partition. The scale comes from a bound known before the table is computed,
+|t| ≤ max_{m,k} |C_m[k]| · max_j |x_j| over the partition's codebooks and the block's groups (Cauchy–Schwarz;
+/ 32767), so the table is written in one pass: the input is
+pre-multiplied by 1/scale, 64 entries of up to 6 groups accumulate in registers, and each int16 entry is stored as two
+byte planes (vcvtps2dq, vpackssdw, one vpermi2b per plane): the signed high byte and the low byte. Rows go in
+tiles of 64 (one zmm register of int8 codes): for each group and codebook the 64 codes of a tile are one 64-byte load,
+and `vpermi2b` looks 64 rows up at once in a 128-entry half of a plane (two registers); the code's top bit picks the half (codes are stored signed: code ≥ 128 ⇔ byte < 0). Each plane's bytes
 add up in int16 over a block (no overflow: ≤ 255·M per group), then in fp32 as (Σhigh·256 + Σlow) × the block's
 scale; y = scale[o] · Σ (+ bias).
 
 Work is split over the input groups (see `gemv_lut_vbmi`). Measured on the 2-vCPU Zen 4 VM, 2 threads, 2x8g8
 (benchmarks in the function docstrings): 4096² 0.22 ms against 0.54 for `gemv_direct`, 11008×4096 0.62 vs 1.59.
+The one-pass table (stop 36) replaced a two-pass one that scaled by the block's measured peak: on the 2-vCPU Xeon
+VM, 2 threads, 576×576 14.5 → 11.3 µs, 1536×576 19.4 → 16.8, 576×1536 29.5 → 20.5 (hand-run), and a SmolLM2
+2x8g8 decode step 5.46 → 5.01 ms (benchmarks/decode_ab.py). Its accuracy: benchmarks/lut_decode_ppl.py.
 
 Why two planes: one int8 plane (`planes=1`) halves the lookups (4096² 0.13 ms) but its rounding (0.9% relative
 error per layer output on random data) cost SmolLM2-135M 2x8g8 +1.1% held-out PPL and 7.5% of next-token argmaxes
@@ -29,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 from tvm.script import tirx as T
 
-from .gemv_direct import GemvShape, _largest_divisor
+from .gemv_direct import GemvShape, _largest_divisor, tree_sum
 
 ROW_TILED = "row_tiled64"
 TILE_ROWS = 64
@@ -68,13 +74,27 @@ def unsupported(shape: GemvShape) -> str | None:
 
 def pays_off(shape: GemvShape) -> str | None:
     """None when the kernel beats `gemv_direct` at `shape`, else why not. The table costs M·256·g multiply-adds per
-    input group whatever the row count; the direct kernel about a cycle per row, group and codebook. Measured (Zen 4
-    VM, 2 threads, LUT vs direct): 576×576 14.9 vs 11.9 µs (direct wins), 1536×576 16.7 vs 28.3, 576×1536 25.1 vs
-    28.9, 4096² 140 vs 496, 11008×4096 339 vs 1350."""
+    input group and token whatever the row count, and the lookups are per token too, while the direct kernel decodes
+    each weight once for the whole batch: the LUT kernel needs more rows per table as the batch grows. Measured on the
+    2-vCPU Xeon VM (AVX-512 VBMI), 2 threads, 2x8g8, µs LUT vs direct (hand-run, stop 36):
+    - batch 1: 384×576 10.1 vs 9.1, 512×576 10.9 vs 12.2, 576×576 10.6 vs 13.1, 256×1536 16.6 vs 16.6,
+      576×1536 20.7 vs 33.9, 1536×576 16.6 vs 35.2;
+    - batch 2: 576×576 17.8 vs 15.0, 576×1536 39.4 vs 39.8, 1536×576 30.3 vs 38.2, 1024×4096 120 vs 171;
+    - batch 4: 1536×576 53 vs 49, 1024×4096 224 vs 221, 4096² 739 vs 881; batch 8: 4096² 1886 vs 1545."""
     rows = shape.out_features // len(shape.parts)  # one table per partition
-    if rows >= 768 or (rows >= 256 and shape.in_features >= 1024):
+    wide = shape.in_features >= 1024
+    if shape.batch == 1:
+        ok = rows >= 512 or (rows >= 256 and wide)
+    elif shape.batch == 2:
+        ok = rows >= 1024 or (rows >= 512 and wide)
+    elif shape.batch <= 4:
+        ok = rows >= 2048
+    else:
+        ok = False
+    if ok:
         return None
-    return f"{rows} rows per table × {shape.in_features} inputs: the table costs more than the lookups save"
+    return (f"{rows} rows per table × {shape.in_features} inputs at batch {shape.batch}: the table and lookups (per "
+            f"token) cost more than decoding the weights once")
 
 
 def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, planes: int = 2,
@@ -110,17 +130,28 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
     PM = shape.codebook_rows()
     act, cbt_dtype = shape.act_dtype, shape.codebook_dtype
 
-    @T.macro
-    def quantize(table, tf, n, j, jj, pm, k, inv_scale):
-        """table[·, n, j, pm, k] = round(tf · inv_scale): one int8 plane, or the high (signed) and low byte of an
-        int16 (the low byte's bits stored in an int8, zero-extended when looked up)."""
-        if planes == 1:
-            table[0, n, j, pm, k] = T.Cast("int8", T.Cast("int32", T.nearbyint(tf[jj, pm, k] * inv_scale)))
-        else:
-            table[0, n, j, pm, k] = T.Cast("int8", T.shift_right(
-                T.Cast("int32", T.nearbyint(tf[jj, pm, k] * inv_scale)), 8))
-            table[1, n, j, pm, k] = T.Cast("int8", T.bitwise_and(
-                T.Cast("int32", T.nearbyint(tf[jj, pm, k] * inv_scale)), 255))
+    P = len(shape.parts)
+    JU = max(d for d in range(1, 7) if JC % d == 0)  # groups per table pass: 4·JU zmm accumulators stay in registers
+
+    def to_int32(v):  # vcvtps2dq: round to nearest in one instruction (nearbyint + a cast was three)
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.mask.cvtps2dq.512", v,
+                                       T.Broadcast(T.int32(0), 16), T.int16(-1), T.int32(4))
+
+    def packed_bytes(a, b):  # two int32x16 → 32 saturated int16 (in-lane order, undone by `plane_order`)
+        return T.reinterpret("int8x64", T.call_llvm_pure_intrin("int16x32", "llvm.x86.avx512.packssdw.512", a, b))
+
+    def plane_order(high: int):
+        """vpermi2b indices taking, for table entries e = 0..63, byte `high` of entry e's int16 out of the two packs
+        packed_bytes(e 0–15, e 16–31) and packed_bytes(e 32–47, e 48–63): vpackssdw interleaves its operands per
+        128-bit lane (4 words of one, then 4 of the other), so entry e (< 32) is word
+        (e%16)//4·8 + e%4 + 4·(e//16)."""
+        def c(v):
+            return T.Broadcast(T.int8(v), 64)
+        e = T.ramp(T.int8(0), T.int8(1), 64)
+        ee = T.bitwise_and(e, c(31))
+        word = T.shift_left(T.shift_right(T.bitwise_and(ee, c(15)), c(2)), c(3)) + T.bitwise_and(ee, c(3)) + \
+            T.shift_left(T.shift_right(ee, c(4)), c(2))
+        return T.shift_left(word, c(1)) + T.shift_left(T.shift_right(e, c(5)), c(6)) + c(high)
 
     def lookup(table, q, n, j, pm, idx):
         """64 bytes of plane q, entry idx[r] for each row r: vpermi2b in each 128-entry half, the top bit picks."""
@@ -147,34 +178,65 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
         tiles = T.decl_buffer((O // TR, J, M, TR), "int8", data=codes.data)
         partial = T.alloc_buffer((C, N, O), "float32", scope="global")
         cbt = T.alloc_buffer((PM, g, K), "float32", scope="global")
-        for pm, k, t in T.grid(PM, K, g):
+        for pm, k, t in T.grid(PM, K, g):  # scalar: the vectorised transpose (gathers) measured 6× slower
             cbt[pm, t, k] = T.Cast("float32", cb[pm, k, t])
+        # |C_k · x_j| ≤ |C_k| |x_j|: the largest squared codeword norm per partition bounds the table, so its scale
+        # is known before it is computed and the table is written in one pass (no fp32 copy, no peak search)
+        norms = T.alloc_buffer((PM, KV), "float32", scope="global")
+        cmax = T.alloc_buffer((P,), "float32", scope="global")
+        for pm in range(PM):
+            for v in T.vectorized(KV):
+                norms[pm, v] = T.float32(0)
+            for ko in range(K // KV):
+                for v in T.vectorized(KV):
+                    norms[pm, v] = T.max(norms[pm, v], tree_sum([cbt[pm, t, ko * KV + v] * cbt[pm, t, ko * KV + v]
+                                                                 for t in range(g)]))
+        for p in range(P):
+            cmax[p] = T.float32(1e-30)  # all-zero codebooks: any scale, the table is zeros
+            for mm, v in T.grid(M, KV):
+                cmax[p] = T.max(cmax[p], norms[p * M + mm, v])
         for c in T.parallel(C):
             table = T.alloc_buffer((planes, N, JC, PM, K), "int8", scope="global")
-            table_scale = T.alloc_buffer((N, BC), "float32", scope="global")
-            tf = T.alloc_buffer((JB, PM, K), "float32", scope="global")
-            peak = T.alloc_buffer((KV,), "float32", scope="global")
-            s = T.alloc_buffer((1,), "float32", scope="global")
-            for n, bb in T.grid(N, BC):  # the table of this task's groups, one scale per block of JB groups
-                for v in T.vectorized(KV):
-                    peak[v] = T.float32(0)
-                for jj, pm in T.grid(JB, PM):
-                    for ko in range(K // KV):
-                        for v in T.vectorized(KV):
-                            tf[jj, pm, ko * KV + v] = T.float32(0)
-                        for t in range(g):
+            table_scale = T.alloc_buffer((N, P, BC), "float32", scope="global")
+            xs = T.alloc_buffer((P, N, JC, g), "float32", scope="global")  # x in table units
+            xn = T.alloc_buffer((1,), "float32", scope="global")
+            acc_t = T.alloc_buffer((JU, 4, KV), "float32", scope="global")
+            for n, bb in T.grid(N, BC):  # one scale per block of JB groups (and partition)
+                xn[0] = T.float32(1e-30)
+                for jj in range(JB):
+                    xn[0] = T.max(xn[0], tree_sum([T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + t]) *
+                                                   T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + t])
+                                                   for t in range(g)]))
+                for p in range(P):
+                    # 1.0001: the fp32 rounding of the bound and of the table entries stays inside QMAX
+                    table_scale[n, p, bb] = T.sqrt(xn[0] * cmax[p]) * T.float32(1.0001 / QMAX)
+                    for jj, t in T.grid(JB, g):
+                        xs[p, n, bb * JB + jj, t] = T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + t]) / \
+                            table_scale[n, p, bb]
+            for n, pm, kq, jo in T.grid(N, PM, K // 64, JC // JU):  # 64 entries of JU groups' tables at a time
+                for jj, q in T.grid(JU, 4):
+                    for v in T.vectorized(KV):
+                        acc_t[jj, q, v] = T.float32(0)
+                for t in T.unroll(g):
+                    for jj in T.unroll(JU):
+                        for q in T.unroll(4):
                             for v in T.vectorized(KV):
-                                tf[jj, pm, ko * KV + v] = tf[jj, pm, ko * KV + v] + cbt[pm, t, ko * KV + v] * \
-                                    T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + t])
-                        for v in T.vectorized(KV):
-                            peak[v] = T.max(peak[v], T.fabs(tf[jj, pm, ko * KV + v]))
-                s[0] = T.float32(1e-30)  # an all-zero block: any scale, the table is zeros
-                for v in range(KV):
-                    s[0] = T.max(s[0], peak[v])
-                table_scale[n, bb] = s[0] / T.float32(QMAX)
-                for jj, pm in T.grid(JB, PM):
-                    for k in T.vectorized(K):
-                        quantize(table, tf, n, bb * JB + jj, jj, pm, k, T.float32(QMAX) / s[0])
+                                acc_t[jj, q, v] = acc_t[jj, q, v] + cbt[pm, t, kq * 64 + q * KV + v] * \
+                                    xs[pm // M, n, jo * JU + jj, t]
+                for jj in T.unroll(JU):
+                    if planes == 1:
+                        for q in T.unroll(4):
+                            table[0, n, jo * JU + jj, pm, T.ramp(kq * 64 + q * KV, 1, KV)] = T.Cast(
+                                "int8x16", to_int32(acc_t[jj, q, T.ramp(0, 1, KV)]))
+                    else:  # the signed high bytes to plane 0, the low bytes to plane 1
+                        for q in T.unroll(2):
+                            table[q, n, jo * JU + jj, pm, T.ramp(kq * 64, 1, 64)] = T.call_llvm_pure_intrin(
+                                "int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
+                                packed_bytes(to_int32(acc_t[jj, 0, T.ramp(0, 1, KV)]),
+                                             to_int32(acc_t[jj, 1, T.ramp(0, 1, KV)])),
+                                plane_order(1 - q),
+                                packed_bytes(to_int32(acc_t[jj, 2, T.ramp(0, 1, KV)]),
+                                             to_int32(acc_t[jj, 3, T.ramp(0, 1, KV)])))
             for ob in range(O // TR):  # every row tile over this task's groups
                 acc = T.alloc_buffer((N, TR), "float32", scope="global")
                 part = T.alloc_buffer((planes, N, TR), "int16", scope="global")
@@ -204,7 +266,7 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
                                                   tiles[ob, c * JC + bb * JB + jj, m, T.ramp(0, 1, TR)]))
                     for n in range(N):
                         for r in T.vectorized(TR):
-                            acc[n, r] = acc[n, r] + combine(part, n, r) * table_scale[n, bb]
+                            acc[n, r] = acc[n, r] + combine(part, n, r) * table_scale[n, shape.partition_of(ob * TR), bb]
                 for n in range(N):
                     for r in T.vectorized(TR):
                         partial[c, n, ob * TR + r] = acc[n, r]

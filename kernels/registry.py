@@ -164,7 +164,10 @@ KERNELS: list[KernelSpec] = [
                    shape, name=name, index_dtype="int64" if dynamic_tokens else "int32")),
     KernelSpec("gemv_lut_vbmi", ("llvm",), "AVX-512 VBMI: int8 table of codeword·input dot products, 64 rows per "
                "byte permute (vpermi2b), row-tiled codes streamed once",
-               lambda shape, layouts: _gemv_batch(shape) or vbmi_unsupported(shape) or vbmi_pays_off(shape), _plain(gemv_lut_vbmi), ROW_TILED,
+               # a layer stored row-tiled (chosen at batch 1: `codes_layout`) has no other GEMV kernel, so the rule
+               # only picks between the two where the caller can hand HF codes too
+               lambda shape, layouts: _gemv_batch(shape) or vbmi_unsupported(shape) or (
+                   vbmi_pays_off(shape) if OUT_MAJOR in layouts else None), _plain(gemv_lut_vbmi), ROW_TILED,
                requires=VBMI_FEATURES),
     KernelSpec("gemv_lut_grouped", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products; "
                "group-major codes, read once", lambda shape, layouts: _gemv_batch(shape) or _lut(GROUP_MAJOR)(

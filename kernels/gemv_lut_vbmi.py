@@ -9,9 +9,9 @@ of `group_block` groups and fused partition. The scale comes from a bound known 
 pre-multiplied by 1/scale, 64 entries of up to 6 groups accumulate in registers, and each int16 entry is stored as two
 byte planes (vcvtps2dq, vpackssdw, one vpermi2b per plane): the signed high byte and the low byte. Rows go in
 tiles of 64 (one zmm register of int8 codes): for each group and codebook the 64 codes of a tile are one 64-byte load,
-and `vpermi2b` looks 64 rows up at once in a 128-entry half of a plane (two registers); the code's top bit picks the half (codes are stored signed: code ≥ 128 ⇔ byte < 0). Each plane's bytes
-add up in int16 over a block (no overflow: ≤ 255·M per group), then in fp32 as (Σhigh·256 + Σlow) × the block's
-scale; y = scale[o] · Σ (+ bias).
+and `vpermi2b` looks 64 rows up at once in a 128-entry half of a plane (two registers); the code's top bit picks
+the half (codes are stored signed: code ≥ 128 ⇔ byte < 0). Each plane's bytes add up in int16 over a block (no
+overflow: ≤ 255·M per group), then in fp32 as (Σhigh·256 + Σlow) × the block's scale; y = scale[o] · Σ (+ bias).
 
 Work is split over the input groups (see `gemv_lut_vbmi`). Measured on the 2-vCPU Zen 4 VM, 2 threads, 2x8g8
 (benchmarks in the function docstrings): 4096² 0.22 ms against 0.54 for `gemv_direct`, 11008×4096 0.62 vs 1.59.

@@ -301,7 +301,7 @@ def _attention_converter(kernels: dict, prefix: str):
     that `attention_fits_kernel` are kept whole."""
     from tvm import relax
 
-    from aqlm_compile.kernels.attention import causal_attention
+    from aqlm_compile.kernels.attention import causal_attention, decode_attention
 
     def convert(node, importer):
         if not attention_fits_kernel(node):  # import_decoder decomposes such graphs: never reached
@@ -316,10 +316,15 @@ def _attention_converter(kernels: dict, prefix: str):
         groups = kv_heads // rep
         scale = float(scale) if scale is not None else dim ** -0.5
         mask_heads = int(mask_node.meta["val"].shape[1])
-        key = ("attention", heads, groups, dim, scale, mask_heads)
+        # one query (the decode function's static S = 1): the one-query kernel
+        one_query = isinstance(q_node.meta["val"].shape[2], int) and int(q_node.meta["val"].shape[2]) == 1 and \
+            dim % 16 == 0
+        key = ("attention", heads, groups, dim, scale, mask_heads, one_query)
         if key not in kernels:
-            symbol = f"{prefix}_attention_{heads}x{groups}x{dim}" + (f"_m{mask_heads}" if mask_heads > 1 else "")
-            kernels[key] = importer.block_builder.add_func(causal_attention(
+            symbol = f"{prefix}_attention_{heads}x{groups}x{dim}" + (f"_m{mask_heads}" if mask_heads > 1 else "") + \
+                ("_q1" if one_query else "")
+            builder = decode_attention if one_query else causal_attention
+            kernels[key] = importer.block_builder.add_func(builder(
                 heads, groups, dim, scale, mask_heads=mask_heads, name=symbol).with_attr(
                 "tirx.is_scheduled", True), symbol)
         q = importer.env[q_node]

@@ -11,7 +11,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
 
-from aqlm_compile.kernels.attention import causal_attention  # noqa: E402
+from aqlm_compile.kernels.attention import PARALLEL_KEYS, causal_attention, decode_attention  # noqa: E402
 from aqlm_compile.kernels.fast_math import fast_exp  # noqa: E402
 from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
 
@@ -47,6 +47,30 @@ def test_attention_matches_torch(heads, kv_heads, mask_heads):
             mask[..., -1, 1] = False  # and one hole in the last query's row (per-head when the mask has heads)
         got, want = _run(lib, q, k, v, mask), _sdpa(q, k, v, mask)
         assert np.abs(got - want).max() <= 1e-5, (s, past)
+
+
+@pytest.mark.parametrize("heads,kv_heads,mask_heads", [(9, 3, 1), (4, 4, 4), (6, 2, 6)])
+def test_one_query_attention_matches_torch(heads, kv_heads, mask_heads):
+    """The decode step's kernel: keys not a multiple of the vector width, one key, holes and padding in the (per-head)
+    mask, a query with no key allowed (0, as the exported graph gives), and caches long enough for its thread-pool
+    branch."""
+    dim = 32
+    lib = build(decode_attention(heads, kv_heads, dim, dim ** -0.5, mask_heads=mask_heads, name="attn"),
+                x86_target())
+    rng = np.random.default_rng(0)
+    for t in [1, 2, 16, 17, 37, PARALLEL_KEYS - 1, PARALLEL_KEYS, PARALLEL_KEYS + 21]:
+        q = rng.standard_normal((1, heads, 1, dim)).astype(np.float32)
+        k, v = (rng.standard_normal((1, kv_heads, t, dim)).astype(np.float32) * 3 for _ in range(2))
+        mask = np.ones((1, mask_heads, 1, t), bool)
+        if t > 2:
+            mask[..., 0] = False  # a padded first key
+            mask[..., -1, t // 2] = False  # a hole (in the last head's row where the mask has heads)
+        if mask_heads > 1:
+            mask[0, 1, 0, :] = False  # head 1 may read no key
+        got, want = _run(lib, q, k, v, mask), _sdpa(q, k, v, mask)
+        assert np.abs(got - want).max() <= 1e-5, t
+        if mask_heads > 1:
+            assert np.all(got[0, 1] == 0)
 
 
 def test_fully_masked_row_is_zero_and_later_keys_are_never_read():
@@ -100,9 +124,9 @@ def test_whole_model_attention_runs_on_the_kernel(tiny_llama_ckpt, tmp_path):
     module = relax_decoder_module(relax_graphs(tiny_llama_ckpt), device="cpu")
     names = [gv.name_hint for gv, _ in module[0].functions_items()]
     spec, params = module[2], module[1]
-    for fn in ("prefill", "decode"):
+    for fn, kind in (("prefill", ""), ("decode", "_q1")):  # a decode step's one query: decode_attention
         ours = [n for n in names if n.startswith(f"{fn}_attention_")]
-        assert ours == [f"{fn}_attention_4x2x{spec.head_dim}"], names
+        assert ours == [f"{fn}_attention_4x2x{spec.head_dim}{kind}"], names
     live = tvm.relax.transform.DeadCodeElimination(["prefill", "decode"])(module[0])  # as compile_relax_model
     ops = [line for line in live.script().splitlines() if "R.nn.softmax" in line or "R.matmul" in line or
            "R.broadcast_to" in line]

@@ -15,9 +15,10 @@ overflow: ≤ 255·M per group), then in fp32 as (Σhigh·256 + Σlow) × the bl
 
 Work is split over the input groups (see `gemv_lut_vbmi`). Measured on the 2-vCPU Zen 4 VM, 2 threads, 2x8g8
 (benchmarks in the function docstrings): 4096² 0.22 ms against 0.54 for `gemv_direct`, 11008×4096 0.62 vs 1.59.
-The one-pass table (stop 36) replaced a two-pass one that scaled by the block's measured peak: on the 2-vCPU Xeon
-VM, 2 threads, 576×576 14.5 → 11.3 µs, 1536×576 19.4 → 16.8, 576×1536 29.5 → 20.5 (hand-run), and a SmolLM2
-2x8g8 decode step 5.46 → 5.01 ms (benchmarks/decode_ab.py). Its accuracy: benchmarks/lut_decode_ppl.py.
+The one-pass table (stop 36) replaced a two-pass one that scaled by the block's measured peak, and each thread-pool
+task now makes its own fp32 copy of the codebooks: on the 2-vCPU Xeon VM, 2 threads, 576×576 14.5 → 11.3 → 7.3 µs,
+1536×576 19.4 → 16.8 → 12.2, 576×1536 29.5 → 20.5 → 18.2 (hand-run; docs/tvm-and-ort-notes.md N30). Its accuracy:
+benchmarks/lut_decode_ppl.py.
 
 Why two planes: one int8 plane (`planes=1`) halves the lookups (4096² 0.13 ms) but its rounding (0.9% relative
 error per layer output on random data) cost SmolLM2-135M 2x8g8 +1.1% held-out PPL and 7.5% of next-token argmaxes
@@ -72,29 +73,26 @@ def unsupported(shape: GemvShape) -> str | None:
     return None
 
 
+# Rows per table from which the kernel beats `gemv_direct`, by batch (none above 4 tokens). Measured on the 2-vCPU Xeon
+# VM (AVX-512 VBMI), 2 threads, 2x8g8, µs LUT vs direct (hand-run, stop 36):
+# - batch 1: 192×576 5.1 vs 5.0, 256×576 5.5 vs 6.3, 576×576 7.3 vs 13.4, 256×1536 14.4 vs 16.2, 1536×576 12.2 vs 33.3;
+# - batch 2: 384×576 11.8 vs 10.7, 576×576 14.0 vs 14.7, 576×1536 37.0 vs 38.8, 256×1536 23.4 vs 17.0;
+# - batch 3: 576×576 19.2 vs 18.1, 1536×576 36.4 vs 46.3, 1024×4096 166 vs 220;
+# - batch 4: 1536×576 45.9 vs 49.4, 1024×4096 231 vs 224, 4096² 769 vs 927; batch 8: 4096² 1972 vs 1555.
+LUT_MIN_ROWS = {1: 256, 2: 576, 3: 1024, 4: 1536}
+
+
 def pays_off(shape: GemvShape) -> str | None:
     """None when the kernel beats `gemv_direct` at `shape`, else why not. The table costs M·256·g multiply-adds per
     input group and token whatever the row count, and the lookups are per token too, while the direct kernel decodes
-    each weight once for the whole batch: the LUT kernel needs more rows per table as the batch grows. Measured on the
-    2-vCPU Xeon VM (AVX-512 VBMI), 2 threads, 2x8g8, µs LUT vs direct (hand-run, stop 36):
-    - batch 1: 384×576 10.1 vs 9.1, 512×576 10.9 vs 12.2, 576×576 10.6 vs 13.1, 256×1536 16.6 vs 16.6,
-      576×1536 20.7 vs 33.9, 1536×576 16.6 vs 35.2;
-    - batch 2: 576×576 17.8 vs 15.0, 576×1536 39.4 vs 39.8, 1536×576 30.3 vs 38.2, 1024×4096 120 vs 171;
-    - batch 4: 1536×576 53 vs 49, 1024×4096 224 vs 221, 4096² 739 vs 881; batch 8: 4096² 1886 vs 1545."""
+    each weight once for the whole batch: the LUT kernel needs more rows per table as the batch grows
+    (`LUT_MIN_ROWS`)."""
     rows = shape.out_features // len(shape.parts)  # one table per partition
-    wide = shape.in_features >= 1024
-    if shape.batch == 1:
-        ok = rows >= 512 or (rows >= 256 and wide)
-    elif shape.batch == 2:
-        ok = rows >= 1024 or (rows >= 512 and wide)
-    elif shape.batch <= 4:
-        ok = rows >= 2048
-    else:
-        ok = False
-    if ok:
+    need = LUT_MIN_ROWS.get(shape.batch)
+    if need is not None and rows >= need:
         return None
-    return (f"{rows} rows per table × {shape.in_features} inputs at batch {shape.batch}: the table and lookups (per "
-            f"token) cost more than decoding the weights once")
+    return (f"{rows} rows per table at batch {shape.batch}: the table and lookups (per token) cost more than "
+            f"decoding the weights once" + (f" (from {need} rows)" if need else ""))
 
 
 def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, planes: int = 2,
@@ -177,25 +175,27 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         tiles = T.decl_buffer((O // TR, J, M, TR), "int8", data=codes.data)
         partial = T.alloc_buffer((C, N, O), "float32", scope="global")
-        cbt = T.alloc_buffer((PM, g, K), "float32", scope="global")
-        for pm, k, t in T.grid(PM, K, g):  # scalar: the vectorised transpose (gathers) measured 6× slower
-            cbt[pm, t, k] = T.Cast("float32", cb[pm, k, t])
-        # |C_k · x_j| ≤ |C_k| |x_j|: the largest squared codeword norm per partition bounds the table, so its scale
-        # is known before it is computed and the table is written in one pass (no fp32 copy, no peak search)
-        norms = T.alloc_buffer((PM, KV), "float32", scope="global")
-        cmax = T.alloc_buffer((P,), "float32", scope="global")
-        for pm in range(PM):
-            for v in T.vectorized(KV):
-                norms[pm, v] = T.float32(0)
-            for ko in range(K // KV):
-                for v in T.vectorized(KV):
-                    norms[pm, v] = T.max(norms[pm, v], tree_sum([cbt[pm, t, ko * KV + v] * cbt[pm, t, ko * KV + v]
-                                                                 for t in range(g)]))
-        for p in range(P):
-            cmax[p] = T.float32(1e-30)  # all-zero codebooks: any scale, the table is zeros
-            for mm, v in T.grid(M, KV):
-                cmax[p] = T.max(cmax[p], norms[p * M + mm, v])
         for c in T.parallel(C):
+            # each task its own fp32 codebooks: written by one thread and read by the other, they cost more in
+            # cross-core transfers than the copy itself (hand-run, stop 36)
+            cbt = T.alloc_buffer((PM, g, K), "float32", scope="global")
+            for pm, k, t in T.grid(PM, K, g):  # scalar: the vectorised transpose (gathers) measured 6× slower
+                cbt[pm, t, k] = T.Cast("float32", cb[pm, k, t])
+            # |C_k · x_j| ≤ |C_k| |x_j|: the largest squared codeword norm per partition bounds the table, so its scale
+            # is known before it is computed and the table is written in one pass (no fp32 copy, no peak search)
+            norms = T.alloc_buffer((PM, KV), "float32", scope="global")
+            cmax = T.alloc_buffer((P,), "float32", scope="global")
+            for pm in range(PM):
+                for v in T.vectorized(KV):
+                    norms[pm, v] = T.float32(0)
+                for ko in range(K // KV):
+                    for v in T.vectorized(KV):
+                        norms[pm, v] = T.max(norms[pm, v], tree_sum([cbt[pm, t, ko * KV + v] * cbt[pm, t, ko * KV + v]
+                                                                     for t in range(g)]))
+            for p in range(P):
+                cmax[p] = T.float32(1e-30)  # all-zero codebooks: any scale, the table is zeros
+                for mm, v in T.grid(M, KV):
+                    cmax[p] = T.max(cmax[p], norms[p * M + mm, v])
             table = T.alloc_buffer((planes, N, JC, PM, K), "int8", scope="global")
             table_scale = T.alloc_buffer((N, P, BC), "float32", scope="global")
             xs = T.alloc_buffer((P, N, JC, g), "float32", scope="global")  # x in table units
@@ -266,7 +266,8 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
                                                   tiles[ob, c * JC + bb * JB + jj, m, T.ramp(0, 1, TR)]))
                     for n in range(N):
                         for r in T.vectorized(TR):
-                            acc[n, r] = acc[n, r] + combine(part, n, r) * table_scale[n, shape.partition_of(ob * TR), bb]
+                            acc[n, r] = acc[n, r] + combine(part, n, r) * \
+                                table_scale[n, shape.partition_of(ob * TR), bb]
                 for n in range(N):
                     for r in T.vectorized(TR):
                         partial[c, n, ob * TR + r] = acc[n, r]

@@ -103,8 +103,8 @@ def test_the_table_picks_the_layout_per_layer_and_target():
         "gemm_decode_row_tiled"
     assert codes_layout(small, "llvm", layouts, VBMI) == ROW_TILED  # 576×576 at batch 1: the table pays off
     assert codes_layout(GemvShape(192, 576, cfg, 1), "llvm", layouts, VBMI) == OUT_MAJOR  # k/v: the direct kernel
-    assert select_kernel(GemvShape(576, 576, cfg, 2), "llvm", layouts, features=VBMI).name == "gemv_direct"
-    assert select_kernel(GemvShape(576, 576, cfg, 2), "llvm", (ROW_TILED,), features=VBMI).name == "gemv_lut_vbmi"
+    assert select_kernel(GemvShape(576, 576, cfg, 3), "llvm", layouts, features=VBMI).name == "gemv_direct"
+    assert select_kernel(GemvShape(576, 576, cfg, 3), "llvm", (ROW_TILED,), features=VBMI).name == "gemv_lut_vbmi"
     assert codes_layout(GemvShape(576, 1536, cfg, 1), "llvm", layouts, VBMI) == ROW_TILED
     assert codes_layout(GemvShape(1536, 576, cfg, 1, partitions=(768, 768)), "llvm", layouts, VBMI) == ROW_TILED
     assert codes_layout(big, "llvm", layouts, frozenset()) == OUT_MAJOR  # a CPU without VBMI (e.g. --cpu znver3)

@@ -37,6 +37,43 @@ from .gemv_direct import tree_sum
 PARALLEL_KEYS = 256  # a decode step's attention runs on the thread pool (one task per K/V head) from this many keys
 
 
+def _online_softmax_block(rows: int, vector: int, dim: int):
+    """Two macros for `rows` running softmaxes (flash attention's recurrence): `start` empties them; `block_update`
+    folds one block of `vector` keys (from j0) into them: sc[r, x] the scaled score of row r and key j0 + x, NEG_BIG where that key is not allowed (it then
+    weighs exactly 0); the block's max rescales the running sum and acc[r, :], then p·v of the block's value rows is
+    added."""
+    R, V, D = rows, vector, dim
+
+    @T.macro
+    def start(acc, run_max, run_sum):
+        for r in T.unroll(R):
+            run_max[r] = T.float32(NEG_BIG)
+            run_sum[r] = T.float32(0)
+            for d in T.vectorized(D):
+                acc[r, d] = T.float32(0)
+
+    @T.macro
+    def block_update(sc, acc, run_max, run_sum, v, g, j0, t_len):
+        for r in T.unroll(R):
+            block = T.alloc_buffer((2,), "float32", scope="local")  # the block's max, the running sums' correction
+            block[0] = run_max[r]
+            for x in range(V):
+                block[0] = T.max(block[0], sc[r, x])
+            block[1] = fast_exp(run_max[r] - block[0])
+            for x in T.vectorized(V):
+                sc[r, x] = T.Select(sc[r, x] > T.float32(NEG_BIG), fast_exp(sc[r, x] - block[0]), T.float32(0))
+            run_sum[r] = run_sum[r] * block[1] + tree_sum([sc[r, x] for x in range(V)])
+            run_max[r] = block[0]
+            for d in T.vectorized(D):
+                acc[r, d] = acc[r, d] * block[1]
+        for x in range(V):
+            for r in T.unroll(R):
+                for d in T.vectorized(D):
+                    acc[r, d] = acc[r, d] + sc[r, x] * v[0, g, T.min(j0 + T.int64(x), t_len - T.int64(1)), d]
+
+    return start, block_update
+
+
 def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float, mask_heads: int = 1,
                      vector: int = 16, name: str = "decode_attention"):
     """`name(q[1, H, 1, D], k[1, G, T, D], v[1, G, T, D], mask[1, MH, 1, T] bool, out[1, H, 1, D])`, fp32, T
@@ -65,6 +102,8 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
     def key(j):  # a key index clamped into the cache (the last block's lanes past T are masked out)
         return T.min(j, t_len - T.int64(1))
 
+    start, block_update = _online_softmax_block(n_rep, V, D)
+
     @T.macro
     def one_head(q, k, v, mask, out, g):
         acc = T.alloc_buffer((n_rep, D), "float32", scope="global")
@@ -72,12 +111,7 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
         prod = T.alloc_buffer((n_rep, V), "float32", scope="global")
         run_max = T.alloc_buffer((n_rep,), "float32", scope="global")
         run_sum = T.alloc_buffer((n_rep,), "float32", scope="global")
-        block = T.alloc_buffer((2,), "float32", scope="global")  # the block's max, the running sums' correction
-        for r in T.unroll(n_rep):
-            run_max[r] = T.float32(NEG_BIG)
-            run_sum[r] = T.float32(0)
-            for d in T.vectorized(D):
-                acc[r, d] = T.float32(0)
+        start(acc, run_max, run_sum)
         for jb in range((t_len + T.int64(V - 1)) // T.int64(V)):
             for x in range(V):
                 for r in T.unroll(n_rep):
@@ -87,21 +121,7 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
                     allowed = T.And(jb * V + x < t_len, mask[0, mask_head(g * n_rep + r), 0, key(jb * V + x)])
                     sc[r, x] = T.Select(allowed, tree_sum([prod[r, lane] for lane in range(V)]) * T.float32(scale),
                                         T.float32(NEG_BIG))
-            for r in T.unroll(n_rep):
-                block[0] = run_max[r]
-                for x in range(V):
-                    block[0] = T.max(block[0], sc[r, x])
-                block[1] = fast_exp(run_max[r] - block[0])
-                for x in T.vectorized(V):  # a masked key (NEG_BIG) weighs exactly 0
-                    sc[r, x] = T.Select(sc[r, x] > T.float32(NEG_BIG), fast_exp(sc[r, x] - block[0]), T.float32(0))
-                run_sum[r] = run_sum[r] * block[1] + tree_sum([sc[r, x] for x in range(V)])
-                run_max[r] = block[0]
-                for d in T.vectorized(D):
-                    acc[r, d] = acc[r, d] * block[1]
-            for x in range(V):
-                for r in T.unroll(n_rep):
-                    for d in T.vectorized(D):
-                        acc[r, d] = acc[r, d] + sc[r, x] * v[0, g, key(jb * V + x), d]
+            block_update(sc, acc, run_max, run_sum, v, g, jb * T.int64(V), t_len)
         for r in T.unroll(n_rep):
             for d in T.vectorized(D):
                 out[0, g * n_rep + r, 0, d] = T.Select(run_sum[r] > T.float32(0),
@@ -149,6 +169,8 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
     def mask_head(rep):
         return T.int64(0) if mask_heads == 1 else rep
 
+    start, block_update = _online_softmax_block(R, V, D)
+
     @T.prim_func
     def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -169,14 +191,9 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
             r0 = task % blocks * T.int64(R)
             acc = T.alloc_buffer((R, D), "float32", scope="global")
             sc = T.alloc_buffer((R, V), "float32", scope="global")
-            ok = T.alloc_buffer((R, V), "float32", scope="global")
             run_max = T.alloc_buffer((R,), "float32", scope="global")
             run_sum = T.alloc_buffer((R,), "float32", scope="global")
-            for r in T.unroll(R):
-                run_max[r] = T.float32(NEG_BIG)
-                run_sum[r] = T.float32(0)
-                for d in T.vectorized(D):
-                    acc[r, d] = T.float32(0)
+            start(acc, run_max, run_sum)
             # the causal bound of the task's last row (its rows are in position order within a query head)
             last_pos = T.max(row(task_rows, r0, R - 1)[1], T.if_then_else(
                 row(task_rows, r0, 0)[0] == row(task_rows, r0, R - 1)[0], T.int64(0), s_len - T.int64(1)))
@@ -193,29 +210,12 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
                                                     row(task_rows, r0, r)[1], d] * kt[g, d, j0 + T.int64(x)]
                 for r in T.unroll(R):
                     for x in range(V):
-                        ok[r, x] = T.Select(
+                        sc[r, x] = T.Select(
                             T.And(j0 + T.int64(x) < t_len - s_len + row(task_rows, r0, r)[1] + T.int64(1),
                                   mask[0, mask_head(g * T.int64(n_rep) + row(task_rows, r0, r)[0]),
                                        row(task_rows, r0, r)[1], T.min(j0 + T.int64(x), t_len - T.int64(1))]),
-                            T.float32(1), T.float32(0))
-                for r in T.unroll(R):
-                    block_max = T.alloc_buffer((1,), "float32", scope="local")
-                    block_max[0] = run_max[r]
-                    for x in range(V):
-                        block_max[0] = T.max(block_max[0], T.Select(ok[r, x] > T.float32(0),
-                                                                    sc[r, x] * T.float32(scale), T.float32(NEG_BIG)))
-                    corr = T.alloc_buffer((1,), "float32", scope="local")
-                    corr[0] = fast_exp(run_max[r] - block_max[0])
-                    for x in T.vectorized(V):
-                        sc[r, x] = fast_exp(sc[r, x] * T.float32(scale) - block_max[0]) * ok[r, x]
-                    run_sum[r] = run_sum[r] * corr[0] + tree_sum([sc[r, x] for x in range(V)])
-                    run_max[r] = block_max[0]
-                    for d in T.vectorized(D):
-                        acc[r, d] = acc[r, d] * corr[0]
-                for x in range(V):
-                    for r in T.unroll(R):
-                        for d in T.vectorized(D):
-                            acc[r, d] = acc[r, d] + sc[r, x] * v[0, g, T.min(j0 + T.int64(x), t_len - T.int64(1)), d]
+                            sc[r, x] * T.float32(scale), T.float32(NEG_BIG))
+                block_update(sc, acc, run_max, run_sum, v, g, j0, t_len)
             for r in T.unroll(R):
                 for d in T.vectorized(D):
                     out[0, g * T.int64(n_rep) + row(task_rows, r0, r)[0], row(task_rows, r0, r)[1], d] = T.Select(

@@ -35,6 +35,7 @@ WRITERS = {
     "*/report.json": ("aqlm-compile bench --report (aqlm_compile/bench/report.py)", REPORT, None),
     "*/gpu.json": ("bash benchmarks/gpu.sh (aqlm_compile/bench/gpu.py)", None, None),  # checked by its own test
     "kernels-x86*.json": ("aqlm-compile bench --kernels --json-out", None, KERNEL_RECORD),
+    "*/kernels-x86*.json": ("aqlm-compile bench --kernels --json-out (one machine's folder)", None, KERNEL_RECORD),
     "ort-op-x86.json": ("benchmarks/ort_op.py", None,
                         {"config", "out_features", "in_features", "batch", "target", "ms", "baseline", "baseline_ms",
                          "speedup", "rel_err", "threads", "timing_process", "portable_ms"}),

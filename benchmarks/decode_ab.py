@@ -67,12 +67,15 @@ def load(artifact: Path, past: int, seed: int = 0):
     d = TvmDecoder(artifact)  # checks the artifact (sha256 of every file) before loading it
     rng = np.random.default_rng(seed)
     t = lambda a: d.tvm.runtime.tensor(a, d.dev)  # noqa: E731
-    kv = [t(rng.standard_normal((1, d.num_kv_heads, past, d.head_dim)).astype(np.float32))
-          for _ in range(2 * d.num_layers)]
+    d.kv.fill([rng.standard_normal((1, d.num_kv_heads, past, d.head_dim)).astype(np.float32)
+               for _ in range(2 * d.num_layers)])
     ids = t(np.array([[rng.integers(0, d.vocab_size)]], np.int64))
     mask = t(np.ones((1, past + 1), np.int64))
     fn = d.vm["decode"]
-    call_args = [ids, mask, *kv, *d.params]
+    # the same step each call: an in-place cache has its row P rewritten with the same keys (tvm_runtime.KvCache)
+    call_args = [ids, mask, *d.kv.arguments(1), *d.params]
+    if d.kv.form == "in_place":  # the result is the logits alone
+        return (lambda: [fn(*call_args)]), art.read_manifest(Path(artifact))
     return (lambda: fn(*call_args)), art.read_manifest(Path(artifact))
 
 

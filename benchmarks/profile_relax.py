@@ -39,6 +39,7 @@ def main() -> None:
     from tvm import relax
 
     from aqlm_compile import artifact
+    from aqlm_compile.runtime.tvm_runtime import KvCache
     from aqlm_compile.bench.machine import machine_info, machine_slug
     from aqlm_compile.cache import atomic_write_bytes
 
@@ -55,10 +56,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
     n, past = (args.tokens, 0) if args.function == "prefill" else (1, args.past)
-    kv = [t(rng.standard_normal((1, spec["num_kv_heads"], past, spec["head_dim"])).astype(np.float32))
-          for _ in range(2 * spec["num_layers"])]
+    kv = KvCache(tvm, dev, spec["num_layers"], spec["num_kv_heads"], spec["head_dim"], info.get("kv_cache", "concat"))
+    kv.fill([rng.standard_normal((1, spec["num_kv_heads"], past, spec["head_dim"])).astype(np.float32)
+             for _ in range(2 * spec["num_layers"])])
     call = [t(rng.integers(0, spec["vocab_size"], (1, n)).astype(np.int64)), t(np.ones((1, past + n), np.int64)),
-            *kv, *params]
+            *kv.arguments(n), *params]
     fn = vm[args.function]
     fn(*call)  # warm-up
     start = time.perf_counter()

@@ -21,6 +21,10 @@ task stop at its last row's position (half the work of a prefill). Rows with no 
 decomposition gives 0 there too). `exp` is a polynomial (Cephes' expf: relative error ≈ 1e-7) that vectorizes,
 where `llvm.exp` on a vector becomes one libm call per lane.
 
+K and V are read from a cache of any capacity C ≥ T (`[1, G, C, D]`): the keys that count are the first T, where T
+is the mask's last dimension. A graph that concatenates its cache passes C = T; the Relax route's in-place cache
+(passes/kv_cache_in_place.py) passes buffers preallocated once, into which `kv_append` wrote this call's keys.
+
 `decode_attention` is the one-query case (a decode step): no transposed K, the n_rep query heads of a K/V head read
 each key row once (vectorised over D, then a horizontal sum), on the calling thread up to PARALLEL_KEYS keys.
 """
@@ -76,7 +80,7 @@ def _online_softmax_block(rows: int, vector: int, dim: int):
 
 def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float, mask_heads: int = 1,
                      vector: int = 16, name: str = "decode_attention"):
-    """`name(q[1, H, 1, D], k[1, G, T, D], v[1, G, T, D], mask[1, MH, 1, T] bool, out[1, H, 1, D])`, fp32, T
+    """`name(q[1, H, 1, D], k[1, G, C, D], v[1, G, C, D], mask[1, MH, 1, T] bool, out[1, H, 1, D])`, fp32, T ≤ C
     symbolic: `causal_attention` for one query (its causal bound is then every key, so only the mask decides).
 
     For `causal_attention`'s two parallel loops (K transposed into a scratch, then the scores) one query has too
@@ -94,7 +98,7 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
     if D % V:
         raise ValueError(f"head dim {D}: expected a multiple of {V}")
     n_rep, DV = H // G, D // V
-    t_len = tirx.Var("t", "int64")
+    t_len, c_len = tirx.Var("t", "int64"), tirx.Var("c", "int64")
 
     def mask_head(h):
         return T.int64(0) if mask_heads == 1 else h
@@ -129,12 +133,14 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
 
     @T.prim_func
     def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
-        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        # aqlm.kv_capacity: K/V may be a larger cache (passes/kv_cache_in_place.py checks for it)
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "aqlm.kv_capacity": True})
         q = T.match_buffer(q_h, (T.int64(1), T.int64(H), T.int64(1), T.int64(D)), "float32")
-        k = T.match_buffer(k_h, (T.int64(1), T.int64(G), t_len, T.int64(D)), "float32")
-        v = T.match_buffer(v_h, (T.int64(1), T.int64(G), t_len, T.int64(D)), "float32")
+        k = T.match_buffer(k_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        v = T.match_buffer(v_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
         mask = T.match_buffer(m_h, (T.int64(1), T.int64(mask_heads), T.int64(1), t_len), "bool")
         out = T.match_buffer(o_h, (T.int64(1), T.int64(H), T.int64(1), T.int64(D)), "float32")
+        assert t_len <= c_len, "attention: the mask counts more keys than the K/V cache holds"
         if t_len < T.int64(PARALLEL_KEYS):
             for g in range(T.int64(G)):
                 one_head(q, k, v, mask, out, g)
@@ -147,8 +153,8 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
 
 def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float, mask_heads: int = 1,
                      rows: int = 4, vector: int = 16, name: str = "causal_attention"):
-    """`name(q[1, H, S, D], k[1, G, T, D], v[1, G, T, D], mask[1, MH, S, T] bool, out[1, H, S, D])`, fp32, S and T
-    symbolic (T ≥ S: the cache holds the queries' own keys); H = G · n_rep (query head h reads K/V head h // n_rep);
+    """`name(q[1, H, S, D], k[1, G, C, D], v[1, G, C, D], mask[1, MH, S, T] bool, out[1, H, S, D])`, fp32, S, T
+    and C symbolic (S ≤ T ≤ C: the cache holds the queries' own keys; the first T count); H = G · n_rep (query head h reads K/V head h // n_rep);
     MH = 1 or H."""
     H, G, D, R, V = num_heads, kv_heads, head_dim, rows, vector
     if H % G:
@@ -157,7 +163,7 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
         raise ValueError(f"mask with {mask_heads} heads for {H} query heads")
     n_rep = H // G
     s_len = tirx.Var("s", "int64")
-    t_len = tirx.Var("t", "int64")
+    t_len, c_len = tirx.Var("t", "int64"), tirx.Var("c", "int64")
 
     def row(task_rows, r0, r):
         """(query head, query position) of row r of a task whose rows start at r0 (the last clamped)."""
@@ -173,12 +179,14 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
 
     @T.prim_func
     def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
-        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        # aqlm.kv_capacity: K/V may be a larger cache (passes/kv_cache_in_place.py checks for it)
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "aqlm.kv_capacity": True})
         q = T.match_buffer(q_h, (T.int64(1), T.int64(H), s_len, T.int64(D)), "float32")
-        k = T.match_buffer(k_h, (T.int64(1), T.int64(G), t_len, T.int64(D)), "float32")
-        v = T.match_buffer(v_h, (T.int64(1), T.int64(G), t_len, T.int64(D)), "float32")
+        k = T.match_buffer(k_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        v = T.match_buffer(v_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
         mask = T.match_buffer(m_h, (T.int64(1), T.int64(mask_heads), s_len, t_len), "bool")
         out = T.match_buffer(o_h, (T.int64(1), T.int64(H), s_len, T.int64(D)), "float32")
+        assert t_len <= c_len, "attention: the mask counts more keys than the K/V cache holds"
         kt = T.alloc_buffer((T.int64(G), T.int64(D), t_pad), "float32")
         for gd in T.parallel(T.int64(G * D)):
             for j in range(t_pad):
@@ -220,5 +228,26 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
                 for d in T.vectorized(D):
                     out[0, g * T.int64(n_rep) + row(task_rows, r0, r)[0], row(task_rows, r0, r)[1], d] = T.Select(
                         run_sum[r] > T.float32(0), acc[r, d] / T.max(run_sum[r], T.float32(1e-30)), T.float32(0))
+
+    return kernel
+
+
+def kv_append(kv_heads: int, head_dim: int, name: str = "kv_append"):
+    """`name(cache[1, G, C, D], new[1, G, S, D], p)`, fp32, C and S symbolic, p a scalar: new's S rows written into
+    the cache at rows p … p+S-1, in place (Relax `call_tir_inplace`, passes/kv_cache_in_place.py). A call whose rows
+    would not fit stops with an error instead of writing past the buffer (the runtime grows the cache first)."""
+    G, D = kv_heads, head_dim
+    c_len, s_len = tirx.Var("c", "int64"), tirx.Var("s", "int64")
+
+    @T.prim_func
+    def kernel(c_h: T.handle, n_h: T.handle, p: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        cache = T.match_buffer(c_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        new = T.match_buffer(n_h, (T.int64(1), T.int64(G), s_len, T.int64(D)), "float32")
+        assert p >= T.int64(0) and p + s_len <= c_len, "kv_append: the new keys do not fit the cache's capacity"
+        for g in range(T.int64(G)):
+            for i in range(s_len):
+                for d in T.vectorized(T.int64(D)):
+                    cache[0, g, p + i, d] = new[0, g, i, d]
 
     return kernel

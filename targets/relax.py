@@ -644,14 +644,17 @@ def repack_codes(params: list, names: list[str], layouts: dict) -> list:
     return out
 
 
-def relax_decoder_module(graphs: dict, device: str = "cpu", target_kind: str | None = None, features=frozenset()):
+def relax_decoder_module(graphs: dict, device: str = "cpu", target_kind: str | None = None, features=frozenset(),
+                         kv_in_place: bool = True):
     """One IRModule with `prefill` (any token count) and `decode` (one token) from the lowered graphs
     {"prefill"|"decode": (ExportedProgram, DecoderSpec)} (targets/plan.py `export_graphs`, or
     `dense_relax_graphs`), the params (shared, in the order both functions take them), the DecoderSpec and the
     kernels chosen for the AQLM layers ({symbol: kernel, reason}). Layers are unfused unless the build asked for
     `--fuse-tvm`; fused ones (q/k/v, gate/up) come with their parameters already concatenated
     (passes/fold_parameter_cats.py), so no call concatenates them. `features`: the target's CPU features
-    (targets/common.py `target_features`); codes that a chosen kernel reads in another layout are repacked."""
+    (targets/common.py `target_features`); codes that a chosen kernel reads in another layout are repacked. On CPU
+    the functions write a preallocated KV cache in place (`kv_in_place`, passes/kv_cache_in_place.py) where their
+    graphs allow it; `kv_in_place=False` keeps the concatenating form (tests of that form)."""
     from tvm import relax
 
     target_kind = target_kind or ("cuda" if device == "cuda" else "llvm")
@@ -672,12 +675,41 @@ def relax_decoder_module(graphs: dict, device: str = "cpu", target_kind: str | N
                 merged[name] = func.with_attr("global_symbol", name)
             else:
                 merged[gv] = func
+    if device == "cpu" and kv_in_place:
+        merged = _kv_cache_in_place(merged, 2 * spec.num_layers)
     if any(layout != OUT_MAJOR for layout in layouts.values()):
         unknown = set(layouts) - set(param_names)
         if unknown:  # the placeholder names must be the Relax parameter names, or the wrong tensor is repacked
             raise RuntimeError(f"codes parameters {sorted(unknown)} are not among the Relax parameters")
         params = repack_codes(params, param_names, layouts)
     return merged, params, spec, chosen
+
+
+KV_FIRST = 2  # the functions' inputs: input_ids, attention_mask, then the KV cache
+
+
+def _kv_cache_in_place(mod, count: int):
+    """Both functions with the KV cache written in place (passes/kv_cache_in_place.py), or `mod` as it is when
+    either does not match (one calling convention for both: the runtimes keep one cache)."""
+    from tvm import relax
+
+    from aqlm_compile.kernels.attention import kv_append
+    from aqlm_compile.passes.kv_cache_in_place import kv_cache_in_place
+
+    # the repeated K/V of grouped-query attention are dead (the attention kernel reads the cache un-repeated):
+    # removed first, so the concatenations' only readers are the kernels and the outputs
+    out = relax.transform.DeadCodeElimination([name for name, _ in FUNCTIONS])(mod)
+    for name, _ in FUNCTIONS:
+        out = kv_cache_in_place(out, name, KV_FIRST, count, kv_append)
+        if out is None:
+            return mod
+    return out
+
+
+def kv_cache_form(mod) -> str:
+    """"in_place" when the module's functions write a preallocated cache (`_kv_cache_in_place`), else "concat"."""
+    attrs = mod["decode"].attrs
+    return str(attrs["aqlm.kv_cache"]) if attrs is not None and "aqlm.kv_cache" in attrs else "concat"
 
 
 def dense_relax_graphs(dense_model_dir, fp16: bool = False) -> dict:
@@ -703,6 +735,15 @@ def _cuda_pipeline_without_fusion(target):
                                     cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
 
 
+# the functions' calling conventions, by the manifest's `tvm.kv_cache` (absent in older artifacts: "concat")
+SIGNATURES = {
+    "concat": "(input_ids [1,S] int64, attention_mask [1,P+S] int64, *past_kv [1,H,P,D] f32, *params) "
+              "-> (logits [1,V], *present_kv)",
+    "in_place": "(input_ids [1,S] int64, attention_mask [1,P+S] int64, past_length shape (P,), "
+                "*kv_cache [1,H,C,D] f32 (C >= P+S; rows P..P+S-1 written in place), *params) -> logits [1,V]",
+}
+
+
 def compile_relax_model(module, dest, target, lib_name: str, export=None, params_name: str = "model_params.bin",
                         compile_context=None) -> dict:
     """Compile `module` = relax_decoder_module(...) into `dest/lib_name` (+ `dest/params_name`); returns the
@@ -717,6 +758,7 @@ def compile_relax_model(module, dest, target, lib_name: str, export=None, params
     from aqlm_compile.kernels.injective_cpu import InjectiveCPU
 
     mod, params, spec, chosen = module
+    kv_form = kv_cache_form(mod)
     device = "cuda" if target.kind.name == "cuda" else "cpu"
     # Everything but the AQLM kernels (attention, norms, the dense lm_head, embeddings) comes out of LegalizeOps as
     # unscheduled TIR; on CPU TVM's default pipeline does not schedule it, so dlight's CPU rules do (and ours for
@@ -741,9 +783,8 @@ def compile_relax_model(module, dest, target, lib_name: str, export=None, params
         export(ex, dest / lib_name)
     tvm.runtime.save_param_dict_to_file({f"p{i:05d}": p for i, p in enumerate(params)}, str(dest / params_name))
     entry = {"library": lib_name, "params": params_name, "functions": [f for f, _ in FUNCTIONS],
-             "num_params": len(params), "decoder": spec.to_json(),
-             "signature": "(input_ids [1,S] int64, attention_mask [1,P+S] int64, *past_kv [1,H,P,D] f32, *params) "
-                          "-> (logits [1,V], *present_kv)"}
+             "num_params": len(params), "decoder": spec.to_json(), "kv_cache": kv_form,
+             "signature": SIGNATURES[kv_form]}
     if chosen:
         entry["kernels"] = chosen
     return entry

@@ -35,7 +35,7 @@ class RunnerTvmDecoder:
         runner_path = artifact.member(self.dir, self.manifest, runner, "tvm.runner")
         runtime = runner_path.parent
         cmd = [str(runner_path), str(self.files["library"]), str(self.files["params"]),
-               str(self.num_layers), str(self.num_kv_heads), str(self.head_dim)]
+               str(self.num_layers), str(self.num_kv_heads), str(self.head_dim), self.kv_form]
         env = {**os.environ, "TVM_NUM_THREADS": str(threads), "LD_LIBRARY_PATH": str(runtime)}
         if emulate:
             qemu = shutil.which(QEMU.get(arch, ""))

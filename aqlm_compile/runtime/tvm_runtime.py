@@ -36,6 +36,10 @@ def whole_model(decoder, artifact_dir, kind: str, expect_arch: str | None = None
     decoder.vocab_size, decoder.bos_token_id = spec["vocab_size"], spec["bos_token_id"]
     decoder.eos_token_ids = spec["eos_token_ids"]
     artifact.expect(info, "num_params", int, where, low=0, field=f"{section}.num_params")
+    decoder.kv_form = info.get("kv_cache", "concat")  # absent in artifacts built before the in-place cache
+    if decoder.kv_form not in KV_FORMS:
+        raise FormatError(f"{where}: {section}.kv_cache: expected one of {', '.join(KV_FORMS)}, found "
+                          f"{decoder.kv_form!r}")
     # the files this route opens: inside the folder and sha256-checked (artifact.member)
     decoder.files = {key: artifact.member(decoder.dir, decoder.manifest, info.get(key), f"{section}.{key}")
                      for key in ("library", "params")}
@@ -62,6 +66,87 @@ def check_gpu_arch(manifest: dict, artifact_dir: Path, compute_version: str) -> 
         return
     raise FormatError(f"{artifact_dir / artifact.MANIFEST}: target_spec: built for {', '.join(archs) or 'no SM'}"
                       f"{f' + PTX {ptx}' if ptx else ''}; this GPU is sm_{have} (rebuild with --arch sm_{have})")
+
+
+KV_FORMS = ("concat", "in_place")  # the manifest's tvm.kv_cache (targets/relax.py SIGNATURES)
+INITIAL_CAPACITY = 256  # tokens an in-place cache holds before it first grows
+
+
+class KvCache:
+    """The KV cache arguments of an artifact's whole-model functions, in its form (`tvm.kv_cache`):
+
+    - "concat": each call takes the past K/V `[1, G, P, D]` and returns the present ones (P+S rows), which the next
+      call takes;
+    - "in_place" (passes/kv_cache_in_place.py): each call takes the past length P and preallocated caches
+      `[1, G, C, D]`, writes its S rows at P … P+S-1 and returns the logits only. The caches grow (capacity doubled,
+      the P rows copied) before a call that would not fit; the functions refuse a call that does not fit.
+
+    `arguments(S)` gives the arguments after input_ids and the mask for a call of S tokens, `logits(out)` takes
+    the call's result (and keeps the present K/V of the "concat" form), after which `length` counts the S tokens.
+    """
+
+    def __init__(self, tvm, dev, num_layers: int, num_kv_heads: int, head_dim: int, form: str):
+        self.tvm, self.dev, self.form = tvm, dev, form
+        self.count, self.heads, self.head_dim = 2 * num_layers, num_kv_heads, head_dim
+        self.reset()
+
+    def reset(self) -> None:
+        self.length, self._pending = 0, 0
+        if self.form == "concat":
+            empty = self.tvm.runtime.tensor(np.zeros((1, self.heads, 0, self.head_dim), np.float32), self.dev)
+            self.tensors = [empty] * self.count
+        elif not getattr(self, "tensors", None):
+            self._allocate(INITIAL_CAPACITY)
+        # an in-place cache keeps its buffers: rows past `length` are never read
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.tensors = [self.tvm.runtime.empty((1, self.heads, capacity, self.head_dim), "float32", self.dev)
+                        for _ in range(self.count)]
+
+    def _grow(self, needed: int) -> None:
+        old, rows = self.tensors, self.length
+        self._allocate(max(needed, 2 * self.capacity))
+        for src, dst in zip(old, self.tensors):
+            if rows:
+                if self.dev.dlpack_device_type() == 1:  # the CPU: zero-copy views
+                    np.from_dlpack(dst)[:, :, :rows] = np.from_dlpack(src)[:, :, :rows]
+                else:
+                    host = dst.numpy()
+                    host[:, :, :rows] = src.numpy()[:, :, :rows]
+                    dst.copyfrom(host)
+
+    def fill(self, arrays) -> None:
+        """Start from these past K/V (numpy `[1, G, P, D]` each, one P): for benchmarks and tests."""
+        rows = arrays[0].shape[2]
+        if self.form == "concat":
+            self.tensors = [self.tvm.runtime.tensor(np.ascontiguousarray(a, np.float32), self.dev) for a in arrays]
+        else:
+            self.length = 0
+            if rows + 1 > getattr(self, "capacity", 0):
+                self._allocate(max(rows + 1, INITIAL_CAPACITY))
+            for a, dst in zip(arrays, self.tensors):
+                host = dst.numpy()
+                host[:, :, :rows] = a
+                dst.copyfrom(host)
+        self.length = rows
+
+    def arguments(self, new_tokens: int) -> list:
+        self._pending = new_tokens
+        if self.form == "concat":
+            return self.tensors
+        if self.length + new_tokens > self.capacity:
+            self._grow(self.length + new_tokens)
+        return [self.tvm.runtime.ShapeTuple([self.length]), *self.tensors]
+
+    def logits(self, out):
+        """The logits tensor of a call's result; the cache then holds the call's tokens too."""
+        self.length += self._pending
+        self._pending = 0
+        if self.form == "concat":
+            self.tensors = [out[i] for i in range(1, 1 + self.count)]
+            return out[0]
+        return out
 
 
 def _aligned(n: int, dtype) -> np.ndarray:
@@ -122,13 +207,20 @@ class TvmDecoder:
         twin.vm = VirtualMachine(self._module, self.dev)
         twin._fns = {name: twin.vm[name] for name in ("prefill", "decode")}
         twin._ids = _aligned(0, np.int64)
+        twin.kv = None
         twin.reset()
         return twin
 
     def reset(self) -> None:
-        empty = self.tvm.runtime.tensor(np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32), self.dev)
-        self.past = [empty] * (2 * self.num_layers)
-        self.length = 0
+        if getattr(self, "kv", None) is None:
+            self.kv = KvCache(self.tvm, self.dev, self.num_layers, self.num_kv_heads, self.head_dim, self.kv_form)
+        else:
+            self.kv.reset()
+
+    @property
+    def length(self) -> int:
+        """Tokens in the KV cache."""
+        return self.kv.length
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
@@ -150,12 +242,9 @@ class TvmDecoder:
             self._ids[:ids.size] = ids[0]
             from_dlpack = self.tvm.runtime.from_dlpack
             out = fn(from_dlpack(self._ids[:ids.size].reshape(1, -1)), from_dlpack(self._ones[:n].reshape(1, -1)),
-                     *self.past, *self.params)
-            logits = np.from_dlpack(out[0])[0]
-        else:
-            t = self.tvm.runtime.tensor
-            out = fn(t(ids, self.dev), t(np.ones((1, n), np.int64), self.dev), *self.past, *self.params)
-            logits = out[0].numpy()[0]
-        self.past = [out[i] for i in range(1, 1 + 2 * self.num_layers)]
-        self.length = n
-        return logits
+                     *self.kv.arguments(ids.size), *self.params)
+            return np.from_dlpack(self.kv.logits(out))[0]
+        t = self.tvm.runtime.tensor
+        out = fn(t(ids, self.dev), t(np.ones((1, n), np.int64), self.dev), *self.kv.arguments(ids.size),
+                 *self.params)
+        return self.kv.logits(out).numpy()[0]

@@ -2,7 +2,10 @@
 // Used to run a cross-compiled (arm64) model under qemu-user, where no Python with TVM exists: the Python side
 // (aqlm_compile.runtime.emulated) keeps the tokenizer and the sampling loop and asks this program for logits.
 //
-// usage: aqlm_vm_run MODEL.so PARAMS.bin NUM_LAYERS NUM_KV_HEADS HEAD_DIM
+// usage: aqlm_vm_run MODEL.so PARAMS.bin NUM_LAYERS NUM_KV_HEADS HEAD_DIM [KV_CACHE]
+// KV_CACHE: the manifest's tvm.kv_cache — "concat" (default: the functions return the present K/V) or "in_place"
+// (they take the past length and preallocated caches [1, H, C, D], write their rows in place, return the logits;
+// the caches here grow before a call that would not fit: targets/relax.py SIGNATURES).
 // Requests (stdin, little-endian): int32 n, then n int64 token ids. n > 0: run them (`prefill` for the first
 // request after a reset or for several tokens, `decode` for one more token), the KV cache stays here. n == 0:
 // reset the cache. n == -1: exit.
@@ -48,10 +51,16 @@ static void reply_error(const std::string& msg) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 6) {
-    fprintf(stderr, "usage: aqlm_vm_run MODEL.so PARAMS.bin NUM_LAYERS NUM_KV_HEADS HEAD_DIM\n");
+  if (argc != 6 && argc != 7) {
+    fprintf(stderr, "usage: aqlm_vm_run MODEL.so PARAMS.bin NUM_LAYERS NUM_KV_HEADS HEAD_DIM [concat|in_place]\n");
     return 2;
   }
+  const std::string kv_form = argc == 7 ? argv[6] : "concat";
+  if (kv_form != "concat" && kv_form != "in_place") {
+    fprintf(stderr, "aqlm_vm_run: KV_CACHE: expected concat or in_place, found %s\n", kv_form.c_str());
+    return 2;
+  }
+  const bool in_place = kv_form == "in_place";
   setenv("TVM_NUM_THREADS", "1", 0);
   const int layers = atoi(argv[3]), heads = atoi(argv[4]), head_dim = atoi(argv[5]);
   if (layers < 1 || heads < 1 || head_dim < 1) { fprintf(stderr, "aqlm_vm_run: bad model dimensions\n"); return 2; }
@@ -76,10 +85,26 @@ int main(int argc, char** argv) {
   }
   ffi::Function prefill = (*vm)->GetFunction("prefill").value(), decode = (*vm)->GetFunction("decode").value();
   std::vector<ffi::Tensor> past;
-  int64_t length = 0;
+  int64_t length = 0, capacity = 0;
   auto reset = [&]() {
-    past.assign(2 * layers, empty({1, heads, 0, head_dim}, f32));
+    if (!in_place) past.assign(2 * layers, empty({1, heads, 0, head_dim}, f32));
     length = 0;
+  };
+  // in place: room for `needed` rows, the first `length` kept (capacity at least doubled, so growth is rare)
+  auto reserve = [&](int64_t needed) {
+    if (needed <= capacity) return;
+    int64_t grown = std::max<int64_t>({needed, 2 * capacity, 256});
+    std::vector<ffi::Tensor> next;
+    for (int i = 0; i < 2 * layers; ++i) {
+      next.push_back(empty({1, heads, grown, head_dim}, f32));
+      for (int64_t h = 0; h < heads && length > 0; ++h) {  // rows [h, 0, length) of each head
+        const size_t row = static_cast<size_t>(head_dim) * 4;
+        memcpy(static_cast<char*>(next.back().data_ptr()) + h * grown * row,
+               static_cast<char*>(past[i].data_ptr()) + h * capacity * row, length * row);
+      }
+    }
+    past.swap(next);
+    capacity = grown;
   };
   reset();
   while (true) {
@@ -91,18 +116,27 @@ int main(int argc, char** argv) {
     if (!read_exact(ids.data_ptr(), 8 * static_cast<size_t>(n))) break;
     for (int64_t i = 0; i < length + n; ++i) static_cast<int64_t*>(mask.data_ptr())[i] = 1;
     try {
+      if (in_place) reserve(length + n);
+      ffi::Shape past_length({length});
       std::vector<ffi::AnyView> args{ids, mask};
+      if (in_place) args.emplace_back(past_length);
       for (auto& t : past) args.emplace_back(t);
       for (auto& t : params) args.emplace_back(t);
       ffi::Any ret;
       (n == 1 && length > 0 ? decode : prefill).CallPacked(args.data(), static_cast<int32_t>(args.size()), &ret);
-      auto out = ret.cast<ffi::Array<ffi::Any>>();
-      if (static_cast<int>(out.size()) != 1 + 2 * layers) {
-        reply_error("the model returned " + std::to_string(out.size()) + " values, expected " + std::to_string(1 + 2 * layers));
-        continue;
+      ffi::Tensor logits;
+      if (in_place) {
+        logits = ret.cast<ffi::Tensor>();
+      } else {
+        auto out = ret.cast<ffi::Array<ffi::Any>>();
+        if (static_cast<int>(out.size()) != 1 + 2 * layers) {
+          reply_error("the model returned " + std::to_string(out.size()) + " values, expected " +
+                      std::to_string(1 + 2 * layers));
+          continue;
+        }
+        logits = out[0].cast<ffi::Tensor>();
+        for (int i = 0; i < 2 * layers; ++i) past[i] = out[1 + i].cast<ffi::Tensor>();
       }
-      ffi::Tensor logits = out[0].cast<ffi::Tensor>();
-      for (int i = 0; i < 2 * layers; ++i) past[i] = out[1 + i].cast<ffi::Tensor>();
       length += n;
       const DLTensor* lt = logits.GetDLTensorPtr();
       int32_t vocab = static_cast<int32_t>(lt->shape[lt->ndim - 1]);

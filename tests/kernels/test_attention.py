@@ -94,6 +94,40 @@ def test_fully_masked_row_is_zero_and_later_keys_are_never_read():
     assert np.abs(got2[0, :, 3] - got[0, :, 3]).max() > 1.0  # the last query does read it
 
 
+@pytest.mark.parametrize("one_query", [False, True])
+def test_attention_reads_the_first_keys_of_a_larger_cache(one_query):
+    """K/V buffers of capacity C > T (the in-place cache): only the first T rows count (the rest is garbage here, and
+    must not change the output); the kernel refuses a mask counting more keys than the buffers hold. `kv_append`
+    writes rows p … p+S-1 only and refuses rows past the capacity."""
+    from aqlm_compile.kernels.attention import kv_append
+
+    heads, kv_heads, dim = 6, 2, 32
+    make = decode_attention if one_query else causal_attention
+    lib = build(make(heads, kv_heads, dim, dim ** -0.5, name="attn"), x86_target())
+    rng = np.random.default_rng(3)
+    s, t, c = (1, 37, 64) if one_query else (5, 37, 64)
+    q = rng.standard_normal((1, heads, s, dim)).astype(np.float32)
+    k, v = (rng.standard_normal((1, kv_heads, c, dim)).astype(np.float32) for _ in range(2))
+    k[:, :, t:], v[:, :, t:] = 1e30, np.nan  # past the keys that count
+    mask = np.tril(np.ones((s, t), bool), t - s)[None, None]
+    got = _run(lib, q, k, v, mask)
+    assert np.abs(got - _sdpa(q, k[:, :, :t], v[:, :, :t], mask)).max() <= 1e-5
+    with pytest.raises(Exception, match="more keys than the K/V cache holds"):
+        _run(lib, q, k[:, :, :t - 1].copy(), v[:, :, :t - 1].copy(), mask)
+
+    append = build(kv_append(kv_heads, dim, name="append"), x86_target())
+    cache = rng.standard_normal((1, kv_heads, 10, dim)).astype(np.float32)
+    new = rng.standard_normal((1, kv_heads, 3, dim)).astype(np.float32)
+    buf = tvm.runtime.tensor(cache)
+    append["append"](buf, tvm.runtime.tensor(new), 6)
+    want = cache.copy()
+    want[:, :, 6:9] = new
+    assert np.array_equal(buf.numpy(), want)
+    with pytest.raises(Exception, match="do not fit the cache's capacity"):
+        append["append"](buf, tvm.runtime.tensor(new), 8)
+    assert np.array_equal(buf.numpy(), want)  # nothing written
+
+
 def test_fast_exp_is_within_float_rounding():
     x = np.concatenate([np.linspace(-100, 0, 4001), np.linspace(0, 88, 881)]).astype(np.float32)
     n = len(x)
@@ -118,6 +152,7 @@ def test_whole_model_attention_runs_on_the_kernel(tiny_llama_ckpt, tmp_path):
     un-repeated), with the torch logits for a prompt and for a decode step after it."""
     from tiny_models import torch_prefill_logits
 
+    from aqlm_compile.runtime.tvm_runtime import KvCache
     from aqlm_compile.targets.plan import relax_graphs
     from aqlm_compile.targets.relax import compile_relax_model, relax_decoder_module
 
@@ -131,19 +166,20 @@ def test_whole_model_attention_runs_on_the_kernel(tiny_llama_ckpt, tmp_path):
     ops = [line for line in live.script().splitlines() if "R.nn.softmax" in line or "R.matmul" in line or
            "R.broadcast_to" in line]
     assert len(ops) == 2 and all("bool" in line for line in ops), ops  # the mask's expand, once per function
-    compile_relax_model(module, tmp_path, x86_target(), "model.so")
+    entry = compile_relax_model(module, tmp_path, x86_target(), "model.so")
+    assert entry["kv_cache"] == "in_place"  # the caches are written in place (passes/kv_cache_in_place.py)
     vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "model.so")), tvm.cpu())
     ids = np.array([[1, 5, 9, 13, 17, 21, 25, 29, 33]], np.int64)
-    empty = tvm.runtime.tensor(np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32))
+    kv = KvCache(tvm, tvm.cpu(), spec.num_layers, spec.num_kv_heads, spec.head_dim, entry["kv_cache"])
     out = vm["prefill"](tvm.runtime.tensor(ids[:, :-1]), tvm.runtime.tensor(np.ones_like(ids[:, :-1])),
-                        *[empty] * (2 * spec.num_layers), *params)
+                        *kv.arguments(ids.shape[1] - 1), *params)
     want = torch_prefill_logits(tiny_llama_ckpt, ids[:, :-1])
-    got = out[0].numpy()[0]
+    got = kv.logits(out).numpy()[0]
     assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
-    past = [out[i] for i in range(1, 1 + 2 * spec.num_layers)]
-    step = vm["decode"](tvm.runtime.tensor(ids[:, -1:]), tvm.runtime.tensor(np.ones_like(ids)), *past, *params)
+    step = vm["decode"](tvm.runtime.tensor(ids[:, -1:]), tvm.runtime.tensor(np.ones_like(ids)), *kv.arguments(1),
+                        *params)
     want = torch_prefill_logits(tiny_llama_ckpt, ids)
-    assert np.abs(step[0].numpy()[0] - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+    assert np.abs(kv.logits(step).numpy()[0] - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
 
 
 @pytest.mark.parametrize("length", [None, 1536, 37, 20000])

@@ -195,6 +195,30 @@ def test_tvm_decoder_matches_torch(llama_art, tiny_llama_ckpt):
     assert len(tables) == 1 and str(tables[0].dtype) == "int8", [(p.shape, p.dtype) for p in tables]
 
 
+def test_tvm_in_place_cache_grows_and_matches_torch(llama_art, tiny_llama_ckpt, monkeypatch):
+    """The artifact's KV cache is written in place (manifest tvm.kv_cache); from a 4-token capacity it grows
+    (doubling, the cached rows copied) through a prompt, decode steps and a multi-token chunk after them, and every
+    step equals torch; a reset keeps the buffers and starts over."""
+    from aqlm_compile.runtime import tvm_runtime
+    from aqlm_compile.runtime.tvm_runtime import TvmDecoder
+
+    manifest = json.loads((llama_art / "manifest.json").read_text())
+    assert manifest["tvm"]["kv_cache"] == "in_place"
+    monkeypatch.setattr(tvm_runtime, "INITIAL_CAPACITY", 4)
+    steps = [[1, 5, 9, 13, 17, 21], [7], [8], [9, 10, 11], [12]]
+    ref = torch_logits(tiny_llama_ckpt, steps, llama_art)
+    dec = TvmDecoder(llama_art, threads=1)
+    capacities = []
+    for ids, want in zip(steps, ref):
+        got = dec.step(np.array(ids))
+        capacities.append(dec.kv.capacity)
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), ids
+    assert capacities == [8, 8, 8, 16, 16] and dec.length == 12  # max(needed, twice the capacity)
+    dec.reset()
+    got = dec.step(np.array(steps[0]))
+    assert dec.kv.capacity == 16 and np.abs(got - ref[0]).max() <= 1e-4 * max(1.0, np.abs(ref[0]).max())
+
+
 def test_tvm_artifact_bad_inputs(llama_art, tmp_path):
     from aqlm_compile.runtime.tvm_runtime import TvmDecoder
 

@@ -19,6 +19,7 @@ from .. import artifact
 from ..errors import ConfigError, FormatError
 
 KINDS = ("aqlm", "portable", "dense")
+INITIAL_CAPACITY = 256  # tokens an in-place cache holds before it first grows
 
 
 class OrtDecoder:
@@ -76,19 +77,48 @@ class OrtDecoder:
             raise FormatError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # A graph whose attention is ORT's GroupQueryAttention (the manifest's max_positions says so) keeps its KV
+        # cache in buffers it writes in place: each past input and its present output bound to one buffer of a
+        # larger capacity, which the op detects (same pointer) and then only appends the new rows, reading the past
+        # length from the mask (docs/tvm-and-ort-notes.md N31). Otherwise each call returns the whole present cache.
+        self.in_place = self.max_positions is not None
         self.reset()
 
     def fork(self) -> "OrtDecoder":
         """A decoder sharing this one's InferenceSession (ORT runs one session from many threads; the AQLM op
         serialises the calls of each node), with its own KV cache: one per thread."""
         twin = copy.copy(self)
+        twin.past = None  # its own buffers (and bindings) for an in-place cache
         twin.reset()
         return twin
 
     def reset(self) -> None:
-        empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32)
-        self.past = [empty] * (2 * self.num_layers)
         self.length = 0
+        if not self.in_place:
+            empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32)
+            self.past = [empty] * (2 * self.num_layers)
+        elif not getattr(self, "past", None):
+            self._allocate(min(INITIAL_CAPACITY, self.max_positions))
+        # an in-place cache keeps its buffers: rows past `length` are never read
+
+    def _allocate(self, capacity: int) -> None:
+        import onnxruntime as ort
+
+        old, rows = getattr(self, "past", None), self.length
+        self.past = [np.empty((1, self.num_kv_heads, capacity, self.head_dim), np.float32)
+                     for _ in range(2 * self.num_layers)]
+        if old and rows:
+            for src, dst in zip(old, self.past):
+                dst[:, :, :rows] = src[:, :, :rows]
+        # OrtValues over the numpy buffers (no copy): each bound as a past input and as its present output
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.past]
+        self._binding = self.session.io_binding()
+        self._binding.bind_output(self.output_names[0], "cpu")  # first: get_outputs() lists them in binding order
+        for name, value in zip(self.input_names[2:], values):
+            self._binding.bind_ortvalue_input(name, value)
+        for name, value in zip(self.output_names[1:], values):
+            self._binding.bind_ortvalue_output(name, value)
+        self._values = values  # the bindings refer to them
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
@@ -96,11 +126,19 @@ class OrtDecoder:
             raise ConfigError(f"{self.dir}: {self.length} cached + {ids.shape[1]} new tokens: this ONNX decoder "
                               f"takes at most {self.max_positions} positions (its rotary table)")
         mask = np.ones((1, self.length + ids.shape[1]), np.int64)
-        feeds = dict(zip(self.input_names, [ids, mask, *self.past]))
-        out = self.session.run(None, feeds)
-        self.past = out[1:]
+        if not self.in_place:
+            feeds = dict(zip(self.input_names, [ids, mask, *self.past]))
+            out = self.session.run(None, feeds)
+            self.past = out[1:]
+            self.length += ids.shape[1]
+            return out[0][0]
+        if self.length + ids.shape[1] > self.past[0].shape[2]:
+            self._allocate(min(max(self.length + ids.shape[1], 2 * self.past[0].shape[2]), self.max_positions))
+        self._binding.bind_cpu_input(self.input_names[0], ids)
+        self._binding.bind_cpu_input(self.input_names[1], mask)
+        self.session.run_with_iobinding(self._binding)
         self.length += ids.shape[1]
-        return out[0][0]
+        return self._binding.get_outputs()[0].numpy()[0]
 
 
 def _check_external_data(artifact_dir: Path, manifest: dict, rel: str, field: str) -> None:

@@ -65,6 +65,32 @@ def test_ort_decoder_matches_torch(kind, arch, request):
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), (kind, ids)
 
 
+def test_ort_in_place_cache_grows_and_matches_torch(llama_art, tiny_llama_ckpt, monkeypatch):
+    """The ORT route's GroupQueryAttention graph keeps its KV cache in buffers bound as both past input and present
+    output (written in place); from a 4-token capacity they grow through a prompt, decode steps and a chunk after
+    them, every step equal to torch; a fork has buffers of its own."""
+    from aqlm_compile.runtime import ort as ort_runtime
+    from aqlm_compile.runtime.ort import OrtDecoder
+
+    monkeypatch.setattr(ort_runtime, "INITIAL_CAPACITY", 4)
+    steps = [[1, 5, 9, 13, 17, 21], [7], [8], [9, 10, 11], [12]]
+    ref = torch_logits(tiny_llama_ckpt, steps + [[13]], llama_art)
+    dec = OrtDecoder(llama_art, threads=1)
+    assert dec.in_place
+    capacities = []
+    for ids, want in zip(steps, ref):
+        got = dec.step(np.array(ids))
+        capacities.append(dec.past[0].shape[2])
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), ids
+    assert capacities == [8, 8, 8, 16, 16] and dec.length == 12  # max(needed, twice the capacity)
+    twin = dec.fork()
+    assert twin.past[0] is not dec.past[0] and twin.length == 0
+    got = twin.step(np.array(steps[0]))
+    assert np.abs(got - ref[0]).max() <= 1e-4 * max(1.0, np.abs(ref[0]).max())
+    got = dec.step(np.array([13]))  # the twin did not touch this cache
+    assert np.abs(got - ref[-1]).max() <= 1e-4 * max(1.0, np.abs(ref[-1]).max())
+
+
 def test_artifact_onnx_files_are_checked_and_listed(llama_art):
     from aqlm_compile.targets.onnx import aqlm_nodes, dense_nodes, register_schema
 

@@ -47,6 +47,8 @@ def kv_cache_in_place(mod: tvm.IRModule, name: str, first: int, count: int,
     past = params[first:first + count]
     if len(past) != count or count == 0 or not isinstance(func.body, relax.SeqExpr):
         return None
+    if not all(isinstance(p.ty, relax.TensorType) for p in past):
+        return None
     shapes = [p.ty.shape for p in past]
     if any(s is None or len(s) != 4 for s in shapes):
         return None

@@ -19,15 +19,30 @@ from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, codes_layout, select_k
 from .common import tvm
 
 
-def _tokens_2d(bb, x, node_arg, in_f: int):
-    """x [..., in] → (x as [N, in], x's shape as a list, N) for a kernel that takes a 2-D activation."""
+def _reshape(bb, x, shape):
+    """x reshaped to `shape`, from the tensor x was itself reshaped from where it is one (a reshape of a reshape is
+    one reshape, and none where that tensor already has `shape`). A kernel's [N, in] result goes back to the graph's
+    [..., out] for the traced ops, and the next kernel would flatten it again: each is a VM builtin call per layer
+    per token, and the unused [..., out] copy is then dead code (docs/tvm-and-ort-notes.md N31)."""
+    import tvm_ffi
     from tvm import relax
 
+    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
+    if isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.reshape"):
+        x = bound.args[0]
+    want = bb.normalize(relax.op.reshape(x, shape)).ty.shape
+    if tvm_ffi.structural_equal(bb.normalize(x).ty.shape, want):
+        return x
+    return bb.emit(relax.op.reshape(x, shape))
+
+
+def _tokens_2d(bb, x, node_arg, in_f: int):
+    """x [..., in] → (x as [N, in], x's shape as a list, N) for a kernel that takes a 2-D activation."""
     x_shape = [bb.normalize(x).ty.shape[i] for i in range(node_arg.meta["val"].dim())]
     n_tok = 1
     for d in x_shape[:-1]:
         n_tok = n_tok * d
-    return bb.emit(relax.op.reshape(x, [n_tok, in_f])), x_shape, n_tok
+    return _reshape(bb, x, [n_tok, in_f]), x_shape, n_tok
 
 
 def _dequantized_linear(bb, x2, codes, codebooks, scales, cfg, out_f: int, in_f: int):
@@ -383,7 +398,7 @@ def _silu_mul_converter(kernels: dict, prefix: str):
         total = 1
         for d in shape:
             total = total * d
-        flat = [bb.emit(relax.op.reshape(t, [total])) for t in (gate, up)]
+        flat = [_reshape(bb, t, [total]) for t in (gate, up)]
         y = bb.emit(relax.call_tir(kernels[key], flat, relax.TensorType((total,), "float32")))
         return bb.emit(relax.op.reshape(y, shape))
 

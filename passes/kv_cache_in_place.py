@@ -47,11 +47,12 @@ def kv_cache_in_place(mod: tvm.IRModule, name: str, first: int, count: int,
     past = params[first:first + count]
     if len(past) != count or count == 0 or not isinstance(func.body, relax.SeqExpr):
         return None
-    if not all(isinstance(p.ty, relax.TensorType) for p in past):
-        return None
+    if not all(isinstance(p.ty, relax.TensorType) and p.ty.dtype == "float32" for p in past):
+        return None  # kv_append writes fp32
     shapes = [p.ty.shape for p in past]
-    if any(s is None or len(s) != 4 for s in shapes):
-        return None
+    if any(s is None or len(s) != 4 or not all(isinstance(s[i], tvm.tirx.IntImm) for i in (0, 1, 3)) or
+           int(s[0]) != 1 for s in shapes):
+        return None  # [1, G, P, D] with G and D known
     past_len = shapes[0][2]
     if not isinstance(past_len, tirx.Var) or any(not s[2].same_as(past_len) for s in shapes):
         return None
@@ -62,8 +63,9 @@ def kv_cache_in_place(mod: tvm.IRModule, name: str, first: int, count: int,
             users[v].append(b)
     out_var = func.body.body
     out_binding = next((b for b in bindings if b.var.same_as(out_var)), None)
-    if out_binding is None or not isinstance(out_binding.value, relax.Tuple):
-        return None
+    if out_binding is None or not isinstance(out_binding.value, relax.Tuple) or \
+            len(out_binding.value.fields) != 1 + count:
+        return None  # (logits, *present): the presents are what the rewrite drops
 
     def reads_capacity(b, var) -> bool:  # an attention call reading `var` as K or V only
         value = b.value
@@ -82,6 +84,8 @@ def kv_cache_in_place(mod: tvm.IRModule, name: str, first: int, count: int,
         cat = readers[0]
         if not all(b is out_binding or reads_capacity(b, cat.var) for b in users.get(cat.var, [])):
             return None
+        if not out_binding.value.fields[1 + i].same_as(cat.var):
+            return None  # present i is not this concatenation
         concat_of[cat.var] = i
 
     capacity = tirx.Var("kv_capacity", "int64")

@@ -246,8 +246,12 @@ def _targets_taking(what: str) -> str:
                    "with a per-row scale (half the bytes; SmolLM2 2x8g8 held-out PPL +0.24%: benchmarks/head_int8_ppl.py).  "
                    "[default: the form a `quantize --bits` checkpoint records, else int8; fp16 for --target cuda and "
                    "an AQLM head]")
+@click.option("--prefill", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True,
+              help="CPU targets: the prompt GEMMs (more than --max-batch tokens). int8: int8 activations (a scale per "
+                   "token and 64 inputs) times int8-decoded weights where the CPU has AVX-512 VNNI, as llama.cpp does "
+                   "(SmolLM2 held-out PPL: benchmarks/int8_prefill_ppl.py); fp32: every product in fp32.")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
-          dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head, onnx_external_data):
+          dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head, onnx_external_data, prefill):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder (targets/plan.py)."""
     from .errors import ConfigError
     from .targets.plan import build as build_plan
@@ -267,7 +271,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         cpu=cpu, archs=tuple(a.strip() for a in archs.split(",")) if archs else None, max_batch=max_batch,
         onnx=with_onnx, tvm=with_tvm, fuse=fuse, fuse_tvm=fuse_tvm, dump_ir=dump_ir, dense_model_dir=dense_model_dir,
         dense_dtypes={"fp32": ("float32",), "fp16": ("float16",), "both": ("float32", "float16")}[dense_dtype],
-        onnx_dense=onnx_dense, head=head, onnx_external_data=onnx_external_data,
+        onnx_dense=onnx_dense, head=head, onnx_external_data=onnx_external_data, prefill=prefill,
         embedding=embedding or _recorded_embedding(checkpoint_dir))
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
     manifest = build_plan(checkpoint_dir, spec, options, out_dir)

@@ -21,6 +21,8 @@ from aqlm_compile.config import AqlmConfig
 from aqlm_compile.errors import ConfigError
 
 from .gemm_decode import gemm_decode
+from .gemm_vnni import INT8_ACTIVATIONS, gemm_vnni, vnni_unsupported
+from .gemm_vnni import REQUIRED_FEATURES as VNNI_FEATURES
 from .gemv_cuda import gemv_cuda
 from .gemv_direct import L1_BYTES, GemvShape, gemv_direct
 from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped, gemv_lut_split, split_tasks
@@ -152,6 +154,22 @@ KERNELS: list[KernelSpec] = [
     KernelSpec("relax_dequantize_matmul", ("cuda",), "GPU prefill: Relax decode of Ŵ + matmul (dlight rules)",
                lambda shape, layouts: None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use gemv_cuda",
                None),
+    # int8 prompt GEMMs: they quantize the activations (per token and group of 64), so they need the build's
+    # consent (INT8_ACTIVATIONS: `build --prefill int8`, the default) besides the CPU's VNNI
+    KernelSpec("gemm_vnni_row_tiled", ("llvm",), f"batch > {MAX_GEMV_BATCH}, AVX-512 VNNI: int8 activations × int8 "
+               "weights (decoded per tile, scale per row and group of 64), row-tiled codes",
+               lambda shape, layouts: (None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use a GEMV kernel")
+               or vnni_unsupported(shape),
+               lambda shape, name, dynamic_tokens=False: gemm_vnni(
+                   shape, name=name, index_dtype="int64" if dynamic_tokens else "int32", code_layout=ROW_TILED),
+               ROW_TILED, requires=VNNI_FEATURES + (INT8_ACTIVATIONS,)),
+    KernelSpec("gemm_vnni", ("llvm",), f"batch > {MAX_GEMV_BATCH}, AVX-512 VNNI: int8 activations × int8 weights "
+               "(decoded per tile, scale per row and group of 64)",
+               lambda shape, layouts: (None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use a GEMV kernel")
+               or vnni_unsupported(shape),
+               lambda shape, name, dynamic_tokens=False: gemm_vnni(
+                   shape, name=name, index_dtype="int64" if dynamic_tokens else "int32"),
+               requires=VNNI_FEATURES + (INT8_ACTIVATIONS,)),
     KernelSpec("gemm_decode_row_tiled", ("llvm",), f"batch > {MAX_GEMV_BATCH}: gemm_decode reading row-tiled codes "
                "(the codes the decode function's LUT kernel reads: one copy for both)",
                lambda shape, layouts: None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use a GEMV kernel",

@@ -16,6 +16,7 @@ from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
 from aqlm_compile.kernel_abi import dense_symbol, gemm_symbol, gemv_symbol  # noqa: E402
 from aqlm_compile.kernels.dense import dense_linear  # noqa: E402
+from aqlm_compile.kernels.gemm_vnni import INT8_ACTIVATIONS  # noqa: E402
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR  # noqa: E402
 from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED  # noqa: E402
 from aqlm_compile.kernels.registry import (MAX_GEMV_BATCH, codes_layout, find_kernel, required_features,  # noqa: E402
@@ -33,7 +34,15 @@ def target_features(tvm_target) -> frozenset:
         return frozenset()
     from tvm.target.codegen import llvm_cpu_has_features
 
-    return frozenset(f for f in required_features() if llvm_cpu_has_features([f], tvm_target))
+    return frozenset(f for f in required_features() if f != INT8_ACTIVATIONS and llvm_cpu_has_features([f], tvm_target))
+
+
+def kernel_features(tvm_target, prefill: str = "int8") -> frozenset:
+    """What the build hands the kernel table as `features`: the target's CPU features (`target_features`) and, with
+    `prefill == "int8"` (`build --prefill`), the consent to int8 prompt activations (kernels/gemm_vnni.py)."""
+    if prefill not in ("int8", "fp32"):
+        raise ConfigError(f"--prefill {prefill!r}: expected int8 or fp32")
+    return target_features(tvm_target) | ({INT8_ACTIVATIONS} if prefill == "int8" else frozenset())
 
 
 def cpu_features(tvm_target, arch: str) -> list[str]:

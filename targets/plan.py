@@ -192,11 +192,11 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     graphs = export_graphs(model, routes, options, supports_for(target), relax_fuse=options.fuse_tvm)
     del model
 
-    from .common import cpu_features, kernel_library, target_features, tvm, write_artifact
+    from .common import cpu_features, kernel_features, kernel_library, tvm, write_artifact
 
     tvm_target = target.tvm_target(options)
     mod, kernels = kernel_library(kernel_requests(layers, aqlm_config, graphs), target.kind, options.max_batch,
-                                  target_features(tvm_target), artifact_config=aqlm_config,
+                                  kernel_features(tvm_target, options.prefill), artifact_config=aqlm_config,
                                   dense=dense_requests(graphs))
     with target.compile_context(options), tvm_target:
         lib = tvm.compile(mod, target=tvm_target)
@@ -211,6 +211,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     extra["cpu_features"] = cpu_features(tvm_target, target.arch(options))  # artifact.check_cpu_features
     extra["embedding"] = options.embedding  # embedding.compact_embedding: how both routes read the input embedding
     extra["head"] = options.head  # fp16 | int8: how both routes store a dense lm_head (embedding.default_head)
+    extra["prefill"] = options.prefill  # int8 | fp32: whether the prompt GEMMs may quantize their activations
     if graphs.onnx is not None:
         steps += _onnx_route(target, options, toolchain, graphs.onnx, lib_name, extra)
     if graphs.relax:
@@ -235,7 +236,7 @@ def _onnx_route(target: Target, options: BuildOptions, toolchain, onnx_graph, li
 
 def _relax_route(target: Target, options: BuildOptions, relax: dict, tvm_target, export_lib, extra: dict):
     """The whole model for the Relax VM (+ the dense FP32/FP16 baselines through the same compiler)."""
-    from .common import target_features
+    from .common import kernel_features
     from .relax import compile_relax_model, dense_relax_graphs, relax_decoder_module
 
     extra["tvm"] = {}  # filled by the step, before the manifest is written
@@ -246,7 +247,7 @@ def _relax_route(target: Target, options: BuildOptions, relax: dict, tvm_target,
 
         compile_ctx = target.compile_context(options)
         entry = compile_relax_model(relax_decoder_module(relax, device=target.device, target_kind=target.kind,
-                                                         features=target_features(tvm_target)),
+                                                         features=kernel_features(tvm_target, options.prefill)),
                                     tmp, tvm_target, f"model_{target.name}.so", export=export_model,
                                     compile_context=compile_ctx)
         entry["head"] = {"fp16": "fp16 (as stored)", "int8": "int8 rows, fp32 scale per row"}[options.head]
@@ -261,7 +262,7 @@ def _relax_route(target: Target, options: BuildOptions, relax: dict, tvm_target,
                     graphs = dense_relax_graphs(options.dense_model_dir, fp16=dtype == "float16")
                     entry[key] = compile_relax_model(
                         relax_decoder_module(graphs, device=target.device, target_kind=target.kind,
-                                             features=target_features(tvm_target)), tmp,
+                                             features=kernel_features(tvm_target, options.prefill)), tmp,
                         tvm_target, f"{lib}_{target.name}.so", export=export_model, params_name=params,
                         compile_context=target.compile_context(options))
         extra["tvm"].update(entry)

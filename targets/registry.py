@@ -48,6 +48,10 @@ class BuildOptions:
     head: str | None = None
     embedding: str = "stored"  # the input embedding, both routes: as stored, "int8" rows, or "head" (embedding.EMBEDDINGS)
     onnx_external_data: bool | None = None  # ONNX weights in model.onnx.data (None: past 1 GiB, targets/onnx.py)
+    # CPU prompt GEMMs (batch > max_batch): "int8" lets the kernel table pick int8-activation kernels where the CPU
+    # has them (kernels/gemm_vnni.py; its accuracy: benchmarks/int8_prefill_ppl.py), "fp32" keeps every prompt
+    # product in fp32
+    prefill: str = "int8"
 
 
 @dataclass

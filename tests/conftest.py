@@ -75,13 +75,16 @@ def tiny_qwen2_ckpt(tiny_root, tiny_qwen2):
 def llama_art(tiny_llama_ckpt, tiny_llama, tmp_path_factory):
     """The tiny Llama checkpoint built for x86 with every route (ONNX + ORT op library, whole-model TVM) and, with
     --dense, the FP model it was quantized from (its config.json records it) as the dense baseline; read-only for
-    the tests sharing it (copy it to tamper)."""
+    the tests sharing it (copy it to tamper). `--prefill fp32`: the tests sharing it check that the routes compute
+    what PyTorch does to 1e-4; the default int8 prompt GEMM (kernels/gemm_vnni.py) rounds its operands, and its
+    tests are tests/kernels/test_gemm_vnni.py and the LUT model of tests/kernels/test_gemv_lut_vbmi.py."""
     from click.testing import CliRunner
 
     from aqlm_compile.cli import main
 
     out = tmp_path_factory.mktemp("art") / "llama"
-    r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "--target", "x86", "-o", str(out), "--dense"])
+    r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "--target", "x86", "-o", str(out), "--dense",
+                                     "--prefill", "fp32"])
     assert r.exit_code == 0, r.output
     return out
 

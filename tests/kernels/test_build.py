@@ -14,7 +14,10 @@ tvm = pytest.importorskip("tvm")
 from aqlm_compile import format as fmt  # noqa: E402
 from aqlm_compile.cli import main  # noqa: E402
 from aqlm_compile.errors import ConfigError, FormatError  # noqa: E402
+from aqlm_compile.kernels.gemm_vnni import REQUIRED_FEATURES as VNNI_FEATURES  # noqa: E402
 from aqlm_compile.runtime.kernels import KernelLibrary  # noqa: E402
+from aqlm_compile.targets.common import target_features  # noqa: E402
+from aqlm_compile.targets.x86 import x86_target  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +41,17 @@ def test_artifact_layers_match_checkpoint(built):
     assert manifest["target"] == "x86" and manifest["aqlm_config"] == "2x8g8"
     assert "kernels_x86.so" in manifest["files"] and "weights/model.safetensors" in manifest["files"]
     modules = dict(model.named_modules())
+    # the prompt GEMM (> 8 tokens) is int8 where the host has AVX-512 VNNI (`build --prefill int8`, the default):
+    # within int8 rounding of PyTorch; its exact arithmetic is checked in test_gemm_vnni.py
+    int8 = any(v["kernel"].startswith("gemm_vnni") for v in manifest["kernels"].values())
+    assert int8 == (frozenset(VNNI_FEATURES) <= target_features(x86_target()))
     for layer in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]:
         for batch in (1, 5, 9, 33):  # GEMV for ≤ 8 tokens, the prefill GEMM above
             x = torch.randn(batch, modules[layer].in_features, generator=torch.Generator().manual_seed(batch))
             with torch.no_grad():
                 ref = modules[layer](x.double().float()).double()
             y = torch.from_numpy(lib.linear(layer, x.numpy())).double()
-            assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+            assert ((y - ref).abs().max() / ref.abs().max()).item() <= (3e-2 if int8 and batch > 8 else 1e-5)
 
 
 def test_artifact_bad_inputs(built):

@@ -8,6 +8,7 @@ tvm = pytest.importorskip("tvm")
 
 from aqlm_compile.config import AqlmConfig  # noqa: E402
 from aqlm_compile.kernels.gemm_decode import gemm_decode  # noqa: E402
+from aqlm_compile.kernels.gemm_vnni import REQUIRED_FEATURES as VNNI_FEATURES  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR  # noqa: E402
 from aqlm_compile.kernels.gemv_lut_vbmi import (ROW_TILED, from_row_tiled, gemv_lut_vbmi,  # noqa: E402
@@ -18,6 +19,7 @@ from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
 
 VBMI = frozenset({"avx512bw", "avx512vbmi"})
 HOST_HAS_VBMI = VBMI <= target_features(x86_target())
+HOST_HAS_VNNI = frozenset(VNNI_FEATURES) <= target_features(x86_target())
 needs_vbmi = pytest.mark.skipif(not HOST_HAS_VBMI, reason="this CPU lacks AVX-512 VBMI: the kernel cannot run here")
 
 
@@ -137,12 +139,14 @@ def test_a_model_built_with_the_lut_kernel_decodes_the_torch_tokens(tmp_path_fac
     assert r.exit_code == 0, r.output
     manifest = json.loads((art / "manifest.json").read_text())
     library = manifest["kernels"]  # the ORT op's library: fused gate/up (2 × 1024 rows) and down use the LUT
-    assert {v["kernel"] for s, v in library.items() if s.endswith("_rt64")} == {"gemv_lut_vbmi", "gemm_decode_row_tiled"}
+    # the prompt GEMMs: int8 where the host has AVX-512 VNNI (`build --prefill int8`, the default), else fp32
+    gemm = ("gemm_vnni_row_tiled", "gemm_vnni") if HOST_HAS_VNNI else ("gemm_decode_row_tiled", "gemm_decode")
+    assert manifest["prefill"] == "int8"
+    assert {v["kernel"] for s, v in library.items() if s.endswith("_rt64")} == {"gemv_lut_vbmi", gemm[0]}
     assert "aqlm_gemv_2048x256_b1_p1024-1024_rt64" in library and "aqlm_gemv_256x1024_b1_rt64" in library
     kernels = manifest["tvm"]["kernels"]
     assert {k["kernel"] for s, k in kernels.items() if s.startswith("decode_")} == {"gemv_lut_vbmi", "gemv_direct"}
-    assert {k["kernel"] for s, k in kernels.items() if s.startswith("prefill_")} == \
-        {"gemm_decode_row_tiled", "gemm_decode"}
+    assert {k["kernel"] for s, k in kernels.items() if s.startswith("prefill_")} == set(gemm)
     want = greedy_tokens(ckpt, "torch", 12)
     assert greedy_tokens(art, "tvm", 12) == want
     assert greedy_tokens(art, "ort", 12) == want

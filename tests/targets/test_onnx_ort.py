@@ -25,7 +25,8 @@ def build(ckpt, out, *extra):
 
 @pytest.fixture(scope="module")
 def qwen2_art(tiny_qwen2_ckpt, tmp_path_factory):
-    return build(tiny_qwen2_ckpt, tmp_path_factory.mktemp("ort") / "qwen2")
+    # fp32 prompt GEMMs: the tests sharing it check the routes against PyTorch to 1e-4 (conftest.py `llama_art`)
+    return build(tiny_qwen2_ckpt, tmp_path_factory.mktemp("ort") / "qwen2", "--prefill", "fp32")
 
 
 def torch_logits(ckpt, steps, art=None):
@@ -314,7 +315,7 @@ def test_tvm_fused_layers_match_torch(arch, fused_away, request, tmp_path):
     from aqlm_compile.runtime.tvm_runtime import TvmDecoder
 
     ckpt = request.getfixturevalue(f"tiny_{arch}_ckpt")
-    art = build(ckpt, tmp_path / "fused", "--no-onnx", "--fuse-tvm")
+    art = build(ckpt, tmp_path / "fused", "--no-onnx", "--fuse-tvm", "--prefill", "fp32")
     manifest = json.loads((art / "manifest.json").read_text())
     assert any("_p" in s for s in manifest["tvm"]["kernels"]), manifest["tvm"]["kernels"]  # partitioned kernels
     unfused = json.loads((request.getfixturevalue(f"{arch}_art") / "manifest.json").read_text())

@@ -60,7 +60,9 @@ class ReportOptions:
     dense_dtype: str = "both"
     onnx_dense: bool = True
     # our artifact also with the lm_head in its other form (TVM route alone): `build` stores a dense head (and a tied
-    # embedding) as int8 rows by default, the second engine keeps it as stored (fp16) — what the int8 rows buy
+    # embedding) as int8 rows by default, the second engine keeps it as stored (fp16) — what the int8 rows buy. With
+    # it, where the default artifact's prompt GEMMs are int8 (`build --prefill int8` on a VNNI CPU), also one with
+    # `--prefill fp32` (TVM route alone) — what the int8 prompt GEMMs buy
     head_variant: bool = True
     kernel_shapes: tuple[str, ...] = ("4096x4096", "11008x4096")
     kernel_configs: tuple[str, ...] = ("2x8g8", "1x16g8")
@@ -115,6 +117,7 @@ class Subject:
     artifact: Path | None = None
     artifact_build: dict | None = None
     artifact_head_variant: Path | None = None  # the TVM route with the lm_head in the other form
+    artifact_prefill_variant: Path | None = None  # the TVM route with fp32 prompt GEMMs (`build --prefill fp32`)
     ggufs: dict = field(default_factory=dict)
     gguf_imatrix: bool = False
     notes: list = field(default_factory=list)
@@ -197,6 +200,12 @@ class Report:
                                                             ["--head", other, "--no-onnx"])
             except RuntimeError as exc:
                 self.skip(f"{subject.tag} --head {other} artifact", str(exc).splitlines()[0][:300])
+            if artifact_int8_prefill(art):
+                try:
+                    subject.artifact_prefill_variant = self._build(subject, ckpt, "x86-prefill-fp32",
+                                                                   ["--prefill", "fp32", "--no-onnx"])
+                except RuntimeError as exc:
+                    self.skip(f"{subject.tag} --prefill fp32 artifact", str(exc).splitlines()[0][:300])
         subject.artifact = art
         return art
 
@@ -209,7 +218,8 @@ class Report:
             olds = [*art.parent.glob(f"{stem}-*"), *art.parent.glob(f"{stem}.*"), art.parent / stem]
             for old in olds:  # the same checkpoint's artifacts (and their logs) from other compilers
                 # (not another variant's: "…-x86-head-int8-…" also matches "…-x86-*")
-                if old.exists() and not old.name.startswith(art.name) and "head" not in old.name[len(stem):]:
+                if old.exists() and not old.name.startswith(art.name) and \
+                        not any(v in old.name[len(stem):] for v in ("head", "prefill")):
                     shutil.rmtree(old) if old.is_dir() else old.unlink()
             cmd = [sys.executable, "-m", "aqlm_compile.cli", "build", str(ckpt), "--target", "x86", "-o", str(art),
                    *extra]
@@ -325,6 +335,14 @@ class Report:
                         "weights": weights,
                         "file_bytes": sum(mv["files"][n]["bytes"] for n in (tv["library"], tv["params"])),
                         "artifact": str(subject.artifact_head_variant)})
+        if subject.artifact_prefill_variant is not None:
+            mv = json.loads((subject.artifact_prefill_variant / "manifest.json").read_text())
+            tv = mv["tvm"]
+            stem, weights = ours(artifact_head(subject.artifact_prefill_variant))
+            out.append({"engine": f"{stem}, TVM runtime, fp32 prompt GEMMs", "family": "aqlm-compile",
+                        "runtime": "tvm", "kind": "aqlm", "weights": weights,
+                        "file_bytes": sum(mv["files"][n]["bytes"] for n in (tv["library"], tv["params"])),
+                        "artifact": str(subject.artifact_prefill_variant)})
         if onnx:
             ort_files = [onnx["model"], onnx["op_library"], manifest["kernel_library"]] + \
                 [n for n in files if n.startswith("onnx/") and n.endswith(".data") and "dense" not in n]
@@ -540,6 +558,13 @@ def artifact_head(art: Path) -> str:
     from ..artifact import head_form
 
     return head_form(json.loads((Path(art) / "manifest.json").read_text()))
+
+
+def artifact_int8_prefill(art: Path) -> bool:
+    """Whether an artifact's prompt GEMMs are int8 (`build --prefill int8` where the CPU has VNNI: the kernels its
+    manifest records)."""
+    manifest = json.loads((Path(art) / "manifest.json").read_text())
+    return any(k["kernel"].startswith("gemm_vnni") for k in (manifest.get("tvm", {}).get("kernels") or {}).values())
 
 
 def default_out_dir(info: dict) -> Path:

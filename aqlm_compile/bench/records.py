@@ -68,7 +68,7 @@ WRITERS = {
     "*/int8-prefill-ppl-*.json": ("benchmarks/int8_prefill_ppl.py",
                                   {"what", "command", "windows", "seqlen", "chunk", "positions", "ppl_int8", "ppl_fp32",
                                    "ppl_increase_pct", "argmax_agreement", "greedy_tokens", "greedy_same",
-                                   "greedy_prompts", "int8_artifact", "fp32_artifact", "machine", "wall_s"}, None),
+                                   "greedy_prompts", "greedy_same_as_torch", "int8_artifact", "fp32_artifact", "machine", "wall_s"}, None),
     "*/lut-decode-ppl-*.json": ("benchmarks/lut_decode_ppl.py",
                                 {"what", "command", "windows", "seqlen", "decode_steps", "ppl_lut", "ppl_reference",
                                  "ppl_increase_pct", "argmax_agreement", "lut_artifact", "reference_artifact",

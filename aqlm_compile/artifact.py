@@ -62,6 +62,14 @@ def head_form(manifest: dict) -> str:
     return "int8" if str(head).startswith("int8") else "fp16"
 
 
+def relax_kernel_counts(manifest: dict) -> dict[str, int]:
+    """{kernel name: how many of the TVM route's kernel symbols are that kernel} (`tvm.kernels`)."""
+    counts: dict[str, int] = {}
+    for entry in ((manifest.get("tvm") or {}).get("kernels") or {}).values():
+        counts[entry["kernel"]] = counts.get(entry["kernel"], 0) + 1
+    return counts
+
+
 def read_manifest(artifact_dir: str | Path) -> dict:
     """The manifest, with the fields every runtime reads checked for type (`expect`), before anything uses them."""
     path = Path(artifact_dir) / MANIFEST

@@ -36,11 +36,10 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def _kernels(art: Path) -> dict:
+    from aqlm_compile.artifact import relax_kernel_counts
+
     manifest = json.loads((art / "manifest.json").read_text())
-    counts: dict = {}
-    for entry in (manifest.get("tvm", {}).get("kernels") or {}).values():
-        counts[entry["kernel"]] = counts.get(entry["kernel"], 0) + 1
-    return {"prefill": manifest.get("prefill", "fp32"), "relax_kernels": counts}
+    return {"prefill": manifest.get("prefill", "fp32"), "relax_kernels": relax_kernel_counts(manifest)}
 
 
 def _greedy(dec, prompt: np.ndarray, steps: int) -> list[int]:
@@ -137,7 +136,8 @@ def main() -> None:
                       "prompt GEMM (build --prefill int8) vs the fp32 one (--prefill fp32), same checkpoint",
               "command": f"python benchmarks/int8_prefill_ppl.py {args.int8_artifact} {args.fp32_artifact} "
                          f"--windows {args.windows} --chunk {args.chunk} --greedy {args.greedy}"
-                         + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") + (f" --name {args.name}" if args.name else ""),
+                         + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
+                         + (f" --name {args.name}" if args.name else ""),
               "windows": int(len(windows)), "seqlen": args.seqlen, "chunk": args.chunk, "positions": count,
               "ppl_int8": ppl["int8"], "ppl_fp32": ppl["fp32"],
               "ppl_increase_pct": round(100 * (ppl["int8"] / ppl["fp32"] - 1), 3),

@@ -31,11 +31,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _kernels(art: Path) -> dict:
+    from aqlm_compile.artifact import relax_kernel_counts
+
     manifest = json.loads((art / "manifest.json").read_text())
-    counts: dict = {}
-    for entry in (manifest.get("tvm", {}).get("kernels") or {}).values():
-        counts[entry["kernel"]] = counts.get(entry["kernel"], 0) + 1
-    return {"cpu": manifest["target_spec"].get("mcpu"), "relax_kernels": counts}
+    return {"cpu": manifest["target_spec"].get("mcpu"), "relax_kernels": relax_kernel_counts(manifest)}
 
 
 def main() -> None:

@@ -20,6 +20,26 @@ from .gemv_direct import GemvShape, _largest_divisor
 OUTER_PRODUCT_FROM = 64  # tokens: below this the transposed decode (≈ 0.45 ms for 1536×576) costs more than it saves
 
 
+def codes_reader(kernel: str, shape: GemvShape, row_block: int, code_layout: str):
+    """code(codes, flat, o, j, m) → the code of row o, input group j, codebook m, as a TIR expression, for codes
+    stored "out_major" (HF codes[O, I/g, M]) or "row_tiled64" (the same tensor holding [O/64, I/g, M, 64], read
+    through `flat`, its 1-D view). Raises for a layout the shape or the row block cannot take."""
+    O, I = shape.out_features, shape.in_features
+    J, M = I // shape.config.in_group_size, shape.config.num_codebooks
+    if code_layout not in ("out_major", "row_tiled64"):
+        raise ValueError(f"{kernel}: unknown codes layout {code_layout!r}")
+    tiled = code_layout == "row_tiled64"
+    if tiled and (O % 64 or row_block % 64):
+        raise ValueError(f"{kernel} {O}x{I}: row-tiled codes need rows and row blocks in multiples of 64")
+
+    def code(codes, flat, o, j, m):
+        if tiled:  # o = ob·OB + row: its tile and lane
+            return flat[(o // 64) * (J * M * 64) + j * (M * 64) + m * 64 + o % 64]
+        return codes[o, j, m]
+
+    return code
+
+
 def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token_block: int = 6, vector: int = 16,
                 name: str = "aqlm_gemm", index_dtype: str = "int32", code_layout: str = "out_major",
                 outer_product_from: int = OUTER_PRODUCT_FROM):
@@ -49,16 +69,7 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
     V = _largest_divisor(KS, vector)
     NS = 4
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
-    tiled = code_layout == "row_tiled64"
-    if tiled and (O % 64 or OB % 64):
-        raise ValueError(f"gemm_decode {O}x{I}: row-tiled codes need rows and row blocks in multiples of 64")
-    if code_layout not in ("out_major", "row_tiled64"):
-        raise ValueError(f"gemm_decode: unknown codes layout {code_layout!r}")
-
-    def code(codes, flat, o, j, m):
-        if tiled:  # o = ob·OB + row: its tile and lane
-            return flat[(o // 64) * (J * M * 64) + j * (M * 64) + m * 64 + o % 64]
-        return codes[o, j, m]
+    code = codes_reader("gemm_decode", shape, OB, code_layout)
 
     # Small codebooks (up to 8 bits) are widened to fp32 once per task, so decoding a tile is plain loads and adds;
     # a 16-bit codebook (65536 × g per codebook) would cost more to widen than the tile's lookups save.

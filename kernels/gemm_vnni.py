@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from .gemm_decode import codes_reader
 from .gemv_direct import GemvShape, _largest_divisor, tree_sum
 
 
@@ -79,17 +80,8 @@ def gemm_vnni(shape: GemvShape, out_block: int = 64, k_block: int = 256, token_b
     NB = token_block
     PM = shape.codebook_rows()
     act, cbt, cdt = shape.act_dtype, shape.codebook_dtype, shape.code_dtype
-    tiled = code_layout == "row_tiled64"
-    if tiled and (O % 64 or OB % 64):
-        raise ValueError(f"gemm_vnni {O}x{I}: row-tiled codes need rows and row blocks in multiples of 64")
-    if code_layout not in ("out_major", "row_tiled64"):
-        raise ValueError(f"gemm_vnni: unknown codes layout {code_layout!r}")
+    code = codes_reader("gemm_vnni", shape, OB, code_layout)
     widen = K <= 256
-
-    def code(codes, flat, o, j, m):
-        if tiled:
-            return flat[(o // 64) * (J * M * 64) + j * (M * 64) + m * 64 + o % 64]
-        return codes[o, j, m]
 
     def decoded(cb, cbf, codes, flat, o, j, t):
         total = T.float32(0)

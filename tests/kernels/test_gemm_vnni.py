@@ -40,7 +40,8 @@ def _decoded(codes, cb, cfg, parts=None):
     for p in range(len(bounds) - 1):
         rows = slice(bounds[p], bounds[p + 1])
         for m in range(m_count):
-            w[rows] += cb[p * m_count + m].astype(np.float32)[codes[rows, :, m].astype(np.int64) & (cfg.codebook_size - 1)]
+            index = codes[rows, :, m].astype(np.int64) & (cfg.codebook_size - 1)
+            w[rows] += cb[p * m_count + m].astype(np.float32)[index]
     return w.reshape(out_f, -1)
 
 

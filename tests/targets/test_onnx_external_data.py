@@ -25,7 +25,7 @@ STEPS = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7], [8]]
 def external_art(tiny_llama_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("ext") / "llama"
     r = CliRunner().invoke(main, ["build", str(tiny_llama_ckpt), "--target", "x86", "-o", str(out), "--no-tvm",
-                                  "--onnx-external-data"])
+                                  "--onnx-external-data", "--prefill", "fp32"])  # as llama_art: compared with it
     assert r.exit_code == 0, r.output
     return out
 

@@ -250,8 +250,14 @@ def _targets_taking(what: str) -> str:
               help="CPU targets: the prompt GEMMs (more than --max-batch tokens). int8: int8 activations (a scale per "
                    "token and 64 inputs) times int8-decoded weights where the CPU has AVX-512 VNNI, as llama.cpp does "
                    "(SmolLM2 held-out PPL: benchmarks/int8_prefill_ppl.py); fp32: every product in fp32.")
+@click.option("--ort-attention", "ort_attention", type=click.Choice(["aqlm", "ort"]), default="aqlm", show_default=True,
+              help="ONNX route, CPU targets: each layer's attention (rotary, KV-cache append, grouped-query attention) as "
+                   "the op library's aqlm.GroupQueryAttention on this project's TVM kernels, or as ONNX Runtime's own "
+                   "com.microsoft.GroupQueryAttention (docs/tvm-and-ort-notes.md N33). The portable model always uses "
+                   "ORT's.")
 def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, dense_model_dir, dense_from_source,
-          dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head, onnx_external_data, prefill):
+          dense_dtype, onnx_dense, dump_ir, fuse, fuse_tvm, with_tvm, embedding, head, onnx_external_data, prefill,
+          ort_attention):
     """Compile every quantized layer of a checkpoint into a deployable artifact folder (targets/plan.py)."""
     from .errors import ConfigError
     from .targets.plan import build as build_plan
@@ -272,7 +278,7 @@ def build(checkpoint_dir, target, out_dir, cpu, archs, max_batch, with_onnx, den
         onnx=with_onnx, tvm=with_tvm, fuse=fuse, fuse_tvm=fuse_tvm, dump_ir=dump_ir, dense_model_dir=dense_model_dir,
         dense_dtypes={"fp32": ("float32",), "fp16": ("float16",), "both": ("float32", "float16")}[dense_dtype],
         onnx_dense=onnx_dense, head=head, onnx_external_data=onnx_external_data, prefill=prefill,
-        embedding=embedding or _recorded_embedding(checkpoint_dir))
+        ort_attention=ort_attention, embedding=embedding or _recorded_embedding(checkpoint_dir))
     out_dir = out_dir or f"{checkpoint_dir.rstrip('/')}-{target}"
     manifest = build_plan(checkpoint_dir, spec, options, out_dir)
     where = manifest["target_spec"].get("mcpu") or f"{manifest['arch'].replace('+', ', ')} + PTX; checked from the built file"

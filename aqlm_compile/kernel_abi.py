@@ -40,3 +40,15 @@ def dense_symbol(out_f: int, in_f: int, weight_dtype: str) -> str:
     """The dense kernel (kernels/dense.py) of a `DenseMatMul` node, any token count: `(x, w, y)` for fp16 rows,
     `(x, w, s, y)` for int8 rows with their per-row scales."""
     return f"aqlm_dense_{out_f}x{in_f}_{DENSE_WEIGHT_SUFFIX[weight_dtype]}"
+
+
+def attention_symbols(heads: int, kv_heads: int, head_dim: int, scale: float) -> dict[str, str]:
+    """The three kernels of an `aqlm.GroupQueryAttention` node (kernels/attention.py, the ORT op library):
+    `rope` = rope_kv_append, `decode` = decode_attention (one query, keys counted), `prompt` = causal_attention
+    (keys counted, token-major q and out). The softmax scale is compiled in: the names carry its fp32 bits."""
+    import struct
+
+    bits = struct.unpack("<I", struct.pack("<f", scale))[0]
+    shape = f"{heads}x{kv_heads}x{head_dim}"
+    return {"rope": f"aqlm_rope_kv_append_{shape}", "decode": f"aqlm_attention_decode_{shape}_s{bits:08x}",
+            "prompt": f"aqlm_attention_prompt_{shape}_s{bits:08x}"}

@@ -79,7 +79,7 @@ def _online_softmax_block(rows: int, vector: int, dim: int):
 
 
 def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float, mask_heads: int = 1,
-                     vector: int = 16, name: str = "decode_attention"):
+                     vector: int = 16, name: str = "decode_attention", keys: str = "mask"):
     """`name(q[1, H, 1, D], k[1, G, C, D], v[1, G, C, D], mask[1, MH, 1, T] bool, out[1, H, 1, D])`, fp32, T ≤ C
     symbolic: `causal_attention` for one query (its causal bound is then every key, so only the mask decides).
 
@@ -89,8 +89,12 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
     multiply-adds and one horizontal sum per row and key), blocks of V keys go through the same online softmax, and
     the heads run on the calling thread below PARALLEL_KEYS keys (a thread-pool launch costs ≈ 1.2 µs at 2 threads
     and 3 heads split unevenly over 2 threads): 0.6 / 2.2 / 3.9 µs at 1 / 33 / 65 keys, 13.8 µs at 257 (hand-run on
-    the 2-vCPU Xeon VM, stop 36)."""
+    the 2-vCPU Xeon VM, stop 36).
+
+    `keys="count"` (the ONNX Runtime op's form, `aqlm.GroupQueryAttention`): no mask; the signature is
+    `name(q, k, v, out, t)` with t the number of cached keys that count (every one of them is allowed)."""
     H, G, D, V = num_heads, kv_heads, head_dim, vector
+    _check_keys(keys)
     if H % G:
         raise ValueError(f"{H} query heads do not share {G} K/V heads evenly")
     if mask_heads not in (1, H):
@@ -103,13 +107,16 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
     def mask_head(h):
         return T.int64(0) if mask_heads == 1 else h
 
-    def key(j):  # a key index clamped into the cache (the last block's lanes past T are masked out)
+    def key(j, t_len):  # a key index clamped into the cache (the last block's lanes past T are masked out)
         return T.min(j, t_len - T.int64(1))
+
+    def mask_allows(mask, h, j):
+        return T.bool(True) if mask is None else mask[0, mask_head(h), 0, j]
 
     start, block_update = _online_softmax_block(n_rep, V, D)
 
     @T.macro
-    def one_head(q, k, v, mask, out, g):
+    def one_head(q, k, v, mask, out, g, t_len):
         acc = T.alloc_buffer((n_rep, D), "float32", scope="global")
         sc = T.alloc_buffer((n_rep, V), "float32", scope="global")
         prod = T.alloc_buffer((n_rep, V), "float32", scope="global")
@@ -121,8 +128,8 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
                 for r in T.unroll(n_rep):
                     for lane in T.vectorized(V):
                         prod[r, lane] = tree_sum([q[0, g * n_rep + r, 0, dv * V + lane] *
-                                                  k[0, g, key(jb * V + x), dv * V + lane] for dv in range(DV)])
-                    allowed = T.And(jb * V + x < t_len, mask[0, mask_head(g * n_rep + r), 0, key(jb * V + x)])
+                                                  k[0, g, key(jb * V + x, t_len), dv * V + lane] for dv in range(DV)])
+                    allowed = T.And(jb * V + x < t_len, mask_allows(mask, g * n_rep + r, key(jb * V + x, t_len)))
                     sc[r, x] = T.Select(allowed, tree_sum([prod[r, lane] for lane in range(V)]) * T.float32(scale),
                                         T.float32(NEG_BIG))
             block_update(sc, acc, run_max, run_sum, v, g, jb * T.int64(V), t_len)
@@ -130,6 +137,15 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
             for d in T.vectorized(D):
                 out[0, g * n_rep + r, 0, d] = T.Select(run_sum[r] > T.float32(0),
                                                        acc[r, d] / T.max(run_sum[r], T.float32(1e-30)), T.float32(0))
+
+    @T.macro
+    def heads(q, k, v, mask, out, t_len):
+        if t_len < T.int64(PARALLEL_KEYS):
+            for g in range(T.int64(G)):
+                one_head(q, k, v, mask, out, g, t_len)
+        else:
+            for g in T.parallel(T.int64(G)):
+                one_head(q, k, v, mask, out, g, t_len)
 
     @T.prim_func
     def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
@@ -141,55 +157,72 @@ def decode_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
         mask = T.match_buffer(m_h, (T.int64(1), T.int64(mask_heads), T.int64(1), t_len), "bool")
         out = T.match_buffer(o_h, (T.int64(1), T.int64(H), T.int64(1), T.int64(D)), "float32")
         assert t_len <= c_len, "attention: the mask counts more keys than the K/V cache holds"
-        if t_len < T.int64(PARALLEL_KEYS):
-            for g in range(T.int64(G)):
-                one_head(q, k, v, mask, out, g)
-        else:
-            for g in T.parallel(T.int64(G)):
-                one_head(q, k, v, mask, out, g)
+        heads(q, k, v, mask, out, t_len)
 
-    return kernel
+    @T.prim_func
+    def counted(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, t: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "aqlm.kv_capacity": True})
+        q = T.match_buffer(q_h, (T.int64(1), T.int64(H), T.int64(1), T.int64(D)), "float32")
+        k = T.match_buffer(k_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        v = T.match_buffer(v_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        out = T.match_buffer(o_h, (T.int64(1), T.int64(H), T.int64(1), T.int64(D)), "float32")
+        assert t >= T.int64(1) and t <= c_len, "attention: the key count is not within the K/V cache"
+        heads(q, k, v, None, out, t)
+
+    return kernel if keys == "mask" else counted
+
+
+def _check_keys(keys: str) -> None:
+    if keys not in ("mask", "count"):
+        raise ValueError(f"keys={keys!r}: expected 'mask' or 'count'")
 
 
 def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float, mask_heads: int = 1,
-                     rows: int = 4, vector: int = 16, name: str = "causal_attention"):
+                     rows: int = 4, vector: int = 16, name: str = "causal_attention", keys: str = "mask",
+                     layout: str = "bhsd"):
     """`name(q[1, H, S, D], k[1, G, C, D], v[1, G, C, D], mask[1, MH, S, T] bool, out[1, H, S, D])`, fp32, S, T
     and C symbolic (S ≤ T ≤ C: the cache holds the queries' own keys; the first T count); H = G · n_rep (query head h reads K/V head h // n_rep);
-    MH = 1 or H."""
+    MH = 1 or H.
+
+    The ONNX Runtime op's form (`aqlm.GroupQueryAttention`, targets/ort_op): `keys="count"` takes no mask, the
+    signature is `name(q, k, v, out, t)` with t the number of cached keys (only the causal bound applies);
+    `layout="bshd"` reads q and writes out token-major, as that op's [1, S, H·D] tensors are laid out: the buffers
+    keep their [1, H, S, D] indexing with strides (S·H·D, D, H·D, 1), so a caller passes those strides."""
     H, G, D, R, V = num_heads, kv_heads, head_dim, rows, vector
     if H % G:
         raise ValueError(f"{H} query heads do not share {G} K/V heads evenly")
     if mask_heads not in (1, H):
         raise ValueError(f"mask with {mask_heads} heads for {H} query heads")
+    _check_keys(keys)
+    if layout not in ("bhsd", "bshd"):
+        raise ValueError(f"layout={layout!r}: expected 'bhsd' or 'bshd'")
     n_rep = H // G
     s_len = tirx.Var("s", "int64")
     t_len, c_len = tirx.Var("t", "int64"), tirx.Var("c", "int64")
+    # q and out: [1, H, S, D] as indexed; token-major in memory for "bshd"
+    qo_strides = (s_len * T.int64(H * D), T.int64(D), T.int64(H * D), T.int64(1)) if layout == "bshd" else None
 
     def row(task_rows, r0, r):
         """(query head, query position) of row r of a task whose rows start at r0 (the last clamped)."""
         rho = T.min(r0 + T.int64(r), task_rows - T.int64(1))
         return rho // s_len, rho % s_len
 
-    t_pad = (t_len + T.int64(V - 1)) // T.int64(V) * T.int64(V)  # T rounded up to whole vectors
+    def padded(t):  # T rounded up to whole vectors
+        return (t + T.int64(V - 1)) // T.int64(V) * T.int64(V)
 
     def mask_head(rep):
         return T.int64(0) if mask_heads == 1 else rep
 
+    def mask_allows(mask, h, s, j):
+        return T.bool(True) if mask is None else mask[0, mask_head(h), s, j]
+
     start, block_update = _online_softmax_block(R, V, D)
 
-    @T.prim_func
-    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
-        # aqlm.kv_capacity: K/V may be a larger cache (passes/kv_cache_in_place.py checks for it)
-        T.func_attr({"global_symbol": name, "tirx.noalias": True, "aqlm.kv_capacity": True})
-        q = T.match_buffer(q_h, (T.int64(1), T.int64(H), s_len, T.int64(D)), "float32")
-        k = T.match_buffer(k_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
-        v = T.match_buffer(v_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
-        mask = T.match_buffer(m_h, (T.int64(1), T.int64(mask_heads), s_len, t_len), "bool")
-        out = T.match_buffer(o_h, (T.int64(1), T.int64(H), s_len, T.int64(D)), "float32")
-        assert t_len <= c_len, "attention: the mask counts more keys than the K/V cache holds"
-        kt = T.alloc_buffer((T.int64(G), T.int64(D), t_pad), "float32")
+    @T.macro
+    def body(q, k, v, mask, out, t_len):
+        kt = T.alloc_buffer((T.int64(G), T.int64(D), padded(t_len)), "float32")
         for gd in T.parallel(T.int64(G * D)):
-            for j in range(t_pad):
+            for j in range(padded(t_len)):
                 kt[gd // T.int64(D), gd % T.int64(D), j] = T.if_then_else(
                     j < t_len, k[0, gd // T.int64(D), T.min(j, t_len - T.int64(1)), gd % T.int64(D)], T.float32(0))
         task_rows = T.int64(n_rep) * s_len  # the (query head in the group, position) rows of one K/V head
@@ -220,14 +253,91 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
                     for x in range(V):
                         sc[r, x] = T.Select(
                             T.And(j0 + T.int64(x) < t_len - s_len + row(task_rows, r0, r)[1] + T.int64(1),
-                                  mask[0, mask_head(g * T.int64(n_rep) + row(task_rows, r0, r)[0]),
-                                       row(task_rows, r0, r)[1], T.min(j0 + T.int64(x), t_len - T.int64(1))]),
+                                  mask_allows(mask, g * T.int64(n_rep) + row(task_rows, r0, r)[0],
+                                              row(task_rows, r0, r)[1], T.min(j0 + T.int64(x), t_len - T.int64(1)))),
                             sc[r, x] * T.float32(scale), T.float32(NEG_BIG))
                 block_update(sc, acc, run_max, run_sum, v, g, j0, t_len)
             for r in T.unroll(R):
                 for d in T.vectorized(D):
                     out[0, g * T.int64(n_rep) + row(task_rows, r0, r)[0], row(task_rows, r0, r)[1], d] = T.Select(
                         run_sum[r] > T.float32(0), acc[r, d] / T.max(run_sum[r], T.float32(1e-30)), T.float32(0))
+
+    @T.prim_func
+    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
+        # aqlm.kv_capacity: K/V may be a larger cache (passes/kv_cache_in_place.py checks for it)
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "aqlm.kv_capacity": True})
+        q = T.match_buffer(q_h, (T.int64(1), T.int64(H), s_len, T.int64(D)), "float32", strides=qo_strides)
+        k = T.match_buffer(k_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        v = T.match_buffer(v_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        mask = T.match_buffer(m_h, (T.int64(1), T.int64(mask_heads), s_len, t_len), "bool")
+        out = T.match_buffer(o_h, (T.int64(1), T.int64(H), s_len, T.int64(D)), "float32", strides=qo_strides)
+        assert t_len <= c_len, "attention: the mask counts more keys than the K/V cache holds"
+        body(q, k, v, mask, out, t_len)
+
+    @T.prim_func
+    def counted(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, t: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "aqlm.kv_capacity": True})
+        q = T.match_buffer(q_h, (T.int64(1), T.int64(H), s_len, T.int64(D)), "float32", strides=qo_strides)
+        k = T.match_buffer(k_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        v = T.match_buffer(v_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        out = T.match_buffer(o_h, (T.int64(1), T.int64(H), s_len, T.int64(D)), "float32", strides=qo_strides)
+        assert s_len <= t and t <= c_len, "attention: the key count is not within the K/V cache and after the queries"
+        body(q, k, v, None, out, t)
+
+    return kernel if keys == "mask" else counted
+
+
+def rope_kv_append(heads: int, kv_heads: int, head_dim: int, parallel_from: int = 16, name: str = "rope_kv_append"):
+    """`name(q[1, S, H·D], k[1, S, G·D], v[1, S, G·D], cos[M, D/2], sin[M, D/2], q_out[1, S, H·D], k_cache[1, G, C, D],
+    v_cache[1, G, C, D], p)`, fp32, S, C, M symbolic: the first half of ONNX Runtime's GroupQueryAttention
+    (do_rotary, half-split), for the op library's `aqlm.GroupQueryAttention` (targets/ort_op). Position p + i of
+    token i: q and k rotated with rows p + i of the tables (y[d] = x[d]·cos − x[d+D/2]·sin, y[d+D/2] = x[d+D/2]·cos
+    + x[d]·sin, d < D/2; HF's rotate_half with its cos/sin duplicated over both halves), q into q_out in its own
+    layout, k into the cache's rows p … p+S-1, v copied there. Tokens are split over the thread pool from
+    `parallel_from` of them (a prompt); a decode step runs on the calling thread."""
+    H, G, D = heads, kv_heads, head_dim
+    if D % 2:
+        raise ValueError(f"rope_kv_append: head_dim {D}, expected an even one")
+    half = D // 2
+    s_len, c_len, m_len = tirx.Var("s", "int64"), tirx.Var("c", "int64"), tirx.Var("m", "int64")
+
+    @T.macro
+    def token(q, k, v, cos, sin, qo, kc, vc, p, i):
+        for h in range(H):
+            for d in T.vectorized(half):
+                qo[0, i, h * D + d] = q[0, i, h * D + d] * cos[p + i, d] - q[0, i, h * D + d + half] * sin[p + i, d]
+            for d in T.vectorized(half):
+                qo[0, i, h * D + d + half] = (q[0, i, h * D + d + half] * cos[p + i, d]
+                                              + q[0, i, h * D + d] * sin[p + i, d])
+        for g in range(G):
+            for d in T.vectorized(half):
+                kc[0, g, p + i, d] = k[0, i, g * D + d] * cos[p + i, d] - k[0, i, g * D + d + half] * sin[p + i, d]
+            for d in T.vectorized(half):
+                kc[0, g, p + i, d + half] = (k[0, i, g * D + d + half] * cos[p + i, d]
+                                             + k[0, i, g * D + d] * sin[p + i, d])
+            for d in T.vectorized(D):
+                vc[0, g, p + i, d] = v[0, i, g * D + d]
+
+    @T.prim_func
+    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, cos_h: T.handle, sin_h: T.handle, qo_h: T.handle,
+               kc_h: T.handle, vc_h: T.handle, p: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        q = T.match_buffer(q_h, (T.int64(1), s_len, T.int64(H * D)), "float32")
+        k = T.match_buffer(k_h, (T.int64(1), s_len, T.int64(G * D)), "float32")
+        v = T.match_buffer(v_h, (T.int64(1), s_len, T.int64(G * D)), "float32")
+        cos = T.match_buffer(cos_h, (m_len, T.int64(half)), "float32")
+        sin = T.match_buffer(sin_h, (m_len, T.int64(half)), "float32")
+        qo = T.match_buffer(qo_h, (T.int64(1), s_len, T.int64(H * D)), "float32")
+        kc = T.match_buffer(kc_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        vc = T.match_buffer(vc_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
+        assert p >= T.int64(0) and p + s_len <= c_len, "rope_kv_append: the new keys do not fit the cache's capacity"
+        assert p + s_len <= m_len, "rope_kv_append: positions past the rotary table"
+        if s_len >= T.int64(parallel_from):
+            for i in T.parallel(s_len):
+                token(q, k, v, cos, sin, qo, kc, vc, p, i)
+        else:
+            for i in range(s_len):
+                token(q, k, v, cos, sin, qo, kc, vc, p, i)
 
     return kernel
 

@@ -14,7 +14,8 @@ import tvm  # noqa: E402
 from aqlm_compile import __version__, artifact  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
-from aqlm_compile.kernel_abi import dense_symbol, gemm_symbol, gemv_symbol  # noqa: E402
+from aqlm_compile.kernel_abi import attention_symbols, dense_symbol, gemm_symbol, gemv_symbol  # noqa: E402
+from aqlm_compile.kernels.attention import causal_attention, decode_attention, rope_kv_append  # noqa: E402
 from aqlm_compile.kernels.dense import dense_linear  # noqa: E402
 from aqlm_compile.kernels.gemm_vnni import INT8_ACTIVATIONS  # noqa: E402
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR  # noqa: E402
@@ -56,7 +57,7 @@ def cpu_features(tvm_target, arch: str) -> list[str]:
 
 
 def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, features=frozenset(),
-                   artifact_config=None, dense=()):
+                   artifact_config=None, dense=(), attention=()):
     """One IRModule for the artifact's kernel library: for each requested shape (targets/plan.py `KernelRequest`) a
     GEMV per batch size 1..max_batch and, where the kernel table has a library kernel for any token count on this
     target kind (the CPU prefill GEMM), that one too. `kernels` records which kernel each symbol is and why.
@@ -64,7 +65,9 @@ def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, 
     symbols ending in ROW_TILED_SUFFIX; the ORT op repacks the codes for them once. A request whose config is not
     `artifact_config` (the manifest's) gets symbols with its config's suffix (kernel_abi.config_suffix). `dense`:
     (out, in, weight dtype) of the dense layers the ORT op library runs (`aqlm.DenseMatMul`, plan.dense_requests),
-    each a kernels/dense.py kernel for any token count (`kernel_abi.dense_symbol`)."""
+    each a kernels/dense.py kernel for any token count (`kernel_abi.dense_symbol`). `attention`: (heads, kv heads,
+    head dim, scale) of the `aqlm.GroupQueryAttention` nodes the ORT op library runs (plan.attention_requests), each
+    three kernels/attention.py kernels (`kernel_abi.attention_symbols`)."""
     if not 1 <= max_batch <= MAX_GEMV_BATCH:
         raise ConfigError(f"--max-batch {max_batch}: expected 1..{MAX_GEMV_BATCH}")
     funcs, kernels = {}, {}
@@ -92,6 +95,18 @@ def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, 
         funcs[symbol] = dense_linear(out_f, in_f, name=symbol, weight_dtype=dtype, row_scales=dtype == "int8")
         kernels[symbol] = {"kernel": "dense", "reason": f"dense {dtype} rows (aqlm.DenseMatMul)",
                            "out_features": out_f, "in_features": in_f, "batch": "any", "weight_dtype": dtype}
+    for heads, kv_heads, head_dim, scale in attention:
+        symbols = attention_symbols(heads, kv_heads, head_dim, scale)
+        builders = {"rope": lambda n: rope_kv_append(heads, kv_heads, head_dim, name=n),
+                    "decode": lambda n: decode_attention(heads, kv_heads, head_dim, scale, keys="count", name=n),
+                    "prompt": lambda n: causal_attention(heads, kv_heads, head_dim, scale, keys="count",
+                                                         layout="bshd", name=n)}
+        for part, symbol in symbols.items():
+            funcs[symbol] = builders[part](symbol)
+            kernels[symbol] = {"kernel": {"rope": "rope_kv_append", "decode": "decode_attention",
+                                          "prompt": "causal_attention"}[part],
+                               "reason": "aqlm.GroupQueryAttention (ORT op library)", "heads": heads,
+                               "kv_heads": kv_heads, "head_dim": head_dim, "scale": scale, "batch": "any"}
     return tvm.IRModule(funcs), kernels
 
 

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 from onnx.defs import OpSchema
 
 from aqlm_compile.config import AqlmConfig
+from aqlm_compile.passes.aqlm_attention_for_ort import aqlm_attention_for_ort
 from aqlm_compile.passes.skip_rms_norm_for_ort import skip_rms_norm_for_ort
 
 DOMAIN, VERSION = "aqlm", 1
@@ -81,6 +82,8 @@ def register_schema() -> None:
         onnx.defs.register_schema(_dense_schema())
     if not onnx.defs.has(GQA_OP_TYPE, ORT_DOMAIN):
         onnx.defs.register_schema(_gqa_schema())
+    if not onnx.defs.has(GQA_OP_TYPE, DOMAIN):
+        onnx.defs.register_schema(_gqa_schema(DOMAIN))
 
 
 def _translation():
@@ -126,13 +129,15 @@ ORT_DOMAIN = "com.microsoft"
 GQA_OP_TYPE = "GroupQueryAttention"
 
 
-def _gqa_schema() -> OpSchema:
+def _gqa_schema(domain: str = ORT_DOMAIN) -> OpSchema:
     """The part of ONNX Runtime's contrib schema of GroupQueryAttention (since ORT 1.17; inputs in its order) that
-    the export writes: the onnx package has no com.microsoft schemas, and the exporter and onnx.checker want one."""
+    the export writes: the onnx package has no com.microsoft schemas, and the exporter and onnx.checker want one.
+    The same schema in the `aqlm` domain is the op library's op (passes/aqlm_attention_for_ort.py)."""
     P, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
     return OpSchema(
-        GQA_OP_TYPE, ORT_DOMAIN, 1,
-        doc="ONNX Runtime's grouped-query attention with KV cache (contrib op); see docs/tvm-and-ort-notes.md N27.",
+        GQA_OP_TYPE, domain, 1,
+        doc="Grouped-query attention with KV cache: ONNX Runtime's contrib op, or the aqlm op library's op of the "
+            "same semantics; see docs/tvm-and-ort-notes.md N27, N33 and docs/aqlm-onnx-op.md.",
         inputs=[P("query", "T", "[B, S, H·D]"), P("key", "T", "[B, S, H_kv·D]", param_option=opt),
                 P("value", "T", "[B, S, H_kv·D]", param_option=opt),
                 P("past_key", "T", "[B, H_kv, P, D]", param_option=opt),
@@ -181,8 +186,12 @@ def _attention_translations() -> dict:
     return {torch.ops.aqlm.gqa_attention.default: gqa_attention}
 
 
+ATTENTIONS = {"ort": ORT_DOMAIN, "aqlm": DOMAIN}  # build --ort-attention: the domain of the GroupQueryAttention nodes
+
+
 def gqa_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.domain == ORT_DOMAIN and n.op_type == GQA_OP_TYPE]
+    """The GroupQueryAttention nodes: ORT's (com.microsoft) or the op library's (aqlm)."""
+    return [n for n in model.graph.node if n.domain in (ORT_DOMAIN, DOMAIN) and n.op_type == GQA_OP_TYPE]
 
 
 def rotary_positions(model: onnx.ModelProto) -> int | None:
@@ -214,10 +223,14 @@ def external_data_name(path: str | Path) -> str:
     return Path(path).name + ".data"
 
 
-def export_onnx(ep, spec, path: str | Path, external_data: bool | None = None) -> onnx.ModelProto:
+def export_onnx(ep, spec, path: str | Path, external_data: bool | None = None, attention: str = "ort") -> onnx.ModelProto:
     """The lowered program `ep` as an ONNX model at `path` (inputs input_ids, attention_mask, past_*; outputs
     logits, present_*), checked with onnx.checker. `external_data`: the initializers go to `<path>.data` (default:
-    when they pass `EXTERNAL_DATA_THRESHOLD` bytes); the model returned then holds references, not the data."""
+    when they pass `EXTERNAL_DATA_THRESHOLD` bytes); the model returned then holds references, not the data.
+    `attention`: "ort" keeps ORT's GroupQueryAttention nodes, "aqlm" hands them to the op library
+    (passes/aqlm_attention_for_ort.py)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}: expected one of {', '.join(ATTENTIONS)}")
     import onnx_ir as ir
     import torch
 
@@ -228,6 +241,8 @@ def export_onnx(ep, spec, path: str | Path, external_data: bool | None = None) -
                              input_names=["input_ids", "attention_mask", *spec.kv_names()],
                              output_names=["logits", *spec.present_names()])
     skip_rms_norm_for_ort(prog.model)  # passes/skip_rms_norm_for_ort.py
+    if attention == "aqlm":
+        aqlm_attention_for_ort(prog.model)  # passes/aqlm_attention_for_ort.py
     if external_data is None:
         size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
         external_data = size > EXTERNAL_DATA_THRESHOLD
@@ -352,7 +367,8 @@ def _portable_function(opset_version: int) -> onnx.FunctionProto:
 def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` that stock ONNX Runtime runs: every AqlmMatMul node gets all six inputs (a zero bias and a
     single partition where absent: O floats and one int64 per layer), every DenseMatMul its scales (ones for fp16
-    rows), and the model carries the functions that define the ops."""
+    rows), the model carries the functions that define the ops, and the op library's GroupQueryAttention nodes are
+    ORT's own again (the same inputs and attributes: passes/aqlm_attention_for_ort.py)."""
     from onnx import numpy_helper
 
     portable = onnx.ModelProto()
@@ -366,6 +382,11 @@ def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
             shapes.setdefault(vi.name, tuple(d.dim_value for d in dims))
     dense = False
     for i, node in enumerate(portable.graph.node):
+        if node.domain == DOMAIN and node.op_type == GQA_OP_TYPE:
+            node.domain = ORT_DOMAIN
+            if not any(o.domain == ORT_DOMAIN for o in portable.opset_import):
+                portable.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
+            continue
         if node.domain == DOMAIN and node.op_type == DENSE_OP_TYPE:
             dense = True
             if len(node.input) < 3 or not node.input[2]:
@@ -401,12 +422,13 @@ def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     return portable
 
 
-def onnx_route(ep, spec, report, dense_model_dir=None, external_data: bool | None = None):
+def onnx_route(ep, spec, report, dense_model_dir=None, external_data: bool | None = None, attention: str = "ort"):
     """The ONNX route of a lowered (fused) decoder graph, to run inside the artifact's write: returns
     (populate(tmp), manifest entry). Writes onnx/model.onnx (AqlmMatMul nodes) and onnx/model.portable.onnx (stock
     ORT); with `dense_model_dir`, also onnx/model.dense.onnx from the FP model, the same-run baseline.
     `external_data` (default: past `EXTERNAL_DATA_THRESHOLD`): the weights in onnx/model.onnx.data, shared by the
-    two models, 4096-byte aligned; the manifest entry names it."""
+    two models, 4096-byte aligned; the manifest entry names it. `attention` (export_onnx): whose GroupQueryAttention
+    onnx/model.onnx calls; the portable and dense models always call ORT's."""
     entry = {"model": "onnx/model.onnx", "portable": "onnx/model.portable.onnx", "decoder": spec.to_json(),
              "op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": VERSION},
              "lowered_layers": len(report["lower_aqlm_linear"]["lowered"]),
@@ -417,10 +439,11 @@ def onnx_route(ep, spec, report, dense_model_dir=None, external_data: bool | Non
     def populate(tmp: Path):
         from aqlm_compile.cache import atomic_write_bytes
 
-        model = export_onnx(ep, spec, tmp / entry["model"], external_data=external_data)
+        model = export_onnx(ep, spec, tmp / entry["model"], external_data=external_data, attention=attention)
         positions = rotary_positions(model)
         if positions is not None:  # runtime/ort.py refuses a longer sequence with a clear error
             entry["max_positions"] = positions
+            entry["attention"] = f"{gqa_nodes(model)[0].domain}.{GQA_OP_TYPE}"
         if external_locations(model):
             entry["external_data"] = f"onnx/{external_data_name(entry['model'])}"
         # a model with external data: the portable twin refers to the same file (one copy of the weights)

@@ -144,6 +144,32 @@ def dense_requests(graphs: Graphs) -> list[tuple[int, int, str]]:
     return sorted(found)
 
 
+def attention_requests(graphs: Graphs, options: BuildOptions, target: Target) -> list[tuple[int, int, int, float]]:
+    """(heads, kv heads, head dim, scale) of every `aqlm.gqa_attention` node of the ONNX route when its ONNX model
+    runs them as `aqlm.GroupQueryAttention` (`--ort-attention aqlm`, CPU targets): the kernel library gets the
+    three kernels of each (kernel_abi.attention_symbols)."""
+    import torch
+
+    import aqlm_compile.ops  # noqa: F401  (registers torch.ops.aqlm)
+
+    if graphs.onnx is None or not ort_attention_is_ours(options, target):
+        return []
+    found = set()
+    for node in graphs.onnx[0].graph_module.graph.nodes:
+        if node.target is torch.ops.aqlm.gqa_attention.default:
+            heads, kv_heads, scale = (node.args[i] for i in (8, 9, 10))
+            head_dim = int(node.args[3].meta["val"].shape[3])
+            found.add((int(heads), int(kv_heads), head_dim, float(scale)))
+    return sorted(found)
+
+
+def ort_attention_is_ours(options: BuildOptions, target: Target) -> bool:
+    """Whether the ONNX route's attention runs as the op library's `aqlm.GroupQueryAttention` (TVM kernels) rather
+    than ORT's own `com.microsoft.GroupQueryAttention`: `--ort-attention aqlm` on a CPU target (a GPU target's
+    kernel library holds no CPU kernels)."""
+    return options.ort_attention == "aqlm" and target.device == "cpu"
+
+
 def _layers(model) -> dict:
     from aqlm_compile import format as fmt
 
@@ -155,6 +181,8 @@ def _check_options(target: Target, options: BuildOptions) -> None:
 
     if options.fuse_tvm and target.device != "cpu":
         raise ConfigError(f"--fuse-tvm: CPU targets only (the {target.name} prefill decodes Ŵ in the graph, unfused)")
+    if options.ort_attention not in ("aqlm", "ort"):
+        raise ConfigError(f"--ort-attention {options.ort_attention!r}: expected aqlm or ort")
     if options.head not in (None, "fp16", "int8"):
         raise ConfigError(f"--head {options.head!r}: expected fp16 or int8")
     if options.head == "int8" and target.device != "cpu":
@@ -197,7 +225,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     tvm_target = target.tvm_target(options)
     mod, kernels = kernel_library(kernel_requests(layers, aqlm_config, graphs), target.kind, options.max_batch,
                                   kernel_features(tvm_target, options.prefill), artifact_config=aqlm_config,
-                                  dense=dense_requests(graphs))
+                                  dense=dense_requests(graphs), attention=attention_requests(graphs, options, target))
     with target.compile_context(options), tvm_target:
         lib = tvm.compile(mod, target=tvm_target)
     lib_name = f"kernels_{target.name}.so"
@@ -228,7 +256,8 @@ def _onnx_route(target: Target, options: BuildOptions, toolchain, onnx_graph, li
     from .ort import LIBRARY, build_ort_library
 
     dense_dir = options.dense_model_dir if options.onnx_dense else None
-    populate, entry = onnx_route(*onnx_graph, dense_model_dir=dense_dir, external_data=options.onnx_external_data)
+    populate, entry = onnx_route(*onnx_graph, dense_model_dir=dense_dir, external_data=options.onnx_external_data,
+                                 attention="aqlm" if ort_attention_is_ours(options, target) else "ort")
     entry["op_library"] = LIBRARY
     extra["onnx"] = entry
     return [populate, lambda tmp: build_ort_library(tmp, lib_name, toolchain.runtime_libs, cxx=toolchain.cxx)]

@@ -52,6 +52,9 @@ class BuildOptions:
     # has them (kernels/gemm_vnni.py; its accuracy: benchmarks/int8_prefill_ppl.py), "fp32" keeps every prompt
     # product in fp32
     prefill: str = "int8"
+    # the ONNX route's attention on CPU targets: "aqlm" = the op library's aqlm.GroupQueryAttention on the TVM kernels
+    # of kernels/attention.py, "ort" = ONNX Runtime's com.microsoft.GroupQueryAttention (docs/tvm-and-ort-notes.md N33)
+    ort_attention: str = "aqlm"
 
 
 @dataclass

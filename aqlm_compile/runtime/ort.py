@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import artifact
+from . import aligned_array
 from ..errors import ConfigError, FormatError
 
 KINDS = ("aqlm", "portable", "dense")
@@ -77,7 +78,8 @@ class OrtDecoder:
             raise FormatError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        # A graph whose attention is ORT's GroupQueryAttention (the manifest's max_positions says so) keeps its KV
+        # A graph whose attention is a GroupQueryAttention, ORT's or the op library's (the manifest's max_positions
+        # says so; the two append in place alike: passes/aqlm_attention_for_ort.py) keeps its KV
         # cache in buffers it writes in place: each past input and its present output bound to one buffer of a
         # larger capacity, which the op detects (same pointer) and then only appends the new rows, reading the past
         # length from the mask (docs/tvm-and-ort-notes.md N31). Otherwise each call returns the whole present cache.
@@ -105,8 +107,9 @@ class OrtDecoder:
         import onnxruntime as ort
 
         old, rows = getattr(self, "past", None), self.length
-        self.past = [np.empty((1, self.num_kv_heads, capacity, self.head_dim), np.float32)
-                     for _ in range(2 * self.num_layers)]
+        # 64-byte aligned: the op library's aqlm.GroupQueryAttention hands them to our kernels as they are (N6)
+        shape = (1, self.num_kv_heads, capacity, self.head_dim)
+        self.past = [aligned_array(int(np.prod(shape)), np.float32).reshape(shape) for _ in range(2 * self.num_layers)]
         if old and rows:
             for src, dst in zip(old, self.past):
                 dst[:, :, :rows] = src[:, :, :rows]

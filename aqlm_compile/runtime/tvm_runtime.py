@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import artifact
+from . import aligned_array
 from ..errors import ConfigError, FormatError
 
 
@@ -149,11 +150,7 @@ class KvCache:
         return out
 
 
-def _aligned(n: int, dtype) -> np.ndarray:
-    """A 1-D numpy array of `n` elements whose data is 64-byte aligned: what `tvm.runtime.from_dlpack` accepts."""
-    buf = np.empty(n + 64, dtype)
-    start = (-buf.ctypes.data % 64) // buf.itemsize
-    return buf[start:start + n]
+_aligned = aligned_array
 
 
 class TvmDecoder:

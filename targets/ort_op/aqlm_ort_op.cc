@@ -1,5 +1,5 @@
-// ONNX Runtime custom-op library for aqlm.AqlmMatMul and aqlm.DenseMatMul (domain "aqlm", version 1; spec:
-// docs/aqlm-onnx-op.md).
+// ONNX Runtime custom-op library for aqlm.AqlmMatMul, aqlm.DenseMatMul and aqlm.GroupQueryAttention (domain "aqlm",
+// version 1; spec: docs/aqlm-onnx-op.md).
 //
 // Written against ORT's C ABI only (ort_min_abi.h), so it loads into any ORT >= 1.16 through
 // SessionOptions.register_custom_ops_library. The arithmetic is not here: each call runs the TVM-compiled kernel
@@ -15,6 +15,8 @@
 
 #include <dlfcn.h>
 
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -589,6 +591,230 @@ OrtCustomOp make_dense_op() {
 
 OrtCustomOp g_dense_op = make_dense_op();
 
+// --- aqlm.GroupQueryAttention: ONNX Runtime's GroupQueryAttention (do_rotary, half-split) on our TVM kernels ---
+// passes/aqlm_attention_for_ort.py writes it; the semantics are those of ORT's contrib op for batch 1 without
+// padding (docs/aqlm-onnx-op.md): positions P … P+S-1 (P = total_sequence_length − S) rotate q and k with rows of
+// the cos/sin tables, k and v go into the present cache at rows P … P+S-1, and query i attends keys 0 … P+i.
+// present_key/value are [1, G, max(capacity of past, P+S), D]: when the caller binds each past input and its
+// present output to one buffer of a larger capacity (runtime/ort.py), the rows are appended in place; otherwise the
+// P past rows are copied first. The arithmetic is kernels/attention.py's (`rope_kv_append`, then
+// `decode_attention` for one query or `causal_attention` for a prompt), compiled into the kernel library under
+// kernel_abi.attention_symbols names. docs/tvm-and-ort-notes.md N33.
+struct AttentionKernel {
+  int64_t H = 0, G = 0;
+  float scale = 0.f;  // as the attribute says; 0: 1/sqrt(D)
+  Aligned q_copy, k_copy, v_copy, cos_copy, sin_copy, q_rot, y_copy, kc_copy, vc_copy;
+  std::map<std::string, tvm::ffi::Function> functions;
+  std::mutex mu;
+};
+
+OrtStatus* attention_error(OrtErrorCode code, const std::string& msg) {
+  return op_error("GroupQueryAttention", code, msg);
+}
+
+// The fp32 bits of the softmax scale, as the kernels' names carry them (kernel_abi.attention_symbols).
+std::string scale_bits(float scale) {
+  uint32_t bits;
+  std::memcpy(&bits, &scale, 4);
+  char buf[9];
+  std::snprintf(buf, sizeof(buf), "%08x", bits);
+  return buf;
+}
+
+OrtStatus* attention_function(AttentionKernel* k, const std::string& symbol, tvm::ffi::Function* out) {
+  auto it = k->functions.find(symbol);
+  if (it == k->functions.end()) {
+    std::string error;
+    const tvm::ffi::Module* mod = kernel_module(&error);
+    if (!mod) return attention_error(ORT_FAIL, error);
+    auto f = (*mod)->GetFunction(symbol);
+    if (!f.has_value())
+      return attention_error(ORT_FAIL, "the kernel library has no kernel " + symbol + ": was it built with "
+                             "--ort-attention aqlm from this checkpoint?");
+    it = k->functions.emplace(symbol, f.value()).first;
+  }
+  *out = it->second;
+  return nullptr;
+}
+
+OrtStatus* call_packed(const char* op, const tvm::ffi::Function& f, const std::string& symbol,
+                       std::vector<tvm::ffi::AnyView>& packed) {
+  try {
+    tvm::ffi::Any result;
+    f.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result);
+  } catch (const std::exception& e) {
+    return op_error(op, ORT_RUNTIME_EXCEPTION, symbol + ": " + e.what());
+  }
+  return nullptr;
+}
+
+OrtStatus* attention_output(OrtKernelContext* ctx, size_t index, std::vector<int64_t> shape, TensorView* out) {
+  using GetOut = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+  OrtValue* value = nullptr;
+  ORT_TRY(ort_fn<GetOut>(g_api, ort_slot::KernelContext_GetOutput)(ctx, index, shape.data(), shape.size(), &value));
+  return describe(value, out);
+}
+
+int64_t scalar_int32(const TensorView& t) { return static_cast<const int32_t*>(t.data)[0]; }
+
+OrtStatus* attention_compute(AttentionKernel* k, OrtKernelContext* ctx) {
+  TensorView t[9];
+  bool present[9];
+  ORT_TRY(read_inputs(ctx, "GroupQueryAttention", 9, 9, t, present));
+  TensorView &q = t[0], &kin = t[1], &vin = t[2], &pk = t[3], &pv = t[4], &sl = t[5], &tot = t[6], &cs = t[7],
+             &sn = t[8];
+  const char* names[9] = {"query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+                          "cos_cache", "sin_cache"};
+  for (int i : {0, 1, 2, 3, 4, 7, 8})
+    if (t[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      return attention_error(ORT_INVALID_ARGUMENT, std::string(names[i]) + ": expected float32, found " + type_name(t[i].type));
+  for (int i : {5, 6})
+    if (t[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || t[i].numel() != 1)
+      return attention_error(ORT_INVALID_ARGUMENT, std::string(names[i]) + ": expected one int32 (batch 1), found " +
+                             shape_str(t[i].shape));
+  const int64_t H = k->H, G = k->G;
+  if (q.shape.size() != 3 || q.shape[0] != 1 || q.shape[2] % H != 0)
+    return attention_error(ORT_INVALID_ARGUMENT, "query: expected [1, S, " + std::to_string(H) + "·D], found " + shape_str(q.shape));
+  const int64_t S = q.shape[1], D = q.shape[2] / H;
+  if (D < 2 || D % 2)
+    return attention_error(ORT_INVALID_ARGUMENT, "query: head size " + std::to_string(D) + ", expected an even one");
+  const std::vector<int64_t> kv_want{1, S, G * D};
+  if (kin.shape != kv_want || vin.shape != kv_want)
+    return attention_error(ORT_INVALID_ARGUMENT, "key/value: expected " + shape_str(kv_want) + " each, found " +
+                           shape_str(kin.shape) + " and " + shape_str(vin.shape));
+  if (pk.shape.size() != 4 || pk.shape[0] != 1 || pk.shape[1] != G || pk.shape[3] != D || pv.shape != pk.shape)
+    return attention_error(ORT_INVALID_ARGUMENT, "past_key/past_value: expected [1, " + std::to_string(G) + ", P, " +
+                           std::to_string(D) + "] each, found " + shape_str(pk.shape) + " and " + shape_str(pv.shape));
+  if (cs.shape.size() != 2 || cs.shape[1] != D / 2 || sn.shape != cs.shape)
+    return attention_error(ORT_INVALID_ARGUMENT, "cos_cache/sin_cache: expected [max_positions, " + std::to_string(D / 2) +
+                           "] each, found " + shape_str(cs.shape) + " and " + shape_str(sn.shape));
+  const int64_t total = scalar_int32(tot), cap = pk.shape[2], M = cs.shape[0], P = total - S;
+  if (scalar_int32(sl) != total - 1)
+    return attention_error(ORT_INVALID_ARGUMENT, "seqlens_k: expected total_sequence_length - 1 = " +
+                           std::to_string(total - 1) + " (batch 1, no padding), found " + std::to_string(scalar_int32(sl)));
+  if (P < 0 || P > cap)
+    return attention_error(ORT_INVALID_ARGUMENT, "total_sequence_length " + std::to_string(total) + ": expected the " +
+                           std::to_string(S) + " new tokens after at most the " + std::to_string(cap) + " rows of past_key");
+  if (total > M)
+    return attention_error(ORT_INVALID_ARGUMENT, std::to_string(total) + " positions, the rotary tables have " + std::to_string(M));
+
+  const int64_t C = cap > total ? cap : total;  // the present cache's rows
+  TensorView y, ck, cv;
+  ORT_TRY(attention_output(ctx, 0, q.shape, &y));
+  ORT_TRY(attention_output(ctx, 1, {1, G, C, D}, &ck));
+  ORT_TRY(attention_output(ctx, 2, {1, G, C, D}, &cv));
+
+  std::lock_guard<std::mutex> lock(k->mu);
+  // not one buffer with the past: the cached rows first
+  for (auto [src, dst] : {std::make_pair(&pk, &ck), std::make_pair(&pv, &cv)}) {
+    if (dst->data == src->data || P == 0) continue;
+    for (int64_t g = 0; g < G; ++g)
+      std::memcpy(static_cast<float*>(dst->data) + g * C * D, static_cast<const float*>(src->data) + g * cap * D, P * D * 4);
+  }
+  if (S == 0) return nullptr;
+
+  const float scale = k->scale != 0.f ? k->scale : 1.f / std::sqrt(static_cast<float>(D));
+  const std::string shape = std::to_string(H) + "x" + std::to_string(G) + "x" + std::to_string(D);
+  const std::string rope_symbol = "aqlm_rope_kv_append_" + shape;
+  const std::string attn_symbol = std::string(S == 1 ? "aqlm_attention_decode_" : "aqlm_attention_prompt_") + shape +
+                                  "_s" + scale_bits(scale);
+  tvm::ffi::Function rope, attn;
+  ORT_TRY(attention_function(k, rope_symbol, &rope));
+  ORT_TRY(attention_function(k, attn_symbol, &attn));
+
+  // The kernels assume 64-byte-aligned arrays (N6): ORT's own are; a caller's unaligned cache goes through a copy.
+  const size_t cache_bytes = G * C * D * 4;
+  float* kc = static_cast<float*>(ck.data);
+  float* vc = static_cast<float*>(cv.data);
+  const bool kc_moved = reinterpret_cast<uintptr_t>(kc) % 64 != 0, vc_moved = reinterpret_cast<uintptr_t>(vc) % 64 != 0;
+  if (kc_moved) kc = static_cast<float*>(std::memcpy(k->kc_copy.get(cache_bytes), ck.data, cache_bytes));
+  if (vc_moved) vc = static_cast<float*>(std::memcpy(k->vc_copy.get(cache_bytes), cv.data, cache_bytes));
+  float* qr = static_cast<float*>(k->q_rot.get(S * H * D * 4));
+  void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(S * H * D * 4);
+
+  const DLDataType f32{kDLFloat, 32, 1};
+  std::vector<int64_t> q_shape{1, S, H * D}, kv_shape{1, S, G * D}, table_shape{M, D / 2}, cache_shape{1, G, C, D};
+  DLTensor a_q = dl(aligned_or_copy(q.data, S * H * D * 4, k->q_copy), f32, q_shape);
+  DLTensor a_k = dl(aligned_or_copy(kin.data, S * G * D * 4, k->k_copy), f32, kv_shape);
+  DLTensor a_v = dl(aligned_or_copy(vin.data, S * G * D * 4, k->v_copy), f32, kv_shape);
+  DLTensor a_cos = dl(aligned_or_copy(cs.data, M * D / 2 * 4, k->cos_copy), f32, table_shape);
+  DLTensor a_sin = dl(aligned_or_copy(sn.data, M * D / 2 * 4, k->sin_copy), f32, table_shape);
+  DLTensor a_qr = dl(qr, f32, q_shape);
+  DLTensor a_kc = dl(kc, f32, cache_shape), a_vc = dl(vc, f32, cache_shape);
+  std::vector<tvm::ffi::AnyView> rope_args{&a_q, &a_k, &a_v, &a_cos, &a_sin, &a_qr, &a_kc, &a_vc, P};
+  ORT_TRY(call_packed("GroupQueryAttention", rope, rope_symbol, rope_args));
+
+  // q and out as [1, H, S, D] over token-major memory ([1, S, H·D]): strides (S·H·D, D, H·D, 1); one query is
+  // the same memory either way (the decode kernel's compact [1, H, 1, D])
+  std::vector<int64_t> qo_shape{1, H, S, D}, qo_strides{S * H * D, D, H * D, 1};
+  DLTensor a_qh = dl(qr, f32, qo_shape), a_y = dl(y_ptr, f32, qo_shape);
+  if (S > 1) a_qh.strides = a_y.strides = qo_strides.data();
+  std::vector<tvm::ffi::AnyView> attn_args{&a_qh, &a_kc, &a_vc, &a_y, total};
+  ORT_TRY(call_packed("GroupQueryAttention", attn, attn_symbol, attn_args));
+
+  if (y_ptr != y.data) std::memcpy(y.data, y_ptr, S * H * D * 4);
+  if (kc_moved) std::memcpy(ck.data, kc, cache_bytes);
+  if (vc_moved) std::memcpy(cv.data, vc, cache_bytes);
+  return nullptr;
+}
+
+OrtStatusPtr attention_create_kernel_v2(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) {
+  using GetInt = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
+  using GetFloat = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
+  using Release = void (*)(OrtStatus*);
+  auto k = std::make_unique<AttentionKernel>();
+  ORT_TRY(ort_fn<GetInt>(g_api, ort_slot::KernelInfoGetAttribute_int64)(info, "num_heads", &k->H));
+  ORT_TRY(ort_fn<GetInt>(g_api, ort_slot::KernelInfoGetAttribute_int64)(info, "kv_num_heads", &k->G));
+  // optional attributes: an absent one is an error status, which means the default
+  auto optional_int = [&](const char* name, int64_t fallback) {
+    int64_t v = fallback;
+    if (OrtStatus* st = ort_fn<GetInt>(g_api, ort_slot::KernelInfoGetAttribute_int64)(info, name, &v)) {
+      ort_fn<Release>(g_api, ort_slot::ReleaseStatus)(st);
+      v = fallback;
+    }
+    return v;
+  };
+  if (OrtStatus* st = ort_fn<GetFloat>(g_api, ort_slot::KernelInfoGetAttribute_float)(info, "scale", &k->scale)) {
+    ort_fn<Release>(g_api, ort_slot::ReleaseStatus)(st);
+    k->scale = 0.f;
+  }
+  const int64_t do_rotary = optional_int("do_rotary", 0), interleaved = optional_int("rotary_interleaved", 0);
+  if (k->H < 1 || k->G < 1 || k->H % k->G)
+    return attention_error(ORT_INVALID_ARGUMENT, "attributes: expected num_heads a multiple of kv_num_heads >= 1, found " +
+                           std::to_string(k->H) + " and " + std::to_string(k->G));
+  if (do_rotary != 1 || interleaved != 0)
+    return attention_error(ORT_INVALID_ARGUMENT, "attributes: this op computes do_rotary=1 with rotary_interleaved=0 "
+                           "only, found " + std::to_string(do_rotary) + " and " + std::to_string(interleaved));
+  *out = k.release();
+  return nullptr;
+}
+OrtStatusPtr attention_compute_v2(void* kernel, OrtKernelContext* ctx) {
+  try {
+    return attention_compute(static_cast<AttentionKernel*>(kernel), ctx);
+  } catch (const std::exception& e) {
+    return attention_error(ORT_RUNTIME_EXCEPTION, e.what());
+  }
+}
+void attention_destroy(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
+const char* attention_name(const OrtCustomOp*) { return "GroupQueryAttention"; }
+size_t attention_input_count(const OrtCustomOp*) { return 9; }
+size_t attention_output_count(const OrtCustomOp*) { return 3; }
+OrtCustomOpInputOutputCharacteristic attention_input_char(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+
+OrtCustomOp make_attention_op() {
+  OrtCustomOp op = make_op();
+  op.GetName = attention_name;
+  op.GetInputTypeCount = attention_input_count;
+  op.GetOutputTypeCount = attention_output_count;
+  op.GetInputCharacteristic = attention_input_char;
+  op.KernelDestroy = attention_destroy;
+  op.CreateKernelV2 = attention_create_kernel_v2;
+  op.KernelComputeV2 = attention_compute_v2;
+  return op;
+}
+
+OrtCustomOp g_attention_op = make_attention_op();
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
@@ -606,6 +832,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   ORT_TRY(ort_fn<CreateDomain>(g_api, ort_slot::CreateCustomOpDomain)("aqlm", &domain));
   ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_op));
   ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_dense_op));
+  ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_attention_op));
   // The domain must outlive every session using it: it is intentionally never released.
   return ort_fn<AddDomain>(g_api, ort_slot::AddCustomOpDomain)(options, domain);
 }

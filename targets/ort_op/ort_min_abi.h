@@ -21,7 +21,7 @@ typedef OrtStatus* OrtStatusPtr;
 enum OrtErrorCode { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, ORT_RUNTIME_EXCEPTION = 6 };
 enum ONNXTensorElementDataType {
   ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED = 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT = 1,
-  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 = 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16 = 5,
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 = 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16 = 5, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 = 6,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 = 10,
 };
 enum OrtCustomOpInputOutputCharacteristic { INPUT_OUTPUT_REQUIRED = 0, INPUT_OUTPUT_OPTIONAL = 1 };
@@ -79,6 +79,7 @@ constexpr int GetDimensionsCount = 61;
 constexpr int GetDimensions = 62;
 constexpr int GetTensorTypeAndShape = 65;
 constexpr int CreateCpuMemoryInfo = 69;
+constexpr int KernelInfoGetAttribute_float = 85;
 constexpr int KernelInfoGetAttribute_int64 = 86;
 constexpr int KernelContext_GetInputCount = 88;
 constexpr int KernelContext_GetInput = 90;

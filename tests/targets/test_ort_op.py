@@ -272,3 +272,141 @@ def test_dense_op_unaligned_inputs(dense_library):
         y = sess.run(None, {"x": unaligned(x), "w": unaligned(w)})[0]
         ref = x.astype(np.float64) @ w.astype(np.float64).T
         assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), seed
+
+
+# --- aqlm.GroupQueryAttention -------------------------------------------------------------------------------------
+HEADS, KV_HEADS, HEAD_DIM, MAX_POS = 6, 2, 32, 96
+SCALE = HEAD_DIM ** -0.5
+
+
+@pytest.fixture(scope="module")
+def attention_library(tmp_path_factory):
+    """A kernel library with the three attention kernels of one (heads, kv heads, head dim, scale) only."""
+    from aqlm_compile.kernel_abi import attention_symbols
+    from aqlm_compile.targets.common import kernel_library, tvm
+    from aqlm_compile.targets.ort import build_ort_library, host_runtime_libs
+    from aqlm_compile.targets.x86 import x86_target
+
+    dest = tmp_path_factory.mktemp("attention")
+    mod, kernels = kernel_library([], "llvm", attention=[(HEADS, KV_HEADS, HEAD_DIM, SCALE)])
+    assert set(kernels) == set(attention_symbols(HEADS, KV_HEADS, HEAD_DIM, SCALE).values())
+    tvm.compile(mod, target=x86_target()).export_library(str(dest / "kernels_x86.so"))
+    build_ort_library(dest, "kernels_x86.so", host_runtime_libs())
+    return dest / "libaqlm_ort.so"
+
+
+def gqa_model(domain, heads=HEADS, do_rotary=1):
+    """One GroupQueryAttention node (ORT's or the op library's: the same inputs and attributes), every input a graph
+    input."""
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    names = ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total", "cos", "sin"]
+    node = helper.make_node("GroupQueryAttention", names, ["out", "present_k", "present_v"], domain=domain,
+                            num_heads=heads, kv_num_heads=KV_HEADS, scale=SCALE, do_rotary=do_rotary,
+                            rotary_interleaved=0)
+    dims = {"q": [1, None, heads * HEAD_DIM], "k": [1, None, KV_HEADS * HEAD_DIM], "v": [1, None, KV_HEADS * HEAD_DIM],
+            "past_k": [1, KV_HEADS, None, HEAD_DIM], "past_v": [1, KV_HEADS, None, HEAD_DIM], "seqlens_k": [1],
+            "total": [], "cos": [MAX_POS, HEAD_DIM // 2], "sin": [MAX_POS, HEAD_DIM // 2]}
+    inputs = [helper.make_tensor_value_info(n, i32 if n in ("seqlens_k", "total") else f, dims[n]) for n in names]
+    outputs = [helper.make_tensor_value_info(n, f, None) for n in ("out", "present_k", "present_v")]
+    graph = helper.make_graph([node], "g", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(domain, 1)],
+                             ir_version=10)
+
+
+def gqa_feeds(rng, s, p, heads=HEADS):
+    freqs = np.outer(np.arange(MAX_POS), 1.0 / 10000 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))
+    return {"q": rng.standard_normal((1, s, heads * HEAD_DIM)).astype(np.float32),
+            "k": rng.standard_normal((1, s, KV_HEADS * HEAD_DIM)).astype(np.float32),
+            "v": rng.standard_normal((1, s, KV_HEADS * HEAD_DIM)).astype(np.float32),
+            "past_k": rng.standard_normal((1, KV_HEADS, p, HEAD_DIM)).astype(np.float32),
+            "past_v": rng.standard_normal((1, KV_HEADS, p, HEAD_DIM)).astype(np.float32),
+            "seqlens_k": np.array([p + s - 1], np.int32), "total": np.array(p + s, np.int32),
+            "cos": np.cos(freqs).astype(np.float32), "sin": np.sin(freqs).astype(np.float32)}
+
+
+def gqa_reference(feeds, heads=HEADS):
+    """aqlm_compile.ops.gqa_attention (the export's op, what ORT's computes) in float64."""
+    from aqlm_compile import ops
+
+    t = {n: torch.from_numpy(feeds[n]).double() for n in ("q", "k", "v", "past_k", "past_v", "cos", "sin")}
+    mask = torch.ones(1, int(feeds["total"]), dtype=torch.int64)
+    out = ops.gqa_attention(t["q"], t["k"], t["v"], t["past_k"], t["past_v"], mask, t["cos"], t["sin"], heads,
+                            KV_HEADS, SCALE)
+    return [o.numpy() for o in out]
+
+
+@pytest.mark.parametrize("s,p", [(1, 0), (1, 37), (1, 90), (5, 0), (7, 3), (33, 20)])
+def test_attention_op_matches_ort_and_the_reference(attention_library, s, p):
+    """aqlm.GroupQueryAttention (the op library, TVM kernels) against the export's reference op in float64 and ORT's
+    own com.microsoft.GroupQueryAttention on the same inputs: a decode step (one query; after 0, 37 and 90 cached
+    rows) and prompts, also after a cache (past and present are separate tensors here: the P rows are copied)."""
+    feeds = gqa_feeds(np.random.default_rng(s * 100 + p), s, p)
+    ours = session(gqa_model("aqlm"), attention_library).run(None, feeds)
+    stock = ort.InferenceSession(gqa_model("com.microsoft").SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, feeds)
+    ref = gqa_reference(feeds)
+    for got, theirs, want in zip(ours, stock, ref):
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 2e-5, (s, p)
+        assert np.abs(theirs - want).max() <= 2e-5  # the reference is ORT's semantics
+
+
+def _aligned_or_not(shape, aligned):
+    buf = np.empty(int(np.prod(shape)) + 32, np.float32)
+    off = (-buf.ctypes.data % 64) // 4 + (0 if aligned else 1)  # 4 bytes past a 64-byte boundary
+    return buf[off:off + int(np.prod(shape))].reshape(shape)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_attention_op_appends_in_place_to_a_bound_cache(attention_library, aligned):
+    """Each past input and its present output bound to one buffer of a larger capacity (runtime/ort.py's in-place
+    cache): the op appends the new rows there and reads only the first P+S rows (NaN beyond them changes nothing),
+    step after step; an unaligned buffer (another caller's) gives the same through a copy."""
+    cap = 48
+    sess = session(gqa_model("aqlm"), attention_library)
+    rng = np.random.default_rng(7)
+    caches = [_aligned_or_not((1, KV_HEADS, cap, HEAD_DIM), aligned) for _ in range(2)]
+    for c in caches:
+        c[...] = np.nan
+    values = [ort.OrtValue.ortvalue_from_numpy(c) for c in caches]
+    binding = sess.io_binding()
+    for name, out, value in (("past_k", "present_k", values[0]), ("past_v", "present_v", values[1])):
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(out, value)
+    past = [np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)] * 2
+    p = 0
+    for s in (9, 1, 1, 4, 1):  # a prompt, decode steps, a chunk
+        feeds = gqa_feeds(rng, s, p)
+        feeds["past_k"], feeds["past_v"] = past
+        want = gqa_reference(feeds)
+        for name in ("q", "k", "v", "seqlens_k", "total", "cos", "sin"):
+            binding.bind_cpu_input(name, feeds[name])
+        out = np.full((1, s, HEADS * HEAD_DIM), np.nan, np.float32)  # its shape changes with S: one per call
+        binding.bind_ortvalue_output("out", ort.OrtValue.ortvalue_from_numpy(out))
+        sess.run_with_iobinding(binding)
+        assert np.abs(out - want[0]).max() <= 2e-5, (s, p)
+        p += s
+        for c, w in zip(caches, want[1:]):
+            assert np.abs(c[:, :, :p] - w).max() <= 2e-5
+            assert np.isnan(c[:, :, p:]).all()  # rows past P+S untouched
+        past = [w.astype(np.float32) for w in want[1:]]
+
+
+def test_attention_op_bad_inputs_are_ort_errors(attention_library):
+    rng = np.random.default_rng(3)
+    sess = session(gqa_model("aqlm"), attention_library)
+    feeds = gqa_feeds(rng, 2, 3)
+    with pytest.raises(Exception, match=r"GroupQueryAttention: seqlens_k: expected total_sequence_length - 1 = 4"):
+        sess.run(None, {**feeds, "seqlens_k": np.array([2], np.int32)})
+    with pytest.raises(Exception, match=r"GroupQueryAttention: total_sequence_length 9: expected the 2 new tokens "
+                                        r"after at most the 3 rows of past_key"):
+        sess.run(None, {**feeds, "seqlens_k": np.array([8], np.int32), "total": np.array(9, np.int32)})
+    with pytest.raises(Exception, match=r"GroupQueryAttention: key/value: expected \[1, 2, 64\] each, found \[1, 3, 64\]"):
+        sess.run(None, {**feeds, "k": np.zeros((1, 3, KV_HEADS * HEAD_DIM), np.float32)})
+    long = gqa_feeds(rng, 1, MAX_POS)
+    with pytest.raises(Exception, match=rf"GroupQueryAttention: {MAX_POS + 1} positions, the rotary tables have {MAX_POS}"):
+        sess.run(None, long)
+    with pytest.raises(Exception, match=r"GroupQueryAttention: the kernel library has no kernel aqlm_rope_kv_append_4x2x32"):
+        session(gqa_model("aqlm", heads=4), attention_library).run(None, gqa_feeds(rng, 1, 2, heads=4))
+    with pytest.raises(Exception, match=r"do_rotary=1 with rotary_interleaved=0 only"):
+        session(gqa_model("aqlm", do_rotary=0), attention_library).run(None, feeds)

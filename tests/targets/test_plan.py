@@ -59,13 +59,18 @@ def test_kernel_choices_are_those_of_the_build_before_the_plan(counted_build):
     _, manifest, _ = counted_build
     golden = json.loads(GOLDEN.read_text())["kernels"]
     got = {s: {k: v[k] for k in ("kernel", "reason", "batch", "out_features", "in_features", "partitions") if k in v}
-           for s, v in manifest["kernels"].items() if v["kernel"] != "dense"}
+           for s, v in manifest["kernels"].items() if v["kernel"] != "dense" and "heads" not in v}
     assert got == golden
     # added since: the ONNX route's lm_head (aqlm.DenseMatMul) gets the dense kernel of its rows — int8, `build`'s
     # default form of a dense head
     dense = {s: v for s, v in manifest["kernels"].items() if v["kernel"] == "dense"}
     vocab = manifest["onnx"]["decoder"]["vocab_size"]
     assert [(v["out_features"], v["weight_dtype"]) for v in dense.values()] == [(vocab, "int8")], dense
+    # added since: the ONNX route's attention (aqlm.GroupQueryAttention, build's default --ort-attention aqlm) gets
+    # the three kernels of its one (heads, kv heads, head dim, scale)
+    attention = {v["kernel"] for v in manifest["kernels"].values() if "heads" in v}
+    assert attention == {"rope_kv_append", "decode_attention", "causal_attention"}
+    assert manifest["onnx"]["attention"] == "aqlm.GroupQueryAttention"
     # the Relax route's kernels came from the same table
     assert {v["kernel"] for v in manifest["tvm"]["kernels"].values()} == {"gemv_direct", "gemm_decode"}
 

@@ -288,33 +288,35 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
 
 
 def rope_kv_append(heads: int, kv_heads: int, head_dim: int, parallel_from: int = 16, name: str = "rope_kv_append"):
-    """`name(q[1, S, H·D], k[1, S, G·D], v[1, S, G·D], cos[M, D/2], sin[M, D/2], q_out[1, S, H·D], k_cache[1, G, C, D],
-    v_cache[1, G, C, D], p)`, fp32, S, C, M symbolic: the first half of ONNX Runtime's GroupQueryAttention
-    (do_rotary, half-split), for the op library's `aqlm.GroupQueryAttention` (targets/ort_op). Position p + i of
-    token i: q and k rotated with rows p + i of the tables (y[d] = x[d]·cos − x[d+D/2]·sin, y[d+D/2] = x[d+D/2]·cos
-    + x[d]·sin, d < D/2; HF's rotate_half with its cos/sin duplicated over both halves), q into q_out in its own
-    layout, k into the cache's rows p … p+S-1, v copied there. Tokens are split over the thread pool from
-    `parallel_from` of them (a prompt); a decode step runs on the calling thread."""
+    """`name(q[1, S, H·D], k[1, S, G·D], v[1, S, G·D], cos[S, D/2], sin[S, D/2], q_out[1, S, H·D], k_cache[1, G, C, D],
+    v_cache[1, G, C, D], p)`, fp32, S and C symbolic: the first half of ONNX Runtime's GroupQueryAttention
+    (do_rotary, half-split), for the op library's `aqlm.GroupQueryAttention` (targets/ort_op). Token i is at
+    position p + i; cos/sin are the rows of the rotary tables for those positions (the caller passes rows p … p+S-1:
+    a whole [max_positions, D/2] table is 1 MB for SmolLM2, and a copy of it per call cost 150 µs). q and k rotated
+    (y[d] = x[d]·cos − x[d+D/2]·sin, y[d+D/2] = x[d+D/2]·cos + x[d]·sin, d < D/2; HF's rotate_half with its cos/sin
+    duplicated over both halves), q into q_out in its own layout, k into the cache's rows p … p+S-1, v copied there.
+    Tokens are split over the thread pool from `parallel_from` of them (a prompt); a decode step runs on the calling
+    thread."""
     H, G, D = heads, kv_heads, head_dim
     if D % 2:
         raise ValueError(f"rope_kv_append: head_dim {D}, expected an even one")
     half = D // 2
-    s_len, c_len, m_len = tirx.Var("s", "int64"), tirx.Var("c", "int64"), tirx.Var("m", "int64")
+    s_len, c_len = tirx.Var("s", "int64"), tirx.Var("c", "int64")
 
     @T.macro
     def token(q, k, v, cos, sin, qo, kc, vc, p, i):
         for h in range(H):
             for d in T.vectorized(half):
-                qo[0, i, h * D + d] = q[0, i, h * D + d] * cos[p + i, d] - q[0, i, h * D + d + half] * sin[p + i, d]
+                qo[0, i, h * D + d] = q[0, i, h * D + d] * cos[i, d] - q[0, i, h * D + d + half] * sin[i, d]
             for d in T.vectorized(half):
-                qo[0, i, h * D + d + half] = (q[0, i, h * D + d + half] * cos[p + i, d]
-                                              + q[0, i, h * D + d] * sin[p + i, d])
+                qo[0, i, h * D + d + half] = (q[0, i, h * D + d + half] * cos[i, d]
+                                              + q[0, i, h * D + d] * sin[i, d])
         for g in range(G):
             for d in T.vectorized(half):
-                kc[0, g, p + i, d] = k[0, i, g * D + d] * cos[p + i, d] - k[0, i, g * D + d + half] * sin[p + i, d]
+                kc[0, g, p + i, d] = k[0, i, g * D + d] * cos[i, d] - k[0, i, g * D + d + half] * sin[i, d]
             for d in T.vectorized(half):
-                kc[0, g, p + i, d + half] = (k[0, i, g * D + d + half] * cos[p + i, d]
-                                             + k[0, i, g * D + d] * sin[p + i, d])
+                kc[0, g, p + i, d + half] = (k[0, i, g * D + d + half] * cos[i, d]
+                                             + k[0, i, g * D + d] * sin[i, d])
             for d in T.vectorized(D):
                 vc[0, g, p + i, d] = v[0, i, g * D + d]
 
@@ -325,13 +327,12 @@ def rope_kv_append(heads: int, kv_heads: int, head_dim: int, parallel_from: int 
         q = T.match_buffer(q_h, (T.int64(1), s_len, T.int64(H * D)), "float32")
         k = T.match_buffer(k_h, (T.int64(1), s_len, T.int64(G * D)), "float32")
         v = T.match_buffer(v_h, (T.int64(1), s_len, T.int64(G * D)), "float32")
-        cos = T.match_buffer(cos_h, (m_len, T.int64(half)), "float32")
-        sin = T.match_buffer(sin_h, (m_len, T.int64(half)), "float32")
+        cos = T.match_buffer(cos_h, (s_len, T.int64(half)), "float32")
+        sin = T.match_buffer(sin_h, (s_len, T.int64(half)), "float32")
         qo = T.match_buffer(qo_h, (T.int64(1), s_len, T.int64(H * D)), "float32")
         kc = T.match_buffer(kc_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
         vc = T.match_buffer(vc_h, (T.int64(1), T.int64(G), c_len, T.int64(D)), "float32")
         assert p >= T.int64(0) and p + s_len <= c_len, "rope_kv_append: the new keys do not fit the cache's capacity"
-        assert p + s_len <= m_len, "rope_kv_append: positions past the rotary table"
         if s_len >= T.int64(parallel_from):
             for i in T.parallel(s_len):
                 token(q, k, v, cos, sin, qo, kc, vc, p, i)

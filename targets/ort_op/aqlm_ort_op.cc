@@ -733,12 +733,15 @@ OrtStatus* attention_compute(AttentionKernel* k, OrtKernelContext* ctx) {
   void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(S * H * D * 4);
 
   const DLDataType f32{kDLFloat, 32, 1};
-  std::vector<int64_t> q_shape{1, S, H * D}, kv_shape{1, S, G * D}, table_shape{M, D / 2}, cache_shape{1, G, C, D};
+  // the tables' rows of positions P … P+S-1 only (the whole table of SmolLM2 is 1 MB)
+  std::vector<int64_t> q_shape{1, S, H * D}, kv_shape{1, S, G * D}, table_shape{S, D / 2}, cache_shape{1, G, C, D};
+  float* cos_rows = static_cast<float*>(cs.data) + P * (D / 2);
+  float* sin_rows = static_cast<float*>(sn.data) + P * (D / 2);
   DLTensor a_q = dl(aligned_or_copy(q.data, S * H * D * 4, k->q_copy), f32, q_shape);
   DLTensor a_k = dl(aligned_or_copy(kin.data, S * G * D * 4, k->k_copy), f32, kv_shape);
   DLTensor a_v = dl(aligned_or_copy(vin.data, S * G * D * 4, k->v_copy), f32, kv_shape);
-  DLTensor a_cos = dl(aligned_or_copy(cs.data, M * D / 2 * 4, k->cos_copy), f32, table_shape);
-  DLTensor a_sin = dl(aligned_or_copy(sn.data, M * D / 2 * 4, k->sin_copy), f32, table_shape);
+  DLTensor a_cos = dl(aligned_or_copy(cos_rows, S * D / 2 * 4, k->cos_copy), f32, table_shape);
+  DLTensor a_sin = dl(aligned_or_copy(sin_rows, S * D / 2 * 4, k->sin_copy), f32, table_shape);
   DLTensor a_qr = dl(qr, f32, q_shape);
   DLTensor a_kc = dl(kc, f32, cache_shape), a_vc = dl(vc, f32, cache_shape);
   std::vector<tvm::ffi::AnyView> rope_args{&a_q, &a_k, &a_v, &a_cos, &a_sin, &a_qr, &a_kc, &a_vc, P};

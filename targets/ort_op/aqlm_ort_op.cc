@@ -284,11 +284,9 @@ OrtStatus* output_like(OrtKernelContext* ctx, const TensorView& x, int64_t out, 
   return describe(value, y);
 }
 
-// Run a kernel of the library on DLTensor arguments; an exception becomes an ORT error naming the symbol.
-OrtStatus* call_kernel(const char* op, const tvm::ffi::Function& f, const std::string& symbol,
-                       std::vector<DLTensor>& args) {
-  std::vector<tvm::ffi::AnyView> packed;
-  for (auto& a : args) packed.emplace_back(&a);
+// Run a kernel of the library on packed arguments; an exception becomes an ORT error naming the symbol.
+OrtStatus* call_packed(const char* op, const tvm::ffi::Function& f, const std::string& symbol,
+                       std::vector<tvm::ffi::AnyView>& packed) {
   try {
     tvm::ffi::Any result;
     f.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result);
@@ -296,6 +294,14 @@ OrtStatus* call_kernel(const char* op, const tvm::ffi::Function& f, const std::s
     return op_error(op, ORT_RUNTIME_EXCEPTION, symbol + ": " + e.what());
   }
   return nullptr;
+}
+
+// The same on DLTensor arguments only.
+OrtStatus* call_kernel(const char* op, const tvm::ffi::Function& f, const std::string& symbol,
+                       std::vector<DLTensor>& args) {
+  std::vector<tvm::ffi::AnyView> packed;
+  for (auto& a : args) packed.emplace_back(&a);
+  return call_packed(op, f, symbol, packed);
 }
 
 OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
@@ -510,16 +516,23 @@ OrtStatusPtr create_kernel_v2(const OrtCustomOp*, const OrtApi*, const OrtKernel
   *out = k.release();
   return nullptr;
 }
-OrtStatusPtr compute_v2(void* kernel, OrtKernelContext* ctx) {
+// KernelComputeV2 / KernelDestroy of an op whose state is K: an exception (a failed allocation) becomes an ORT error
+template <class K, OrtStatus* (*Compute)(K*, OrtKernelContext*), OrtStatus* (*Error)(OrtErrorCode, const std::string&)>
+OrtStatusPtr guarded_compute(void* kernel, OrtKernelContext* ctx) {
   try {
-    return compute(static_cast<Kernel*>(kernel), ctx);
+    return Compute(static_cast<K*>(kernel), ctx);
   } catch (const std::exception& e) {
-    return make_error(ORT_RUNTIME_EXCEPTION, e.what());
+    return Error(ORT_RUNTIME_EXCEPTION, e.what());
   }
+}
+template <class K>
+void destroy_state(void* kernel) { delete static_cast<K*>(kernel); }
+OrtStatusPtr compute_v2(void* kernel, OrtKernelContext* ctx) {
+  return guarded_compute<Kernel, compute, make_error>(kernel, ctx);
 }
 void* create_kernel_v1(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) { return nullptr; }  // unused (v2)
 void compute_v1(void*, OrtKernelContext*) {}                                                          // unused (v2)
-void destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
+void destroy(void* kernel) { destroy_state<Kernel>(kernel); }
 const char* name(const OrtCustomOp*) { return "AqlmMatMul"; }
 const char* provider(const OrtCustomOp*) { return nullptr; }  // CPU
 ONNXTensorElementDataType input_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
@@ -564,32 +577,34 @@ OrtStatusPtr dense_create_kernel_v2(const OrtCustomOp*, const OrtApi*, const Ort
   *out = new DenseKernel();
   return nullptr;
 }
-OrtStatusPtr dense_compute_v2(void* kernel, OrtKernelContext* ctx) {
-  try {
-    return dense_compute(static_cast<DenseKernel*>(kernel), ctx);
-  } catch (const std::exception& e) {
-    return dense_error(ORT_RUNTIME_EXCEPTION, e.what());
-  }
-}
-void dense_destroy(void* kernel) { delete static_cast<DenseKernel*>(kernel); }
 const char* dense_name(const OrtCustomOp*) { return "DenseMatMul"; }
 size_t dense_input_count(const OrtCustomOp*) { return 3; }
 OrtCustomOpInputOutputCharacteristic dense_input_char(const OrtCustomOp*, size_t i) {
   return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 
-OrtCustomOp make_dense_op() {
+// Another op of the library: AqlmMatMul's callback table with its own name, inputs, kernel state and compute.
+using NameFn = const char* (*)(const OrtCustomOp*);
+using CountFn = size_t (*)(const OrtCustomOp*);
+using CharFn = OrtCustomOpInputOutputCharacteristic (*)(const OrtCustomOp*, size_t);
+using CreateFn = OrtStatusPtr (*)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void**);
+using ComputeFn = OrtStatusPtr (*)(void*, OrtKernelContext*);
+OrtCustomOp derived_op(NameFn name_fn, CountFn inputs, CharFn input_char_fn, CountFn outputs, void (*destroy_fn)(void*),
+                       CreateFn create, ComputeFn compute_fn) {
   OrtCustomOp op = make_op();
-  op.GetName = dense_name;
-  op.GetInputTypeCount = dense_input_count;
-  op.GetInputCharacteristic = dense_input_char;
-  op.KernelDestroy = dense_destroy;
-  op.CreateKernelV2 = dense_create_kernel_v2;
-  op.KernelComputeV2 = dense_compute_v2;
+  op.GetName = name_fn;
+  op.GetInputTypeCount = inputs;
+  op.GetInputCharacteristic = input_char_fn;
+  op.GetOutputTypeCount = outputs;
+  op.KernelDestroy = destroy_fn;
+  op.CreateKernelV2 = create;
+  op.KernelComputeV2 = compute_fn;
   return op;
 }
 
-OrtCustomOp g_dense_op = make_dense_op();
+OrtCustomOp g_dense_op = derived_op(dense_name, dense_input_count, dense_input_char, output_count,
+                                    destroy_state<DenseKernel>, dense_create_kernel_v2,
+                                    guarded_compute<DenseKernel, dense_compute, dense_error>);
 
 // --- aqlm.GroupQueryAttention: ONNX Runtime's GroupQueryAttention (do_rotary, half-split) on our TVM kernels ---
 // passes/aqlm_attention_for_ort.py writes it; the semantics are those of ORT's contrib op for batch 1 without
@@ -634,17 +649,6 @@ OrtStatus* attention_function(AttentionKernel* k, const std::string& symbol, tvm
     it = k->functions.emplace(symbol, f.value()).first;
   }
   *out = it->second;
-  return nullptr;
-}
-
-OrtStatus* call_packed(const char* op, const tvm::ffi::Function& f, const std::string& symbol,
-                       std::vector<tvm::ffi::AnyView>& packed) {
-  try {
-    tvm::ffi::Any result;
-    f.CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result);
-  } catch (const std::exception& e) {
-    return op_error(op, ORT_RUNTIME_EXCEPTION, symbol + ": " + e.what());
-  }
   return nullptr;
 }
 
@@ -791,32 +795,15 @@ OrtStatusPtr attention_create_kernel_v2(const OrtCustomOp*, const OrtApi*, const
   *out = k.release();
   return nullptr;
 }
-OrtStatusPtr attention_compute_v2(void* kernel, OrtKernelContext* ctx) {
-  try {
-    return attention_compute(static_cast<AttentionKernel*>(kernel), ctx);
-  } catch (const std::exception& e) {
-    return attention_error(ORT_RUNTIME_EXCEPTION, e.what());
-  }
-}
-void attention_destroy(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
 const char* attention_name(const OrtCustomOp*) { return "GroupQueryAttention"; }
 size_t attention_input_count(const OrtCustomOp*) { return 9; }
 size_t attention_output_count(const OrtCustomOp*) { return 3; }
 OrtCustomOpInputOutputCharacteristic attention_input_char(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
 
-OrtCustomOp make_attention_op() {
-  OrtCustomOp op = make_op();
-  op.GetName = attention_name;
-  op.GetInputTypeCount = attention_input_count;
-  op.GetOutputTypeCount = attention_output_count;
-  op.GetInputCharacteristic = attention_input_char;
-  op.KernelDestroy = attention_destroy;
-  op.CreateKernelV2 = attention_create_kernel_v2;
-  op.KernelComputeV2 = attention_compute_v2;
-  return op;
-}
-
-OrtCustomOp g_attention_op = make_attention_op();
+OrtCustomOp g_attention_op = derived_op(attention_name, attention_input_count, attention_input_char,
+                                        attention_output_count, destroy_state<AttentionKernel>,
+                                        attention_create_kernel_v2,
+                                        guarded_compute<AttentionKernel, attention_compute, attention_error>);
 
 }  // namespace
 

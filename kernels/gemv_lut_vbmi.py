@@ -1,17 +1,28 @@
-"""Byte-permute lookup-table AQLM GEMV for x86 CPUs with AVX-512 VBMI (decode, batch 1–8), for 8-bit codes (Kx8).
+"""Byte-permute lookup-table AQLM GEMV for x86 CPUs with AVX-512 VBMI and VNNI (decode, batch 1–8), for 8-bit codes.
 
 The T-MAC route (Wei et al. 2024) applied to AQLM's 256-entry codebooks. Per input group j, codebook m and token n,
-the table holds the 256 partial dot products t[n, j, m, k] = C_m[k] · x[n, j·g:(j+1)·g] (fp32 multiply-adds,
-vectorised over k from a transposed fp32 copy of the codebooks), rounded to 16 bits with one scale per token, block
-of `group_block` groups and fused partition. The scale comes from a bound known before the table is computed,
-|t| ≤ max_{m,k} |C_m[k]| · max_j |x_j| over the partition's codebooks and the block's groups (Cauchy–Schwarz;
-/ 32767), so the table is written in one pass: the input is
-pre-multiplied by 1/scale, 64 entries of up to 6 groups accumulate in registers, and each int16 entry is stored as two
-byte planes (vcvtps2dq, vpackssdw, one vpermi2b per plane): the signed high byte and the low byte. Rows go in
-tiles of 64 (one zmm register of int8 codes): for each group and codebook the 64 codes of a tile are one 64-byte load,
-and `vpermi2b` looks 64 rows up at once in a 128-entry half of a plane (two registers); the code's top bit picks
-the half (codes are stored signed: code ≥ 128 ⇔ byte < 0). Each plane's bytes add up in int16 over a block (no
-overflow: ≤ 255·M per group), then in fp32 as (Σhigh·256 + Σlow) × the block's scale; y = scale[o] · Σ (+ bias).
+the table holds the 256 partial dot products t[n, j, m, k] = C_m[k] · x[n, j·g:(j+1)·g], rounded to 16 bits with one
+scale per token, block of `group_block` groups and fused partition. The scale comes from a bound known before the
+table is computed, |t| ≤ max_{m,k} |C_m[k]| · max_j |x_j| over the partition's codebooks and the block's groups
+(Cauchy–Schwarz), so the table is written in one pass.
+
+The default (stop 40, `sum16` and `int_table`):
+- **The table in integers** (`int_table`): each task quantizes the codebooks to int16 (±16383 · the partition's
+  max |C|) with the two inputs of a pair in one int32, and x to int16 per block so that the bound maps to
+  QMAX·2^16; `vpdpwssd` adds 32 exact products per instruction (an fp32 FMA does 16), and the entry is the int32 sum
+  shifted right by 16 (rounded). The x and codebook rounding (≈ 1/10⁴ of the bound) is below the table's own.
+- **Whole 16-bit entries summed in int16** (`sum16`): each entry is stored as two byte planes (vpackssdw and one
+  vpermi2b per plane: the signed high byte and the low byte). Rows go in tiles of 64 (one zmm register of int8
+  codes). For each group and codebook, the 64 codes of a tile are one 64-byte load. `vpermi2b` looks 64 rows up at
+  once in a 128-entry half of a plane (two registers), and the code's top bit picks the half (codes are stored
+  signed: code ≥ 128 ⇔ byte < 0). `vpunpck{l,h}bw` of the two planes' lookups rebuild the 64 int16 entries, which
+  add up (saturating) in int16 over a block. So that the sum cannot overflow, an entry may use 1/(JB·M) of the range:
+  QMAX = 32767 // (JB·M), 4095 with the default JB·M = 8. Then fp32: Σ × the block's scale; y = scale[o] · Σ + bias.
+- **RT row tiles per pass** (`row_tiles`): the RT tiles of one partition share each (group, codebook) table, so it
+  is loaded into registers once for all of them; the int16 sums stay in registers (constant-index stack buffers).
+The old route (`sum16=False`: each byte plane summed separately, then Σhigh·256 + Σlow, entries to 1/32767 of the
+bound, from an fp32 FMA table) stays as the reference: 10× smaller table error (5e-5 vs 4.7e-4 relative output error
+on random layers), measured end to end by benchmarks/lut_decode_ppl.py.
 
 Work is split over the input groups (see `gemv_lut_vbmi`). Measured on the 2-vCPU Zen 4 VM, 2 threads, 2x8g8
 (benchmarks in the function docstrings): 4096² 0.22 ms against 0.54 for `gemv_direct`, 11008×4096 0.62 vs 1.59.
@@ -33,6 +44,8 @@ prefill and decode functions share one copy of the codes.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from tvm.script import tirx as T
 
@@ -40,7 +53,7 @@ from .gemv_direct import GemvShape, _largest_divisor, tree_sum
 
 ROW_TILED = "row_tiled64"
 TILE_ROWS = 64
-REQUIRED_FEATURES = ("avx512bw", "avx512vbmi")
+REQUIRED_FEATURES = ("avx512bw", "avx512vbmi", "avx512vnni")  # vnni: the integer table (vpdpwssd)
 
 
 def to_row_tiled(codes: np.ndarray) -> np.ndarray:
@@ -95,8 +108,9 @@ def pays_off(shape: GemvShape) -> str | None:
             f"decoding the weights once" + (f" (from {need} rows)" if need else ""))
 
 
-def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, planes: int = 2,
-                  prefetch: int = 1, name: str = "aqlm_gemv_lut_vbmi"):
+def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int = 8, planes: int = 2,
+                  prefetch: int = 1, sum16: bool = True, int_table: bool = True, row_tiles: int = 4,
+                  name: str = "aqlm_gemv_lut_vbmi"):
     """A TIR PrimFunc `name(x[N, I], codes[O, I/g, M] (ROW_TILED bytes), codebooks[P·M, 256, g], scales[O],
     bias[O], y[N, O])`.
 
@@ -118,9 +132,16 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
     J, K, TR, KV = I // g, 256, TILE_ROWS, 16
     if planes not in (1, 2):
         raise ValueError(f"planes {planes}: expected 1 (int8 table) or 2 (16-bit table as two byte planes)")
-    QMAX = 127 if planes == 1 else 32767
+    sum16 = sum16 and planes == 2  # the int8 table (planes=1) sums bytes, as the two-plane one without sum16
+    if int_table and (not sum16 or g % 2):
+        raise ValueError("int_table needs sum16 (its entries are bounded by QMAX·2^16) and an even group size")
+    if group_block is None:  # sum16: JB·M entries share the int16 range, so ≈ 8 per block keeps 12-bit entries
+        group_block = max(1, 8 // M) if sum16 else 4
     # int16 block sums must not overflow: a byte lookup is ≤ 255 in magnitude, M of them per group
-    JB = _largest_divisor(J, min(group_block, 32767 // (255 * M)))  # groups per table scale
+    JB = _largest_divisor(J, group_block if sum16 else min(group_block, 32767 // (255 * M)))  # groups per scale
+    # sum16: whole entries add up in int16, so an entry may use 1/(JB·M) of the int16 range
+    # (int_table also needs QMAX ≤ 4095: x in int16 reaches QMAX·2^16 / 16383)
+    QMAX = 127 if planes == 1 else (min(4095, 32767 // (JB * M)) if sum16 else 32767)
     NBLK = J // JB
     C = _largest_divisor(NBLK, chunks)  # thread-pool tasks
     BC = NBLK // C  # scale blocks per task
@@ -129,6 +150,10 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
     act, cbt_dtype = shape.act_dtype, shape.codebook_dtype
 
     P = len(shape.parts)
+    # row tiles per lookup pass: each (group, codebook) table is loaded once for all of them; they must not straddle
+    # two partitions
+    part_tiles = math.gcd(*[size // TR for size in shape.parts])
+    RT = max(d for d in range(1, row_tiles + 1) if part_tiles % d == 0)
     JU = max(d for d in range(1, 7) if JC % d == 0)  # groups per table pass: 4·JU zmm accumulators stay in registers
 
     def to_int32(v):  # vcvtps2dq: round to nearest in one instruction (nearbyint + a cast was three)
@@ -164,10 +189,25 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
         w = T.Cast("int16x64", v)
         return w if q == 0 else T.bitwise_and(w, T.Broadcast(T.int16(255), TR))
 
-    def combine(part, n, r):
+    def unpacked_row(r):  # the tile row whose entry is word r (of 64) of the sum16 partial sums
+        return (r % 32) // 8 * 16 + r // 32 * 8 + r % 8
+
+    # int16 partial sums per token and row tile: sum16 keeps the two unpacked halves of 32 rows apart (one vector
+    # type per buffer, so LLVM keeps them in registers), else one vector of 64 rows per plane
+    NPART, PW = (2, 32) if sum16 else (planes, TR)
+
+    def unpack_indices(h: int):
+        """Shuffle indices of vpunpcklbw (h=0) / vpunpckhbw (h=1) over [low plane (0–63), high plane (64–127)]: per
+        128-bit lane L, output word i is (low[16L + 8h + i], high[16L + 8h + i]), i.e. the little-endian int16 entry
+        of row 16L + 8h + i."""
+        return [16 * (o // 16) + 8 * h + (o % 16) // 2 + 64 * (o % 2) for o in range(64)]
+
+    def combine(part, rt, n, h, r):  # h: which vector of PW rows (sum16: the unpacked half; else 0)
+        if sum16:
+            return T.Cast("float32", part[rt, h, n, r])
         if planes == 1:
-            return T.Cast("float32", part[0, n, r])
-        return T.Cast("float32", part[0, n, r]) * T.float32(256) + T.Cast("float32", part[1, n, r])
+            return T.Cast("float32", part[rt, 0, n, r])
+        return T.Cast("float32", part[rt, 0, n, r]) * T.float32(256) + T.Cast("float32", part[rt, 1, n, r])
 
     @T.prim_func
     def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), "int8"), cb: T.Buffer((PM, K, g), cbt_dtype),
@@ -178,20 +218,59 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
         for c in T.parallel(C):
             # each task its own fp32 codebooks: written by one thread and read by the other, they cost more in
             # cross-core transfers than the copy itself (hand-run, stop 36)
-            cbt = T.alloc_buffer((PM, g, K), "float32", scope="global")
-            for pm, k, t in T.grid(PM, K, g):  # scalar: the vectorised transpose (gathers) measured 6× slower
-                cbt[pm, t, k] = T.Cast("float32", cb[pm, k, t])
-            # |C_k · x_j| ≤ |C_k| |x_j|: the largest squared codeword norm per partition bounds the table, so its scale
-            # is known before it is computed and the table is written in one pass (no fp32 copy, no peak search)
             norms = T.alloc_buffer((PM, KV), "float32", scope="global")
             cmax = T.alloc_buffer((P,), "float32", scope="global")
-            for pm in range(PM):
-                for v in T.vectorized(KV):
-                    norms[pm, v] = T.float32(0)
-                for ko in range(K // KV):
+            if int_table:
+                # int16 codebooks (±16383 · max |C| of the partition), the two inputs of a pair in one int32, so
+                # vpdpwssd multiplies and adds 32 codeword·input products per instruction
+                cabs = T.alloc_buffer((P,), "float32", scope="global")
+                cmx = T.alloc_buffer((KV,), "float32", scope="global")
+                cinv = T.alloc_buffer((P,), "float32", scope="global")
+                cq = T.alloc_buffer((PM, g // 2, K), "int32", scope="global")
+                cbf = T.decl_buffer((PM, K * g), cbt_dtype, data=cb.data)
+                for p in range(P):
                     for v in T.vectorized(KV):
-                        norms[pm, v] = T.max(norms[pm, v], tree_sum([cbt[pm, t, ko * KV + v] * cbt[pm, t, ko * KV + v]
-                                                                     for t in range(g)]))
+                        cmx[v] = T.float32(1e-30)
+                    for mm, e in T.grid(M, K * g // KV):
+                        for v in T.vectorized(KV):
+                            cmx[v] = T.max(cmx[v], T.abs(T.Cast("float32", cbf[p * M + mm, e * KV + v])))
+                    cabs[p] = T.float32(1e-30)
+                    for v in range(KV):
+                        cabs[p] = T.max(cabs[p], cmx[v])
+                    cinv[p] = T.float32(16383) / cabs[p]
+                for pm, k, tp in T.grid(PM, K, g // 2):
+                    cq[pm, tp, k] = T.bitwise_or(
+                        T.bitwise_and(T.Cast("int32", T.round(T.Cast("float32", cb[pm, k, 2 * tp]) * cinv[pm // M])),
+                                      65535),
+                        T.shift_left(T.Cast("int32", T.round(T.Cast("float32", cb[pm, k, 2 * tp + 1]) *
+                                                             cinv[pm // M])), 16))
+                for pm in range(PM):
+                    for v in T.vectorized(KV):
+                        norms[pm, v] = T.float32(0)
+                    for ko in range(K // KV):
+                        for v in T.vectorized(KV):
+                            norms[pm, v] = T.max(norms[pm, v], tree_sum(
+                                [T.Cast("float32", T.shift_right(T.shift_left(cq[pm, tp, ko * KV + v], 16), 16)) *
+                                 T.Cast("float32", T.shift_right(T.shift_left(cq[pm, tp, ko * KV + v], 16), 16)) +
+                                 T.Cast("float32", T.shift_right(cq[pm, tp, ko * KV + v], 16)) *
+                                 T.Cast("float32", T.shift_right(cq[pm, tp, ko * KV + v], 16))
+                                 for tp in range(g // 2)]))
+            else:
+                # each task its own fp32 codebooks: written by one thread and read by the other, they cost more in
+                # cross-core transfers than the copy itself (hand-run, stop 36)
+                cbt = T.alloc_buffer((PM, g, K), "float32", scope="global")
+                for pm, k, t in T.grid(PM, K, g):  # scalar: the vectorised transpose (gathers) measured 6× slower
+                    cbt[pm, t, k] = T.Cast("float32", cb[pm, k, t])
+                # |C_k · x_j| ≤ |C_k| |x_j|: the largest squared codeword norm per partition bounds the table, so its
+                # scale is known before it is computed and the table is written in one pass (no fp32 copy, no peak
+                # search)
+                for pm in range(PM):
+                    for v in T.vectorized(KV):
+                        norms[pm, v] = T.float32(0)
+                    for ko in range(K // KV):
+                        for v in T.vectorized(KV):
+                            norms[pm, v] = T.max(norms[pm, v], tree_sum(
+                                [cbt[pm, t, ko * KV + v] * cbt[pm, t, ko * KV + v] for t in range(g)]))
             for p in range(P):
                 cmax[p] = T.float32(1e-30)  # all-zero codebooks: any scale, the table is zeros
                 for mm, v in T.grid(M, KV):
@@ -199,8 +278,11 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
             table = T.alloc_buffer((planes, N, JC, PM, K), "int8", scope="global")
             table_scale = T.alloc_buffer((N, P, BC), "float32", scope="global")
             xs = T.alloc_buffer((P, N, JC, g), "float32", scope="global")  # x in table units
+            xq = T.alloc_buffer((P, N, JC, g // 2), "int32", scope="global")  # int_table: x pairs, int16 each
             xn = T.alloc_buffer((1,), "float32", scope="global")
+            xf = T.alloc_buffer((1,), "float32", scope="global")
             acc_t = T.alloc_buffer((JU, 4, KV), "float32", scope="global")
+            acc_i = T.alloc_buffer((JU, 4, KV), "int32", scope="global")
             for n, bb in T.grid(N, BC):  # one scale per block of JB groups (and partition)
                 xn[0] = T.float32(1e-30)
                 for jj in range(JB):
@@ -208,77 +290,167 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int = 4, chunks: int = 8, plane
                                                    T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + t])
                                                    for t in range(g)]))
                 for p in range(P):
-                    # 1.0001: the fp32 rounding of the bound and of the table entries stays inside QMAX
-                    table_scale[n, p, bb] = T.sqrt(xn[0] * cmax[p]) * T.float32(1.0001 / QMAX)
-                    for jj, t in T.grid(JB, g):
-                        xs[p, n, bb * JB + jj, t] = T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + t]) / \
-                            table_scale[n, p, bb]
+                    if int_table:
+                        # |Cq_k · xq_j| ≤ |Cq_k| |xq_j| ≤ QMAX·2^16 (1.003: the rounding of xq, at most √g/2 of
+                        # |xq_j| ≥ 4095·2^16/(16383·√g)); |xq| ≤ QMAX·2^16/|Cq|max ≤ 16381 fits int16, and the
+                        # table entry is the int32 sum shifted right by 16 (rounded)
+                        table_scale[n, p, bb] = T.sqrt(xn[0] * cmax[p]) * T.float32(1.003 / QMAX) * \
+                            cabs[p] / T.float32(16383)
+                        xf[0] = T.float32(65536 / 16383) * cabs[p] / table_scale[n, p, bb]  # x → xq units
+                        for jj, tp in T.grid(JB, g // 2):
+                            xq[p, n, bb * JB + jj, tp] = T.bitwise_or(
+                                T.bitwise_and(T.Cast("int32", T.round(
+                                    T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + 2 * tp]) * xf[0])), 65535),
+                                T.shift_left(T.Cast("int32", T.round(
+                                    T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + 2 * tp + 1]) * xf[0])), 16))
+                    else:
+                        # 1.0001: the fp32 rounding of the bound and of the table entries stays inside QMAX
+                        table_scale[n, p, bb] = T.sqrt(xn[0] * cmax[p]) * T.float32(1.0001 / QMAX)
+                        for jj, t in T.grid(JB, g):
+                            xs[p, n, bb * JB + jj, t] = T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + t]) / \
+                                table_scale[n, p, bb]
             for n, pm, kq, jo in T.grid(N, PM, K // 64, JC // JU):  # 64 entries of JU groups' tables at a time
-                for jj, q in T.grid(JU, 4):
-                    for v in T.vectorized(KV):
-                        acc_t[jj, q, v] = T.float32(0)
-                for t in T.unroll(g):
+                if int_table:
+                    for jj, q in T.grid(JU, 4):
+                        for v in T.vectorized(KV):
+                            acc_i[jj, q, v] = T.int32(32768)  # rounds the shift by 16 to nearest
+                    for tp in T.unroll(g // 2):
+                        for jj in T.unroll(JU):
+                            for q in T.unroll(4):
+                                acc_i[jj, q, T.ramp(0, 1, KV)] = T.call_llvm_pure_intrin(
+                                    "int32x16", "llvm.x86.avx512.vpdpwssd.512", acc_i[jj, q, T.ramp(0, 1, KV)],
+                                    T.reinterpret("int16x32", cq[pm, tp, T.ramp(kq * 64 + q * KV, 1, KV)]),
+                                    T.reinterpret("int16x32", T.Broadcast(xq[pm // M, n, jo * JU + jj, tp], KV)))
                     for jj in T.unroll(JU):
-                        for q in T.unroll(4):
-                            for v in T.vectorized(KV):
-                                acc_t[jj, q, v] = acc_t[jj, q, v] + cbt[pm, t, kq * 64 + q * KV + v] * \
-                                    xs[pm // M, n, jo * JU + jj, t]
-                for jj in T.unroll(JU):
-                    if planes == 1:
-                        for q in T.unroll(4):
-                            table[0, n, jo * JU + jj, pm, T.ramp(kq * 64 + q * KV, 1, KV)] = T.Cast(
-                                "int8x16", to_int32(acc_t[jj, q, T.ramp(0, 1, KV)]))
-                    else:  # the signed high bytes to plane 0, the low bytes to plane 1
                         for q in T.unroll(2):
                             table[q, n, jo * JU + jj, pm, T.ramp(kq * 64, 1, 64)] = T.call_llvm_pure_intrin(
                                 "int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
-                                packed_bytes(to_int32(acc_t[jj, 0, T.ramp(0, 1, KV)]),
-                                             to_int32(acc_t[jj, 1, T.ramp(0, 1, KV)])),
+                                packed_bytes(T.shift_right(acc_i[jj, 0, T.ramp(0, 1, KV)], T.Broadcast(16, KV)),
+                                             T.shift_right(acc_i[jj, 1, T.ramp(0, 1, KV)], T.Broadcast(16, KV))),
                                 plane_order(1 - q),
-                                packed_bytes(to_int32(acc_t[jj, 2, T.ramp(0, 1, KV)]),
-                                             to_int32(acc_t[jj, 3, T.ramp(0, 1, KV)])))
-            for ob in range(O // TR):  # every row tile over this task's groups
-                acc = T.alloc_buffer((N, TR), "float32", scope="global")
-                part = T.alloc_buffer((planes, N, TR), "int16", scope="global")
-                for n in range(N):
+                                packed_bytes(T.shift_right(acc_i[jj, 2, T.ramp(0, 1, KV)], T.Broadcast(16, KV)),
+                                             T.shift_right(acc_i[jj, 3, T.ramp(0, 1, KV)], T.Broadcast(16, KV))))
+                else:
+                    for jj, q in T.grid(JU, 4):
+                        for v in T.vectorized(KV):
+                            acc_t[jj, q, v] = T.float32(0)
+                    for t in T.unroll(g):
+                        for jj in T.unroll(JU):
+                            for q in T.unroll(4):
+                                for v in T.vectorized(KV):
+                                    acc_t[jj, q, v] = acc_t[jj, q, v] + cbt[pm, t, kq * 64 + q * KV + v] * \
+                                        xs[pm // M, n, jo * JU + jj, t]
+                    for jj in T.unroll(JU):
+                        if planes == 1:
+                            for q in T.unroll(4):
+                                table[0, n, jo * JU + jj, pm, T.ramp(kq * 64 + q * KV, 1, KV)] = T.Cast(
+                                    "int8x16", to_int32(acc_t[jj, q, T.ramp(0, 1, KV)]))
+                        else:  # the signed high bytes to plane 0, the low bytes to plane 1
+                            for q in T.unroll(2):
+                                table[q, n, jo * JU + jj, pm, T.ramp(kq * 64, 1, 64)] = T.call_llvm_pure_intrin(
+                                    "int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
+                                    packed_bytes(to_int32(acc_t[jj, 0, T.ramp(0, 1, KV)]),
+                                                 to_int32(acc_t[jj, 1, T.ramp(0, 1, KV)])),
+                                    plane_order(1 - q),
+                                    packed_bytes(to_int32(acc_t[jj, 2, T.ramp(0, 1, KV)]),
+                                                 to_int32(acc_t[jj, 3, T.ramp(0, 1, KV)])))
+            # small "global" allocations (not "local": LowerTVMBuiltin) go on the stack, and only on the stack
+            # (with constant indices) does LLVM keep `part` in registers
+            acc = T.alloc_buffer((RT, N, TR), "float32", scope="global")
+            part = T.alloc_buffer((RT, NPART, N, PW), "int16", scope="global")
+            for obo in range(O // TR // RT):  # RT row tiles per pass over this task's groups
+                for rt, n in T.grid(RT, N):
                     for r in T.vectorized(TR):
-                        acc[n, r] = T.float32(0)
+                        acc[rt, n, r] = T.float32(0)
                 for bb in range(BC):
-                    for q, n in T.grid(planes, N):
-                        for r in T.vectorized(TR):
-                            part[q, n, r] = T.int16(0)
+                    # every access to `part` at constant indices (unrolled loops), so LLVM keeps it in registers
+                    for rt in T.unroll(RT):
+                        for q in T.unroll(NPART):
+                            for n in T.unroll(N):
+                                for r in T.vectorized(PW):
+                                    part[rt, q, n, r] = T.int16(0)
                     for jj in range(JB):
                         for m in T.unroll(M):
-                            for n in range(N):
-                                if prefetch > 0:  # the same line of the tile `prefetch` ahead
-                                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                                        tiles[T.min(ob + prefetch, O // TR - 1), c * JC + bb * JB + jj, m, 0]),
-                                        T.int32(0), T.int32(3), T.int32(1)))
-                                # the codes and codebook row are passed as expressions, not bound to names: bound
-                                # (a TIR let), the codes vector was stored to the stack at every use (seen in the
-                                # generated assembly; ≈ 2% of the kernel, hand-measured)
-                                part[0, n, T.ramp(0, 1, TR)] = part[0, n, T.ramp(0, 1, TR)] + widen(
-                                    0, lookup(table, 0, n, bb * JB + jj, shape.partition_of(ob * TR) * M + m,
-                                              tiles[ob, c * JC + bb * JB + jj, m, T.ramp(0, 1, TR)]))
-                                if planes == 2:
-                                    part[1, n, T.ramp(0, 1, TR)] = part[1, n, T.ramp(0, 1, TR)] + widen(
-                                        1, lookup(table, 1, n, bb * JB + jj, shape.partition_of(ob * TR) * M + m,
-                                                  tiles[ob, c * JC + bb * JB + jj, m, T.ramp(0, 1, TR)]))
-                    for n in range(N):
-                        for r in T.vectorized(TR):
-                            acc[n, r] = acc[n, r] + combine(part, n, r) * \
-                                table_scale[n, shape.partition_of(ob * TR), bb]
-                for n in range(N):
+                            for n in T.unroll(N):
+                                # the RT tiles share one partition, so one table: its loads are reused across them
+                                for rt in T.unroll(RT):
+                                    if prefetch > 0:  # the same line of the tile `prefetch` passes ahead
+                                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                                            tiles[T.min((obo + prefetch) * RT + rt, O // TR - 1),
+                                                  c * JC + bb * JB + jj, m, 0]),
+                                            T.int32(0), T.int32(3), T.int32(1)))
+                                    # the codes and codebook row are passed as expressions, not bound to names: bound
+                                    # (a TIR let), the codes vector was stored to the stack at every use (seen in the
+                                    # generated assembly; ≈ 2% of the kernel, hand-measured)
+                                    if sum16:  # vpunpck{l,h}bw rebuild 32 whole entries each (`unpacked_row` order)
+                                        part[rt, 0, n, T.ramp(0, 1, 32)] = T.call_llvm_pure_intrin(
+                                            "int16x32", "llvm.sadd.sat.v32i16", part[rt, 0, n, T.ramp(0, 1, 32)],
+                                            T.reinterpret("int16x32", T.Shuffle(
+                                                [lookup(table, 1, n, bb * JB + jj,
+                                                        shape.partition_of(obo * RT * TR) * M + m,
+                                                        tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
+                                                              T.ramp(0, 1, TR)]),
+                                                 lookup(table, 0, n, bb * JB + jj,
+                                                        shape.partition_of(obo * RT * TR) * M + m,
+                                                        tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
+                                                              T.ramp(0, 1, TR)])],
+                                                unpack_indices(0))))
+                                        part[rt, 1, n, T.ramp(0, 1, 32)] = T.call_llvm_pure_intrin(
+                                            "int16x32", "llvm.sadd.sat.v32i16", part[rt, 1, n, T.ramp(0, 1, 32)],
+                                            T.reinterpret("int16x32", T.Shuffle(
+                                                [lookup(table, 1, n, bb * JB + jj,
+                                                        shape.partition_of(obo * RT * TR) * M + m,
+                                                        tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
+                                                              T.ramp(0, 1, TR)]),
+                                                 lookup(table, 0, n, bb * JB + jj,
+                                                        shape.partition_of(obo * RT * TR) * M + m,
+                                                        tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
+                                                              T.ramp(0, 1, TR)])],
+                                                unpack_indices(1))))
+                                    else:
+                                        part[rt, 0, n, T.ramp(0, 1, TR)] = part[rt, 0, n, T.ramp(0, 1, TR)] + widen(
+                                            0, lookup(table, 0, n, bb * JB + jj,
+                                                      shape.partition_of(obo * RT * TR) * M + m,
+                                                      tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
+                                                            T.ramp(0, 1, TR)]))
+                                        if planes == 2:
+                                            part[rt, 1, n, T.ramp(0, 1, TR)] = part[rt, 1, n, T.ramp(0, 1, TR)] + \
+                                                widen(1, lookup(table, 1, n, bb * JB + jj,
+                                                                shape.partition_of(obo * RT * TR) * M + m,
+                                                                tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
+                                                                      T.ramp(0, 1, TR)]))
+                    for rt in T.unroll(RT):
+                        for n in T.unroll(N):
+                            for h in T.unroll(TR // PW):
+                                for r in T.vectorized(PW):
+                                    acc[rt, n, h * PW + r] = acc[rt, n, h * PW + r] + \
+                                        combine(part, rt, n, h, r) * table_scale[n, shape.partition_of(obo * RT * TR), bb]
+                for rt, n in T.grid(RT, N):
                     for r in T.vectorized(TR):
-                        partial[c, n, ob * TR + r] = acc[n, r]
-        total = T.alloc_buffer((KV,), "float32", scope="global")
-        for n, oo in T.grid(N, O // KV):
-            for v in T.vectorized(KV):
-                total[v] = partial[0, n, oo * KV + v]
-            for c in range(1, C):
+                        partial[c, n, (obo * RT + rt) * TR + r] = acc[rt, n, r]
+        if sum16:
+            # partials hold each tile's rows in unpacked order: word w of half h is row 16·(w//8) + 8·h + w%8, so
+            # eight consecutive partials are eight consecutive rows
+            total8 = T.alloc_buffer((8,), "float32", scope="global")
+            for n, ob, w8 in T.grid(N, O // TR, 8):
+                for v in T.vectorized(8):
+                    total8[v] = partial[0, n, ob * TR + w8 * 8 + v]
+                for c in range(1, C):
+                    for v in T.vectorized(8):
+                        total8[v] = total8[v] + partial[c, n, ob * TR + w8 * 8 + v]
+                for v in T.vectorized(8):
+                    y[n, ob * TR + unpacked_row(w8 * 8 + v)] = T.Cast(
+                        act, total8[v] * scales[ob * TR + unpacked_row(w8 * 8 + v)] +
+                        bias[ob * TR + unpacked_row(w8 * 8 + v)])
+        else:
+            total = T.alloc_buffer((KV,), "float32", scope="global")
+            for n, oo in T.grid(N, O // KV):
                 for v in T.vectorized(KV):
-                    total[v] = total[v] + partial[c, n, oo * KV + v]
-            for v in T.vectorized(KV):
-                y[n, oo * KV + v] = T.Cast(act, total[v] * scales[oo * KV + v] + bias[oo * KV + v])
+                    total[v] = partial[0, n, oo * KV + v]
+                for c in range(1, C):
+                    for v in T.vectorized(KV):
+                        total[v] = total[v] + partial[c, n, oo * KV + v]
+                for v in T.vectorized(KV):
+                    y[n, oo * KV + v] = T.Cast(act, total[v] * scales[oo * KV + v] + bias[oo * KV + v])
 
     return kernel

@@ -11,16 +11,17 @@ from aqlm_compile.kernels.gemm_decode import gemm_decode  # noqa: E402
 from aqlm_compile.kernels.gemm_vnni import REQUIRED_FEATURES as VNNI_FEATURES  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR  # noqa: E402
-from aqlm_compile.kernels.gemv_lut_vbmi import (ROW_TILED, from_row_tiled, gemv_lut_vbmi,  # noqa: E402
-                                                to_row_tiled)
+from aqlm_compile.kernels.gemv_lut_vbmi import (REQUIRED_FEATURES, ROW_TILED, from_row_tiled,  # noqa: E402
+                                                gemv_lut_vbmi, to_row_tiled)
 from aqlm_compile.kernels.registry import codes_layout, select_kernel  # noqa: E402
 from aqlm_compile.targets.common import target_features  # noqa: E402
 from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
 
-VBMI = frozenset({"avx512bw", "avx512vbmi"})
+VBMI = frozenset(REQUIRED_FEATURES)
 HOST_HAS_VBMI = VBMI <= target_features(x86_target())
 HOST_HAS_VNNI = frozenset(VNNI_FEATURES) <= target_features(x86_target())
-needs_vbmi = pytest.mark.skipif(not HOST_HAS_VBMI, reason="this CPU lacks AVX-512 VBMI: the kernel cannot run here")
+needs_vbmi = pytest.mark.skipif(not HOST_HAS_VBMI,
+                                reason="this CPU lacks AVX-512 VBMI or VNNI: the kernel cannot run here")
 
 
 def _layer(cfg, out_f, in_f, parts=None, seed=0):
@@ -65,23 +66,67 @@ def test_row_tiled_layout_round_trips_and_keeps_the_shape():
 @needs_vbmi
 @pytest.mark.parametrize("out_f,in_f,batch,parts,chunks", [
     (256, 576, 1, None, 8), (576, 256, 3, None, 1), (512, 1024, 1, (256, 256), 8), (1024, 1024, 8, None, 2),
-    (64, 72, 2, None, 8)])  # 9 input groups: scale blocks of 3, one task
-@pytest.mark.parametrize("planes", [2, 1])
-def test_lut_vbmi_matches_reference_within_the_table_rounding(out_f, in_f, batch, parts, chunks, planes):
-    """The table rounds each partial dot product to 1/32767 (two byte planes, the default) or 1/127 (one int8
-    plane) of its block's peak: ≤ 1e-3 resp. 2% relative error (random data: ≈ 4e-5 resp. 0.9%), unbiased — a
-    systematic error (wrong code, half, plane, partition or scale) would be far larger."""
+    (960, 576, 1, (576, 192, 192), 8),  # q/k/v: 3 row tiles per pass, one table per partition
+    (64, 72, 2, None, 8)])  # 9 input groups: scale blocks of 1, one task
+@pytest.mark.parametrize("variant", ["default", "fp32-table", "two-sums", "int8"])
+def test_lut_vbmi_matches_reference_within_the_table_rounding(out_f, in_f, batch, parts, chunks, variant):
+    """The table rounds each partial dot product to a fraction of its block's bound: 1/4095 by default (whole
+    16-bit entries summed in int16, from the integer table or the fp32 one), 1/32767 when each byte plane is summed
+    apart (`sum16=False`), 1/127 with one int8 plane. ≤ 2e-3, 1e-3 resp. 2% relative error (random data: ≈ 4.7e-4,
+    5e-5 resp. 0.9%), unbiased — a systematic error (wrong code, half, plane, partition, row order or scale) would
+    be far larger."""
     cfg = AqlmConfig.parse("2x8g8")
     codes, cb, scales, bias = _layer(cfg, out_f, in_f, parts)
     x = np.random.default_rng(1).standard_normal((batch, in_f)).astype(np.float32)
     shape = GemvShape(out_f, in_f, cfg, batch, partitions=parts)
-    got = _run(gemv_lut_vbmi(shape, name="k", chunks=chunks, planes=planes), x, codes, cb, scales, bias)
+    kw = {"default": {}, "fp32-table": dict(int_table=False), "two-sums": dict(sum16=False, int_table=False),
+          "int8": dict(planes=1, int_table=False)}[variant]
+    got = _run(gemv_lut_vbmi(shape, name="k", chunks=chunks, **kw), x, codes, cb, scales, bias)
     want = _reference(x, codes, cb, scales, bias, cfg, list(parts) if parts else None)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
-    if planes == 2:
-        assert err < 1e-3, err
-    else:
+    if variant == "two-sums":
+        assert err < 1e-4, err
+    elif variant == "int8":
         assert 1e-4 < err < 0.02, err  # > 1e-4: it really is the int8 table (fp32 would be ~1e-7)
+    else:
+        assert 5e-5 < err < 2e-3, err  # > 5e-5: it really is the 12-bit table
+
+
+@needs_vbmi
+@pytest.mark.parametrize("config", ["4x8g8", "1x8g8", "8x8g8"])
+def test_lut_vbmi_other_codebook_counts(config):
+    """JB·M = 8 entries per int16 block sum whatever M (4x8g8: blocks of 2 groups; 1x8g8: 8; 8x8g8: 1)."""
+    cfg = AqlmConfig.parse(config)
+    codes, cb, scales, bias = _layer(cfg, 256, 512, seed=4)
+    x = np.random.default_rng(5).standard_normal((1, 512)).astype(np.float32)
+    got = _run(gemv_lut_vbmi(GemvShape(256, 512, cfg, 1), name="k"), x, codes, cb, scales, bias)
+    want = _reference(x, codes, cb, scales, bias, cfg)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
+
+
+@needs_vbmi
+def test_lut_vbmi_adversarial_inputs_stay_inside_the_int16_range():
+    """The table's scale is a bound, not a measured peak: codewords and inputs built to reach it (one codeword
+    parallel to every input group, all with the same sign, one input group far larger than the rest, a spike
+    codeword) must not wrap the int16 sums (a wrap would be an error of order 1, not 1e-3)."""
+    cfg = AqlmConfig.parse("2x8g8")
+    rng = np.random.default_rng(6)
+    in_f, out_f = 256, 128
+    x = np.abs(rng.standard_normal((1, in_f))).astype(np.float32) + 1.0
+    x[0, 8:16] *= 50.0  # one group dominates its block's bound
+    cb = (np.abs(rng.standard_normal((2, 256, 8))) * 0.1).astype(np.float16)
+    groups = x[0].reshape(-1, 8)
+    cb[0, 255] = (groups[0] / np.linalg.norm(groups[0]) * 0.9).astype(np.float16)  # parallel to group 0
+    cb[1, 255] = (groups[1] / np.linalg.norm(groups[1]) * 0.9).astype(np.float16)
+    cb[1, 0] = 0
+    cb[1, 0, 3] = 1.5  # the largest |C| element: a spike codeword
+    codes = np.full((out_f, in_f // 8, 2), -1, dtype=np.int8)  # code 255 everywhere: every sum at its extreme
+    codes[::2, :, 1] = 0
+    scales = np.ones(out_f, np.float32)
+    bias = np.zeros(out_f, np.float32)
+    got = _run(gemv_lut_vbmi(GemvShape(out_f, in_f, cfg, 1), name="k"), x, codes, cb, scales, bias)
+    want = _reference(x, codes, cb, scales, bias, cfg)
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("batch", [9, 23, 70])

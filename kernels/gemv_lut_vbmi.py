@@ -7,7 +7,7 @@ table is computed, |t| ≤ max_{m,k} |C_m[k]| · max_j |x_j| over the partition'
 (Cauchy–Schwarz), so the table is written in one pass.
 
 The default (stop 40, `sum16` and `int_table`):
-- **The table in integers** (`int_table`): each task quantizes the codebooks to int16 (±16383 · the partition's
+- **The table in integers** (`int_table`): each task quantizes the codebooks to int16 (±32767 · the partition's
   max |C|) with the two inputs of a pair in one int32, and x to int16 per block so that the bound maps to
   QMAX·2^16; `vpdpwssd` adds 32 exact products per instruction (an fp32 FMA does 16), and the entry is the int32 sum
   shifted right by 16 (rounded). The x and codebook rounding (≈ 1/10⁴ of the bound) is below the table's own.
@@ -53,6 +53,8 @@ from .gemv_direct import GemvShape, _largest_divisor, tree_sum
 
 ROW_TILED = "row_tiled64"
 TILE_ROWS = 64
+# what the kernel's default table is, in words (benchmarks/lut_decode_ppl.py labels its result with it)
+DEFAULT_TABLE = "integer table (vpdpwssd), 12-bit entries summed in int16"
 REQUIRED_FEATURES = ("avx512bw", "avx512vbmi", "avx512vnni")  # vnni: the integer table (vpdpwssd)
 
 
@@ -133,15 +135,19 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
     if planes not in (1, 2):
         raise ValueError(f"planes {planes}: expected 1 (int8 table) or 2 (16-bit table as two byte planes)")
     sum16 = sum16 and planes == 2  # the int8 table (planes=1) sums bytes, as the two-plane one without sum16
-    if int_table and (not sum16 or g % 2):
-        raise ValueError("int_table needs sum16 (its entries are bounded by QMAX·2^16) and an even group size")
+    int_table = int_table and planes == 2  # the int8 table (planes=1) stays fp32
+    if int_table and g % 2:
+        raise ValueError("int_table multiplies pairs of inputs: the group size must be even")
     if group_block is None:  # sum16: JB·M entries share the int16 range, so ≈ 8 per block keeps 12-bit entries
         group_block = max(1, 8 // M) if sum16 else 4
     # int16 block sums must not overflow: a byte lookup is ≤ 255 in magnitude, M of them per group
     JB = _largest_divisor(J, group_block if sum16 else min(group_block, 32767 // (255 * M)))  # groups per scale
     # sum16: whole entries add up in int16, so an entry may use 1/(JB·M) of the int16 range
-    # (int_table also needs QMAX ≤ 4095: x in int16 reaches QMAX·2^16 / 16383)
     QMAX = 127 if planes == 1 else (min(4095, 32767 // (JB * M)) if sum16 else 32767)
+    # int_table: the int32 dot products are bounded by QMAX·2^SHIFT ≈ 2^30 and the entry is the sum >> SHIFT; then
+    # |xq_j| ≤ QMAX·2^SHIFT / (1.003 |Cq|max) < 32767 (|Cq|max ≥ 32767, the largest element) fits int16, and no
+    # int32 sum (nor vpdpwssd's pair sums: Cauchy–Schwarz on any subset) can overflow
+    SHIFT = 30 - QMAX.bit_length()
     NBLK = J // JB
     C = _largest_divisor(NBLK, chunks)  # thread-pool tasks
     BC = NBLK // C  # scale blocks per task
@@ -221,7 +227,7 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
             norms = T.alloc_buffer((PM, KV), "float32", scope="global")
             cmax = T.alloc_buffer((P,), "float32", scope="global")
             if int_table:
-                # int16 codebooks (±16383 · max |C| of the partition), the two inputs of a pair in one int32, so
+                # int16 codebooks (±32767 · max |C| of the partition), the two inputs of a pair in one int32, so
                 # vpdpwssd multiplies and adds 32 codeword·input products per instruction
                 cabs = T.alloc_buffer((P,), "float32", scope="global")
                 cmx = T.alloc_buffer((KV,), "float32", scope="global")
@@ -237,7 +243,7 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
                     cabs[p] = T.float32(1e-30)
                     for v in range(KV):
                         cabs[p] = T.max(cabs[p], cmx[v])
-                    cinv[p] = T.float32(16383) / cabs[p]
+                    cinv[p] = T.float32(32767) / cabs[p]
                 for pm, k, tp in T.grid(PM, K, g // 2):
                     cq[pm, tp, k] = T.bitwise_or(
                         T.bitwise_and(T.Cast("int32", T.round(T.Cast("float32", cb[pm, k, 2 * tp]) * cinv[pm // M])),
@@ -291,12 +297,12 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
                                                    for t in range(g)]))
                 for p in range(P):
                     if int_table:
-                        # |Cq_k · xq_j| ≤ |Cq_k| |xq_j| ≤ QMAX·2^16 (1.003: the rounding of xq, at most √g/2 of
-                        # |xq_j| ≥ 4095·2^16/(16383·√g)); |xq| ≤ QMAX·2^16/|Cq|max ≤ 16381 fits int16, and the
-                        # table entry is the int32 sum shifted right by 16 (rounded)
+                        # |Cq_k · xq_j| ≤ |Cq_k| |xq_j| ≤ QMAX·2^SHIFT (1.003: the rounding of xq, at most √g/2 of
+                        # |xq_j| ≥ QMAX·2^SHIFT/(32767·√g) ≈ 11585); the table entry is the int32 sum shifted right
+                        # by SHIFT (rounded)
                         table_scale[n, p, bb] = T.sqrt(xn[0] * cmax[p]) * T.float32(1.003 / QMAX) * \
-                            cabs[p] / T.float32(16383)
-                        xf[0] = T.float32(65536 / 16383) * cabs[p] / table_scale[n, p, bb]  # x → xq units
+                            cabs[p] / T.float32(32767)
+                        xf[0] = T.float32(2 ** SHIFT / 32767) * cabs[p] / table_scale[n, p, bb]  # x → xq units
                         for jj, tp in T.grid(JB, g // 2):
                             xq[p, n, bb * JB + jj, tp] = T.bitwise_or(
                                 T.bitwise_and(T.Cast("int32", T.round(
@@ -313,7 +319,7 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
                 if int_table:
                     for jj, q in T.grid(JU, 4):
                         for v in T.vectorized(KV):
-                            acc_i[jj, q, v] = T.int32(32768)  # rounds the shift by 16 to nearest
+                            acc_i[jj, q, v] = T.int32(1 << (SHIFT - 1))  # rounds the shift to nearest
                     for tp in T.unroll(g // 2):
                         for jj in T.unroll(JU):
                             for q in T.unroll(4):
@@ -325,11 +331,11 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
                         for q in T.unroll(2):
                             table[q, n, jo * JU + jj, pm, T.ramp(kq * 64, 1, 64)] = T.call_llvm_pure_intrin(
                                 "int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
-                                packed_bytes(T.shift_right(acc_i[jj, 0, T.ramp(0, 1, KV)], T.Broadcast(16, KV)),
-                                             T.shift_right(acc_i[jj, 1, T.ramp(0, 1, KV)], T.Broadcast(16, KV))),
+                                packed_bytes(T.shift_right(acc_i[jj, 0, T.ramp(0, 1, KV)], T.Broadcast(SHIFT, KV)),
+                                             T.shift_right(acc_i[jj, 1, T.ramp(0, 1, KV)], T.Broadcast(SHIFT, KV))),
                                 plane_order(1 - q),
-                                packed_bytes(T.shift_right(acc_i[jj, 2, T.ramp(0, 1, KV)], T.Broadcast(16, KV)),
-                                             T.shift_right(acc_i[jj, 3, T.ramp(0, 1, KV)], T.Broadcast(16, KV))))
+                                packed_bytes(T.shift_right(acc_i[jj, 2, T.ramp(0, 1, KV)], T.Broadcast(SHIFT, KV)),
+                                             T.shift_right(acc_i[jj, 3, T.ramp(0, 1, KV)], T.Broadcast(SHIFT, KV))))
                 else:
                     for jj, q in T.grid(JU, 4):
                         for v in T.vectorized(KV):

@@ -71,7 +71,7 @@ WRITERS = {
                                    "ppl_increase_pct", "argmax_agreement", "greedy_tokens", "greedy_same",
                                    "greedy_prompts", "greedy_same_as_torch", "int8_artifact", "fp32_artifact", "machine", "wall_s"}, None),
     "*/lut-decode-ppl-*.json": ("benchmarks/lut_decode_ppl.py",
-                                {"what", "command", "windows", "seqlen", "decode_steps", "ppl_lut", "ppl_reference",
+                                {"what", "table", "reference", "command", "windows", "seqlen", "decode_steps", "ppl_lut", "ppl_reference",
                                  "ppl_increase_pct", "argmax_agreement", "lut_artifact", "reference_artifact",
                                  "machine", "wall_s"}, None),
     "*/ppl-per-byte-*.json": ("benchmarks/ppl_per_byte.py", {"what", "command", "fp_ppl", "rows", "machine", "wall_s"},

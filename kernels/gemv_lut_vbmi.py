@@ -389,30 +389,20 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
                                     # (a TIR let), the codes vector was stored to the stack at every use (seen in the
                                     # generated assembly; ≈ 2% of the kernel, hand-measured)
                                     if sum16:  # vpunpck{l,h}bw rebuild 32 whole entries each (`unpacked_row` order)
-                                        part[rt, 0, n, T.ramp(0, 1, 32)] = T.call_llvm_pure_intrin(
-                                            "int16x32", "llvm.sadd.sat.v32i16", part[rt, 0, n, T.ramp(0, 1, 32)],
-                                            T.reinterpret("int16x32", T.Shuffle(
-                                                [lookup(table, 1, n, bb * JB + jj,
-                                                        shape.partition_of(obo * RT * TR) * M + m,
-                                                        tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
-                                                              T.ramp(0, 1, TR)]),
-                                                 lookup(table, 0, n, bb * JB + jj,
-                                                        shape.partition_of(obo * RT * TR) * M + m,
-                                                        tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
-                                                              T.ramp(0, 1, TR)])],
-                                                unpack_indices(0))))
-                                        part[rt, 1, n, T.ramp(0, 1, 32)] = T.call_llvm_pure_intrin(
-                                            "int16x32", "llvm.sadd.sat.v32i16", part[rt, 1, n, T.ramp(0, 1, 32)],
-                                            T.reinterpret("int16x32", T.Shuffle(
-                                                [lookup(table, 1, n, bb * JB + jj,
-                                                        shape.partition_of(obo * RT * TR) * M + m,
-                                                        tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
-                                                              T.ramp(0, 1, TR)]),
-                                                 lookup(table, 0, n, bb * JB + jj,
-                                                        shape.partition_of(obo * RT * TR) * M + m,
-                                                        tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
-                                                              T.ramp(0, 1, TR)])],
-                                                unpack_indices(1))))
+                                        for h in T.unroll(2):
+                                            part[rt, h, n, T.ramp(0, 1, 32)] = T.call_llvm_pure_intrin(
+                                                "int16x32", "llvm.sadd.sat.v32i16", part[rt, h, n, T.ramp(0, 1, 32)],
+                                                T.reinterpret("int16x32", T.Shuffle(
+                                                    [lookup(table, 1, n, bb * JB + jj,
+                                                            shape.partition_of(obo * RT * TR) * M + m,
+                                                            tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
+                                                                  T.ramp(0, 1, TR)]),
+                                                     lookup(table, 0, n, bb * JB + jj,
+                                                            shape.partition_of(obo * RT * TR) * M + m,
+                                                            tiles[obo * RT + rt, c * JC + bb * JB + jj, m,
+                                                                  T.ramp(0, 1, TR)])],
+                                                    [16 * (o // 16) + 8 * h + (o % 16) // 2 + 64 * (o % 2)
+                                                     for o in range(64)])))
                                     else:
                                         part[rt, 0, n, T.ramp(0, 1, TR)] = part[rt, 0, n, T.ramp(0, 1, TR)] + widen(
                                             0, lookup(table, 0, n, bb * JB + jj,

@@ -225,11 +225,11 @@ def _targets_taking(what: str) -> str:
 @click.option("--dump-ir", "dump_ir", help="ONNX route: write the exported graph before and after each pass to DIR.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="ONNX route: fuse AQLM layers that share an input (q/k/v, gate/up) into one op.")
-@click.option("--fuse-tvm/--no-fuse-tvm", "fuse_tvm", default=False, show_default=True,
-              help="TVM route, CPU targets: fuse q/k/v and gate/up too, parameters concatenated at build time (on a Zen 1, "
-                   "interleaved runs of the SmolLM2 decode put it 11% ahead of and 10% behind the unfused build: "
-                   "benchmarks/results/amd-epyc-avx2-x86_64-2c/decode-ab-*.md; on a Xeon with AVX-512 VBMI the recorded "
-                   "A/B has it at 1.03x the unfused step time: docs/tvm-and-ort-notes.md N29).")
+@click.option("--fuse-tvm/--no-fuse-tvm", "fuse_tvm", default=None,
+              help="TVM route, CPU targets: fuse q/k/v and gate/up too, parameters concatenated at build time. "
+                   "[default: on for --target x86, where an interleaved SmolLM2 decode A/B on a Zen 4 put the fused "
+                   "step at 0.92x the unfused one's time with the same prefill (docs/tvm-and-ort-notes.md N35); off "
+                   "for arm64 (not measured) and cuda (refused)]")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
               help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")
 @click.option("--embedding", type=click.Choice(["stored", "int8", "int4", "head"]),

@@ -58,3 +58,42 @@ def silu_mul(length: int | None = None, vector: int = 16, task_vectors: int = 25
             y[e] = silu(a[e]) * b[e]
 
     return threaded if length is None or length >= PARALLEL_FROM else serial
+
+
+def silu_mul_halves(half: int, rows: int | None = None, vector: int = 16, name: str = "silu_mul_halves"):
+    """`name(g[r, 2·half], u[r, 2·half], y[r, half])` fp32, y[t, h] = silu(g[t, h]) · u[t, half + h]: the gated MLP
+    on the fused gate/up output (`build --fuse-tvm`, passes/fuse_shared_input.py) without copying its halves out
+    first. The caller passes the fused tensor as both `g` and `u`: a call_tir callee with one input and one output
+    is asked for a reshape pattern that a hand-written kernel cannot answer (docs N22). `rows` fixed or None
+    (symbolic: the prefill, one thread-pool task per row); a fixed small call runs on the calling thread."""
+    H, V = half, vector
+    r = tirx.Var("r", "int64") if rows is None else T.int64(rows)
+    full = H // V
+
+    @T.macro
+    def row(g, u, y, t):
+        for i in range(full):
+            for v in T.vectorized(V):
+                y[t, i * V + v] = silu(g[t, i * V + v]) * u[t, H + i * V + v]
+        for e in range(full * V, H):
+            y[t, e] = silu(g[t, e]) * u[t, H + e]
+
+    @T.prim_func
+    def threaded(g_h: T.handle, u_h: T.handle, y_h: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        g = T.match_buffer(g_h, (r, 2 * H), "float32")
+        u = T.match_buffer(u_h, (r, 2 * H), "float32")
+        y = T.match_buffer(y_h, (r, H), "float32")
+        for t in T.parallel(r):
+            row(g, u, y, t)
+
+    @T.prim_func
+    def serial(g_h: T.handle, u_h: T.handle, y_h: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        g = T.match_buffer(g_h, (r, 2 * H), "float32")
+        u = T.match_buffer(u_h, (r, 2 * H), "float32")
+        y = T.match_buffer(y_h, (r, H), "float32")
+        for t in range(r):
+            row(g, u, y, t)
+
+    return threaded if rows is None or rows * H >= PARALLEL_FROM else serial

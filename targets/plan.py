@@ -209,6 +209,8 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     options = options or BuildOptions()
     out_dir = Path(out_dir or f"{str(checkpoint).rstrip('/')}-{target.name}")
     _check_options(target, options)
+    if options.fuse_tvm is None:
+        options = replace(options, fuse_tvm=target.fuse_tvm_default)
     toolchain = target.toolchain(options)
     routes = [r for r in target.routes if getattr(options, r)]
     model, aqlm_config, meta = fmt.load(checkpoint)  # the one load + validation of this build

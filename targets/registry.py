@@ -38,7 +38,7 @@ class BuildOptions:
     onnx: bool = True  # the ONNX route (where the target has it)
     tvm: bool = True  # the whole-model Relax VM route
     fuse: bool = True  # fuse layers sharing an input (ONNX route)
-    fuse_tvm: bool = False  # the same in the Relax route (CPU targets; measured slower on Zen 1, opt-in)
+    fuse_tvm: bool | None = None  # the same in the Relax route (CPU targets); None: the target's `fuse_tvm_default`
     dump_ir: str | None = None  # write the ONNX route's graph before/after each pass here
     dense_model_dir: str | None = None  # also compile this FP model as the dense baseline (dense_baseline targets)
     dense_dtypes: tuple[str, ...] = ("float32", "float16")  # the baseline's stored weights in the TVM route
@@ -87,6 +87,9 @@ class Target:
     # Which AQLM configs it takes, beyond what its kind's kernels run (kernels/registry.py `supports`): None when
     # it takes the config, else why not. The lowering pass reports every layer it refuses, by name.
     accepts_config: Callable[[Any], str | None] = lambda config: None
+    # `build` without --fuse-tvm/--no-fuse-tvm: fuse q/k/v and gate/up in the Relax route too. Only where an
+    # interleaved decode A/B favoured it (x86: docs/tvm-and-ort-notes.md N35); never on CUDA (plan refuses it).
+    fuse_tvm_default: bool = False
 
     @property
     def device(self) -> str:

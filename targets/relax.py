@@ -385,6 +385,9 @@ def _silu_mul_converter(kernels: dict, prefix: str):
         if not is_silu(a) or av is None or bv is None or yv is None or \
                 not (av.dtype == bv.dtype == yv.dtype == torch.float32) or tuple(av.shape) != tuple(bv.shape):
             return default(node, importer)
+        halves = _split_halves(a.args[0], b)
+        if halves is not None:
+            return _silu_mul_halves_call(bb, kernels, prefix, importer.env[halves], yv)
         numel = 1
         for d in av.shape:
             numel = numel * d
@@ -403,6 +406,52 @@ def _silu_mul_converter(kernels: dict, prefix: str):
         return bb.emit(relax.op.reshape(y, shape))
 
     return convert
+
+
+def _split_halves(gate, up):
+    """The fused tensor when `gate` and `up` are parts 0 and 1 of one `split_with_sizes` into two equal halves
+    along its last dimension (a fused gate/up: passes/fuse_shared_input.py), else None."""
+    import operator
+
+    import torch
+
+    def part(n):
+        if getattr(n, "target", None) is operator.getitem and \
+                getattr(n.args[0], "target", None) is torch.ops.aten.split_with_sizes.default:
+            return n.args[0], n.args[1]
+        return None, None
+
+    (split, i), (split_up, j) = part(gate), part(up)
+    if split is None or split is not split_up or (i, j) != (0, 1):
+        return None
+    src, sizes = split.args[0], [int(s) for s in split.args[1]]
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    ndim = src.meta["val"].dim()
+    if len(sizes) != 2 or sizes[0] != sizes[1] or dim % ndim != ndim - 1:
+        return None
+    return src
+
+
+def _silu_mul_halves_call(bb, kernels: dict, prefix: str, fused, yv):
+    """silu(fused[..., :H]) · fused[..., H:] through kernels/elementwise.py `silu_mul_halves`, as `yv`'s shape."""
+    from tvm import relax
+
+    from aqlm_compile.kernels.elementwise import silu_mul_halves
+
+    shape = list(bb.normalize(fused).ty.shape)
+    half = int(shape[-1]) // 2
+    rows = 1
+    for d in shape[:-1]:
+        rows = rows * d
+    static = isinstance(rows, int) or isinstance(rows, tvm.tirx.IntImm)
+    n = int(rows) if static else None
+    key = ("silu_mul_halves", half, n)
+    if key not in kernels:
+        symbol = f"{prefix}_silu_mul_halves_{half}" + (f"_r{n}" if n is not None else "")
+        kernels[key] = bb.add_func(silu_mul_halves(half, n, name=symbol).with_attr("tirx.is_scheduled", True), symbol)
+    flat = _reshape(bb, fused, [rows, 2 * half])
+    y = bb.emit(relax.call_tir(kernels[key], [flat, flat], relax.TensorType((rows, half), "float32")))
+    return bb.emit(relax.op.reshape(y, [*shape[:-1], half]))
 
 
 def _rms_norm_match(node):
@@ -553,6 +602,25 @@ def _rotary_converter(kernels: dict, prefix: str):
     return convert
 
 
+def _split_as_slices(node, importer):
+    """`aten.split_with_sizes(x, sizes, dim)` (a fused q/k/v or gate/up output: passes/fuse_shared_input.py) → one
+    `strided_slice` per part. Relax's own `split` legalises to one PrimFunc with a block per output, which no CPU
+    schedule rule matches: serial scalar copies, 25 of a 382 ms SmolLM2 512-token prefill (docs N35). A slice is one
+    injective block, which kernels/injective_cpu.py vectorizes and runs on the pool."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    sizes = [int(s) for s in node.args[1]]
+    ndim = len(bb.normalize(x).ty.shape)
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % ndim
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(bb.emit(relax.op.strided_slice(x, axes=[dim], begin=[start], end=[start + size])))
+        start += size
+    return bb.emit(relax.Tuple(parts))
+
+
 def _square_converter(node, importer):
     """`aten.pow(x, 2)` (RMSNorm's x²) → x · x: the legalised pow calls libm's `powf` per element. Other exponents:
     the importer's own converter."""
@@ -598,7 +666,8 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
                                 "scaled_dot_product_attention.default": _attention_converter(kernels, prefix),
                                 "mul.Tensor": _rms_norm_converter(kernels, prefix, _silu_mul_converter(kernels, prefix)),
                                 "add.Tensor": _rotary_converter(kernels, prefix),
-                                "pow.Tensor_Scalar": _square_converter} if cpu else {})})
+                                "pow.Tensor_Scalar": _square_converter,
+                                "split_with_sizes.default": _split_as_slices} if cpu else {})})
 
 
 def _to_device(node, importer):

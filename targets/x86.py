@@ -52,7 +52,7 @@ X86 = register_target(Target(
     tvm_target=lambda options: x86_target(options.cpu),
     arch=lambda options: "x86_64",
     target_spec=lambda t, options: {"kind": "llvm", "mcpu": str(t.attrs["mcpu"]), "mtriple": "x86_64-linux-gnu"},
-    options=("cpu",), toolchain=_toolchain, check=_check, dense_baseline=True,
+    options=("cpu",), toolchain=_toolchain, check=_check, dense_baseline=True, fuse_tvm_default=True,
 ))
 
 

@@ -199,6 +199,48 @@ def test_silu_mul_matches_torch(length):
         assert np.isfinite(y.numpy()).all() and np.abs(y.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), n
 
 
+@pytest.mark.parametrize("rows", [None, 1, 3])
+def test_silu_mul_halves_matches_torch(rows):
+    """silu(g[:, :H]) · g[:, H:] of one fused gate/up tensor (passed twice), threaded over rows (symbolic) and on the
+    calling thread (fixed, short); H not a multiple of the vector width takes the scalar tail."""
+    from aqlm_compile.kernels.elementwise import silu_mul_halves
+
+    half = 37 if rows is None else 1536
+    lib = build(silu_mul_halves(half, rows, name="halves"), x86_target())
+    for n in ([1, 5, 64] if rows is None else [rows]):
+        g = (np.random.default_rng(n).standard_normal((n, 2 * half)) * 8).astype(np.float32)
+        g[0, 0] = -200.0
+        y = tvm.runtime.empty((n, half), "float32", tvm.cpu())
+        t = tvm.runtime.tensor(g)
+        lib["halves"](t, t, y)
+        want = torch.nn.functional.silu(torch.tensor(g[:, :half], dtype=torch.float64)).numpy() * g[:, half:]
+        assert np.isfinite(y.numpy()).all() and np.abs(y.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_fused_gate_up_is_read_in_place(tiny_llama_ckpt):
+    """With q/k/v and gate/up fused (the x86 default), the gated MLP reads the fused output's halves (no split, no
+    copy of gate or up) and the q/k/v parts are slices (Relax's multi-output split is scheduled by nothing on CPU)."""
+    from aqlm_compile.targets.plan import relax_graphs
+    from aqlm_compile.targets.relax import relax_decoder_module
+
+    def live(fuse):
+        module = relax_decoder_module(relax_graphs(tiny_llama_ckpt, fuse=fuse), device="cpu")
+        return tvm.relax.transform.DeadCodeElimination(["prefill", "decode"])(module[0])
+
+    fused, unfused = live(True), live(False)
+    text = fused.script()
+    names = [gv.name_hint for gv, _ in fused.functions_items()]
+    layers = json.loads((tiny_llama_ckpt / "config.json").read_text())["num_hidden_layers"]
+    assert "R.split" not in text
+    assert any(n.startswith("prefill_silu_mul_halves_") for n in names), names
+    assert any(n.startswith("decode_silu_mul_halves_") and n.endswith("_r1") for n in names), names
+    assert not any(n in ("prefill_silu_mul",) or n.startswith("decode_silu_mul_") and "halves" not in n
+                   for n in names), names
+    # q, k and v of each block in each function, besides the slices of the unfused graph
+    extra = text.count("R.strided_slice") - unfused.script().count("R.strided_slice")
+    assert extra == 2 * 3 * layers, extra
+
+
 def test_mlp_activation_and_norms_are_rewritten(tiny_llama_ckpt):
     """The Relax route's gated MLP calls the fused silu·up kernel (no sigmoid left) and every RMSNorm is one call of
     kernels/layer_ops.py (no power, mean or rsqrt left) — in both functions; the logits are checked by the whole-model

@@ -308,24 +308,28 @@ def test_generate_runs_without_torch_or_the_tvm_compiler(llama_art, runtime, blo
 
 
 @pytest.mark.parametrize("arch,fused_away", [("llama", 2 * (6 + 3)), ("qwen2", None)])
-def test_tvm_fused_layers_match_torch(arch, fused_away, request, tmp_path):
-    """`--fuse-tvm`: the Relax route with q/k/v and gate/up fused (parameters concatenated at build time) equals
-    torch; per block of the tiny Llama, q/k/v's 9 parameters and gate/up's 6 become 3 and 3 (Qwen2, with q/k/v
-    biases: fewer parameters, count not pinned)."""
+def test_tvm_fused_and_unfused_layers_match_torch(arch, fused_away, request, tmp_path):
+    """The x86 Relax route fuses q/k/v and gate/up by default (parameters concatenated at build time; the gated MLP
+    reads the fused gate/up output in place, the q/k/v parts are slices); `--no-fuse-tvm` keeps one kernel per
+    layer. Both equal torch; per block of the tiny Llama, q/k/v's 9 parameters and gate/up's 6 are 3 and 3 when fused
+    (Qwen2, with q/k/v biases: fewer parameters, count not pinned)."""
     from aqlm_compile.runtime.tvm_runtime import TvmDecoder
 
     ckpt = request.getfixturevalue(f"tiny_{arch}_ckpt")
-    art = build(ckpt, tmp_path / "fused", "--no-onnx", "--fuse-tvm", "--prefill", "fp32")
-    manifest = json.loads((art / "manifest.json").read_text())
+    fused = request.getfixturevalue(f"{arch}_art")  # built with the defaults
+    manifest = json.loads((fused / "manifest.json").read_text())
     assert any("_p" in s for s in manifest["tvm"]["kernels"]), manifest["tvm"]["kernels"]  # partitioned kernels
-    unfused = json.loads((request.getfixturevalue(f"{arch}_art") / "manifest.json").read_text())
+    art = build(ckpt, tmp_path / "unfused", "--no-onnx", "--no-fuse-tvm", "--prefill", "fp32")
+    unfused = json.loads((art / "manifest.json").read_text())
+    assert not any("_p" in s for s in unfused["tvm"]["kernels"]), unfused["tvm"]["kernels"]
     fewer = unfused["tvm"]["num_params"] - manifest["tvm"]["num_params"]
     assert fewer == fused_away if fused_away is not None else fewer > 0
     steps = [[1, 5, 9, 13, 17, 21, 25, 29], [7], [8]]
-    dec = TvmDecoder(art, threads=1)
-    for ids, want in zip(steps, torch_logits(ckpt, steps, art)):
-        got = dec.step(np.array(ids))
-        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), ids
+    for each in (fused, art):
+        dec = TvmDecoder(each, threads=1)
+        for ids, want in zip(steps, torch_logits(ckpt, steps, each)):
+            got = dec.step(np.array(ids))
+            assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), (each.name, ids)
 
 
 def test_fuse_tvm_is_refused_for_cuda(tiny_llama_ckpt, tmp_path):

@@ -4,10 +4,10 @@ Phases, in order:
 1. `lower_aqlm_linear` — dequantize + linear → one `aqlm.aqlm_gemm` per AQLM layer (checks configs against
    `supports`, which the build plan takes from the target's kernel table).
 2. `fuse_shared_input` — `aqlm_gemm` nodes reading the same activation (q/k/v, gate/up) → one partitioned node
-   (skipped with `fuse=False`: the Relax route's default).
+   (skipped with `fuse=False`: the Relax route with `build --no-fuse-tvm`, and by default on arm64).
 3. `fold_parameter_cats` — the parameter cats of the fused layers → one parameter each (with `fold_cats=True`: the
-   Relax route with `build --fuse-tvm`, whose functions take parameters as inputs and would otherwise concatenate
-   them on every call).
+   Relax route when it fuses, the x86 default or `build --fuse-tvm`; its functions take parameters as inputs and
+   would otherwise concatenate them on every call).
 `dump_ir=DIR` writes `DIR/NN-<phase>.txt` (the FX graph) before the first phase and after each one.
 
 Where: the build plan (targets/plan.py) sequences export (aqlm_compile/export.py) → this pipeline → the routes; the

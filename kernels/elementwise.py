@@ -78,22 +78,15 @@ def silu_mul_halves(half: int, rows: int | None = None, vector: int = 16, name: 
         for e in range(full * V, H):
             y[t, e] = silu(g[t, e]) * u[t, H + e]
 
+    rows_loop = T.parallel if rows is None or rows * H >= PARALLEL_FROM else T.serial
+
     @T.prim_func
-    def threaded(g_h: T.handle, u_h: T.handle, y_h: T.handle):
+    def func(g_h: T.handle, u_h: T.handle, y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         g = T.match_buffer(g_h, (r, 2 * H), "float32")
         u = T.match_buffer(u_h, (r, 2 * H), "float32")
         y = T.match_buffer(y_h, (r, H), "float32")
-        for t in T.parallel(r):
+        for t in rows_loop(r):
             row(g, u, y, t)
 
-    @T.prim_func
-    def serial(g_h: T.handle, u_h: T.handle, y_h: T.handle):
-        T.func_attr({"global_symbol": name, "tirx.noalias": True})
-        g = T.match_buffer(g_h, (r, 2 * H), "float32")
-        u = T.match_buffer(u_h, (r, 2 * H), "float32")
-        y = T.match_buffer(y_h, (r, H), "float32")
-        for t in range(r):
-            row(g, u, y, t)
-
-    return threaded if rows is None or rows * H >= PARALLEL_FROM else serial
+    return func

@@ -228,7 +228,7 @@ def _targets_taking(what: str) -> str:
 @click.option("--fuse-tvm/--no-fuse-tvm", "fuse_tvm", default=None,
               help="TVM route, CPU targets: fuse q/k/v and gate/up too, parameters concatenated at build time. "
                    "[default: on for --target x86, where an interleaved SmolLM2 decode A/B on a Zen 4 put the fused "
-                   "step at 0.92x the unfused one's time with the same prefill (docs/tvm-and-ort-notes.md N35); off "
+                   "step at 0.94x the unfused one's time with the same prefill (docs/tvm-and-ort-notes.md N35); off "
                    "for arm64 (not measured) and cuda (refused)]")
 @click.option("--tvm/--no-tvm", "with_tvm", default=True, show_default=True,
               help="Also compile the whole model for the TVM runtime (Relax VM: prefill + decode).")

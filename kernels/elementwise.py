@@ -62,7 +62,7 @@ def silu_mul(length: int | None = None, vector: int = 16, task_vectors: int = 25
 
 def silu_mul_halves(half: int, rows: int | None = None, vector: int = 16, name: str = "silu_mul_halves"):
     """`name(g[r, 2·half], u[r, 2·half], y[r, half])` fp32, y[t, h] = silu(g[t, h]) · u[t, half + h]: the gated MLP
-    on the fused gate/up output (`build --fuse-tvm`, passes/fuse_shared_input.py) without copying its halves out
+    on the fused gate/up output (the x86 default, passes/fuse_shared_input.py) without copying its halves out
     first. The caller passes the fused tensor as both `g` and `u`: a call_tir callee with one input and one output
     is asked for a reshape pattern that a hand-written kernel cannot answer (docs N22). `rows` fixed or None
     (symbolic: the prefill, one thread-pool task per row); a fixed small call runs on the calling thread."""

@@ -387,7 +387,7 @@ def _silu_mul_converter(kernels: dict, prefix: str):
             return default(node, importer)
         halves = _split_halves(a.args[0], b)
         if halves is not None:
-            return _silu_mul_halves_call(bb, kernels, prefix, importer.env[halves], yv)
+            return _silu_mul_halves_call(bb, kernels, prefix, importer.env[halves])
         numel = 1
         for d in av.shape:
             numel = numel * d
@@ -424,16 +424,21 @@ def _split_halves(gate, up):
     (split, i), (split_up, j) = part(gate), part(up)
     if split is None or split is not split_up or (i, j) != (0, 1):
         return None
-    src, sizes = split.args[0], [int(s) for s in split.args[1]]
-    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    ndim = src.meta["val"].dim()
-    if len(sizes) != 2 or sizes[0] != sizes[1] or dim % ndim != ndim - 1:
+    ndim = split.args[0].meta["val"].dim()
+    src, sizes, dim = _split_args(split, ndim)
+    if len(sizes) != 2 or sizes[0] != sizes[1] or dim != ndim - 1:
         return None
     return src
 
 
-def _silu_mul_halves_call(bb, kernels: dict, prefix: str, fused, yv):
-    """silu(fused[..., :H]) · fused[..., H:] through kernels/elementwise.py `silu_mul_halves`, as `yv`'s shape."""
+def _split_args(node, ndim: int):
+    """(input node, part sizes, dimension in 0..ndim-1) of an `aten.split_with_sizes` node."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return node.args[0], [int(s) for s in node.args[1]], dim % ndim
+
+
+def _silu_mul_halves_call(bb, kernels: dict, prefix: str, fused):
+    """silu(fused[..., :H]) · fused[..., H:] through kernels/elementwise.py `silu_mul_halves`, shaped [..., H]."""
     from tvm import relax
 
     from aqlm_compile.kernels.elementwise import silu_mul_halves
@@ -443,8 +448,7 @@ def _silu_mul_halves_call(bb, kernels: dict, prefix: str, fused, yv):
     rows = 1
     for d in shape[:-1]:
         rows = rows * d
-    static = isinstance(rows, int) or isinstance(rows, tvm.tirx.IntImm)
-    n = int(rows) if static else None
+    n = int(rows) if isinstance(rows, (int, tvm.tirx.IntImm)) else None  # else the symbolic prompt length
     key = ("silu_mul_halves", half, n)
     if key not in kernels:
         symbol = f"{prefix}_silu_mul_halves_{half}" + (f"_r{n}" if n is not None else "")
@@ -610,10 +614,8 @@ def _split_as_slices(node, importer):
     from tvm import relax
 
     bb = importer.block_builder
-    x = importer.env[node.args[0]]
-    sizes = [int(s) for s in node.args[1]]
-    ndim = len(bb.normalize(x).ty.shape)
-    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % ndim
+    src, sizes, dim = _split_args(node, node.args[0].meta["val"].dim())
+    x = importer.env[src]
     parts, start = [], 0
     for size in sizes:
         parts.append(bb.emit(relax.op.strided_slice(x, axes=[dim], begin=[start], end=[start + size])))

@@ -192,6 +192,24 @@ struct Kernel {
   uint64_t tiled_sample = 0;
   std::map<std::string, tvm::ffi::Function> functions;
   std::map<std::string, bool> row_tiled;  // symbol → whether it is the _rt64 variant
+  // Inputs 1..5 that are constant initializers (ORT's KernelInfoGetConstantInput_tensor, asked once at kernel
+  // creation): they cannot change for the session's lifetime. When codes, codebooks and scales are (and bias and
+  // partitions, where present), the first complete call keeps what it prepared (`ready`) and every later call reads
+  // only x and looks its kernel up by token count: no string, map or fingerprint work per call. A decode step of
+  // SmolLM2 makes 120 of these calls; the checks of the general path were ≈ 2 µs each.
+  bool constant[6] = {};
+  bool ready = false;
+  int64_t I = 0, O = 0, P = 1;
+  const void* codes_src = nullptr;  // ORT's codes (for the row-tiled copy)
+  void* codes_plain = nullptr;      // the codes as the plain kernels read them (ORT's, or an aligned copy)
+  void* cb_ptr = nullptr;           // the codebooks, aligned
+  struct Resolved {
+    tvm::ffi::Function f;
+    bool tiled = false;
+    std::string symbol;
+  };
+  // by token count: [N] for N = 1..8 (the GEMVs), [0] for any other N (the GEMM); resolved on first use
+  std::unique_ptr<Resolved> by_tokens[9];
   // ORT may run one session from many threads at once, and every call of this node shares the state above (the
   // scratch buffers, the converted scales, the function map): one call at a time per node.
   std::mutex mu;
@@ -214,8 +232,11 @@ uint64_t sample_bytes(const unsigned char* p, size_t n) {
 }
 
 // codes[O, J, M] → [O/64, J, M, 64] (the 64 rows of a tile innermost): kernels/gemv_lut_vbmi.py `to_row_tiled`.
-void* row_tiled_codes(Kernel* k, const void* src, int64_t O, int64_t J, int64_t M, size_t code_bytes) {
+// `constant`: src is a constant initializer (Kernel::constant), so its address and size say it all.
+void* row_tiled_codes(Kernel* k, const void* src, int64_t O, int64_t J, int64_t M, size_t code_bytes,
+                      bool constant) {
   const size_t bytes = O * J * M * code_bytes;
+  if (constant && k->tiled_src == src && k->tiled_bytes == bytes) return k->codes_tiled.ptr;
   const uint64_t sample = sample_bytes(static_cast<const unsigned char*>(src), bytes);
   if (k->tiled_src == src && k->tiled_bytes == bytes && k->tiled_sample == sample) return k->codes_tiled.ptr;
   auto* dst = static_cast<unsigned char*>(k->codes_tiled.get(bytes));
@@ -304,7 +325,61 @@ OrtStatus* call_kernel(const char* op, const tvm::ffi::Function& f, const std::s
   return call_packed(op, f, symbol, packed);
 }
 
+// The fast path of a node whose parameters are constant initializers (Kernel::ready): x, the output, the call.
+// `handled` false: a token count this node has not run yet, for the general path to resolve (nothing done).
+OrtStatus* compute_prepared(Kernel* k, OrtKernelContext* ctx, bool* handled) {
+  *handled = true;
+  using GetIn = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
+  const OrtValue* xv = nullptr;
+  ORT_TRY(ort_fn<GetIn>(g_api, ort_slot::KernelContext_GetInput)(ctx, 0, &xv));
+  if (xv == nullptr) return make_error(ORT_INVALID_ARGUMENT, "input 0 is missing");
+  TensorView x;
+  ORT_TRY(describe(xv, &x));
+  const int64_t I = k->I, O = k->O;
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.empty() || x.shape.back() != I)
+    return make_error(ORT_INVALID_ARGUMENT, std::string("x: expected float32 [..., ") + std::to_string(I) + "], found " +
+                      type_name(x.type) + " " + shape_str(x.shape));
+  const int64_t N = x.numel() / I;
+  std::unique_lock<std::mutex> lock(k->mu);
+  const size_t slot = N <= 8 ? static_cast<size_t>(N) : 0;
+  if (N > 0 && !k->by_tokens[slot]) {
+    *handled = false;
+    return nullptr;
+  }
+  TensorView y;
+  ORT_TRY(output_like(ctx, x, O, &y));
+  if (N == 0) return nullptr;
+  const Kernel::Resolved& r = *k->by_tokens[slot];
+  const int64_t J = I / k->g, K = int64_t(1) << k->B;
+  const size_t code_bytes = k->B <= 8 ? 1 : 2;
+  const int64_t P = k->P;
+  std::vector<int64_t> x_shape{N, I}, codes_shape{O, J, k->M}, cb_shape{P * k->M, K, k->g}, o_shape{O}, yk_shape{N, O};
+  void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(N * O * 4);
+  void* codes = r.tiled ? row_tiled_codes(k, k->codes_src, O, J, k->M, code_bytes, true) : k->codes_plain;
+  DLTensor args[6] = {
+      dl(aligned_or_copy(x.data, N * I * 4, k->x_copy), DLDataType{kDLFloat, 32, 1}, x_shape),
+      dl(codes, DLDataType{kDLInt, uint8_t(8 * code_bytes), 1}, codes_shape),
+      dl(k->cb_ptr, DLDataType{kDLFloat, 16, 1}, cb_shape),
+      dl(k->scales.ptr, DLDataType{kDLFloat, 32, 1}, o_shape),
+      dl(k->bias.ptr, DLDataType{kDLFloat, 32, 1}, o_shape),
+      dl(y_ptr, DLDataType{kDLFloat, 32, 1}, yk_shape)};
+  tvm::ffi::AnyView packed[6] = {&args[0], &args[1], &args[2], &args[3], &args[4], &args[5]};
+  try {
+    tvm::ffi::Any result;
+    r.f.CallPacked(packed, 6, &result);
+  } catch (const std::exception& e) {
+    return op_error("AqlmMatMul", ORT_RUNTIME_EXCEPTION, r.symbol + ": " + e.what());
+  }
+  if (y_ptr != y.data) std::memcpy(y.data, y_ptr, N * O * 4);
+  return nullptr;
+}
+
 OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
+  if (k->ready) {
+    bool handled = false;
+    OrtStatus* st = compute_prepared(k, ctx, &handled);
+    if (handled) return st;
+  }
   TensorView t[6];
   bool present[6];
   ORT_TRY(read_inputs(ctx, "AqlmMatMul", 4, 6, t, present));  // optional: bias, partitions
@@ -403,19 +478,35 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   }
 
   const size_t code_bytes = k->B <= 8 ? 1 : 2;
+  const bool tiled = k->row_tiled[symbol];
   std::vector<int64_t> x_shape{N, I}, codes_shape{O, J, k->M}, cb_shape{P * k->M, K, k->g}, o_shape{O}, yk_shape{N, O};
   void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(N * O * 4);
+  void* codes_ptr = tiled ? row_tiled_codes(k, codes.data, O, J, k->M, code_bytes, k->constant[1])
+                          : aligned_or_copy(codes.data, O * J * k->M * code_bytes, k->codes_copy);
+  void* cb_ptr = aligned_or_copy(cb.data, P * k->M * K * k->g * 2, k->cb_copy);
   std::vector<DLTensor> args = {
       dl(aligned_or_copy(x.data, N * I * 4, k->x_copy), DLDataType{kDLFloat, 32, 1}, x_shape),
-      dl(k->row_tiled[symbol] ? row_tiled_codes(k, codes.data, O, J, k->M, code_bytes)
-                              : aligned_or_copy(codes.data, O * J * k->M * code_bytes, k->codes_copy),
-         DLDataType{kDLInt, uint8_t(8 * code_bytes), 1}, codes_shape),
-      dl(aligned_or_copy(cb.data, P * k->M * K * k->g * 2, k->cb_copy), DLDataType{kDLFloat, 16, 1}, cb_shape),
+      dl(codes_ptr, DLDataType{kDLInt, uint8_t(8 * code_bytes), 1}, codes_shape),
+      dl(cb_ptr, DLDataType{kDLFloat, 16, 1}, cb_shape),
       dl(scales, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(bias, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(y_ptr, DLDataType{kDLFloat, 32, 1}, yk_shape)};
   ORT_TRY(call_kernel("AqlmMatMul", it->second, symbol, args));
   if (y_ptr != y.data) std::memcpy(y.data, y_ptr, N * O * 4);
+
+  // Every parameter a constant initializer: keep what this call prepared for the fast path (compute_prepared).
+  if (k->constant[1] && k->constant[2] && k->constant[3] && (!has_bias || k->constant[4]) &&
+      (!present[5] || k->constant[5])) {
+    const size_t slot = N <= 8 ? static_cast<size_t>(N) : 0;
+    if (!k->by_tokens[slot]) k->by_tokens[slot].reset(new Kernel::Resolved{it->second, tiled, symbol});
+    if (!tiled) k->codes_plain = codes_ptr;
+    k->codes_src = codes.data;
+    k->cb_ptr = cb_ptr;
+    k->I = I;
+    k->O = O;
+    k->P = P;
+    k->ready = true;
+  }
   return nullptr;
 }
 
@@ -513,6 +604,19 @@ OrtStatusPtr create_kernel_v2(const OrtCustomOp*, const OrtApi*, const OrtKernel
     return make_error(ORT_INVALID_ARGUMENT, "attributes: expected num_codebooks >= 1, nbits_per_codebook 1..16, "
                       "in_group_size >= 1, out_group_size 1; found " + std::to_string(k->M) + ", " +
                       std::to_string(k->B) + ", " + std::to_string(k->g) + ", " + std::to_string(og));
+  // Which parameters are constant initializers. A failed query (an input ORT cannot answer for) means "no": that
+  // input keeps the general path's checks on every call.
+  using GetConst = OrtStatus* (*)(const OrtKernelInfo*, size_t, int*, const OrtValue**);
+  using Release = void (*)(OrtStatus*);
+  for (size_t i = 1; i < 6; ++i) {
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    if (OrtStatus* st = ort_fn<GetConst>(g_api, ort_slot::KernelInfoGetConstantInput_tensor)(info, i, &is_constant, &value)) {
+      ort_fn<Release>(g_api, ort_slot::ReleaseStatus)(st);
+      is_constant = 0;
+    }
+    k->constant[i] = is_constant != 0 && value != nullptr;
+  }
   *out = k.release();
   return nullptr;
 }

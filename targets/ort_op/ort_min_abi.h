@@ -86,6 +86,7 @@ constexpr int KernelContext_GetInput = 90;
 constexpr int KernelContext_GetOutput = 91;
 constexpr int ReleaseStatus = 93;
 constexpr int ReleaseTensorTypeAndShapeInfo = 99;
+constexpr int KernelInfoGetConstantInput_tensor = 249;  // API 15 (ORT 1.15)
 }  // namespace ort_slot
 
 template <typename Fn>

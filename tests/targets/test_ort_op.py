@@ -74,12 +74,35 @@ def session(model, lib):
 def test_op_matches_torch_reference(cfg, op_library):
     lin = layer(cfg, bias=cfg != "1x8g8")
     sess = session(one_node_model(lin, [1, None, IN]), op_library[cfg])
-    for tokens in (1, 3, 4, 13):  # GEMV (≤ max batch 4) and the GEMM beyond
+    # GEMV (≤ max batch 4) and the GEMM beyond; the repeats take the op's prepared path (its parameters are
+    # constant initializers: each token count is resolved once, then only x is read)
+    for tokens in (1, 3, 4, 13, 1, 13, 3, 1):
         x = torch.randn(1, tokens, IN, generator=torch.Generator().manual_seed(tokens))
         with torch.no_grad():
             ref = lin(x.double().float()).double()
         y = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0]).double()
         assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5, tokens
+
+
+def test_parameters_fed_per_call_are_read_on_every_call(op_library):
+    """Codes that are a graph input, not an initializer, may change between calls, even in place in one buffer:
+    the op must not keep what it prepared from an earlier call (only constant initializers take that path)."""
+    lin, other = layer("2x8g8", seed=0), layer("2x8g8", seed=1)
+    model = one_node_model(lin, [1, None, IN])
+    graph = model.graph
+    codes_init = next(t for t in graph.initializer if t.name == "codes")
+    graph.initializer.remove(codes_init)
+    graph.input.append(helper.make_tensor_value_info("codes", TensorProto.INT8, list(lin.codes.shape)))
+    sess = session(model, op_library["2x8g8"])
+    x = torch.randn(1, 1, IN, generator=torch.Generator().manual_seed(5))
+    buffer = lin.codes.numpy().astype(np.int8).copy()
+    for step in range(4):
+        source = lin if step % 2 == 0 else other
+        buffer[...] = source.codes.numpy()  # the same buffer, new codes
+        with torch.no_grad():
+            ref = AqlmLinear.from_parts(source.codes, lin.codebooks, lin.scales, lin.config, lin.bias)(x).double()
+        y = torch.from_numpy(sess.run(None, {"x": x.numpy(), "codes": buffer})[0]).double()
+        assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5, step
 
 
 def test_bad_inputs_are_ort_errors_not_crashes(op_library):

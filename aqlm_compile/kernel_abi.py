@@ -52,3 +52,10 @@ def attention_symbols(heads: int, kv_heads: int, head_dim: int, scale: float) ->
     shape = f"{heads}x{kv_heads}x{head_dim}"
     return {"rope": f"aqlm_rope_kv_append_{shape}", "decode": f"aqlm_attention_decode_{shape}_s{bits:08x}",
             "prompt": f"aqlm_attention_prompt_{shape}_s{bits:08x}"}
+
+
+def silu_mul_halves_symbols(half: int) -> dict[str, str]:
+    """The two kernels of an `aqlm.SiluMulHalves` node over [rows, 2·half] (kernels/elementwise.py
+    `silu_mul_halves`, the ORT op library): `one` for a single row (a decode step: on the calling thread), `any` for
+    any row count (a prompt: one thread-pool task per row). Both take the fused tensor twice, then the output."""
+    return {"one": f"aqlm_silu_mul_halves_{half}_r1", "any": f"aqlm_silu_mul_halves_{half}"}

@@ -2,7 +2,7 @@
 
 Matches (on the exported ONNX graph, onnx_ir): `com.microsoft.GroupQueryAttention` nodes as targets/onnx.py writes
 them for `aqlm.gqa_attention` — fp32, all nine inputs (q, k, v, past K/V, seqlens_k, total_sequence_length, the
-cos/sin tables), do_rotary=1 with the half-split rotary (rotary_interleaved=0), and no attribute beyond num_heads,
+cos/sin tables; or q, k and v packed in the query with key and value omitted: passes/pack_qkv_for_gqa.py), do_rotary=1 with the half-split rotary (rotary_interleaved=0), and no attribute beyond num_heads,
 kv_num_heads, scale, do_rotary and rotary_interleaved.
 Emits: the same node (inputs, outputs, attributes) in the `aqlm` domain, which the artifact's ORT op library runs on
 the TVM kernels of kernels/attention.py (`rope_kv_append`, then `decode_attention` or `causal_attention`); its
@@ -30,8 +30,10 @@ def why_not(node: ir.Node) -> str | None:
         return f"attributes {sorted(extra)}"
     if node.attributes.get_int("do_rotary", 0) != 1 or node.attributes.get_int("rotary_interleaved", 0) != 0:
         return "not the half-split rotary (do_rotary=1, rotary_interleaved=0)"
-    if len(node.inputs) != 9 or any(v is None for v in node.inputs) or len(node.outputs) != 3:
-        return "not all nine inputs and three outputs"
+    packed = len(node.inputs) == 9 and node.inputs[1] is None and node.inputs[2] is None  # pack_qkv_for_gqa
+    if len(node.inputs) != 9 or any(v is None for i, v in enumerate(node.inputs) if not (packed and i in (1, 2))) \
+            or len(node.outputs) != 3:
+        return "not all nine inputs (or query packed with key and value omitted) and three outputs"
     if node.inputs[0].dtype != ir.DataType.FLOAT:
         return "not fp32"
     return None

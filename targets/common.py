@@ -14,9 +14,11 @@ import tvm  # noqa: E402
 from aqlm_compile import __version__, artifact  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
-from aqlm_compile.kernel_abi import attention_symbols, dense_symbol, gemm_symbol, gemv_symbol  # noqa: E402
+from aqlm_compile.kernel_abi import (attention_symbols, dense_symbol, gemm_symbol, gemv_symbol,  # noqa: E402
+                                     silu_mul_halves_symbols)
 from aqlm_compile.kernels.attention import causal_attention, decode_attention, rope_kv_append  # noqa: E402
 from aqlm_compile.kernels.dense import dense_linear  # noqa: E402
+from aqlm_compile.kernels.elementwise import silu_mul_halves  # noqa: E402
 from aqlm_compile.kernels.gemm_vnni import INT8_ACTIVATIONS  # noqa: E402
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR  # noqa: E402
 from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED  # noqa: E402
@@ -57,7 +59,7 @@ def cpu_features(tvm_target, arch: str) -> list[str]:
 
 
 def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, features=frozenset(),
-                   artifact_config=None, dense=(), attention=()):
+                   artifact_config=None, dense=(), attention=(), silu_mul=()):
     """One IRModule for the artifact's kernel library: for each requested shape (targets/plan.py `KernelRequest`) a
     GEMV per batch size 1..max_batch and, where the kernel table has a library kernel for any token count on this
     target kind (the CPU prefill GEMM), that one too. `kernels` records which kernel each symbol is and why.
@@ -67,7 +69,9 @@ def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, 
     (out, in, weight dtype) of the dense layers the ORT op library runs (`aqlm.DenseMatMul`, plan.dense_requests),
     each a kernels/dense.py kernel for any token count (`kernel_abi.dense_symbol`). `attention`: (heads, kv heads,
     head dim, scale) of the `aqlm.GroupQueryAttention` nodes the ORT op library runs (plan.attention_requests), each
-    three kernels/attention.py kernels (`kernel_abi.attention_symbols`)."""
+    three kernels/attention.py kernels (`kernel_abi.attention_symbols`). `silu_mul`: the half widths F of the
+    `aqlm.SiluMulHalves` nodes (plan.silu_mul_requests), each two kernels/elementwise.py kernels
+    (`kernel_abi.silu_mul_halves_symbols`)."""
     if not 1 <= max_batch <= MAX_GEMV_BATCH:
         raise ConfigError(f"--max-batch {max_batch}: expected 1..{MAX_GEMV_BATCH}")
     funcs, kernels = {}, {}
@@ -107,6 +111,11 @@ def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, 
                                           "prompt": "causal_attention"}[part],
                                "reason": "aqlm.GroupQueryAttention (ORT op library)", "heads": heads,
                                "kv_heads": kv_heads, "head_dim": head_dim, "scale": scale, "batch": "any"}
+    for half in silu_mul:
+        for part, symbol in silu_mul_halves_symbols(half).items():
+            funcs[symbol] = silu_mul_halves(half, rows=1 if part == "one" else None, name=symbol)
+            kernels[symbol] = {"kernel": "silu_mul_halves", "reason": "aqlm.SiluMulHalves (ORT op library)",
+                               "half": half, "batch": 1 if part == "one" else "any"}
     return tvm.IRModule(funcs), kernels
 
 

@@ -24,6 +24,9 @@ from onnx.defs import OpSchema
 
 from aqlm_compile.config import AqlmConfig
 from aqlm_compile.passes.aqlm_attention_for_ort import aqlm_attention_for_ort
+from aqlm_compile.passes.pack_qkv_for_gqa import pack_qkv_for_gqa
+from aqlm_compile.passes.silu_mul_halves_for_ort import OP_TYPE as SILU_MUL_OP_TYPE
+from aqlm_compile.passes.silu_mul_halves_for_ort import silu_mul_halves_for_ort
 from aqlm_compile.passes.skip_rms_norm_for_ort import skip_rms_norm_for_ort
 
 DOMAIN, VERSION = "aqlm", 1
@@ -223,12 +226,14 @@ def external_data_name(path: str | Path) -> str:
     return Path(path).name + ".data"
 
 
-def export_onnx(ep, spec, path: str | Path, external_data: bool | None = None, attention: str = "ort") -> onnx.ModelProto:
+def export_onnx(ep, spec, path: str | Path, external_data: bool | None = None, attention: str = "ort",
+                silu_mul_halves=()) -> onnx.ModelProto:
     """The lowered program `ep` as an ONNX model at `path` (inputs input_ids, attention_mask, past_*; outputs
     logits, present_*), checked with onnx.checker. `external_data`: the initializers go to `<path>.data` (default:
     when they pass `EXTERNAL_DATA_THRESHOLD` bytes); the model returned then holds references, not the data.
     `attention`: "ort" keeps ORT's GroupQueryAttention nodes, "aqlm" hands them to the op library
-    (passes/aqlm_attention_for_ort.py)."""
+    (passes/aqlm_attention_for_ort.py). `silu_mul_halves`: the half widths whose gated MLPs become
+    `aqlm.SiluMulHalves` (passes/silu_mul_halves_for_ort.py; the kernel library must have their kernels)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention={attention!r}: expected one of {', '.join(ATTENTIONS)}")
     import onnx_ir as ir
@@ -241,6 +246,8 @@ def export_onnx(ep, spec, path: str | Path, external_data: bool | None = None, a
                              input_names=["input_ids", "attention_mask", *spec.kv_names()],
                              output_names=["logits", *spec.present_names()])
     skip_rms_norm_for_ort(prog.model)  # passes/skip_rms_norm_for_ort.py
+    pack_qkv_for_gqa(prog.model)  # passes/pack_qkv_for_gqa.py
+    silu_mul_halves_for_ort(prog.model, silu_mul_halves)  # passes/silu_mul_halves_for_ort.py
     if attention == "aqlm":
         aqlm_attention_for_ort(prog.model)  # passes/aqlm_attention_for_ort.py
     if external_data is None:
@@ -297,6 +304,25 @@ def _portable_dense_function(opset_version: int) -> onnx.FunctionProto:
     ]
     return helper.make_function(DOMAIN, DENSE_OP_TYPE, ["x", "weight", "scales"], ["y"], nodes,
                                 [helper.make_opsetid("", opset_version)])
+
+
+def _portable_silu_mul_function(opset_version: int) -> onnx.FunctionProto:
+    """SiluMulHalves(x) from standard ops: g, u = Split(x) into two halves along the last axis; Mul(Mul(g, Sigmoid(g)), u)
+    (what passes/silu_mul_halves_for_ort.py replaced)."""
+    n = helper.make_node
+    nodes = [
+        n("Constant", [], ["last"], value=helper.make_tensor("last", TensorProto.INT64, [1], [-1])),
+        n("Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.INT64, [1], [2])),
+        n("Shape", ["x"], ["shape"]),
+        n("Gather", ["shape", "last"], ["width"], axis=0),
+        n("Div", ["width", "two"], ["half"]),
+        n("Concat", ["half", "half"], ["sizes"], axis=0),
+        n("Split", ["x", "sizes"], ["g", "u"], axis=-1),
+        n("Sigmoid", ["g"], ["sg"]),
+        n("Mul", ["g", "sg"], ["silu"]),
+        n("Mul", ["silu", "u"], ["y"]),
+    ]
+    return helper.make_function(DOMAIN, SILU_MUL_OP_TYPE, ["x"], ["y"], nodes, [helper.make_opsetid("", opset_version)])
 
 
 def _portable_function(opset_version: int) -> onnx.FunctionProto:
@@ -367,7 +393,7 @@ def _portable_function(opset_version: int) -> onnx.FunctionProto:
 def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` that stock ONNX Runtime runs: every AqlmMatMul node gets all six inputs (a zero bias and a
     single partition where absent: O floats and one int64 per layer), every DenseMatMul its scales (ones for fp16
-    rows), the model carries the functions that define the ops, and the op library's GroupQueryAttention nodes are
+    rows), the model carries the functions that define the ops (SiluMulHalves too), and the op library's GroupQueryAttention nodes are
     ORT's own again (the same inputs and attributes: passes/aqlm_attention_for_ort.py)."""
     from onnx import numpy_helper
 
@@ -380,8 +406,11 @@ def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
         dims = vi.type.tensor_type.shape.dim
         if dims and all(d.HasField("dim_value") for d in dims):
             shapes.setdefault(vi.name, tuple(d.dim_value for d in dims))
-    dense = False
+    dense = silu_mul = False
     for i, node in enumerate(portable.graph.node):
+        if node.domain == DOMAIN and node.op_type == SILU_MUL_OP_TYPE:
+            silu_mul = True
+            continue
         if node.domain == DOMAIN and node.op_type == GQA_OP_TYPE:
             node.domain = ORT_DOMAIN
             if not any(o.domain == ORT_DOMAIN for o in portable.opset_import):
@@ -417,18 +446,22 @@ def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     portable.functions.append(_portable_function(opset_version))
     if dense:
         portable.functions.append(_portable_dense_function(opset_version))
+    if silu_mul:
+        portable.functions.append(_portable_silu_mul_function(opset_version))
     if not external_locations(portable):  # external data is only found beside a file: checked once written
         onnx.checker.check_model(portable, full_check=False)
     return portable
 
 
-def onnx_route(ep, spec, report, dense_model_dir=None, external_data: bool | None = None, attention: str = "ort"):
+def onnx_route(ep, spec, report, dense_model_dir=None, external_data: bool | None = None, attention: str = "ort",
+               silu_mul_halves=()):
     """The ONNX route of a lowered (fused) decoder graph, to run inside the artifact's write: returns
     (populate(tmp), manifest entry). Writes onnx/model.onnx (AqlmMatMul nodes) and onnx/model.portable.onnx (stock
     ORT); with `dense_model_dir`, also onnx/model.dense.onnx from the FP model, the same-run baseline.
     `external_data` (default: past `EXTERNAL_DATA_THRESHOLD`): the weights in onnx/model.onnx.data, shared by the
     two models, 4096-byte aligned; the manifest entry names it. `attention` (export_onnx): whose GroupQueryAttention
-    onnx/model.onnx calls; the portable and dense models always call ORT's."""
+    onnx/model.onnx calls; the portable and dense models always call ORT's. `silu_mul_halves` (export_onnx): the
+    gated MLPs model.onnx runs as `aqlm.SiluMulHalves`; the portable model defines the op from standard ops."""
     entry = {"model": "onnx/model.onnx", "portable": "onnx/model.portable.onnx", "decoder": spec.to_json(),
              "op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": VERSION},
              "lowered_layers": len(report["lower_aqlm_linear"]["lowered"]),
@@ -439,7 +472,8 @@ def onnx_route(ep, spec, report, dense_model_dir=None, external_data: bool | Non
     def populate(tmp: Path):
         from aqlm_compile.cache import atomic_write_bytes
 
-        model = export_onnx(ep, spec, tmp / entry["model"], external_data=external_data, attention=attention)
+        model = export_onnx(ep, spec, tmp / entry["model"], external_data=external_data, attention=attention,
+                            silu_mul_halves=silu_mul_halves)
         positions = rotary_positions(model)
         if positions is not None:  # runtime/ort.py refuses a longer sequence with a clear error
             entry["max_positions"] = positions

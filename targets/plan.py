@@ -163,6 +163,34 @@ def attention_requests(graphs: Graphs, options: BuildOptions, target: Target) ->
     return sorted(found)
 
 
+def silu_mul_requests(graphs: Graphs) -> list[int]:
+    """The half widths F of every split of a tensor into two equal halves along its last axis in the ONNX route's
+    graph (`aten.split_with_sizes`, `aten.split`): the gated MLP over a fused gate/up output is one of them. The
+    kernel library gets kernels/elementwise.py `silu_mul_halves` for each, and export_onnx rewrites only the gated
+    MLPs of these widths into `aqlm.SiluMulHalves` (passes/silu_mul_halves_for_ort.py), so every such node has its
+    kernels."""
+    import torch
+
+    if graphs.onnx is None:
+        return []
+    aten = torch.ops.aten
+    found = set()
+    for node in graphs.onnx[0].graph_module.graph.nodes:
+        if node.target not in (aten.split_with_sizes.default, aten.split.Tensor):
+            continue
+        val = node.args[0].meta.get("val")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if val is None or dim not in (-1, val.dim() - 1):
+            continue
+        width = val.shape[-1]
+        sizes = node.args[1]
+        if isinstance(sizes, int):
+            sizes = [sizes] * (width // sizes) if isinstance(width, int) and width % sizes == 0 else []
+        if len(sizes) == 2 and sizes[0] == sizes[1] and isinstance(sizes[0], int):
+            found.add(int(sizes[0]))
+    return sorted(found)
+
+
 def ort_attention_is_ours(options: BuildOptions, target: Target) -> bool:
     """Whether the ONNX route's attention runs as the op library's `aqlm.GroupQueryAttention` (TVM kernels) rather
     than ORT's own `com.microsoft.GroupQueryAttention`: `--ort-attention aqlm` on a CPU target (a GPU target's
@@ -225,9 +253,11 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     from .common import cpu_features, kernel_features, kernel_library, tvm, write_artifact
 
     tvm_target = target.tvm_target(options)
+    halves = silu_mul_requests(graphs)  # the same widths for the kernel library and export_onnx's rewrite
     mod, kernels = kernel_library(kernel_requests(layers, aqlm_config, graphs), target.kind, options.max_batch,
                                   kernel_features(tvm_target, options.prefill), artifact_config=aqlm_config,
-                                  dense=dense_requests(graphs), attention=attention_requests(graphs, options, target))
+                                  dense=dense_requests(graphs), attention=attention_requests(graphs, options, target),
+                                  silu_mul=halves)
     with target.compile_context(options), tvm_target:
         lib = tvm.compile(mod, target=tvm_target)
     lib_name = f"kernels_{target.name}.so"
@@ -243,7 +273,7 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
     extra["head"] = options.head  # fp16 | int8: how both routes store a dense lm_head (embedding.default_head)
     extra["prefill"] = options.prefill  # int8 | fp32: whether the prompt GEMMs may quantize their activations
     if graphs.onnx is not None:
-        steps += _onnx_route(target, options, toolchain, graphs.onnx, lib_name, extra)
+        steps += _onnx_route(target, options, toolchain, graphs.onnx, lib_name, extra, halves)
     if graphs.relax:
         steps.append(_relax_route(target, options, graphs.relax, tvm_target, export_lib, extra))
     return write_artifact(checkpoint, out_dir, target_name=target.name, arch=target.arch(options),
@@ -252,14 +282,16 @@ def build(checkpoint, target: str | Target, options: BuildOptions | None = None,
                           extra_steps=steps, extra_manifest=extra, extra_files=toolchain.files)
 
 
-def _onnx_route(target: Target, options: BuildOptions, toolchain, onnx_graph, lib_name: str, extra: dict) -> list:
+def _onnx_route(target: Target, options: BuildOptions, toolchain, onnx_graph, lib_name: str, extra: dict,
+                silu_mul_halves=()) -> list:
     """The ONNX decoder (AqlmMatMul nodes), its portable twin, the dense ONNX baseline, the ORT op library."""
     from .onnx import onnx_route
     from .ort import LIBRARY, build_ort_library
 
     dense_dir = options.dense_model_dir if options.onnx_dense else None
     populate, entry = onnx_route(*onnx_graph, dense_model_dir=dense_dir, external_data=options.onnx_external_data,
-                                 attention="aqlm" if ort_attention_is_ours(options, target) else "ort")
+                                 attention="aqlm" if ort_attention_is_ours(options, target) else "ort",
+                                 silu_mul_halves=silu_mul_halves)
     entry["op_library"] = LIBRARY
     extra["onnx"] = entry
     return [populate, lambda tmp: build_ort_library(tmp, lib_name, toolchain.runtime_libs, cxx=toolchain.cxx)]

@@ -768,26 +768,35 @@ int64_t scalar_int32(const TensorView& t) { return static_cast<const int32_t*>(t
 OrtStatus* attention_compute(AttentionKernel* k, OrtKernelContext* ctx) {
   TensorView t[9];
   bool present[9];
-  ORT_TRY(read_inputs(ctx, "GroupQueryAttention", 9, 9, t, present));
+  ORT_TRY(read_inputs(ctx, "GroupQueryAttention", 1, 9, t, present));
   TensorView &q = t[0], &kin = t[1], &vin = t[2], &pk = t[3], &pv = t[4], &sl = t[5], &tot = t[6], &cs = t[7],
              &sn = t[8];
   const char* names[9] = {"query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
                           "cos_cache", "sin_cache"};
+  for (int i = 3; i < 9; ++i)
+    if (!present[i]) return attention_error(ORT_INVALID_ARGUMENT, std::string(names[i]) + ": missing");
+  // key and value omitted: q, k and v packed in the query, [1, S, (H + 2·H_kv)·D] (ORT's packed-QKV form;
+  // passes/pack_qkv_for_gqa.py writes it for the fused q/k/v layer)
+  if (present[1] != present[2])
+    return attention_error(ORT_INVALID_ARGUMENT, "key/value: give both, or neither with q, k and v packed in the query");
+  const bool packed = !present[1];
   for (int i : {0, 1, 2, 3, 4, 7, 8})
-    if (t[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    if (present[i] && t[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       return attention_error(ORT_INVALID_ARGUMENT, std::string(names[i]) + ": expected float32, found " + type_name(t[i].type));
   for (int i : {5, 6})
     if (t[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || t[i].numel() != 1)
       return attention_error(ORT_INVALID_ARGUMENT, std::string(names[i]) + ": expected one int32 (batch 1), found " +
                              shape_str(t[i].shape));
-  const int64_t H = k->H, G = k->G;
-  if (q.shape.size() != 3 || q.shape[0] != 1 || q.shape[2] % H != 0)
-    return attention_error(ORT_INVALID_ARGUMENT, "query: expected [1, S, " + std::to_string(H) + "·D], found " + shape_str(q.shape));
-  const int64_t S = q.shape[1], D = q.shape[2] / H;
+  const int64_t H = k->H, G = k->G, heads_in_q = packed ? H + 2 * G : H;
+  if (q.shape.size() != 3 || q.shape[0] != 1 || q.shape[2] % heads_in_q != 0)
+    return attention_error(ORT_INVALID_ARGUMENT, "query: expected [1, S, " +
+                           (packed ? "(" + std::to_string(H) + " + 2·" + std::to_string(G) + ")" : std::to_string(H)) +
+                           "·D], found " + shape_str(q.shape));
+  const int64_t S = q.shape[1], D = q.shape[2] / heads_in_q;
   if (D < 2 || D % 2)
     return attention_error(ORT_INVALID_ARGUMENT, "query: head size " + std::to_string(D) + ", expected an even one");
   const std::vector<int64_t> kv_want{1, S, G * D};
-  if (kin.shape != kv_want || vin.shape != kv_want)
+  if (!packed && (kin.shape != kv_want || vin.shape != kv_want))
     return attention_error(ORT_INVALID_ARGUMENT, "key/value: expected " + shape_str(kv_want) + " each, found " +
                            shape_str(kin.shape) + " and " + shape_str(vin.shape));
   if (pk.shape.size() != 4 || pk.shape[0] != 1 || pk.shape[1] != G || pk.shape[3] != D || pv.shape != pk.shape)
@@ -808,7 +817,7 @@ OrtStatus* attention_compute(AttentionKernel* k, OrtKernelContext* ctx) {
 
   const int64_t C = cap > total ? cap : total;  // the present cache's rows
   TensorView y, ck, cv;
-  ORT_TRY(attention_output(ctx, 0, q.shape, &y));
+  ORT_TRY(attention_output(ctx, 0, {1, S, H * D}, &y));
   ORT_TRY(attention_output(ctx, 1, {1, G, C, D}, &ck));
   ORT_TRY(attention_output(ctx, 2, {1, G, C, D}, &cv));
 
@@ -845,9 +854,30 @@ OrtStatus* attention_compute(AttentionKernel* k, OrtKernelContext* ctx) {
   std::vector<int64_t> q_shape{1, S, H * D}, kv_shape{1, S, G * D}, table_shape{S, D / 2}, cache_shape{1, G, C, D};
   float* cos_rows = static_cast<float*>(cs.data) + P * (D / 2);
   float* sin_rows = static_cast<float*>(sn.data) + P * (D / 2);
-  DLTensor a_q = dl(aligned_or_copy(q.data, S * H * D * 4, k->q_copy), f32, q_shape);
-  DLTensor a_k = dl(aligned_or_copy(kin.data, S * G * D * 4, k->k_copy), f32, kv_shape);
-  DLTensor a_v = dl(aligned_or_copy(vin.data, S * G * D * 4, k->v_copy), f32, kv_shape);
+  void *q_in = q.data, *k_in = packed ? nullptr : kin.data, *v_in = packed ? nullptr : vin.data;
+  if (packed) {
+    float* row = static_cast<float*>(q.data);
+    if (S == 1) {  // one token: q, k and v are consecutive runs of the row, read in place where aligned
+      q_in = row;
+      k_in = row + H * D;
+      v_in = row + (H + G) * D;
+    } else {  // a prompt: token-interleaved, so into compact scratch (the kernels read compact arrays)
+      float* qs = static_cast<float*>(k->q_copy.get(S * H * D * 4));
+      float* ks = static_cast<float*>(k->k_copy.get(S * G * D * 4));
+      float* vs = static_cast<float*>(k->v_copy.get(S * G * D * 4));
+      for (int64_t s = 0; s < S; ++s, row += (H + 2 * G) * D) {
+        std::memcpy(qs + s * H * D, row, H * D * 4);
+        std::memcpy(ks + s * G * D, row + H * D, G * D * 4);
+        std::memcpy(vs + s * G * D, row + (H + G) * D, G * D * 4);
+      }
+      q_in = qs;
+      k_in = ks;
+      v_in = vs;
+    }
+  }
+  DLTensor a_q = dl(aligned_or_copy(q_in, S * H * D * 4, k->q_copy), f32, q_shape);
+  DLTensor a_k = dl(aligned_or_copy(k_in, S * G * D * 4, k->k_copy), f32, kv_shape);
+  DLTensor a_v = dl(aligned_or_copy(v_in, S * G * D * 4, k->v_copy), f32, kv_shape);
   DLTensor a_cos = dl(aligned_or_copy(cos_rows, S * D / 2 * 4, k->cos_copy), f32, table_shape);
   DLTensor a_sin = dl(aligned_or_copy(sin_rows, S * D / 2 * 4, k->sin_copy), f32, table_shape);
   DLTensor a_qr = dl(qr, f32, q_shape);
@@ -902,12 +932,75 @@ OrtStatusPtr attention_create_kernel_v2(const OrtCustomOp*, const OrtApi*, const
 const char* attention_name(const OrtCustomOp*) { return "GroupQueryAttention"; }
 size_t attention_input_count(const OrtCustomOp*) { return 9; }
 size_t attention_output_count(const OrtCustomOp*) { return 3; }
-OrtCustomOpInputOutputCharacteristic attention_input_char(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+OrtCustomOpInputOutputCharacteristic attention_input_char(const OrtCustomOp*, size_t i) {
+  return i == 1 || i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // packed q/k/v: key, value omitted
+}
 
 OrtCustomOp g_attention_op = derived_op(attention_name, attention_input_count, attention_input_char,
                                         attention_output_count, destroy_state<AttentionKernel>,
                                         attention_create_kernel_v2,
                                         guarded_compute<AttentionKernel, attention_compute, attention_error>);
+
+// --- aqlm.SiluMulHalves: the gated MLP over a fused gate/up output, y = silu(x[..., :F]) · x[..., F:] ---
+// passes/silu_mul_halves_for_ort.py writes it; the arithmetic is kernels/elementwise.py `silu_mul_halves`, compiled
+// into the kernel library per half width F (kernel_abi.silu_mul_halves_symbols): one row on the calling thread, any
+// row count on the TVM pool. docs/aqlm-onnx-op.md.
+struct SiluMulKernel {
+  int64_t half = 0;  // the F whose kernels `one` and `any` are
+  tvm::ffi::Function one, any;
+  Aligned x_copy, y_copy;
+  std::mutex mu;
+};
+
+OrtStatus* silu_mul_error(OrtErrorCode code, const std::string& msg) { return op_error("SiluMulHalves", code, msg); }
+
+OrtStatus* silu_mul_compute(SiluMulKernel* k, OrtKernelContext* ctx) {
+  TensorView x;
+  bool present = false;
+  ORT_TRY(read_inputs(ctx, "SiluMulHalves", 1, 1, &x, &present));
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.empty() || x.shape.back() < 2 || x.shape.back() % 2)
+    return silu_mul_error(ORT_INVALID_ARGUMENT, std::string("x: expected float32 [..., 2·F], found ") + type_name(x.type) +
+                          " " + shape_str(x.shape));
+  const int64_t F = x.shape.back() / 2, rows = x.numel() / (2 * F);
+  TensorView y;
+  ORT_TRY(output_like(ctx, x, F, &y));
+  if (rows == 0) return nullptr;
+  std::lock_guard<std::mutex> lock(k->mu);
+  if (k->half != F) {
+    std::string error;
+    const tvm::ffi::Module* mod = kernel_module(&error);
+    if (!mod) return silu_mul_error(ORT_FAIL, error);
+    const std::string one = "aqlm_silu_mul_halves_" + std::to_string(F) + "_r1", any = "aqlm_silu_mul_halves_" + std::to_string(F);
+    auto f_one = (*mod)->GetFunction(one), f_any = (*mod)->GetFunction(any);
+    if (!f_one.has_value() || !f_any.has_value())
+      return silu_mul_error(ORT_FAIL, "the kernel library has no kernel " + (f_one.has_value() ? any : one) +
+                            ": was it built from this checkpoint?");
+    k->one = f_one.value();
+    k->any = f_any.value();
+    k->half = F;
+  }
+  const DLDataType f32{kDLFloat, 32, 1};
+  std::vector<int64_t> x_shape{rows, 2 * F}, y_shape{rows, F};
+  void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(rows * F * 4);
+  DLTensor a_x = dl(aligned_or_copy(x.data, rows * 2 * F * 4, k->x_copy), f32, x_shape), a_y = dl(y_ptr, f32, y_shape);
+  // the fused tensor twice: gate and up halves of one array (kernels/elementwise.py, docs N22)
+  std::vector<tvm::ffi::AnyView> args{&a_x, &a_x, &a_y};
+  ORT_TRY(call_packed("SiluMulHalves", rows == 1 ? k->one : k->any, rows == 1 ? "silu_mul_halves (one row)" : "silu_mul_halves", args));
+  if (y_ptr != y.data) std::memcpy(y.data, y_ptr, rows * F * 4);
+  return nullptr;
+}
+
+OrtStatusPtr silu_mul_create_kernel_v2(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** out) {
+  *out = new SiluMulKernel();
+  return nullptr;
+}
+const char* silu_mul_name(const OrtCustomOp*) { return "SiluMulHalves"; }
+size_t one_count(const OrtCustomOp*) { return 1; }
+OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+
+OrtCustomOp g_silu_mul_op = derived_op(silu_mul_name, one_count, required, one_count, destroy_state<SiluMulKernel>,
+                                       silu_mul_create_kernel_v2,
+                                       guarded_compute<SiluMulKernel, silu_mul_compute, silu_mul_error>);
 
 }  // namespace
 
@@ -927,6 +1020,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_op));
   ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_dense_op));
   ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_attention_op));
+  ORT_TRY(ort_fn<DomainAdd>(g_api, ort_slot::CustomOpDomain_Add)(domain, &g_silu_mul_op));
   // The domain must outlive every session using it: it is intentionally never released.
   return ort_fn<AddDomain>(g_api, ort_slot::AddCustomOpDomain)(options, domain);
 }

@@ -318,17 +318,20 @@ def attention_library(tmp_path_factory):
     return dest / "libaqlm_ort.so"
 
 
-def gqa_model(domain, heads=HEADS, do_rotary=1):
+def gqa_model(domain, heads=HEADS, do_rotary=1, packed=False):
     """One GroupQueryAttention node (ORT's or the op library's: the same inputs and attributes), every input a graph
-    input."""
+    input. `packed`: q, k and v packed in one input "qkv", key and value omitted (passes/pack_qkv_for_gqa.py)."""
     f, i32 = TensorProto.FLOAT, TensorProto.INT32
     names = ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total", "cos", "sin"]
-    node = helper.make_node("GroupQueryAttention", names, ["out", "present_k", "present_v"], domain=domain,
+    node_inputs = ["qkv", "", "", *names[3:]] if packed else names
+    node = helper.make_node("GroupQueryAttention", node_inputs, ["out", "present_k", "present_v"], domain=domain,
                             num_heads=heads, kv_num_heads=KV_HEADS, scale=SCALE, do_rotary=do_rotary,
                             rotary_interleaved=0)
     dims = {"q": [1, None, heads * HEAD_DIM], "k": [1, None, KV_HEADS * HEAD_DIM], "v": [1, None, KV_HEADS * HEAD_DIM],
+            "qkv": [1, None, (heads + 2 * KV_HEADS) * HEAD_DIM],
             "past_k": [1, KV_HEADS, None, HEAD_DIM], "past_v": [1, KV_HEADS, None, HEAD_DIM], "seqlens_k": [1],
             "total": [], "cos": [MAX_POS, HEAD_DIM // 2], "sin": [MAX_POS, HEAD_DIM // 2]}
+    names = [n for n in node_inputs if n]
     inputs = [helper.make_tensor_value_info(n, i32 if n in ("seqlens_k", "total") else f, dims[n]) for n in names]
     outputs = [helper.make_tensor_value_info(n, f, None) for n in ("out", "present_k", "present_v")]
     graph = helper.make_graph([node], "g", inputs, outputs)
@@ -372,6 +375,29 @@ def test_attention_op_matches_ort_and_the_reference(attention_library, s, p):
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 2e-5, (s, p)
         assert np.abs(theirs - want).max() <= 2e-5  # the reference is ORT's semantics
+
+
+@pytest.mark.parametrize("s,p,aligned", [(1, 0, True), (1, 37, True), (1, 37, False), (6, 0, True), (9, 20, False)])
+def test_attention_op_reads_packed_qkv(attention_library, s, p, aligned):
+    """q, k and v packed in the query with key and value omitted (ORT's packed-QKV form, which
+    passes/pack_qkv_for_gqa.py writes): the same outputs as the three inputs apart, in the op library and in stock
+    ORT; one token is read in place (or through copies when unaligned), a prompt de-interleaved."""
+    feeds = gqa_feeds(np.random.default_rng(s * 100 + p + 1), s, p)
+    qkv = _aligned_or_not((1, s, (HEADS + 2 * KV_HEADS) * HEAD_DIM), aligned)
+    qkv[...] = np.concatenate([feeds["q"], feeds["k"], feeds["v"]], axis=-1)
+    packed = {"qkv": qkv, **{n: v for n, v in feeds.items() if n not in ("q", "k", "v")}}
+    ref = gqa_reference(feeds)
+    ours = session(gqa_model("aqlm", packed=True), attention_library).run(None, packed)
+    stock = ort.InferenceSession(gqa_model("com.microsoft", packed=True).SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, packed)
+    for got, theirs, want in zip(ours, stock, ref):
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 2e-5, (s, p)
+        assert np.abs(theirs - want).max() <= 2e-5
+    loose = gqa_model("aqlm", packed=True)
+    loose.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "width"  # leave the width check to the op
+    with pytest.raises(Exception, match=r"GroupQueryAttention: query: expected \[1, S, \(6 \+ 2·2\)·D\]"):
+        session(loose, attention_library).run(None, {**packed, "qkv": np.zeros((1, s, 7 * HEAD_DIM + 1), np.float32)})
 
 
 def _aligned_or_not(shape, aligned):
@@ -433,3 +459,59 @@ def test_attention_op_bad_inputs_are_ort_errors(attention_library):
         session(gqa_model("aqlm", heads=4), attention_library).run(None, gqa_feeds(rng, 1, 2, heads=4))
     with pytest.raises(Exception, match=r"do_rotary=1 with rotary_interleaved=0 only"):
         session(gqa_model("aqlm", do_rotary=0), attention_library).run(None, feeds)
+
+
+# --- aqlm.SiluMulHalves ---------------------------------------------------------------------------------------------
+HALVES = (40, 64)  # 40: not a whole number of 16-lane vectors (the scalar tail)
+
+
+@pytest.fixture(scope="module")
+def silu_mul_library(tmp_path_factory):
+    from aqlm_compile.kernel_abi import silu_mul_halves_symbols
+    from aqlm_compile.targets.common import kernel_library, tvm
+    from aqlm_compile.targets.ort import build_ort_library, host_runtime_libs
+    from aqlm_compile.targets.x86 import x86_target
+
+    dest = tmp_path_factory.mktemp("silu_mul")
+    mod, kernels = kernel_library([], "llvm", silu_mul=HALVES)
+    assert set(kernels) == {s for h in HALVES for s in silu_mul_halves_symbols(h).values()}
+    tvm.compile(mod, target=x86_target()).export_library(str(dest / "kernels_x86.so"))
+    build_ort_library(dest, "kernels_x86.so", host_runtime_libs())
+    return dest / "libaqlm_ort.so"
+
+
+def silu_mul_model(width=None):
+    node = helper.make_node("SiluMulHalves", ["x"], ["y"], domain="aqlm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", "F"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("aqlm", 1)],
+                             ir_version=10)
+
+
+@pytest.mark.parametrize("half", HALVES)
+def test_silu_mul_op_matches_numpy(silu_mul_library, half):
+    """One row (a decode step: the serial kernel), a few, and 300 (the thread pool), aligned and not: the op against
+    silu(x[..., :F]) · x[..., F:] in float64, and the portable definition (targets/onnx.py) on stock ORT."""
+    from aqlm_compile.targets.onnx import make_portable
+
+    sess = session(silu_mul_model(), silu_mul_library)
+    portable = ort.InferenceSession(make_portable(silu_mul_model()).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(half)
+    for rows, aligned in ((1, True), (1, False), (3, True), (300, False)):
+        x = _aligned_or_not((1, rows, 2 * half), aligned)
+        x[...] = rng.standard_normal(x.shape) * 4
+        g, u = x[..., :half].astype(np.float64), x[..., half:].astype(np.float64)
+        want = g / (1 + np.exp(-g)) * u
+        got = sess.run(None, {"x": x})[0]
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (rows, aligned)
+        assert np.abs(portable.run(None, {"x": x})[0] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_silu_mul_op_bad_inputs_are_ort_errors(silu_mul_library):
+    sess = session(silu_mul_model(), silu_mul_library)
+    with pytest.raises(Exception, match=r"SiluMulHalves: x: expected float32 \[\.\.\., 2·F\], found float32 \[1, 2, 81\]"):
+        sess.run(None, {"x": np.zeros((1, 2, 81), np.float32)})
+    with pytest.raises(Exception, match=r"SiluMulHalves: the kernel library has no kernel aqlm_silu_mul_halves_48_r1"):
+        sess.run(None, {"x": np.zeros((1, 1, 96), np.float32)})

@@ -122,6 +122,13 @@ def test_artifact_onnx_files_are_checked_and_listed(llama_art):
     from aqlm_compile.targets.onnx import gqa_nodes
 
     assert len(gqa_nodes(model)) == 2 and "Softmax" not in {n.op_type for n in model.graph.node}
+    # the fused q/k/v output read packed (pack_qkv_for_gqa), the gated MLP one op (silu_mul_halves_for_ort): no
+    # Split, Sigmoid or Mul of the blocks is left
+    assert all(list(n.input[1:3]) == ["", ""] for n in gqa_nodes(model))
+    silu_mul = [n for n in model.graph.node if (n.domain, n.op_type) == ("aqlm", "SiluMulHalves")]
+    assert len(silu_mul) == 2 and not {"Split", "Sigmoid"} & {n.op_type for n in model.graph.node}
+    assert {k: v["kernel"] for k, v in manifest["kernels"].items() if "silu" in k} == {
+        "aqlm_silu_mul_halves_128": "silu_mul_halves", "aqlm_silu_mul_halves_128_r1": "silu_mul_halves"}
     limit = json.loads((llama_art / "weights/config.json").read_text())["max_position_embeddings"]
     assert manifest["onnx"]["max_positions"] == limit
     dec = OrtDecoder(llama_art, threads=1)
@@ -130,7 +137,7 @@ def test_artifact_onnx_files_are_checked_and_listed(llama_art):
         dec.step(np.array([1, 2]))
     portable = onnx.load(str(llama_art / "onnx/model.portable.onnx"))
     onnx.checker.check_model(portable, full_check=True)
-    assert [f.name for f in portable.functions] == ["AqlmMatMul", "DenseMatMul"]
+    assert [f.name for f in portable.functions] == ["AqlmMatMul", "DenseMatMul", "SiluMulHalves"]
 
 
 def test_generate_cli_json_same_tokens(llama_art):

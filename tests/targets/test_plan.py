@@ -59,7 +59,8 @@ def test_kernel_choices_are_those_of_the_build_before_the_plan(counted_build):
     _, manifest, _ = counted_build
     golden = json.loads(GOLDEN.read_text())["kernels"]
     got = {s: {k: v[k] for k in ("kernel", "reason", "batch", "out_features", "in_features", "partitions") if k in v}
-           for s, v in manifest["kernels"].items() if v["kernel"] != "dense" and "heads" not in v}
+           for s, v in manifest["kernels"].items()
+           if v["kernel"] not in ("dense", "silu_mul_halves") and "heads" not in v}
     assert got == golden
     # added since: the ONNX route's lm_head (aqlm.DenseMatMul) gets the dense kernel of its rows — int8, `build`'s
     # default form of a dense head
@@ -71,6 +72,9 @@ def test_kernel_choices_are_those_of_the_build_before_the_plan(counted_build):
     attention = {v["kernel"] for v in manifest["kernels"].values() if "heads" in v}
     assert attention == {"rope_kv_append", "decode_attention", "causal_attention"}
     assert manifest["onnx"]["attention"] == "aqlm.GroupQueryAttention"
+    # added since: the gated MLP over the fused gate/up output (aqlm.SiluMulHalves) gets its two kernels per width
+    silu_mul = {s: (v["half"], v["batch"]) for s, v in manifest["kernels"].items() if v["kernel"] == "silu_mul_halves"}
+    assert silu_mul == {"aqlm_silu_mul_halves_128_r1": (128, 1), "aqlm_silu_mul_halves_128": (128, "any")}
     # the Relax route's kernels came from the same table
     assert {v["kernel"] for v in manifest["tvm"]["kernels"].values()} == {"gemv_direct", "gemm_decode"}
 

@@ -15,6 +15,7 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -198,7 +199,7 @@ struct Kernel {
   // only x and looks its kernel up by token count: no string, map or fingerprint work per call. A decode step of
   // SmolLM2 makes 120 of these calls; the checks of the general path were ≈ 2 µs each.
   bool constant[6] = {};
-  bool ready = false;
+  std::atomic<bool> ready{false};  // read before the lock (compute), set under it
   int64_t I = 0, O = 0, P = 1;
   const void* codes_src = nullptr;  // ORT's codes (for the row-tiled copy)
   void* codes_plain = nullptr;      // the codes as the plain kernels read them (ORT's, or an aligned copy)
@@ -335,12 +336,12 @@ OrtStatus* compute_prepared(Kernel* k, OrtKernelContext* ctx, bool* handled) {
   if (xv == nullptr) return make_error(ORT_INVALID_ARGUMENT, "input 0 is missing");
   TensorView x;
   ORT_TRY(describe(xv, &x));
+  std::lock_guard<std::mutex> lock(k->mu);  // the node's state below is written by the general path under it
   const int64_t I = k->I, O = k->O;
   if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.empty() || x.shape.back() != I)
     return make_error(ORT_INVALID_ARGUMENT, std::string("x: expected float32 [..., ") + std::to_string(I) + "], found " +
                       type_name(x.type) + " " + shape_str(x.shape));
   const int64_t N = x.numel() / I;
-  std::unique_lock<std::mutex> lock(k->mu);
   const size_t slot = N <= 8 ? static_cast<size_t>(N) : 0;
   if (N > 0 && !k->by_tokens[slot]) {
     *handled = false;

@@ -21,7 +21,8 @@ GQA_DOMAINS = ("com.microsoft", "aqlm")
 OP_TYPE = "GroupQueryAttention"
 
 
-def _split_sizes(split: ir.Node) -> list[int] | None:
+def split_sizes(split: ir.Node) -> list[int] | None:
+    """The constant sizes of a `Split` (its second input), or None when absent or computed at run time."""
     if len(split.inputs) < 2 or split.inputs[1] is None:
         return None
     tensor = ir.convenience.get_const_tensor(split.inputs[1])
@@ -44,7 +45,7 @@ def why_not(node: ir.Node) -> str | None:
     axis = split.attributes.get_int("axis", 0)
     if axis not in (-1, rank - 1):
         return f"the Split is along axis {axis}, not the last"
-    sizes = _split_sizes(split)
+    sizes = split_sizes(split)
     heads, kv_heads = node.attributes.get_int("num_heads", 0), node.attributes.get_int("kv_num_heads", 0)
     if sizes is None or heads < 1 or kv_heads < 1 or sizes[0] % heads:
         return "the Split's sizes are not constant multiples of the heads"

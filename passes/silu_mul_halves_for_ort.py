@@ -18,15 +18,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from .pack_qkv_for_gqa import split_sizes
+
 DOMAIN = "aqlm"
 OP_TYPE = "SiluMulHalves"
-
-
-def _sizes(split: ir.Node) -> list[int] | None:
-    if len(split.inputs) < 2 or split.inputs[1] is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(split.inputs[1])
-    return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
 
 
 def _only_reader(value: ir.Value) -> ir.Node | None:
@@ -53,7 +48,7 @@ def _match(split: ir.Node, halves) -> tuple[ir.Node, int] | None:
         return None
     if split.attributes.get_int("axis", 0) not in (-1, 2):
         return None
-    sizes = _sizes(split)
+    sizes = split_sizes(split)
     if sizes is None or len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] not in halves:
         return None
     g, u = split.outputs

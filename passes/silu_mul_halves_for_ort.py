@@ -39,8 +39,8 @@ def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
     return b if a is value else a if b is value else None
 
 
-def _match(split: ir.Node, halves) -> tuple[ir.Node, int] | None:
-    """(the final Mul, F) when `split` starts the pattern; else None."""
+def _match(split: ir.Node, halves) -> list[ir.Node] | None:
+    """The pattern's nodes after `split` — [sigmoid, silu Mul, final Mul] — when `split` starts it; else None."""
     if split.op_type != "Split" or split.domain not in ("", "ai.onnx") or len(split.outputs) != 2:
         return None
     source = split.inputs[0]
@@ -66,7 +66,7 @@ def _match(split: ir.Node, halves) -> tuple[ir.Node, int] | None:
         return None
     if _other(final, silu.outputs[0]) is not u or _only_reader(u) is not final:
         return None
-    return final, sizes[0]
+    return [sigmoid, silu, final]
 
 
 def silu_mul_halves_for_ort(model: ir.Model, halves) -> dict:
@@ -77,10 +77,7 @@ def silu_mul_halves_for_ort(model: ir.Model, halves) -> dict:
         found = _match(split, halves)
         if found is None:
             continue
-        final, _ = found
-        g = split.outputs[0]
-        sigmoid = next(use.node for use in g.uses() if use.node.op_type == "Sigmoid")
-        silu = next(use.node for use in g.uses() if use.node.op_type == "Mul")
+        sigmoid, silu, final = found
         node = ir.Node(DOMAIN, OP_TYPE, [split.inputs[0]], name=final.name or None)
         model.graph.insert_before(split, node)
         out, old = node.outputs[0], final.outputs[0]

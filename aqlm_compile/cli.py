@@ -473,6 +473,8 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--synthetic-blocks", type=int, help="--report: blocks of the Llama-2-7B-shaped model (0: none).")
 @click.option("--sections", help="--report: comma-separated subset of quality,speed,neighbour,kernels,gpu.")
 @click.option("--readme", "readme_path", help="--report/--render: update this README's generated results block.")
+@click.option("--decode-tokens", type=int, help="--report: single-token decode steps per measurement, every engine "
+              "alike (default 256; a 7B-shaped model half; --quick 8).")
 @click.option("--note", "notes", multiple=True, help="--report: context to keep in the report (repeatable).")
 @click.option("--checkpoint", "extra_checkpoints", multiple=True,
               help="--report: also score this checkpoint of the default model, as CKPT[:EMBEDDING[:HEAD]] (EMBEDDING: "
@@ -489,8 +491,8 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--markdown", "markdown_path", help="Also write the records as a markdown table to this file.")
 @click.option("--json-out", "json_path", help="Also write the JSON records to this file.")
 def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections,
-          readme_path, notes, extra_checkpoints, shapes, configs, batches, rounds, threads, bf16, as_json, markdown_path,
-          json_path):
+          readme_path, decode_tokens, notes, extra_checkpoints, shapes, configs, batches, rounds, threads, bf16, as_json,
+          markdown_path, json_path):
     """Kernel timings (--kernels) or the whole scoreboard against dense FP16 and llama.cpp (--report)."""
     from .errors import ConfigError
 
@@ -502,7 +504,7 @@ def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quant
         raise ConfigError(f"--rounds {rounds}: expected ≥ 1")
     if report:
         _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections, readme_path, rounds,
-                      threads, notes, extra_checkpoints)
+                      threads, notes, extra_checkpoints, decode_tokens)
         return
     if render_path:
         from pathlib import Path
@@ -554,7 +556,7 @@ def _check_readme(readme_path) -> None:
 
 
 def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections, readme_path, rounds,
-                  threads, notes=(), extra_checkpoints=()):
+                  threads, notes=(), extra_checkpoints=(), decode_tokens=None):
     from pathlib import Path
 
     from . import format as fmt
@@ -591,6 +593,10 @@ def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks,
         kw["threads"] = threads
     if rounds:
         kw["rounds"] = rounds
+    if decode_tokens is not None:
+        if decode_tokens < 1:
+            raise ConfigError(f"--decode-tokens {decode_tokens}: expected ≥ 1")
+        kw["gen"] = decode_tokens
     if synthetic_blocks is not None:
         if synthetic_blocks < 0:
             raise ConfigError(f"--synthetic-blocks {synthetic_blocks}: expected ≥ 0")

@@ -1,5 +1,7 @@
 """The report's checkpoints: each (model, config, preset, seed) quantized once into the cache, in a child process
-whose wall time and peak RSS are recorded beside it (`<checkpoint>.run.json`), resumable (`--resume`)."""
+whose wall time and peak RSS are recorded beside it (`<checkpoint>.run.json`), resumable (`--resume`). The cached
+name carries a digest of the preset's settings: a preset whose settings change is quantized again, never served
+from a checkpoint made with its old settings."""
 
 from __future__ import annotations
 
@@ -16,8 +18,18 @@ def checkpoint_root() -> Path:
     return cache_root() / "report" / "checkpoints"
 
 
+def preset_digest(preset: str) -> str:
+    """8 hex digits of the sha256 of the aqlm method's `preset` settings (as a checkpoint records them)."""
+    import hashlib
+
+    from ..quantize.presets import get_preset
+
+    text = json.dumps(get_preset(preset).to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def checkpoint_path(model_tag: str, config: str, preset: str, seed: int = 0, root: Path | None = None) -> Path:
-    return Path(root or checkpoint_root()) / f"{model_tag}-{config}-{preset}-s{seed}"
+    return Path(root or checkpoint_root()) / f"{model_tag}-{config}-{preset}-{preset_digest(preset)}-s{seed}"
 
 
 def run_record(ckpt: Path) -> dict | None:

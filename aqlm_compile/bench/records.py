@@ -88,7 +88,7 @@ WRITERS = {
                                  "projections", "threads", "machine", "wall_s", "derived"}, None),
     "*/fuzz.json": ("benchmarks/fuzz.py", {"what", "command", "counts", "seed", "totals", "all", "failures",
                                            "machine", "wall_s"}, None),
-    "smollm2-*.json": ("benchmarks/quantize_smollm2.sh",
+    "*smollm2-*.json": ("benchmarks/quantize_smollm2.sh",
                        {"model", "config", "preset", "machine", "quantize_seconds", "quantize_phases_seconds", "eval",
                         "quantize_wall_s", "quantize_peak_rss_bytes"}, None),
 }

@@ -50,7 +50,9 @@ class ReportOptions:
     build_llamacpp: bool = False
     synthetic_blocks: int = 4                     # 0: no 7B-shaped rows
     prompts: tuple[int, ...] = (128, 512)
-    gen: int = 64
+    # decode steps per measurement (`--decode-tokens`), every engine alike (llama-bench -n); 7B-shaped rows: half.
+    # 256 (≈ 1 s at 200 tokens/s): 64-token samples (≈ 0.3 s) spread ±20% round to round on a shared 2-vCPU VM.
+    gen: int = 256
     # quality rows are also scored on this corpus, which no preset calibrates on (None: not scored)
     ood_dataset: str | None = "shakespeare"
     # more of our checkpoints for the quality table: (path, embedding form, head form), counted by their artifact's
@@ -433,8 +435,9 @@ class Report:
             rows.append(row)
         self.data["speed"] = {"subjects": [self._subject_json(s) for s in subjects], "rows": rows,
                               "method": "each engine in its own process; rounds interleaved across engines; "
-                                        "median over rounds; decode = tokens/s of single-token steps after a "
-                                        "1-token prompt; prefill = prompt tokens / time of one call from an empty "
+                                        "median over rounds; decode = tokens/s of "
+                                        f"{self.opts.gen} single-token steps after a 1-token prompt "
+                                        f"({max(16, self.opts.gen // 2)} for a 7B-shaped model); prefill = prompt tokens / time of one call from an empty "
                                         "cache; peak RSS of the engine's process"}
 
     def _subject_json(self, s: Subject) -> dict:

@@ -21,11 +21,12 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 
 def end_to_end_parameters(model) -> list[torch.nn.Parameter]:
-    """Every floating parameter except the embeddings and a dense lm_head (a quantized head's codebooks and scales
-    are included), with requires_grad set accordingly: what end-to-end fine-tuning (global, PV) trains."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    dense_head = list(head.parameters()) if type(head) is torch.nn.Linear else []
-    frozen = {id(p) for p in dense_head + list(embed.parameters())}
+    """Every floating parameter except the embeddings and the dense linears (a dense lm_head, and the blocks that
+    `--num-blocks` left in float: they stay as the FP model has them), with requires_grad set accordingly: what
+    end-to-end fine-tuning (global, PV) trains — AQLM codebooks and scales (a quantized head's too), norms, biases
+    of quantized linears."""
+    dense = [p for m in model.modules() if type(m) is torch.nn.Linear for p in m.parameters()]
+    frozen = {id(p) for p in dense + list(model.get_input_embeddings().parameters())}
     params = []
     for p in model.parameters():
         trainable = p.dtype.is_floating_point and id(p) not in frozen

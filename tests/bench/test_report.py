@@ -37,7 +37,7 @@ def test_a_hand_added_field_is_refused():
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    r = CliRunner().invoke(main, ["bench", "--report", "--quick", "--out", str(out)])
+    r = CliRunner().invoke(main, ["bench", "--report", "--quick", "--decode-tokens", "6", "--out", str(out)])
     assert r.exit_code == 0, r.output
     return out, json.loads((out / "report.json").read_text()), r.output
 
@@ -73,6 +73,7 @@ def test_quick_report_schema(quick_report):
     for r in rows:
         assert "error" not in r, r
         assert r["decode_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0 and r["file_bytes"] > 0
+        assert r["decode_tokens"] == 6  # --decode-tokens, every engine alike
         if r["condition"] == "idle":
             assert set(r["prefill_tokens_per_s"]) == {str(p) for p in r["prompt_lengths"]}
     conds = {(r["engine"], r["threads"], r["condition"] != "idle") for r in rows}

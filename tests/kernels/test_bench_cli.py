@@ -34,3 +34,9 @@ def test_bench_kernels_json_and_markdown(tmp_path):
 def test_bench_rejects_bad_input(args, message):
     r = CliRunner().invoke(main, ["bench", "--kernels", *args])
     assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_report_refuses_a_decode_sample_of_no_tokens(tmp_path):
+    r = CliRunner().invoke(main, ["bench", "--report", "--quick", "--decode-tokens", "0", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "--decode-tokens 0: expected ≥ 1" in r.output, r.output
+    assert not any(tmp_path.iterdir())  # refused before anything was measured or written

@@ -97,7 +97,7 @@ def test_pv_from_checkpoint_changes_codes_and_keeps_the_best_state(tiny_llama, c
 
 @pytest.mark.parametrize("args, message", [
     (["--head-config", "2x8g8"], "--head-config: not with --from-checkpoint"),
-    (["--preset", "fast"], "has no end-to-end stage"),
+    (["--preset", "tiny"], "has no end-to-end stage"),
     (["--config", "1x8g8"], "--config 1x8g8: "),
 ])
 def test_from_checkpoint_errors_are_one_line(args, message, tiny_llama, tiny_llama_ckpt, tmp_path):

@@ -437,8 +437,9 @@ class Report:
                               "method": "each engine in its own process; rounds interleaved across engines; "
                                         "median over rounds; decode = tokens/s of "
                                         f"{self.opts.gen} single-token steps after a 1-token prompt "
-                                        f"({max(16, self.opts.gen // 2)} for a 7B-shaped model); prefill = prompt tokens / time of one call from an empty "
-                                        "cache; peak RSS of the engine's process"}
+                                        f"({max(16, self.opts.gen // 2)} for a 7B-shaped model); prefill = prompt "
+                                        "tokens / time of one call from an empty cache; peak RSS of the engine's "
+                                        "process"}
 
     def _subject_json(self, s: Subject) -> dict:
         return {"tag": s.tag, "label": s.label, "blocks": s.blocks, "scale_to_blocks": s.scale_to_blocks,

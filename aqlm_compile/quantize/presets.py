@@ -40,6 +40,10 @@ class QuantizeSettings(MethodSettings):
     global_epochs: float = 0.0
     global_lr: float = 1e-5
     global_batch_size: int = 1
+    # the forward's precision in end-to-end fine-tuning (global, PV): "float32", "bfloat16" autocast (mixed
+    # precision: fp32 parameters, gradients and optimizer state; global_ft.compute_context), or "auto": bf16 where
+    # the device has native bf16 dot products, else fp32 (global_ft.resolve_train_dtype; the report says which)
+    train_dtype: str = "float32"
     # PV-tuning (pv_tuning.py): end-to-end steps that also update the codes; 0 = off
     pv_steps: int = 0
     pv_lr: float = 1e-4  # Adam on codebooks, scales, norms
@@ -52,9 +56,13 @@ class QuantizeSettings(MethodSettings):
         for name in ("finetune_max_steps", "micro_batch_size"):
             if out[name] is None:  # unset: the record (and a resume fingerprint) of runs before it
                 del out[name]
+        if out["train_dtype"] == "float32":  # likewise: runs before the field trained in fp32
+            del out["train_dtype"]
         return out
 
     def checked(self) -> QuantizeSettings:
+        if self.train_dtype not in ("float32", "bfloat16", "auto"):
+            raise ConfigError(f"train_dtype {self.train_dtype!r}: expected 'float32', 'bfloat16' or 'auto'")
         if self.codebook_solver not in ("cg", "adam"):
             raise ConfigError(f"codebook_solver {self.codebook_solver!r}: expected 'cg' or 'adam'")
         if not 0 <= self.pv_max_code_change <= 1:
@@ -70,14 +78,17 @@ class QuantizeSettings(MethodSettings):
 
 PRESETS = {
     # ≈ 15 min for SmolLM2-135M at 2x8g8 on 2 CPU cores: the reference run's data (64 × 512 tokens), k-means
-    # on a 16k-group sample, least-squares codebooks, at most 3 rounds, one epoch of block fine-tuning, then one
-    # epoch of global KL fine-tuning. Per minute the global epoch buys the most (issue 14, SmolLM2 2x8g8, held-out
-    # Brown): 6 rounds + 3 block epochs reached PPL 101.6 in 17.7 min; one global epoch from there 80.9 (24 min in
-    # all); these settings 86.4 in 15.5 min; 6 rounds and 2 global epochs without block fine-tuning 84.6 in 20 min.
+    # on a 16k-group sample, least-squares codebooks, at most 3 rounds, one epoch of block fine-tuning, then 1.5
+    # epochs of global KL fine-tuning, in bf16 autocast where the CPU has native bf16 (fp32 elsewhere: slower, the
+    # same result). Per minute the global epochs buy the most (issue 14, SmolLM2 2x8g8, held-out Brown): 6 rounds
+    # + 3 block epochs reached PPL 101.6 in 17.7 min; one global epoch from there 80.9 (24 min in all); 3 rounds,
+    # 1 block epoch, 1 fp32 global epoch 86.4 in 15.5 min; the same in bf16 86.4 with the global epoch 1.5× faster,
+    # so 1.5 bf16 epochs fit: 85.0. lr 4e-4 (warm-up, linear decay) or 5e-4 did worse (91.7, diverged).
     "fast": QuantizeSettings(
         nsamples=64, val_size=8, seqlen=512, kmeans_iters=20, kmeans_max_points=16384, cg_iters=10,
         beam_size=1, max_rounds=3, relative_tolerance=0.01, finetune_epochs=1, finetune_lr=1e-4,
-        finetune_batch_size=4, finetune_early_stop=1, global_epochs=1.0, global_lr=2e-4, global_batch_size=4,
+        finetune_batch_size=4, finetune_early_stop=1, global_epochs=1.5, global_lr=2e-4, global_batch_size=4,
+        train_dtype="auto",
     ),
     # ~1.5 h on 2 CPU cores: 2× the data, more rounds with a tighter tolerance, longer block fine-tuning with
     # early stopping, then one epoch of global KL fine-tuning against the FP model.

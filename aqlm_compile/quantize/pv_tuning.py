@@ -178,7 +178,8 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     for m in layers.values():
         m.forward = types.MethodType(_forward_keeping_weight, m)
     bs = settings.pv_batch_size
-    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head, ranks, settings.micro_batch_size)
+    objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head, ranks, settings.micro_batch_size,
+                            settings.train_dtype)
     weight_grads = _WeightGradients(layers)
 
     def val_loss():
@@ -218,5 +219,6 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     model.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"steps": step, "val_kl": [None if math.isnan(v) else v for v in history],
+    return {"steps": step, "train_dtype": objective.train_dtype,
+            "val_kl": [None if math.isnan(v) else v for v in history],
             "code_change_per_step": sum(changed) / max(1, len(changed))}

@@ -47,7 +47,7 @@ def test_smollm2_checkpoint_matches_transformers_aqlm(smollm2_two_blocks, tmp_pa
 
 @pytest.mark.slow
 def test_smollm2_fast_preset_full(tmp_path):
-    """The acceptance run: all 30 blocks, 2x8g8, --preset fast (≈20 min on 2 cores)."""
+    """The acceptance run: all 30 blocks, 2x8g8, --preset fast (≈15 min on 2 Zen 4 cores, more without native bf16)."""
     out = tmp_path / "ckpt"
     quantize_job(None, str(out), config="2x8g8", preset="fast", device="cpu")
     result = eval_job(str(out), windows=32)

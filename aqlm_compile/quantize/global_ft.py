@@ -79,7 +79,6 @@ class KlObjective:
     def __init__(self, model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, batch_size: int, teacher_head=None,
                  ranks: Ranks = SINGLE, micro: int | None = None, train_dtype: str = "float32"):
         self.train_dtype = resolve_train_dtype(train_dtype, tokens.device)
-        self.compute = lambda: compute_context(tokens.device, self.train_dtype)
         self.head = model.get_output_embeddings()
         self.teacher_head = teacher_head if teacher_head is not None else self.head
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -89,12 +88,15 @@ class KlObjective:
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         """The batch's mean KL over its tokens, whole (not `chunked`)."""
-        with self.compute():
-            hidden = self.base(input_ids=self.tokens[idx]).last_hidden_state
+        return kl_loss(*self._logits(self.tokens[idx], self.teacher_hidden[idx]))
+
+    def _logits(self, tokens: torch.Tensor, teacher_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) logits of windows `tokens`, in the precision `train_dtype` asks for."""
+        with compute_context(tokens.device, self.train_dtype):
+            hidden = self.base(input_ids=tokens).last_hidden_state
             with torch.no_grad():
-                teacher = self.teacher_head(self.teacher_hidden[idx])
-            student = self.head(hidden)
-        return kl_loss(student, teacher)
+                teacher = self.teacher_head(teacher_hidden)
+            return self.head(hidden), teacher
 
     def _parts(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """This rank's windows of global `idx` (positions in its slice), by micro-batches."""
@@ -104,11 +106,7 @@ class KlObjective:
 
     def _summed(self, local: torch.Tensor) -> torch.Tensor:
         """KL summed over the tokens of this rank's windows `local`."""
-        with self.compute():
-            hidden = self.base(input_ids=self.tokens[self.lo + local]).last_hidden_state
-            with torch.no_grad():
-                teacher = self.teacher_head(self.teacher_hidden[local])
-            student = self.head(hidden)
+        student, teacher = self._logits(self.tokens[self.lo + local], self.teacher_hidden[local])
         s = F.log_softmax(student.float().flatten(0, -2), dim=-1)
         t = F.log_softmax(teacher.float().flatten(0, -2), dim=-1)
         return F.kl_div(s, t, log_target=True, reduction="sum")

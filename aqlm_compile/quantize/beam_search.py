@@ -76,11 +76,16 @@ def _greedy_rows(weight, hessian, codes, codebooks, scales, order):
         d = p[:, cols] + s * (c_old @ h_blocks[j])  # residual without this slot, times H
         score = torch.addmm(sq2 * quad[j, m], s * d, cb_t[m], alpha=-2.0)  # s²cᵀH_jj c − 2s·c·d
         new = score.argmin(-1)
-        changed = new != old
-        if not bool(changed.any()):
+        changed = (new != old).nonzero().squeeze(1)
+        if changed.numel() == 0:
             continue
-        delta = s * (c_old - cb[new])  # zero on unchanged rows
-        p.addmm_(delta, hessian[cols, :])
+        if 2 * changed.numel() < new.numel():
+            # After the first round only ≈ 5–15% of rows change a slot: update P on those rows alone.
+            delta = s[changed] * (c_old[changed] - cb[new[changed]])
+            p.index_add_(0, changed, delta @ hessian[cols, :])
+        else:
+            delta = s * (c_old - cb[new])  # zero on unchanged rows
+            p.addmm_(delta, hessian[cols, :])
         codes[:, j, m] = new
     return codes
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 import torch
 
 
-def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """Index of the nearest centroid for every point: argmax(x.c - |c|^2/2), in chunks to bound memory."""
-    half_norm = 0.5 * (centroids * centroids).sum(-1)
+def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor, chunk_elems: int = 1 << 18) -> torch.Tensor:
+    """Index of the nearest centroid for every point: argmax(x.c - |c|^2/2), in chunks.
+
+    The chunk's score matrix (256K floats = 1 MB) stays in the L2 cache between the product that writes it and
+    the argmax that reads it: with 16M-float chunks both went to memory and k-means initialisation ran 3.4×
+    slower (SmolLM2's 1536×576 layer at 2x8g8, fast preset's k-means, 1 thread: 1.37 s → 0.40 s, same codes)."""
+    neg_half_norm = -0.5 * (centroids * centroids).sum(-1)
     rows = max(1, chunk_elems // max(1, centroids.shape[0]))
     out = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+    centroids_t = centroids.T
     for start in range(0, points.shape[0], rows):
         block = points[start : start + rows]
-        out[start : start + rows] = (block @ centroids.T - half_norm).argmax(-1)
+        out[start : start + rows] = torch.addmm(neg_half_norm, block, centroids_t).argmax(-1)
     return out
 
 

@@ -51,3 +51,27 @@ def test_rejects_bad_beam():
     w, h, codes, cb, s = problem(8, 16, 8, 1, 4)
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(w, h, codes, cb, s, beam_size=0)
+
+
+def test_greedy_matches_direct_coordinate_descent():
+    """beam_size=1 keeps P = R·H up to date incrementally (all rows while many codes change, only the changed rows
+    once few do, as in a second round): each choice must equal the one a direct search makes, trying every
+    codeword and scoring the whole row's error."""
+    from aqlm_compile.quantize.beam_search import search_order
+
+    out_f, in_f, g, m, k = 12, 16, 4, 2, 8
+    w, h, codes, cb, s = problem(out_f, in_f, g, m, k, seed=5)
+    for round_ in range(2):
+        fast = beam_search(w, h, codes, cb, s, beam_size=1, generator=torch.Generator().manual_seed(round_))
+        order = search_order(in_f // g, m, torch.Generator().manual_seed(round_))  # the order beam_search drew
+        direct = codes.clone()
+        for j, mm in order:
+            trials = []
+            for c in range(k):
+                trial = direct.clone()
+                trial[:, j, mm] = c
+                trials.append(row_errors(w, h, trial, cb, s))
+            direct[:, j, mm] = torch.stack(trials, 1).argmin(1)
+        assert (fast != codes).any()  # the search moved
+        assert torch.equal(fast, direct)
+        codes = fast

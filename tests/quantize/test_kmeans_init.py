@@ -37,3 +37,11 @@ def test_residual_kmeans_more_codewords_than_points():
     cb, codes = residual_kmeans(pts, 1, 64, 5, torch.Generator().manual_seed(0))
     assert cb.shape == (1, 64, 4) and codes.shape == (10, 1)
     assert torch.allclose(cb[0][codes[:, 0]], pts)  # every point is its own centroid
+
+
+def test_nearest_centroid_chunks_match_direct_distance():
+    gen = torch.Generator().manual_seed(2)
+    points, centroids = torch.randn(5000, 8, generator=gen), torch.randn(256, 8, generator=gen)
+    direct = torch.cdist(points.double(), centroids.double()).argmin(1)
+    for chunk in (256, 1 << 18, 1 << 24):  # one row a chunk, several rows, everything at once
+        assert torch.equal(nearest_centroid(points, centroids, chunk), direct)

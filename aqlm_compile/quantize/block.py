@@ -117,6 +117,17 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
     with the memory of a micro-batch)."""
     if settings.finetune_epochs <= 0:
         return {"epochs": 0}
+    from .global_ft import compute_context, resolve_train_dtype  # global_ft is the end-to-end stage; no cycle
+
+    device = inputs.device
+    dtype = resolve_train_dtype(settings.finetune_dtype, device)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        """The block's output in fp32, computed in `dtype` (bf16 autocast: mixed precision, the MSE stays fp32)."""
+        with compute_context(device, dtype):
+            out = runner(block, x)
+        return out.float()
+
     params = trainable_parameters(block)
     opt = torch.optim.Adam(params, lr=settings.finetune_lr, betas=(0.9, 0.95))
     numel = math.prod(targets.shape[1:])
@@ -131,7 +142,7 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
         total = 0.0
         for start in range(0, len(local), step):
             part = local[start : start + step]
-            error = F.mse_loss(runner(block, inputs[part]), targets[part], reduction="sum")
+            error = F.mse_loss(forward(inputs[part]), targets[part], reduction="sum")
             if scale is not None:
                 (error * scale).backward()
             total += error.item()
@@ -147,7 +158,7 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
                 if chunked:
                     total += summed_error(idx)
                 else:
-                    total += F.mse_loss(runner(block, inputs[idx]), targets[idx], reduction="sum").item()
+                    total += F.mse_loss(forward(inputs[idx]), targets[idx], reduction="sum").item()
             return ranks.sum_floats([total])[0] / (len(val_idx) * numel)
 
     best = val_loss()
@@ -166,7 +177,7 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
                 summed_error(idx, 1.0 / (len(idx) * numel))
                 ranks.sum_gradients(params)
             else:
-                loss = F.mse_loss(runner(block, inputs[idx]), targets[idx])
+                loss = F.mse_loss(forward(inputs[idx]), targets[idx])
                 loss.backward()
             opt.step()
             if on_step:
@@ -184,4 +195,7 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
     block.load_state_dict(best_state)
     for p in block.parameters():
         p.requires_grad_(False)
-    return {"epochs": epochs_run, "val_mse": [None if math.isnan(v) else v for v in history]}
+    report = {"epochs": epochs_run, "val_mse": [None if math.isnan(v) else v for v in history]}
+    if dtype != "float32":  # fp32 runs keep their old report
+        report["dtype"] = dtype
+    return report

@@ -33,6 +33,9 @@ class QuantizeSettings(MethodSettings):
     finetune_batch_size: int = 8
     finetune_early_stop: int = 2
     finetune_max_steps: int | None = None  # optimizer steps per epoch at most (None: every batch)
+    # block fine-tuning's forward precision, as train_dtype below is the end-to-end stages' ("float32", "bfloat16"
+    # autocast with fp32 parameters and MSE, or "auto"; block.finetune_block)
+    finetune_dtype: str = "float32"
     # windows per forward/backward inside a fine-tuning batch (block, global, PV), gradients accumulated: the same
     # steps to rounding, with one micro-batch's activations in memory (None: the whole batch at once)
     micro_batch_size: int | None = None
@@ -56,13 +59,15 @@ class QuantizeSettings(MethodSettings):
         for name in ("finetune_max_steps", "micro_batch_size"):
             if out[name] is None:  # unset: the record (and a resume fingerprint) of runs before it
                 del out[name]
-        if out["train_dtype"] == "float32":  # likewise: runs before the field trained in fp32
-            del out["train_dtype"]
+        for name in ("train_dtype", "finetune_dtype"):
+            if out[name] == "float32":  # likewise: runs before the field trained in fp32
+                del out[name]
         return out
 
     def checked(self) -> QuantizeSettings:
-        if self.train_dtype not in ("float32", "bfloat16", "auto"):
-            raise ConfigError(f"train_dtype {self.train_dtype!r}: expected 'float32', 'bfloat16' or 'auto'")
+        for name in ("train_dtype", "finetune_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "auto"):
+                raise ConfigError(f"{name} {getattr(self, name)!r}: expected 'float32', 'bfloat16' or 'auto'")
         if self.codebook_solver not in ("cg", "adam"):
             raise ConfigError(f"codebook_solver {self.codebook_solver!r}: expected 'cg' or 'adam'")
         if not 0 <= self.pv_max_code_change <= 1:
@@ -88,7 +93,7 @@ PRESETS = {
         nsamples=64, val_size=8, seqlen=512, kmeans_iters=20, kmeans_max_points=16384, cg_iters=10,
         beam_size=1, max_rounds=3, relative_tolerance=0.01, finetune_epochs=1, finetune_lr=1e-4,
         finetune_batch_size=4, finetune_early_stop=1, global_epochs=1.5, global_lr=2e-4, global_batch_size=4,
-        train_dtype="auto",
+        train_dtype="auto", finetune_dtype="auto",
     ),
     # ~1.5 h on 2 CPU cores: 2× the data, more rounds with a tighter tolerance, longer block fine-tuning with
     # early stopping, then one epoch of global KL fine-tuning against the FP model.

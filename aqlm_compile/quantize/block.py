@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .activations import empty_like
 from .distributed import SINGLE, Ranks
+from .precision import compute_context, resolve_train_dtype
 from .presets import QuantizeSettings
 
 
@@ -117,8 +118,6 @@ def finetune_block(block, runner: BlockRunner, inputs: torch.Tensor, targets: to
     with the memory of a micro-batch)."""
     if settings.finetune_epochs <= 0:
         return {"epochs": 0}
-    from .global_ft import compute_context, resolve_train_dtype  # global_ft is the end-to-end stage; no cycle
-
     device = inputs.device
     dtype = resolve_train_dtype(settings.finetune_dtype, device)
 

@@ -45,8 +45,8 @@ class QuantizeSettings(MethodSettings):
     global_lr: float = 1e-5
     global_batch_size: int = 1
     # the forward's precision in end-to-end fine-tuning (global, PV): "float32", "bfloat16" autocast (mixed
-    # precision: fp32 parameters, gradients and optimizer state; global_ft.compute_context), or "auto": bf16 where
-    # the device has native bf16 dot products, else fp32 (global_ft.resolve_train_dtype; the report says which)
+    # precision: fp32 parameters, gradients and optimizer state; precision.compute_context), or "auto": bf16 where
+    # the device has native bf16 dot products, else fp32 (precision.resolve_train_dtype; the report says which)
     train_dtype: str = "float32"
     # PV-tuning (pv_tuning.py): end-to-end steps that also update the codes; 0 = off
     pv_steps: int = 0

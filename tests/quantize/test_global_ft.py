@@ -111,7 +111,7 @@ def test_auto_train_dtype_is_bf16_only_where_native():
     slower than fp32); explicit settings are kept."""
     import torch
 
-    from aqlm_compile.quantize.global_ft import resolve_train_dtype
+    from aqlm_compile.quantize.precision import resolve_train_dtype
 
     cpu = torch.device("cpu")
     assert resolve_train_dtype("auto", cpu, {"avx2", "avx512f", "avx512_bf16"}) == "bfloat16"

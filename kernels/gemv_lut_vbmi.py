@@ -112,7 +112,7 @@ def pays_off(shape: GemvShape) -> str | None:
 
 def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int = 8, planes: int = 2,
                   prefetch: int = 1, sum16: bool = True, int_table: bool = True, row_tiles: int = 4,
-                  name: str = "aqlm_gemv_lut_vbmi"):
+                  vector_codebooks: bool = True, name: str = "aqlm_gemv_lut_vbmi"):
     """A TIR PrimFunc `name(x[N, I], codes[O, I/g, M] (ROW_TILED bytes), codebooks[P·M, 256, g], scales[O],
     bias[O], y[N, O])`.
 
@@ -138,6 +138,9 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
     int_table = int_table and planes == 2  # the int8 table (planes=1) stays fp32
     if int_table and g % 2:
         raise ValueError("int_table multiplies pairs of inputs: the group size must be even")
+    # int_table's codebook quantization in vectors of 16 pairs (the same values as the scalar loop, which stays for
+    # group sizes that do not divide 32)
+    vector_codebooks = vector_codebooks and int_table and 32 % g == 0
     if group_block is None:  # sum16: JB·M entries share the int16 range, so ≈ 8 per block keeps 12-bit entries
         group_block = max(1, 8 // M) if sum16 else 4
     # int16 block sums must not overflow: a byte lookup is ≤ 255 in magnitude, M of them per group
@@ -244,12 +247,28 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
                     for v in range(KV):
                         cabs[p] = T.max(cabs[p], cmx[v])
                     cinv[p] = T.float32(32767) / cabs[p]
-                for pm, k, tp in T.grid(PM, K, g // 2):
-                    cq[pm, tp, k] = T.bitwise_or(
-                        T.bitwise_and(T.Cast("int32", T.round(T.Cast("float32", cb[pm, k, 2 * tp]) * cinv[pm // M])),
-                                      65535),
-                        T.shift_left(T.Cast("int32", T.round(T.Cast("float32", cb[pm, k, 2 * tp + 1]) *
-                                                             cinv[pm // M])), 16))
+                if vector_codebooks:
+                    # 32 // g codewords (32 values) rounded to int16 are 16 int32 pairs in (codeword, pair) order;
+                    # a shuffle of g/2 such vectors gives, per pair tp, 16 consecutive codewords (flat lane
+                    # k·g/2 + tp). The scalar loop (below) was ≈ 1 µs of a fused q/k/v call: every task repeats it
+                    cqv = T.alloc_buffer((g // 2, KV), "int32", scope="global")
+                    for pm, kb in T.grid(PM, K // KV):
+                        for i in T.unroll(g // 2):
+                            for h in T.unroll(2):
+                                cqv[i, T.ramp(h * 8, 1, 8)] = T.reinterpret("int32x8", T.Cast("int16x16", T.Cast(
+                                    "int32x16", T.round(T.Cast("float32x16", cbf[pm, T.ramp(
+                                        kb * KV * g + i * 32 + h * 16, 1, 16)]) * T.Broadcast(cinv[pm // M], 16)))))
+                        for tp in T.unroll(g // 2):
+                            cq[pm, tp, T.ramp(kb * KV, 1, KV)] = T.Shuffle(
+                                [cqv[i, T.ramp(0, 1, KV)] for i in range(g // 2)],
+                                [k * (g // 2) + tp for k in range(KV)])
+                else:
+                    for pm, k, tp in T.grid(PM, K, g // 2):
+                        cq[pm, tp, k] = T.bitwise_or(
+                            T.bitwise_and(T.Cast("int32", T.round(T.Cast("float32", cb[pm, k, 2 * tp]) *
+                                                                  cinv[pm // M])), 65535),
+                            T.shift_left(T.Cast("int32", T.round(T.Cast("float32", cb[pm, k, 2 * tp + 1]) *
+                                                                 cinv[pm // M])), 16))
                 for pm in range(PM):
                     for v in T.vectorized(KV):
                         norms[pm, v] = T.float32(0)

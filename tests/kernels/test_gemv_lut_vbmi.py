@@ -105,6 +105,27 @@ def test_lut_vbmi_other_codebook_counts(config):
 
 
 @needs_vbmi
+@pytest.mark.parametrize("config,parts", [("2x8g8", (576, 192, 192)), ("2x8g4", None), ("2x8g16", None),
+                                          ("1x8g2", None), ("4x8g6", None)])
+def test_lut_vbmi_vector_codebook_quantization_equals_the_scalar_loop(config, parts):
+    """Each task's int16 codebooks, quantized 16 pairs at a time and shuffled into pair-major order, are the scalar
+    loop's exactly (same outputs bit for bit) at every group size that divides 32; 4x8g6 (6 does not) takes the
+    scalar loop either way."""
+    cfg = AqlmConfig.parse(config)
+    out_f = sum(parts) if parts else 192
+    in_f = 576 if cfg.in_group_size != 16 else 512
+    in_f -= in_f % cfg.in_group_size
+    codes, cb, scales, bias = _layer(cfg, out_f, in_f, parts, seed=7)
+    x = np.random.default_rng(8).standard_normal((2, in_f)).astype(np.float32)
+    shape = GemvShape(out_f, in_f, cfg, 2, partitions=parts)
+    vec = _run(gemv_lut_vbmi(shape, name="k"), x, codes, cb, scales, bias)
+    scalar = _run(gemv_lut_vbmi(shape, name="k", vector_codebooks=False), x, codes, cb, scales, bias)
+    assert np.array_equal(vec, scalar)
+    want = _reference(x, codes, cb, scales, bias, cfg, list(parts) if parts else None)
+    assert np.linalg.norm(vec - want) / np.linalg.norm(want) < 2e-3
+
+
+@needs_vbmi
 def test_lut_vbmi_adversarial_inputs_stay_inside_the_int16_range():
     """The table's scale is a bound, not a measured peak: codewords and inputs built to reach it (one codeword
     parallel to every input group, all with the same sign, one input group far larger than the rest, a spike

@@ -45,6 +45,7 @@ prefill and decode functions share one copy of the codes.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from tvm.script import tirx as T
@@ -110,15 +111,30 @@ def pays_off(shape: GemvShape) -> str | None:
             f"decoding the weights once" + (f" (from {need} rows)" if need else ""))
 
 
-def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int = 8, planes: int = 2,
+def default_chunks(in_features: int) -> int:
+    """Thread-pool tasks over the input groups (`gemv_lut_vbmi`'s `chunks`): as many as this machine's cores, and
+    one per 2048 inputs if that is more, at most 8. Each task quantizes the codebooks again, writes its own
+    partial sums and keeps its table in L2, so tasks beyond the pool's threads cost time where the inputs are few and
+    save it where the table would outgrow L2. Hand-run on the 2-vCPU Zen 4 VM, 2 threads, µs at chunks 8 / 4 / 2
+    (docs/tvm-and-ort-notes.md N37): 576×1536 15.3 / 13.3 / 13.1, q/k/v 960×576 13.9 / 12.9 / 12.7, 576×576
+    6.3 / 6.0 / 5.9, 3072×576 17.9 either way; 4096×11008 318 / 312 / 335, 11008×4096 304 / 296 / 302."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, max(cores, -(-in_features // 2048))))
+
+
+def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int | None = None, planes: int = 2,
                   prefetch: int = 1, sum16: bool = True, int_table: bool = True, row_tiles: int = 4,
-                  vector_codebooks: bool = True, name: str = "aqlm_gemv_lut_vbmi"):
+                  vector_codebooks: bool = True, vector_x: bool = True, name: str = "aqlm_gemv_lut_vbmi"):
     """A TIR PrimFunc `name(x[N, I], codes[O, I/g, M] (ROW_TILED bytes), codebooks[P·M, 256, g], scales[O],
     bias[O], y[N, O])`.
 
     Split over the input dimension: the input groups are cut into `chunks` (the largest divisor of the scale
-    blocks not above it), one thread-pool task each. A task builds the table of its own groups only (it stays in
-    L1: 4096 inputs / 8 chunks = 32 KiB), looks up every row tile over those groups, and writes its partial sums;
+    blocks not above it; default `default_chunks`), one thread-pool task each. A task builds the table of its own
+    groups only (in L2: 512 bytes per group and codebook), looks up every row tile over those groups, and writes its
+    partial sums;
     the partials are added (times the row scales, plus bias) at the end. Split over rows instead, every thread
     needs the whole table, which then crosses between cores and is re-read from L2 per row tile (measured on the
     2-vCPU Zen 4 VM: 4096² 0.21 vs 0.14 ms, 576×1536 51 vs 24 µs). `group_block`: input groups sharing one table
@@ -151,8 +167,10 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
     # |xq_j| ≤ QMAX·2^SHIFT / (1.003 |Cq|max) < 32767 (|Cq|max ≥ 32767, the largest element) fits int16, and no
     # int32 sum (nor vpdpwssd's pair sums: Cauchy–Schwarz on any subset) can overflow
     SHIFT = 30 - QMAX.bit_length()
+    # int_table: x rounded to int16 pairs 16 inputs at a time where a scale block holds a multiple of 16 inputs
+    vector_x = vector_x and int_table and (JB * g) % 16 == 0
     NBLK = J // JB
-    C = _largest_divisor(NBLK, chunks)  # thread-pool tasks
+    C = _largest_divisor(NBLK, chunks or default_chunks(I))  # thread-pool tasks
     BC = NBLK // C  # scale blocks per task
     JC = BC * JB  # input groups per task
     PM = shape.codebook_rows()
@@ -303,7 +321,8 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
             table = T.alloc_buffer((planes, N, JC, PM, K), "int8", scope="global")
             table_scale = T.alloc_buffer((N, P, BC), "float32", scope="global")
             xs = T.alloc_buffer((P, N, JC, g), "float32", scope="global")  # x in table units
-            xq = T.alloc_buffer((P, N, JC, g // 2), "int32", scope="global")  # int_table: x pairs, int16 each
+            # int_table: x pairs, int16 each, pair tp of group j at j·g/2 + tp
+            xq = T.alloc_buffer((P, N, JC * g // 2), "int32", scope="global")
             xn = T.alloc_buffer((1,), "float32", scope="global")
             xf = T.alloc_buffer((1,), "float32", scope="global")
             acc_t = T.alloc_buffer((JU, 4, KV), "float32", scope="global")
@@ -322,12 +341,21 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
                         table_scale[n, p, bb] = T.sqrt(xn[0] * cmax[p]) * T.float32(1.003 / QMAX) * \
                             cabs[p] / T.float32(32767)
                         xf[0] = T.float32(2 ** SHIFT / 32767) * cabs[p] / table_scale[n, p, bb]  # x → xq units
-                        for jj, tp in T.grid(JB, g // 2):
-                            xq[p, n, bb * JB + jj, tp] = T.bitwise_or(
-                                T.bitwise_and(T.Cast("int32", T.round(
-                                    T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + 2 * tp]) * xf[0])), 65535),
-                                T.shift_left(T.Cast("int32", T.round(
-                                    T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + 2 * tp + 1]) * xf[0])), 16))
+                        if vector_x:  # 16 inputs (8 pairs) at a time, the same values as the scalar loop
+                            for i in T.unroll(JB * g // 16):
+                                xq[p, n, T.ramp(bb * JB * g // 2 + i * 8, 1, 8)] = T.reinterpret(
+                                    "int32x8", T.Cast("int16x16", T.Cast("int32x16", T.round(T.Cast(
+                                        "float32x16", x[n, T.ramp((c * JC + bb * JB) * g + i * 16, 1, 16)]) *
+                                        T.Broadcast(xf[0], 16)))))
+                        else:
+                            for jj, tp in T.grid(JB, g // 2):
+                                xq[p, n, (bb * JB + jj) * (g // 2) + tp] = T.bitwise_or(
+                                    T.bitwise_and(T.Cast("int32", T.round(
+                                        T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + 2 * tp]) * xf[0])),
+                                        65535),
+                                    T.shift_left(T.Cast("int32", T.round(
+                                        T.Cast("float32", x[n, (c * JC + bb * JB + jj) * g + 2 * tp + 1]) *
+                                        xf[0])), 16))
                     else:
                         # 1.0001: the fp32 rounding of the bound and of the table entries stays inside QMAX
                         table_scale[n, p, bb] = T.sqrt(xn[0] * cmax[p]) * T.float32(1.0001 / QMAX)
@@ -345,7 +373,8 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
                                 acc_i[jj, q, T.ramp(0, 1, KV)] = T.call_llvm_pure_intrin(
                                     "int32x16", "llvm.x86.avx512.vpdpwssd.512", acc_i[jj, q, T.ramp(0, 1, KV)],
                                     T.reinterpret("int16x32", cq[pm, tp, T.ramp(kq * 64 + q * KV, 1, KV)]),
-                                    T.reinterpret("int16x32", T.Broadcast(xq[pm // M, n, jo * JU + jj, tp], KV)))
+                                    T.reinterpret("int16x32",
+                                                  T.Broadcast(xq[pm // M, n, (jo * JU + jj) * (g // 2) + tp], KV)))
                     for jj in T.unroll(JU):
                         for q in T.unroll(2):
                             table[q, n, jo * JU + jj, pm, T.ramp(kq * 64, 1, 64)] = T.call_llvm_pure_intrin(

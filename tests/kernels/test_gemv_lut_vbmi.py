@@ -107,10 +107,10 @@ def test_lut_vbmi_other_codebook_counts(config):
 @needs_vbmi
 @pytest.mark.parametrize("config,parts", [("2x8g8", (576, 192, 192)), ("2x8g4", None), ("2x8g16", None),
                                           ("1x8g2", None), ("4x8g6", None)])
-def test_lut_vbmi_vector_codebook_quantization_equals_the_scalar_loop(config, parts):
-    """Each task's int16 codebooks, quantized 16 pairs at a time and shuffled into pair-major order, are the scalar
-    loop's exactly (same outputs bit for bit) at every group size that divides 32; 4x8g6 (6 does not) takes the
-    scalar loop either way."""
+def test_lut_vbmi_vector_quantization_equals_the_scalar_loops(config, parts):
+    """Each task's int16 codebooks, quantized 16 pairs at a time and shuffled into pair-major order, and x, rounded
+    16 inputs at a time, are the scalar loops' exactly (same outputs bit for bit) at every group size that divides 32
+    (codebooks) and every scale block of a multiple of 16 inputs (x); 4x8g6 takes the scalar loops either way."""
     cfg = AqlmConfig.parse(config)
     out_f = sum(parts) if parts else 192
     in_f = 576 if cfg.in_group_size != 16 else 512
@@ -119,8 +119,9 @@ def test_lut_vbmi_vector_codebook_quantization_equals_the_scalar_loop(config, pa
     x = np.random.default_rng(8).standard_normal((2, in_f)).astype(np.float32)
     shape = GemvShape(out_f, in_f, cfg, 2, partitions=parts)
     vec = _run(gemv_lut_vbmi(shape, name="k"), x, codes, cb, scales, bias)
-    scalar = _run(gemv_lut_vbmi(shape, name="k", vector_codebooks=False), x, codes, cb, scales, bias)
-    assert np.array_equal(vec, scalar)
+    for kw in (dict(vector_codebooks=False), dict(vector_x=False), dict(vector_codebooks=False, vector_x=False)):
+        scalar = _run(gemv_lut_vbmi(shape, name="k", **kw), x, codes, cb, scales, bias)
+        assert np.array_equal(vec, scalar), kw
     want = _reference(x, codes, cb, scales, bias, cfg, list(parts) if parts else None)
     assert np.linalg.norm(vec - want) / np.linalg.norm(want) < 2e-3
 

@@ -11,6 +11,10 @@ def _suffix(partitions) -> str:
 # A kernel that reads row-tiled codes ([out/64, in/g, M, 64] in the HF-shaped tensor: kernels/gemv_lut_vbmi.py) has
 # this suffix; the ORT op looks for it first and then hands the kernel a row-tiled copy of the codes.
 ROW_TILED_SUFFIX = "_rt64"
+# A GEMV whose codebooks argument is kernels/gemv_lut_vbmi.py `prepared_codebooks` of the layer's fp16 codebooks
+# (int32 [P·M·g/2·2^B + 2P], computed once) has this suffix after the others; the ORT op uses it where the library
+# has it and the codebooks are a constant initializer.
+PREPARED_SUFFIX = "_prep"
 
 
 def config_suffix(config_name: str | None) -> str:

@@ -111,6 +111,30 @@ def pays_off(shape: GemvShape) -> str | None:
             f"decoding the weights once" + (f" (from {need} rows)" if need else ""))
 
 
+def prepared_codebooks(codebooks: np.ndarray, partitions: int = 1) -> np.ndarray:
+    """The integer table's codebooks as `gemv_lut_vbmi(prepared=True)` reads them, from fp16 codebooks [P·M, 256, g]
+    of `partitions` partitions: int32 [P·M·g/2·256 + 2P] = the int16 pairs cq[pm, tp, k] (codeword k's inputs 2tp and
+    2tp+1, each rounded from C · 32767 / max|C| of its partition, in fp32 as the kernel computes them), then per
+    partition that max|C| and the largest squared norm of its quantized codewords (the table's bound), as fp32
+    bits. The kernel would otherwise compute all of it in every task of every call."""
+    cb = np.asarray(codebooks)
+    if cb.ndim != 3 or cb.shape[0] % partitions or cb.shape[2] % 2:
+        raise ValueError(f"codebooks: expected [P·M, K, g] with g even and P = {partitions}, found shape {list(cb.shape)}")
+    pm, k, g = cb.shape
+    m = pm // partitions
+    c32 = cb.astype(np.float32)
+    cq = np.empty((pm, g // 2, k), np.int32)
+    stats = np.empty((partitions, 2), np.float32)
+    for p in range(partitions):
+        block = c32[p * m:(p + 1) * m]
+        cabs = np.float32(max(float(np.abs(block).max()), 1e-30))
+        q = np.rint(block * (np.float32(32767) / cabs)).astype(np.int64)  # [m, K, g]; half to even, as vcvtps2dq
+        pairs = (q[..., 0::2] & 0xFFFF) | ((q[..., 1::2] & 0xFFFF) << 16)  # [m, K, g/2]
+        cq[p * m:(p + 1) * m] = pairs.astype(np.uint32).view(np.int32).transpose(0, 2, 1)
+        stats[p] = cabs, max(float((q.astype(np.float64) ** 2).sum(-1).max()), 1e-30)
+    return np.concatenate([cq.ravel(), stats.view(np.int32).ravel()])
+
+
 def default_chunks(in_features: int) -> int:
     """Thread-pool tasks over the input groups (`gemv_lut_vbmi`'s `chunks`): as many as this machine's cores, and
     one per 2048 inputs if that is more, at most 8. Each task quantizes the codebooks again, writes its own
@@ -127,7 +151,8 @@ def default_chunks(in_features: int) -> int:
 
 def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int | None = None, planes: int = 2,
                   prefetch: int = 1, sum16: bool = True, int_table: bool = True, row_tiles: int = 4,
-                  vector_codebooks: bool = True, vector_x: bool = True, name: str = "aqlm_gemv_lut_vbmi"):
+                  vector_codebooks: bool = True, vector_x: bool = True, prepared: bool = False,
+                  name: str = "aqlm_gemv_lut_vbmi"):
     """A TIR PrimFunc `name(x[N, I], codes[O, I/g, M] (ROW_TILED bytes), codebooks[P·M, 256, g], scales[O],
     bias[O], y[N, O])`.
 
@@ -140,7 +165,10 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
     2-vCPU Zen 4 VM: 4096² 0.21 vs 0.14 ms, 576×1536 51 vs 24 µs). `group_block`: input groups sharing one table
     scale (the largest divisor of I/g not above it). `prefetch`: software-prefetch each 64-byte line of codes this
     many row tiles ahead (a task reads one 64·M·groups-byte run per tile, jumping between runs, which the hardware
-    prefetcher follows late; with weights from DRAM, 11008×4096 1.23 → 0.86 ms and 4096² 0.47 → 0.34 ms; 0: off)."""
+    prefetcher follows late; with weights from DRAM, 11008×4096 1.23 → 0.86 ms and 4096² 0.47 → 0.34 ms; 0: off).
+    `prepared`: the third argument is `prepared_codebooks(codebooks, P)` (int32 [P·M·g/2·256 + 2P]: the int16
+    codebook pairs and each partition's scale and norm bound, computed once when the model is built) instead of the
+    fp16 codebooks, which every task of every call otherwise quantizes again (int_table only)."""
     cfg = shape.config
     O, I, N, g, M = shape.out_features, shape.in_features, shape.batch, cfg.in_group_size, cfg.num_codebooks
     cfg.check_shape(O, I)
@@ -154,6 +182,8 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
     int_table = int_table and planes == 2  # the int8 table (planes=1) stays fp32
     if int_table and g % 2:
         raise ValueError("int_table multiplies pairs of inputs: the group size must be even")
+    if prepared and not int_table:
+        raise ValueError("prepared codebooks are the integer table's (int_table=True, planes=2)")
     # int_table's codebook quantization in vectors of 16 pairs (the same values as the scalar loop, which stays for
     # group sizes that do not divide 32)
     vector_codebooks = vector_codebooks and int_table and 32 % g == 0
@@ -236,8 +266,11 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
             return T.Cast("float32", part[rt, 0, n, r])
         return T.Cast("float32", part[rt, 0, n, r]) * T.float32(256) + T.Cast("float32", part[rt, 1, n, r])
 
+    NCQ = PM * (g // 2) * K  # prepared: the int16 pairs, then (scale, norm bound) per partition as fp32 bits
+    CB_SHAPE, CB_DTYPE = ((NCQ + 2 * P,), "int32") if prepared else ((PM, K, g), cbt_dtype)
+
     @T.prim_func
-    def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), "int8"), cb: T.Buffer((PM, K, g), cbt_dtype),
+    def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), "int8"), cb: T.Buffer(CB_SHAPE, CB_DTYPE),
                scales: T.Buffer((O,), "float32"), bias: T.Buffer((O,), "float32"), y: T.Buffer((N, O), act)):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         tiles = T.decl_buffer((O // TR, J, M, TR), "int8", data=codes.data)
@@ -247,7 +280,13 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
             # cross-core transfers than the copy itself (hand-run, stop 36)
             norms = T.alloc_buffer((PM, KV), "float32", scope="global")
             cmax = T.alloc_buffer((P,), "float32", scope="global")
-            if int_table:
+            if prepared:  # read-only, shared by the tasks (written once, at load time)
+                cq = T.decl_buffer((PM, g // 2, K), "int32", data=cb.data)
+                cabs = T.alloc_buffer((P,), "float32", scope="global")
+                for p in range(P):
+                    cabs[p] = T.reinterpret("float32", cb[NCQ + 2 * p])
+                    cmax[p] = T.reinterpret("float32", cb[NCQ + 2 * p + 1])
+            elif int_table:
                 # int16 codebooks (±32767 · max |C| of the partition), the two inputs of a pair in one int32, so
                 # vpdpwssd multiplies and adds 32 codeword·input products per instruction
                 cabs = T.alloc_buffer((P,), "float32", scope="global")
@@ -314,10 +353,11 @@ def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int 
                         for v in T.vectorized(KV):
                             norms[pm, v] = T.max(norms[pm, v], tree_sum(
                                 [cbt[pm, t, ko * KV + v] * cbt[pm, t, ko * KV + v] for t in range(g)]))
-            for p in range(P):
-                cmax[p] = T.float32(1e-30)  # all-zero codebooks: any scale, the table is zeros
-                for mm, v in T.grid(M, KV):
-                    cmax[p] = T.max(cmax[p], norms[p * M + mm, v])
+            if not prepared:
+                for p in range(P):
+                    cmax[p] = T.float32(1e-30)  # all-zero codebooks: any scale, the table is zeros
+                    for mm, v in T.grid(M, KV):
+                        cmax[p] = T.max(cmax[p], norms[p * M + mm, v])
             table = T.alloc_buffer((planes, N, JC, PM, K), "int8", scope="global")
             table_scale = T.alloc_buffer((N, P, BC), "float32", scope="global")
             xs = T.alloc_buffer((P, N, JC, g), "float32", scope="global")  # x in table units

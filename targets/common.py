@@ -14,14 +14,14 @@ import tvm  # noqa: E402
 from aqlm_compile import __version__, artifact  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
-from aqlm_compile.kernel_abi import (attention_symbols, dense_symbol, gemm_symbol, gemv_symbol,  # noqa: E402
-                                     silu_mul_halves_symbols)
+from aqlm_compile.kernel_abi import (PREPARED_SUFFIX, attention_symbols, dense_symbol, gemm_symbol,  # noqa: E402
+                                     gemv_symbol, silu_mul_halves_symbols)
 from aqlm_compile.kernels.attention import causal_attention, decode_attention, rope_kv_append  # noqa: E402
 from aqlm_compile.kernels.dense import dense_linear  # noqa: E402
 from aqlm_compile.kernels.elementwise import silu_mul_halves  # noqa: E402
 from aqlm_compile.kernels.gemm_vnni import INT8_ACTIVATIONS  # noqa: E402
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR  # noqa: E402
-from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED  # noqa: E402
+from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED, gemv_lut_vbmi  # noqa: E402
 from aqlm_compile.kernels.registry import (MAX_GEMV_BATCH, codes_layout, find_kernel, required_features,  # noqa: E402
                                            select_kernel)
 
@@ -94,6 +94,9 @@ def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, 
                                "in_features": in_f, "batch": batch if batch else "any",
                                **({"config": own} if own else {}),
                                **({"partitions": list(parts)} if parts else {})}
+            if choice.name == "gemv_lut_vbmi":  # and its variant reading codebooks prepared once (docs N38)
+                funcs[symbol + PREPARED_SUFFIX] = gemv_lut_vbmi(shape, name=symbol + PREPARED_SUFFIX, prepared=True)
+                kernels[symbol + PREPARED_SUFFIX] = {**kernels[symbol], "codebooks": "prepared (prepared_codebooks)"}
     for out_f, in_f, dtype in dense:
         symbol = dense_symbol(out_f, in_f, dtype)
         funcs[symbol] = dense_linear(out_f, in_f, name=symbol, weight_dtype=dtype, row_scales=dtype == "int8")

@@ -13,7 +13,7 @@ import numpy as np
 from aqlm_compile.ops import gemm_layer
 from aqlm_compile.kernels.gemv_direct import GemvShape
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR
-from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED, to_row_tiled
+from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED, gemv_lut_vbmi, prepared_codebooks, to_row_tiled
 from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, codes_layout, select_kernel
 
 from .common import tvm
@@ -65,16 +65,22 @@ def _dequantized_linear(bb, x2, codes, codebooks, scales, cfg, out_f: int, in_f:
 
 def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, device: str = "cpu",
                     target_kind: str = "llvm", chosen: dict | None = None, features=frozenset(),
-                    layouts: dict | None = None):
+                    layouts: dict | None = None, param_value=None):
     """A converter for `aqlm.aqlm_gemm` nodes: reshape x to [N, in], call_tir the kernel the kernel table picks for
     (shape, N), reshape back. `static_tokens` = N for the decode function (a GEMV), None for prefill (any N: the
     table's any-batch kernel; a graph-level one, such as the CUDA prefill's Relax decode + matmul, is expanded
     here). `chosen` collects {symbol: kernel name and reason} for the manifest. `features`: the target's CPU
     features (kernels.registry `required_features`). `layouts` collects {codes parameter: codes layout} for the
-    layers whose kernels read codes repacked at build time (`repack_codes`); the others read the HF layout."""
+    layers whose kernels read codes repacked at build time (`repack_codes`); the others read the HF layout.
+    `param_value(placeholder name)`: a parameter's tensor (None if it is not one). Where the decode GEMV is
+    `gemv_lut_vbmi` and the codebooks are a parameter, the call passes them as a constant already in the kernel's
+    integer form (`prepared_codebooks`, docs/tvm-and-ort-notes.md N38): every task of every call quantized them
+    again before."""
     from tvm import relax
 
     def convert(node, importer):
+        import torch
+
         bb = importer.block_builder
         x, codes, codebooks, scales = (importer.env[a] for a in node.args[:4])
         bias_node = node.args[4] if len(node.args) > 4 else None
@@ -103,13 +109,24 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
             if bias_node is not None:
                 y = bb.emit(relax.op.add(y, relax.op.astype(importer.env[bias_node], "float32")))
             return bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
-        key = (out_f, in_f, tuple(parts or ()), static_tokens, layout, cfg.name)
+        prepared = None
+        if static_tokens and choice.name == "gemv_lut_vbmi" and param_value is not None and \
+                node.args[2].op == "placeholder":
+            value = param_value(node.args[2].name)
+            if value is not None:
+                prepared = prepared_codebooks(
+                    value.detach().to(torch.float16).reshape(int(bv.shape[0]), int(bv.shape[1]),
+                                                             cfg.in_group_size).numpy(), len(parts or [out_f]))
+        key = (out_f, in_f, tuple(parts or ()), static_tokens, layout, cfg.name) + (("prepared",) if prepared is not None
+                                                                                 else ())
         if key not in kernels:
             # a second config for one shape (an lm_head of its own config) gets its config in the name
-            clash = any(k[:5] == key[:5] for k in kernels if isinstance(k, tuple) and len(k) == 6)
+            clash = any(k[:5] == key[:5] and k[6:] == key[6:] for k in kernels if isinstance(k, tuple) and len(k) >= 6)
             symbol = f"{prefix}_aqlm_{out_f}x{in_f}" + (f"_p{'-'.join(map(str, parts))}" if parts else "") + \
-                (f"_c{cfg.name}" if clash else "") + ("" if layout == OUT_MAJOR else "_tiled")
-            func = choice.build_func(shape, symbol, dynamic_tokens=not static_tokens)
+                (f"_c{cfg.name}" if clash else "") + ("" if layout == OUT_MAJOR else "_tiled") + \
+                ("_prep" if prepared is not None else "")
+            func = (gemv_lut_vbmi(shape, name=symbol, prepared=True) if prepared is not None else
+                    choice.build_func(shape, symbol, dynamic_tokens=not static_tokens))
             # hand-scheduled already: dlight must leave it alone
             func = func.with_attr("tirx.is_scheduled", True)
             if device == "cuda":  # opaque: TVM's CUDA pipeline must not fuse a thread-bound kernel (FuseTIR fails)
@@ -117,11 +134,15 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
             kernels[key] = bb.add_func(func, symbol)
             if chosen is not None:
                 chosen[symbol] = {"kernel": choice.name, "reason": choice.reason}
+                if prepared is not None:
+                    chosen[symbol]["codebooks"] = "prepared at build time (int16 pairs, constants in the library)"
         gv = kernels[key]
-        pm = int(bv.shape[0])
-        cb = bb.emit(relax.op.reshape(codebooks, [pm, int(bv.shape[1]), cfg.in_group_size]))
-        if str(bv.dtype) != "torch.float16":
-            cb = bb.emit(relax.op.astype(cb, "float16"))
+        if prepared is not None:
+            cb = relax.const(prepared)
+        else:
+            cb = bb.emit(relax.op.reshape(codebooks, [int(bv.shape[0]), int(bv.shape[1]), cfg.in_group_size]))
+            if str(bv.dtype) != "torch.float16":
+                cb = bb.emit(relax.op.astype(cb, "float16"))
         # The kernels take fp32 scales [out] and an fp32 bias: the build plan stores the scales that way
         # (export.scales_for_kernels) so no call converts them, and an absent bias is one constant in the library —
         # a conversion or a fill per layer per token would be two more VM calls and allocations each.
@@ -658,10 +679,16 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
     if cpu:  # and SiLU, fused with its multiply: kernels/elementwise.py
         table.pop(torch.ops.aten.silu.default, None)
     ep = ep.run_decompositions(table)
+    parameters = ep.graph_signature.inputs_to_parameters
+
+    def param_value(name: str):
+        return ep.state_dict[parameters[name]] if name in parameters else None
+
     return from_exported_program(
         ep, keep_params_as_input=True, run_ep_decomposition=False,
         custom_convert_map={"aqlm_gemm.default": _aqlm_converter(static_tokens, kernels, prefix, device,
-                                                                  target_kind, chosen, features, layouts),
+                                                                  target_kind, chosen, features, layouts,
+                                                                  param_value),
                             "linear.default": dense, "to.device": _to_device,
                             "linear_rows_int8.default": _rows_int8_converter(kernels, prefix),
                             **({"bmm.default": _bmm_converter(kernels, prefix),

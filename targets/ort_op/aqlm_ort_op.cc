@@ -15,6 +15,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -193,6 +194,7 @@ struct Kernel {
   uint64_t tiled_sample = 0;
   std::map<std::string, tvm::ffi::Function> functions;
   std::map<std::string, bool> row_tiled;  // symbol → whether it is the _rt64 variant
+  std::map<std::string, std::string> library_name;  // symbol → the library function's own name (suffixes included)
   // Inputs 1..5 that are constant initializers (ORT's KernelInfoGetConstantInput_tensor, asked once at kernel
   // creation): they cannot change for the session's lifetime. When codes, codebooks and scales are (and bias and
   // partitions, where present), the first complete call keeps what it prepared (`ready`) and every later call reads
@@ -208,7 +210,12 @@ struct Kernel {
     tvm::ffi::Function f;
     bool tiled = false;
     std::string symbol;
+    bool prepared = false;  // f is the `_prep` variant: its codebooks argument is `cb_prepared`
   };
+  // The codebooks in the LUT kernel's integer form (kernels/gemv_lut_vbmi.py `prepared_codebooks`), computed once
+  // from constant codebooks for the library's `_prep` kernels; empty until a resolved kernel needs it.
+  Aligned cb_prepared;
+  int64_t cb_prepared_count = 0;
   // by token count: [N] for N = 1..8 (the GEMVs), [0] for any other N (the GEMM); resolved on first use
   std::unique_ptr<Resolved> by_tokens[9];
   // ORT may run one session from many threads at once, and every call of this node shares the state above (the
@@ -326,6 +333,34 @@ OrtStatus* call_kernel(const char* op, const tvm::ffi::Function& f, const std::s
   return call_packed(op, f, symbol, packed);
 }
 
+// kernels/gemv_lut_vbmi.py `prepared_codebooks` in C++ (keep the two in step): fp16 codebooks [P*M, K, g] → int32
+// [P*M*g/2*K + 2P]: the int16 pairs cq[pm, tp, k] = (round(C[pm,k,2tp]·s), round(C[pm,k,2tp+1]·s)) with
+// s = 32767 / max|C| of the partition (fp32, rounded half to even), then per partition max|C| and the largest
+// squared norm of its quantized codewords, as fp32 bits.
+void prepare_codebooks(const void* cb, int64_t P, int64_t M, int64_t K, int64_t g, int32_t* out) {
+  const int64_t pairs = g / 2, ncq = P * M * pairs * K;
+  for (int64_t p = 0; p < P; ++p) {
+    float cabs = 1e-30f;
+    for (int64_t i = p * M * K * g; i < (p + 1) * M * K * g; ++i) cabs = std::max(cabs, std::fabs(half_to_float(half_bits(cb, i))));
+    const float cinv = 32767.0f / cabs;
+    int64_t norm_max = 0;
+    for (int64_t pm = p * M; pm < (p + 1) * M; ++pm)
+      for (int64_t k = 0; k < K; ++k) {
+        int64_t norm = 0;
+        for (int64_t tp = 0; tp < pairs; ++tp) {
+          const int64_t base = (pm * K + k) * g + 2 * tp;
+          const int32_t lo = static_cast<int32_t>(std::nearbyint(half_to_float(half_bits(cb, base)) * cinv));
+          const int32_t hi = static_cast<int32_t>(std::nearbyint(half_to_float(half_bits(cb, base + 1)) * cinv));
+          out[(pm * pairs + tp) * K + k] = static_cast<int32_t>((uint32_t(lo) & 0xFFFFu) | ((uint32_t(hi) & 0xFFFFu) << 16));
+          norm += int64_t(lo) * lo + int64_t(hi) * hi;
+        }
+        norm_max = std::max(norm_max, norm);
+      }
+    const float stats[2] = {cabs, std::max(static_cast<float>(norm_max), 1e-30f)};
+    std::memcpy(out + ncq + 2 * p, stats, sizeof(stats));
+  }
+}
+
 // The fast path of a node whose parameters are constant initializers (Kernel::ready): x, the output, the call.
 // `handled` false: a token count this node has not run yet, for the general path to resolve (nothing done).
 OrtStatus* compute_prepared(Kernel* k, OrtKernelContext* ctx, bool* handled) {
@@ -354,13 +389,15 @@ OrtStatus* compute_prepared(Kernel* k, OrtKernelContext* ctx, bool* handled) {
   const int64_t J = I / k->g, K = int64_t(1) << k->B;
   const size_t code_bytes = k->B <= 8 ? 1 : 2;
   const int64_t P = k->P;
-  std::vector<int64_t> x_shape{N, I}, codes_shape{O, J, k->M}, cb_shape{P * k->M, K, k->g}, o_shape{O}, yk_shape{N, O};
+  std::vector<int64_t> x_shape{N, I}, codes_shape{O, J, k->M}, cb_shape{P * k->M, K, k->g}, o_shape{O}, yk_shape{N, O},
+      prep_shape{k->cb_prepared_count};
   void* y_ptr = reinterpret_cast<uintptr_t>(y.data) % 64 == 0 ? y.data : k->y_copy.get(N * O * 4);
   void* codes = r.tiled ? row_tiled_codes(k, k->codes_src, O, J, k->M, code_bytes, true) : k->codes_plain;
   DLTensor args[6] = {
       dl(aligned_or_copy(x.data, N * I * 4, k->x_copy), DLDataType{kDLFloat, 32, 1}, x_shape),
       dl(codes, DLDataType{kDLInt, uint8_t(8 * code_bytes), 1}, codes_shape),
-      dl(k->cb_ptr, DLDataType{kDLFloat, 16, 1}, cb_shape),
+      r.prepared ? dl(k->cb_prepared.ptr, DLDataType{kDLInt, 32, 1}, prep_shape)
+                 : dl(k->cb_ptr, DLDataType{kDLFloat, 16, 1}, cb_shape),
       dl(k->scales.ptr, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(k->bias.ptr, DLDataType{kDLFloat, 32, 1}, o_shape),
       dl(y_ptr, DLDataType{kDLFloat, 32, 1}, yk_shape)};
@@ -464,10 +501,11 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
     const std::string own = "_c" + std::to_string(k->M) + "x" + std::to_string(k->B) + "g" + std::to_string(k->g);
     decltype((*mod)->GetFunction(gemv)) f;
     bool tiled = false;
+    std::string found;  // the library's name for it
     for (const std::string& base : N <= 8 ? std::vector<std::string>{gemv, gemm} : std::vector<std::string>{gemm}) {
       for (const std::string& name : {base + own, base}) {
-        if ((f = (*mod)->GetFunction(name + "_rt64")).has_value()) { tiled = true; break; }
-        if ((f = (*mod)->GetFunction(name)).has_value()) break;
+        if ((f = (*mod)->GetFunction(name + "_rt64")).has_value()) { tiled = true; found = name + "_rt64"; break; }
+        if ((f = (*mod)->GetFunction(name)).has_value()) { found = name; break; }
       }
       if (f.has_value()) break;
     }
@@ -476,6 +514,7 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
                         " layer with " + std::to_string(N) + " tokens (" + symbol + "): was it built from this checkpoint?");
     it = k->functions.emplace(symbol, f.value()).first;
     k->row_tiled[symbol] = tiled;
+    k->library_name[symbol] = found;
   }
 
   const size_t code_bytes = k->B <= 8 ? 1 : 2;
@@ -499,7 +538,21 @@ OrtStatus* compute(Kernel* k, OrtKernelContext* ctx) {
   if (k->constant[1] && k->constant[2] && k->constant[3] && (!has_bias || k->constant[4]) &&
       (!present[5] || k->constant[5])) {
     const size_t slot = N <= 8 ? static_cast<size_t>(N) : 0;
-    if (!k->by_tokens[slot]) k->by_tokens[slot].reset(new Kernel::Resolved{it->second, tiled, symbol});
+    if (!k->by_tokens[slot]) {
+      // the library's `_prep` variant of this kernel (the VBMI LUT GEMV) reads the codebooks prepared once, here
+      const std::string prep = k->library_name[symbol] + "_prep";
+      auto fp = (*mod)->GetFunction(prep);
+      if (fp.has_value() && k->B == 8 && k->g % 2 == 0) {
+        const int64_t count = P * k->M * K * k->g / 2 + 2 * P;
+        if (k->cb_prepared_count != count) {
+          prepare_codebooks(cb.data, P, k->M, K, k->g, static_cast<int32_t*>(k->cb_prepared.get(count * 4)));
+          k->cb_prepared_count = count;
+        }
+        k->by_tokens[slot].reset(new Kernel::Resolved{fp.value(), tiled, prep, true});
+      } else {
+        k->by_tokens[slot].reset(new Kernel::Resolved{it->second, tiled, symbol});
+      }
+    }
     if (!tiled) k->codes_plain = codes_ptr;
     k->codes_src = codes.data;
     k->cb_ptr = cb_ptr;

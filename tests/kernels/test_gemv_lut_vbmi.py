@@ -12,7 +12,7 @@ from aqlm_compile.kernels.gemm_vnni import REQUIRED_FEATURES as VNNI_FEATURES  #
 from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR  # noqa: E402
 from aqlm_compile.kernels.gemv_lut_vbmi import (REQUIRED_FEATURES, ROW_TILED, from_row_tiled,  # noqa: E402
-                                                gemv_lut_vbmi, to_row_tiled)
+                                                gemv_lut_vbmi, prepared_codebooks, to_row_tiled)
 from aqlm_compile.kernels.registry import codes_layout, select_kernel  # noqa: E402
 from aqlm_compile.targets.common import target_features  # noqa: E402
 from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
@@ -127,6 +127,28 @@ def test_lut_vbmi_vector_quantization_equals_the_scalar_loops(config, parts):
 
 
 @needs_vbmi
+@pytest.mark.parametrize("config,out_f,in_f,parts", [("2x8g8", 960, 576, (576, 192, 192)), ("2x8g8", 256, 1024, None),
+                                                     ("4x8g8", 256, 512, None)])
+def test_lut_vbmi_with_prepared_codebooks_matches_the_kernel_that_prepares_them(config, out_f, in_f, parts):
+    """`prepared_codebooks` (numpy, at build time) gives the kernel the int16 pairs, scales and norm bounds that each
+    task otherwise computes per call: the same outputs up to the fp32 rounding of the norm bound (≤ 1e-6 relative),
+    and the same accuracy against float64. A wrong pair order, partition or scale would be off by far more."""
+    cfg = AqlmConfig.parse(config)
+    codes, cb, scales, bias = _layer(cfg, out_f, in_f, parts, seed=9)
+    x = np.random.default_rng(10).standard_normal((1, in_f)).astype(np.float32)
+    shape = GemvShape(out_f, in_f, cfg, 1, partitions=parts)
+    prep = prepared_codebooks(cb, len(parts or [out_f]))
+    assert prep.dtype == np.int32 and prep.shape == (cb.size // 2 + 2 * len(parts or [out_f]),)
+    got = _run(gemv_lut_vbmi(shape, name="k", prepared=True), x, codes, prep, scales, bias)
+    ref_kernel = _run(gemv_lut_vbmi(shape, name="k"), x, codes, cb, scales, bias)
+    assert np.abs(got - ref_kernel).max() <= 1e-6 * np.abs(ref_kernel).max()
+    want = _reference(x, codes, cb, scales, bias, cfg, list(parts) if parts else None)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
+    with pytest.raises(ValueError, match="codebooks"):
+        prepared_codebooks(cb[..., :7], 1)
+
+
+@needs_vbmi
 def test_lut_vbmi_adversarial_inputs_stay_inside_the_int16_range():
     """The table's scale is a bound, not a measured peak: codewords and inputs built to reach it (one codeword
     parallel to every input group, all with the same sign, one input group far larger than the rest, a spike
@@ -213,6 +235,9 @@ def test_a_model_built_with_the_lut_kernel_decodes_the_torch_tokens(tmp_path_fac
     assert "aqlm_gemv_2048x256_b1_p1024-1024_rt64" in library and "aqlm_gemv_256x1024_b1_rt64" in library
     kernels = manifest["tvm"]["kernels"]
     assert {k["kernel"] for s, k in kernels.items() if s.startswith("decode_")} == {"gemv_lut_vbmi", "gemv_direct"}
+    # the decode LUT calls read their codebooks prepared at build time (constants of the library)
+    lut = [s for s, k in kernels.items() if s.startswith("decode_") and k["kernel"] == "gemv_lut_vbmi"]
+    assert lut and all(s.endswith("_prep") and "prepared" in kernels[s]["codebooks"] for s in lut), lut
     assert {k["kernel"] for s, k in kernels.items() if s.startswith("prefill_")} == set(gemm)
     want = greedy_tokens(ckpt, "torch", 12)
     assert greedy_tokens(art, "tvm", 12) == want

@@ -84,6 +84,39 @@ def test_op_matches_torch_reference(cfg, op_library):
         assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5, tokens
 
 
+def test_lut_layer_runs_on_codebooks_prepared_once_as_numpy_prepares_them(tmp_path):
+    """Where the library has a `_prep` variant of a layer's GEMV (the VBMI LUT kernel) and the codebooks are a
+    constant initializer, the op prepares them once in C++ (`prepare_codebooks`) and calls that variant: the result
+    is bit for bit the kernel's on kernels/gemv_lut_vbmi.py `prepared_codebooks` (numpy, the Relax route's
+    constants), so the two preparations agree; the first call (general path, fp16 codebooks) agrees to 1e-6."""
+    from aqlm_compile.kernels.gemv_lut_vbmi import REQUIRED_FEATURES, prepared_codebooks, to_row_tiled
+    from aqlm_compile.targets.common import kernel_module, target_features, tvm
+    from aqlm_compile.targets.ort import build_ort_library, host_runtime_libs
+    from aqlm_compile.targets.x86 import x86_target
+
+    target = x86_target()
+    if not set(REQUIRED_FEATURES) <= target_features(target):
+        pytest.skip("this CPU lacks AVX-512 VBMI or VNNI: the library has no LUT kernel to prepare codebooks for")
+    cfg, out = AqlmConfig.parse("2x8g8"), 256
+    mod, kernels = kernel_module(cfg, {"layer": (out, IN)}, "llvm", max_batch=1, features=target_features(target))
+    symbol = "aqlm_gemv_256x128_b1_rt64"
+    assert kernels[symbol]["kernel"] == "gemv_lut_vbmi" and symbol + "_prep" in kernels
+    tvm.compile(mod, target=target).export_library(str(tmp_path / "kernels_x86.so"))
+    build_ort_library(tmp_path, "kernels_x86.so", host_runtime_libs())
+    lin = layer("2x8g8", seed=3, out=out)
+    sess = session(one_node_model(lin, [1, None, IN]), tmp_path / "libaqlm_ort.so")
+    x = np.random.default_rng(4).standard_normal((1, 1, IN)).astype(np.float32)
+    first, second = (sess.run(None, {"x": x})[0] for _ in range(2))
+    cb = lin.codebooks.detach().half().numpy().reshape(cfg.num_codebooks, cfg.codebook_size, cfg.in_group_size)
+    lib = tvm.runtime.load_module(str(tmp_path / "kernels_x86.so"))
+    y = tvm.runtime.empty((1, out), "float32", tvm.cpu())
+    lib[symbol + "_prep"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (
+        x[0], to_row_tiled(lin.codes.numpy().astype(np.int8)), prepared_codebooks(cb),
+        lin.scales.detach().half().float().numpy().reshape(-1), lin.bias.detach().numpy())], y)
+    assert np.array_equal(second[0], y.numpy())
+    assert np.abs(first - second).max() <= 1e-6 * np.abs(second).max()
+
+
 def test_parameters_fed_per_call_are_read_on_every_call(op_library):
     """Codes that are a graph input, not an initializer, may change between calls, even in place in one buffer:
     the op must not keep what it prepared from an earlier call (only constant initializers take that path)."""

@@ -38,7 +38,10 @@ from .fast_math import NEG_BIG, fast_exp
 from .gemv_direct import tree_sum
 
 
-PARALLEL_KEYS = 256  # a decode step's attention runs on the thread pool (one task per K/V head) from this many keys
+# a decode step's attention runs on the thread pool (one task per K/V head) from this many keys. 256 was measured on
+# hot caches (stop 36); in the whole model the K/V cache comes from DRAM (the weights streamed each token evict it),
+# and 64 made a SmolLM2 step after 128 cached tokens ≈ 4% faster (docs/tvm-and-ort-notes.md N39)
+PARALLEL_KEYS = 64
 
 
 def _online_softmax_block(rows: int, vector: int, dim: int):

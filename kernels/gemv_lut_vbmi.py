@@ -136,17 +136,18 @@ def prepared_codebooks(codebooks: np.ndarray, partitions: int = 1) -> np.ndarray
 
 
 def default_chunks(in_features: int) -> int:
-    """Thread-pool tasks over the input groups (`gemv_lut_vbmi`'s `chunks`): as many as this machine's cores, and
-    one per 2048 inputs if that is more, at most 8. Each task quantizes the codebooks again, writes its own
-    partial sums and keeps its table in L2, so tasks beyond the pool's threads cost time where the inputs are few and
-    save it where the table would outgrow L2. Hand-run on the 2-vCPU Zen 4 VM, 2 threads, µs at chunks 8 / 4 / 2
-    (docs/tvm-and-ort-notes.md N37): 576×1536 15.3 / 13.3 / 13.1, q/k/v 960×576 13.9 / 12.9 / 12.7, 576×576
-    6.3 / 6.0 / 5.9, 3072×576 17.9 either way; 4096×11008 318 / 312 / 335, 11008×4096 304 / 296 / 302."""
+    """Thread-pool tasks over the input groups (`gemv_lut_vbmi`'s `chunks`): as many as this machine's cores up to
+    2048 inputs, 8 (or the cores, if more) above, at most 8. Each task quantizes x again, writes its own partial
+    sums and builds its own table (1 KB per input group at 2 codebooks): at SmolLM2's widths tasks beyond the pool's
+    threads only cost, while at 7B widths a task's table must stay small next to the codes streaming through L2.
+    Hand-run on the 2-vCPU Zen 4 VM, 2 threads, µs at chunks 8 / 4 / 2 (docs/tvm-and-ort-notes.md N37): 576×1536
+    15.3 / 13.3 / 13.1, q/k/v 960×576 13.9 / 12.9 / 12.7, 576×576 6.3 / 6.0 / 5.9, 3072×576 17.9 either way. The
+    7B-shaped model's decode step with 2 tasks at 4096 inputs and 4 at 11008: ≈ 12% slower than with 8 (N37)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(8, max(cores, -(-in_features // 2048))))
+    return max(1, min(8, cores if in_features <= 2048 else max(cores, 8)))
 
 
 def gemv_lut_vbmi(shape: GemvShape, group_block: int | None = None, chunks: int | None = None, planes: int = 2,

@@ -471,6 +471,8 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--build-llamacpp", is_flag=True, help="--report: build llama.cpp's tools first if needed (≈10 min).")
 @click.option("--no-quantize", is_flag=True, help="--report: use only cached checkpoints (no 18+ min quantizations).")
 @click.option("--synthetic-blocks", type=int, help="--report: blocks of the Llama-2-7B-shaped model (0: none).")
+@click.option("--synthetic-head-config", help="--report: also measure the 7B-shaped model with its lm_head "
+              "quantized by AQLM in this config, TVM route alone (default 4x8g8; 'none': not built).")
 @click.option("--sections", help="--report: comma-separated subset of quality,speed,neighbour,kernels,gpu.")
 @click.option("--readme", "readme_path", help="--report/--render: update this README's generated results block.")
 @click.option("--decode-tokens", type=int, help="--report: single-token decode steps per measurement, every engine "
@@ -490,8 +492,8 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list of records.")
 @click.option("--markdown", "markdown_path", help="Also write the records as a markdown table to this file.")
 @click.option("--json-out", "json_path", help="Also write the JSON records to this file.")
-def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections,
-          readme_path, decode_tokens, notes, extra_checkpoints, shapes, configs, batches, rounds, threads, bf16, as_json,
+def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks,
+          synthetic_head_config, sections, readme_path, decode_tokens, notes, extra_checkpoints, shapes, configs, batches, rounds, threads, bf16, as_json,
           markdown_path, json_path):
     """Kernel timings (--kernels) or the whole scoreboard against dense FP16 and llama.cpp (--report)."""
     from .errors import ConfigError
@@ -504,7 +506,7 @@ def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quant
         raise ConfigError(f"--rounds {rounds}: expected ≥ 1")
     if report:
         _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections, readme_path, rounds,
-                      threads, notes, extra_checkpoints, decode_tokens)
+                      threads, notes, extra_checkpoints, decode_tokens, synthetic_head_config)
         return
     if render_path:
         from pathlib import Path
@@ -556,7 +558,7 @@ def _check_readme(readme_path) -> None:
 
 
 def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks, sections, readme_path, rounds,
-                  threads, notes=(), extra_checkpoints=(), decode_tokens=None):
+                  threads, notes=(), extra_checkpoints=(), decode_tokens=None, synthetic_head_config=None):
     from pathlib import Path
 
     from . import format as fmt
@@ -601,6 +603,13 @@ def _bench_report(quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks,
         if synthetic_blocks < 0:
             raise ConfigError(f"--synthetic-blocks {synthetic_blocks}: expected ≥ 0")
         kw["synthetic_blocks"] = synthetic_blocks
+    if synthetic_head_config is not None:
+        from .config import AqlmConfig
+
+        if synthetic_head_config.lower() == "none":
+            kw["synthetic_head_config"] = ""
+        else:
+            kw["synthetic_head_config"] = AqlmConfig.parse(synthetic_head_config).name  # a one-line ConfigError
     if sections:
         known = ("quality", "speed", "neighbour", "kernels", "gpu")
         chosen = tuple(s.strip() for s in sections.split(",") if s.strip())

@@ -15,7 +15,8 @@ QUALITY_ROW = {"family", "name", "config", "preset", "nbits", "group_size", "qty
                "file_bytes", "bytes_kind", "bits_per_param_linears", "bits_per_param_all", "types_written", "imatrix",
                "eval_s", "quantize_wall_s", "quantize_peak_rss_bytes", "quantize_cpu_s",
                "quantize_loadavg_after", "ppl_ood", "embedding", "head", "head_config", "linears_per_config"}
-SPEED_ROW = {"model", "engine", "family", "runtime", "kind", "weights", "file_bytes", "gguf", "artifact", "threads",
+SPEED_ROW = {"model", "engine", "family", "runtime", "kind", "weights", "file_bytes", "gguf", "artifact", "checkpoint",
+             "threads",
              "condition",
              "decode_tokens", "prompt_lengths", "rounds", "error", "decode_tokens_per_s", "prefill_tokens_per_s",
              "peak_rss_bytes", "scaled_to_blocks", "scaled_decode_tokens_per_s", "scaled_prefill_tokens_per_s",

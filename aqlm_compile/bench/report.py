@@ -66,6 +66,11 @@ class ReportOptions:
     # it, where the default artifact's prompt GEMMs are int8 (`build --prefill int8` on a VNNI CPU), also one with
     # `--prefill fp32` (TVM route alone) — what the int8 prompt GEMMs buy
     head_variant: bool = True
+    # the 7B-shaped model also with its lm_head quantized by AQLM in this config (`quantize --head-config`), TVM
+    # route alone: the untied 49152×4096 head is half the bytes an int8 head streams per token. Empty: not built.
+    # (Its quality cost is a property of the real model: SmolLM2's head in 4x8g8 costs +3.4% Brown PPL,
+    # benchmarks/results/amd-epyc-avx2-x86_64-2c/head-forms-ppl.md.)
+    synthetic_head_config: str = "4x8g8"
     kernel_shapes: tuple[str, ...] = ("4096x4096", "11008x4096")
     kernel_configs: tuple[str, ...] = ("2x8g8", "1x16g8")
     kernel_batches: tuple[int, ...] = (1, 4, 16)
@@ -120,6 +125,8 @@ class Subject:
     artifact_build: dict | None = None
     artifact_head_variant: Path | None = None  # the TVM route with the lm_head in the other form
     artifact_prefill_variant: Path | None = None  # the TVM route with fp32 prompt GEMMs (`build --prefill fp32`)
+    # (checkpoint, artifact, head config): the same body with the lm_head quantized by AQLM (TVM route alone)
+    aqlm_head_variant: tuple[Path, Path, str] | None = None
     ggufs: dict = field(default_factory=dict)
     gguf_imatrix: bool = False
     notes: list = field(default_factory=list)
@@ -210,6 +217,25 @@ class Report:
                     self.skip(f"{subject.tag} --prefill fp32 artifact", str(exc).splitlines()[0][:300])
         subject.artifact = art
         return art
+
+    def build_aqlm_head_variant(self, subject: Subject, head_config: str) -> None:
+        """The synthetic subject's body with its lm_head quantized by AQLM in `head_config` (random codes like the
+        blocks, as `quantize --head-config` stores it), built for the TVM route alone. Optional: a failure is
+        recorded and the other engines are still measured."""
+        from .synthetic import make_aqlm_checkpoint
+
+        try:
+            ckpt = make_aqlm_checkpoint(subject.fp_dir, report_root() / "checkpoints" /
+                                        f"{subject.tag}-{SPEED_CONFIG}-head-{head_config}-random", SPEED_CONFIG,
+                                        head_config=head_config)
+            art = self._build(subject, ckpt, "x86-aqlm-head", ["--no-onnx"])
+        except (RuntimeError, ValueError) as exc:
+            self.skip(f"{subject.tag} --head-config {head_config} artifact", str(exc).splitlines()[0][:300])
+            return
+        subject.aqlm_head_variant = (ckpt, art, head_config)
+        subject.notes.append(f"AQLM {head_config} head: the lm_head quantized like the blocks (`quantize --head-config "
+                             f"{head_config}`), TVM route alone; on SmolLM2 a {head_config} head costs +3.4% Brown PPL "
+                             "(head-forms-ppl.md), an int8 head +0.15%")
 
     def _build(self, subject: Subject, ckpt: Path, suffix: str, extra: list[str]) -> Path:
         # keyed by the compiler's sources too: an artifact built by an older compiler is not measured as this one
@@ -345,6 +371,14 @@ class Report:
                         "runtime": "tvm", "kind": "aqlm", "weights": weights,
                         "file_bytes": sum(mv["files"][n]["bytes"] for n in (tv["library"], tv["params"])),
                         "artifact": str(subject.artifact_prefill_variant)})
+        if subject.aqlm_head_variant is not None:
+            ckpt, variant, hc = subject.aqlm_head_variant
+            mv = json.loads((variant / "manifest.json").read_text())
+            tv = mv["tvm"]
+            out.append({"engine": f"aqlm-compile {cfg} + AQLM {hc} head, TVM runtime", "family": "aqlm-compile",
+                        "runtime": "tvm", "kind": "aqlm", "weights": f"AQLM {cfg} + AQLM {hc} head, fp16 embedding",
+                        "file_bytes": sum(mv["files"][n]["bytes"] for n in (tv["library"], tv["params"])),
+                        "artifact": str(variant), "checkpoint": str(ckpt)})
         if onnx:
             ort_files = [onnx["model"], onnx["op_library"], manifest["kernel_library"]] + \
                 [n for n in files if n.startswith("onnx/") and n.endswith(".data") and "dense" not in n]
@@ -504,6 +538,8 @@ class Report:
             syn.speed_ckpt = ckpt
             # fp16 dense only (the FP16 baseline); an fp32 ONNX file of this size passes protobuf's 2 GB limit
             self.build_artifact(syn, ckpt, dense_dtype="fp16", onnx_dense=False, head_variant=o.head_variant)
+            if o.synthetic_head_config:
+                self.build_aqlm_head_variant(syn, o.synthetic_head_config)
             syn.notes.append("dense fp32 (TVM and ORT) not built at this size: the FP16 baseline is the mission's, "
                              "and an fp32 ONNX file passes protobuf's 2 GB limit")
             self.ggufs(syn, o.llamacpp_types, imatrix_chunks=8)
@@ -537,7 +573,7 @@ def _bytes_split(s: Subject, e: dict) -> tuple[int, int]:
             elif t.name == "output.weight":
                 head += int(t.n_bytes)
         return blocks, head
-    path = (s.speed_ckpt if e["kind"] == "aqlm" else s.fp_dir) / "model.safetensors"
+    path = (Path(e.get("checkpoint") or s.speed_ckpt) if e["kind"] == "aqlm" else s.fp_dir) / "model.safetensors"
     scale = 2 if e["kind"] == "dense" else 1  # fp32 weights from the fp16 FP model file
     blocks = head = 0
     with safe_open(str(path), "pt") as f:

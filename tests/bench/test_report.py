@@ -121,7 +121,8 @@ def test_render_updates_the_readme_block_only(quick_report, tmp_path):
                                           (["--report", "--sections", "speed,typo"], "unknown ['typo']"),
                                           (["--report", "--quick", "--readme", "README.md"], "full report only"),
                                           (["--render", "/nonexistent/report.json"], "no such report.json"),
-                                          (["--report", "--readme", "/nonexistent/README.md"], "generated results")])
+                                          (["--report", "--readme", "/nonexistent/README.md"], "generated results"),
+                                          (["--report", "--synthetic-head-config", "4x8"], "expected MxBgG")])
 def test_bench_report_rejects_bad_input(args, message):
     r = CliRunner().invoke(main, ["bench", *args])
     assert r.exit_code == 2 and message in r.output, r.output
@@ -139,3 +140,27 @@ def test_busy_neighbour_is_low_priority_and_stopped():
             assert autogroup_nice(pid) == 19
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_aqlm_head_variant_streams_its_own_head_bytes(tiny_llama, tmp_path):
+    """The 7B-shaped rows' AQLM-head engine (ReportOptions.synthetic_head_config): its bytes per token come from its
+    own checkpoint (the head's codes, codebooks and scales), not from the subject's int8-head one."""
+    from aqlm_compile.bench.report import Subject, _bytes_split
+    from aqlm_compile.bench.synthetic import make_aqlm_checkpoint
+    from aqlm_compile.config import AqlmConfig
+
+    body = make_aqlm_checkpoint(tiny_llama, tmp_path / "body", "2x8g8")
+    headed = make_aqlm_checkpoint(tiny_llama, tmp_path / "headed", "2x8g8", head_config="2x8g8")
+    s = Subject("t", "tiny", tiny_llama, blocks=2, speed_ckpt=body)
+    int8 = {"family": "aqlm-compile", "kind": "aqlm", "engine": "aqlm-compile 2x8g8 + int8 head, TVM runtime"}
+    aqlm = {"family": "aqlm-compile", "kind": "aqlm", "engine": "aqlm-compile 2x8g8 + AQLM 2x8g8 head, TVM runtime",
+            "checkpoint": str(headed)}
+    blocks8, head8 = _bytes_split(s, int8)
+    blocks2, head2 = _bytes_split(s, aqlm)
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+    assert blocks8 == blocks2
+    # int8 rows + an fp32 scale each; a tied table is stored once, as the embedding (the 7B shapes are untied)
+    assert head8 == (0 if cfg.get("tie_word_embeddings") else vocab * (hidden + 4))
+    codes = vocab * hidden // 8 * 2  # two 8-bit codes per group of 8 inputs
+    assert codes < head2 <= AqlmConfig.parse("2x8g8").layer_bits(vocab, hidden) // 8 + 4 * vocab

@@ -141,7 +141,8 @@ class OrtDecoder:
         self._binding.bind_cpu_input(self.input_names[1], mask)
         self.session.run_with_iobinding(self._binding)
         self.length += ids.shape[1]
-        return self._binding.get_outputs()[0].numpy()[0]
+        # the logits alone: get_outputs() wraps every output in a Python OrtValue (61 for SmolLM2) on each step
+        return self._binding.get_outputs_as_ortvaluevector()[0].numpy()[0]
 
 
 def _check_external_data(artifact_dir: Path, manifest: dict, rel: str, field: str) -> None:

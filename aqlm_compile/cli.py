@@ -493,8 +493,8 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 @click.option("--markdown", "markdown_path", help="Also write the records as a markdown table to this file.")
 @click.option("--json-out", "json_path", help="Also write the JSON records to this file.")
 def bench(kernels, report, render_path, quick, out_dir, build_llamacpp, no_quantize, synthetic_blocks,
-          synthetic_head_config, sections, readme_path, decode_tokens, notes, extra_checkpoints, shapes, configs, batches, rounds, threads, bf16, as_json,
-          markdown_path, json_path):
+          synthetic_head_config, sections, readme_path, decode_tokens, notes, extra_checkpoints, shapes, configs,
+          batches, rounds, threads, bf16, as_json, markdown_path, json_path):
     """Kernel timings (--kernels) or the whole scoreboard against dense FP16 and llama.cpp (--report)."""
     from .errors import ConfigError
 

@@ -234,8 +234,8 @@ class Report:
             return
         subject.aqlm_head_variant = (ckpt, art, head_config)
         subject.notes.append(f"AQLM {head_config} head: the lm_head quantized like the blocks (`quantize --head-config "
-                             f"{head_config}`), TVM route alone; on SmolLM2 a {head_config} head costs +3.4% Brown PPL "
-                             "(head-forms-ppl.md), an int8 head +0.15%")
+                             f"{head_config}`), TVM route alone; what a head config costs in PPL is measured on "
+                             "SmolLM2 by benchmarks/head_forms_ppl.py (4x8g8 +3.4% Brown PPL, int8 rows +0.15%)")
 
     def _build(self, subject: Subject, ckpt: Path, suffix: str, extra: list[str]) -> Path:
         # keyed by the compiler's sources too: an artifact built by an older compiler is not measured as this one
@@ -356,29 +356,21 @@ class Report:
             out.append({"engine": f"{stem}, TVM runtime", "family": "aqlm-compile", "runtime": "tvm",
                         "kind": "aqlm", "weights": weights, "file_bytes": size(tvm["library"], tvm["params"])})
         if subject.artifact_head_variant is not None:
-            mv = json.loads((subject.artifact_head_variant / "manifest.json").read_text())
-            tv = mv["tvm"]
             stem, weights = ours(artifact_head(subject.artifact_head_variant))
             out.append({"engine": f"{stem}, TVM runtime", "family": "aqlm-compile", "runtime": "tvm", "kind": "aqlm",
-                        "weights": weights,
-                        "file_bytes": sum(mv["files"][n]["bytes"] for n in (tv["library"], tv["params"])),
+                        "weights": weights, "file_bytes": tvm_route_bytes(subject.artifact_head_variant),
                         "artifact": str(subject.artifact_head_variant)})
         if subject.artifact_prefill_variant is not None:
-            mv = json.loads((subject.artifact_prefill_variant / "manifest.json").read_text())
-            tv = mv["tvm"]
             stem, weights = ours(artifact_head(subject.artifact_prefill_variant))
             out.append({"engine": f"{stem}, TVM runtime, fp32 prompt GEMMs", "family": "aqlm-compile",
                         "runtime": "tvm", "kind": "aqlm", "weights": weights,
-                        "file_bytes": sum(mv["files"][n]["bytes"] for n in (tv["library"], tv["params"])),
+                        "file_bytes": tvm_route_bytes(subject.artifact_prefill_variant),
                         "artifact": str(subject.artifact_prefill_variant)})
         if subject.aqlm_head_variant is not None:
             ckpt, variant, hc = subject.aqlm_head_variant
-            mv = json.loads((variant / "manifest.json").read_text())
-            tv = mv["tvm"]
             out.append({"engine": f"aqlm-compile {cfg} + AQLM {hc} head, TVM runtime", "family": "aqlm-compile",
                         "runtime": "tvm", "kind": "aqlm", "weights": f"AQLM {cfg} + AQLM {hc} head, fp16 embedding",
-                        "file_bytes": sum(mv["files"][n]["bytes"] for n in (tv["library"], tv["params"])),
-                        "artifact": str(variant), "checkpoint": str(ckpt)})
+                        "file_bytes": tvm_route_bytes(variant), "artifact": str(variant), "checkpoint": str(ckpt)})
         if onnx:
             ort_files = [onnx["model"], onnx["op_library"], manifest["kernel_library"]] + \
                 [n for n in files if n.startswith("onnx/") and n.endswith(".data") and "dense" not in n]
@@ -591,6 +583,12 @@ def _bytes_split(s: Subject, e: dict) -> tuple[int, int]:
                     nbytes = shape[0] * (shape[1] + 4)  # int8 rows and an fp32 scale per row
                 head += nbytes * scale
     return blocks, head
+
+
+def tvm_route_bytes(art: Path) -> int:
+    """Bytes of an artifact's TVM route as its manifest lists them: the model library and its params."""
+    manifest = json.loads((Path(art) / "manifest.json").read_text())
+    return sum(manifest["files"][n]["bytes"] for n in (manifest["tvm"]["library"], manifest["tvm"]["params"]))
 
 
 def artifact_head(art: Path) -> str:

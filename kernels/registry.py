@@ -25,9 +25,13 @@ from .gemm_vnni import INT8_ACTIVATIONS, gemm_vnni, vnni_unsupported
 from .gemm_vnni import REQUIRED_FEATURES as VNNI_FEATURES
 from .gemv_cuda import gemv_cuda
 from .gemv_direct import L1_BYTES, GemvShape, gemv_direct
+from .gemv_i16_avx2 import gemv_i16_avx2
+from .gemv_i16_avx2 import prepared_codebooks as i16_prepared_codebooks
+from .gemv_i16_avx2 import unsupported as i16_avx2_unsupported
 from .gemv_lut import GROUP_MAJOR, OUT_MAJOR, gemv_lut, gemv_lut_grouped, gemv_lut_split, split_tasks
 from .gemv_lut_vbmi import REQUIRED_FEATURES as VBMI_FEATURES
 from .gemv_lut_vbmi import ROW_TILED, gemv_lut_vbmi
+from .gemv_lut_vbmi import prepared_codebooks as vbmi_prepared_codebooks
 from .gemv_lut_vbmi import pays_off as vbmi_pays_off
 from .gemv_lut_vbmi import unsupported as vbmi_unsupported
 
@@ -51,6 +55,10 @@ class KernelSpec:
     requires: tuple[str, ...] = ()  # CPU features (LLVM names) the target must have: the caller passes its own
     # CPU features where another kernel was measured faster: the spec does not apply on a target that has one
     excluded_by: tuple[str, ...] = ()
+    # A decode variant that reads its codebooks prepared once at build time: (prepare(fp16 codebooks [P·M, K, g],
+    # P) → the constant it reads, builder(shape, name) → that variant). The Relax route passes the constant where
+    # the codebooks are a parameter (targets/relax.py); every call would otherwise redo it.
+    prepared: tuple[Callable, Callable] | None = None
 
     @property
     def graph_level(self) -> bool:
@@ -186,10 +194,17 @@ KERNELS: list[KernelSpec] = [
                # only picks between the two where the caller can hand HF codes too
                lambda shape, layouts: _gemv_batch(shape) or vbmi_unsupported(shape) or (
                    vbmi_pays_off(shape) if OUT_MAJOR in layouts else None), _plain(gemv_lut_vbmi), ROW_TILED,
-               requires=VBMI_FEATURES),
+               requires=VBMI_FEATURES, prepared=(vbmi_prepared_codebooks,
+                                                 lambda shape, name: gemv_lut_vbmi(shape, name=name, prepared=True))),
     KernelSpec("gemv_lut_grouped", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products; "
                "group-major codes, read once", lambda shape, layouts: _gemv_batch(shape) or _lut(GROUP_MAJOR)(
                    shape, layouts), _plain(gemv_lut_grouped), GROUP_MAJOR),
+    KernelSpec("gemv_i16_avx2", ("llvm",), "AVX2 without AVX-512: codewords decoded in int16 (12-bit codebooks and "
+               "activations, one scale per partition / per 64 inputs), vpmaddwd per 16 weights, rows split over the "
+               "thread pool; no table (docs N41)",
+               lambda shape, layouts: _gemv_batch(shape) or i16_avx2_unsupported(shape), _plain(gemv_i16_avx2),
+               requires=("avx2",), excluded_by=("avx512f",),
+               prepared=(i16_prepared_codebooks, lambda shape, name: gemv_i16_avx2(shape, name=name, prepared=True))),
     KernelSpec("gemv_lut_split_avx2", ("llvm",), "AVX2 without AVX-512, a layer whose codes fit in L2: per-call fp32 "
                "table, each thread-pool task fills and reads its own tile of input groups (no table line crosses "
                "cores), then the tiles' partial sums are added",

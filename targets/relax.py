@@ -13,7 +13,7 @@ import numpy as np
 from aqlm_compile.ops import gemm_layer
 from aqlm_compile.kernels.gemv_direct import GemvShape
 from aqlm_compile.kernels.gemv_lut import OUT_MAJOR
-from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED, gemv_lut_vbmi, prepared_codebooks, to_row_tiled
+from aqlm_compile.kernels.gemv_lut_vbmi import ROW_TILED, to_row_tiled
 from aqlm_compile.kernels.registry import MAX_GEMV_BATCH, codes_layout, select_kernel
 
 from .common import tvm
@@ -72,10 +72,10 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
     here). `chosen` collects {symbol: kernel name and reason} for the manifest. `features`: the target's CPU
     features (kernels.registry `required_features`). `layouts` collects {codes parameter: codes layout} for the
     layers whose kernels read codes repacked at build time (`repack_codes`); the others read the HF layout.
-    `param_value(placeholder name)`: a parameter's tensor (None if it is not one). Where the decode GEMV is
-    `gemv_lut_vbmi` and the codebooks are a parameter, the call passes them as a constant already in the kernel's
-    integer form (`prepared_codebooks`, docs/tvm-and-ort-notes.md N38): every task of every call quantized them
-    again before."""
+    `param_value(placeholder name)`: a parameter's tensor (None if it is not one). Where the decode GEMV has a
+    variant reading prepared codebooks (kernels.registry `KernelSpec.prepared`: `gemv_lut_vbmi`'s integer form,
+    docs/tvm-and-ort-notes.md N38; `gemv_i16_avx2`'s 12-bit codewords, N41) and the codebooks are a parameter, the
+    call passes them as a constant already in that form: every call rounded them again before."""
     from tvm import relax
 
     def convert(node, importer):
@@ -110,11 +110,11 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
                 y = bb.emit(relax.op.add(y, relax.op.astype(importer.env[bias_node], "float32")))
             return bb.emit(relax.op.reshape(y, [*x_shape[:-1], out_f]))
         prepared = None
-        if static_tokens and choice.name == "gemv_lut_vbmi" and param_value is not None and \
+        if static_tokens and choice.prepared is not None and param_value is not None and \
                 node.args[2].op == "placeholder":
             value = param_value(node.args[2].name)
             if value is not None:
-                prepared = prepared_codebooks(
+                prepared = choice.prepared[0](
                     value.detach().to(torch.float16).reshape(int(bv.shape[0]), int(bv.shape[1]),
                                                              cfg.in_group_size).numpy(), len(parts or [out_f]))
         key = (out_f, in_f, tuple(parts or ()), static_tokens, layout, cfg.name) + (("prepared",) if prepared is not None
@@ -125,7 +125,7 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
             symbol = f"{prefix}_aqlm_{out_f}x{in_f}" + (f"_p{'-'.join(map(str, parts))}" if parts else "") + \
                 (f"_c{cfg.name}" if clash else "") + ("" if layout == OUT_MAJOR else "_tiled") + \
                 ("_prep" if prepared is not None else "")
-            func = (gemv_lut_vbmi(shape, name=symbol, prepared=True) if prepared is not None else
+            func = (choice.prepared[1](shape, symbol) if prepared is not None else
                     choice.build_func(shape, symbol, dynamic_tokens=not static_tokens))
             # hand-scheduled already: dlight must leave it alone
             func = func.with_attr("tirx.is_scheduled", True)
@@ -135,7 +135,7 @@ def _aqlm_converter(static_tokens: int | None, kernels: dict, prefix: str, devic
             if chosen is not None:
                 chosen[symbol] = {"kernel": choice.name, "reason": choice.reason}
                 if prepared is not None:
-                    chosen[symbol]["codebooks"] = "prepared at build time (int16 pairs, constants in the library)"
+                    chosen[symbol]["codebooks"] = "prepared at build time (constants in the library)"
         gv = kernels[key]
         if prepared is not None:
             cb = relax.const(prepared)

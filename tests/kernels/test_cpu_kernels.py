@@ -112,22 +112,18 @@ def test_registry_choices():
                          (OUT_MAJOR, GROUP_MAJOR)).code_layout == OUT_MAJOR
     assert pick("8x8g32", 576, 1) == "gemv_direct"    # table (8·256 per group) too big for 576 outputs
     assert pick("2x8g8", 4096, 9) == "gemm_decode"
-    # AVX2 without AVX-512 (Zen 1): the fp32 table beats decoding where the rows are ≥ 2·M·K, at batch 1–2
-    avx2 = lambda out_f, in_f, batch, features: select_kernel(  # noqa: E731
-        GemvShape(out_f, in_f, AqlmConfig.parse("2x8g8"), batch), "llvm", features=features).name
-    assert avx2(4096, 4096, 1, {"avx2"}) == "gemv_lut_avx2"
-    assert avx2(4096, 11008, 2, {"avx2"}) == "gemv_lut_avx2"
-    # codes that fit in L2 (SmolLM2's layers): one table tile per task
-    assert avx2(1536, 576, 1, {"avx2"}) == "gemv_lut_split_avx2"
-    assert avx2(576, 1536, 2, {"avx2"}) == "gemv_lut_split_avx2"
-    assert avx2(192, 576, 1, {"avx2"}) == "gemv_lut_split_avx2"
-    assert avx2(3072, 576, 1, {"avx2"}) == "gemv_lut_split_avx2"  # fused gate/up: 432 KiB of codes
-    assert avx2(4096, 1024, 1, {"avx2"}) == "gemv_lut_avx2"       # 1 MiB of codes
-    assert avx2(576, 1536, 3, {"avx2"}) == "gemv_direct"
-    assert avx2(96, 576, 1, {"avx2"}) == "gemv_direct"            # too few rows for the table
-    assert avx2(256, 256, 1, {"avx2"}) == "gemv_direct"           # narrow input: few tiles of little work
+    # AVX2 without AVX-512: 8-dim codewords of ≤ 256 entries decode in int16 (gemv_i16_avx2: faster than the fp32
+    # tables below on Zen 3, docs N41) at every GEMV batch; the tables stay for what it cannot run
+    avx2 = lambda out_f, in_f, batch, features, cfg="2x8g8": select_kernel(  # noqa: E731
+        GemvShape(out_f, in_f, AqlmConfig.parse(cfg), batch), "llvm", features=features).name
+    for out_f, in_f, batch in ((4096, 4096, 1), (4096, 11008, 2), (1536, 576, 1), (3072, 576, 1), (192, 576, 1),
+                               (96, 576, 1), (256, 256, 1), (4096, 4096, 4), (576, 1536, 8)):
+        assert avx2(out_f, in_f, batch, {"avx2"}) == "gemv_i16_avx2"
+    # Zen 1's fp32-table rules, for a config the int16 decode does not take (16-dim groups)
+    assert avx2(4096, 4096, 1, {"avx2"}, "2x8g16") == "gemv_lut_avx2"
+    assert avx2(1536, 576, 1, {"avx2"}, "2x8g16") == "gemv_lut_split_avx2"
+    assert avx2(576, 1536, 3, {"avx2"}, "2x8g16") == "gemv_direct"
     assert avx2(576, 576, 1, {"avx2", "avx512f"}) == "gemv_direct"
-    assert avx2(4096, 4096, 4, {"avx2"}) == "gemv_direct"   # lookups per token
     assert avx2(4096, 4096, 1, {"avx2", "avx512f"}) == "gemv_direct"  # AVX-512 decodes fast enough
     assert avx2(4096, 4096, 1, set()) == "gemv_direct"
     assert avx2(4096, 4096, 9, {"avx2"}) == "gemm_decode"

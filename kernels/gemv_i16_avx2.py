@@ -113,6 +113,10 @@ def gemv_i16_avx2(shape: GemvShape, tasks: int = 8, x_block: int | None = None, 
             round_codebooks(cb, cbq, cscale)
         xq = T.alloc_buffer((N, I), "int16", scope="global")
         xs = T.alloc_buffer((N, XB), "float32", scope="global")
+        # each row block's accumulators, allocated once per call: a buffer allocated inside the parallel loop is
+        # placed where its uses meet (the row loop's body), a workspace allocation and release per row
+        accf_all = T.alloc_buffer((O // RB, N, 8), "float32", scope="global")
+        acci_all = T.alloc_buffer((O // RB, N, 8), "int32", scope="global")
         for n, b in T.grid(N, XB):
             mxx = T.alloc_buffer((1,), "float32", scope="local")
             mxx[0] = T.float32(1e-30)
@@ -122,29 +126,28 @@ def gemv_i16_avx2(shape: GemvShape, tasks: int = 8, x_block: int | None = None, 
             for i in range(XBL):
                 xq[n, b * XBL + i] = T.Cast("int16", T.round(T.Cast("float32", x[n, b * XBL + i]) / xs[n, b]))
         for ob in T.parallel(O // RB):
-            accf = T.alloc_buffer((N, 8), "float32", scope="global")
-            acci = T.alloc_buffer((N, 8), "int32", scope="global")
             for r in range(RB):
                 for n in range(N):
-                    accf[n, T.ramp(0, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                    accf_all[ob, n, T.ramp(0, 1, 8)] = T.Broadcast(T.float32(0), 8)
                 for b in range(XB):
                     for n in range(N):
-                        acci[n, T.ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
+                        acci_all[ob, n, T.ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
                     for cc in range(CB):
-                        # the two groups' codewords, each the sum of its M codebooks' (int16x8), joined
-                        w = T.Shuffle([
-                            _codeword_sum(cbq, codes, ob * RB + r, (b * CB + cc) * 2 + q,
-                                          shape.partition_of(ob * RB) * M, M, K, mask)
-                            for q in range(2)], list(range(16)))
                         for n in range(N):
-                            acci[n, T.ramp(0, 1, 8)] = acci[n, T.ramp(0, 1, 8)] + T.call_llvm_pure_intrin(
-                                "int32x8", "llvm.x86.avx2.pmadd.wd", w, xq[n, T.ramp((b * CB + cc) * 16, 1, 16)])
+                            # the two groups' codewords, each the sum of its M codebooks' (int16x8), joined — in the
+                            # call itself: bound to a name, the vector would live in a workspace allocated per row
+                            acci_all[ob, n, T.ramp(0, 1, 8)] = acci_all[ob, n, T.ramp(0, 1, 8)] + T.call_llvm_pure_intrin(
+                                "int32x8", "llvm.x86.avx2.pmadd.wd", T.Shuffle([
+                                    _codeword_sum(cbq, codes, ob * RB + r, (b * CB + cc) * 2 + q,
+                                                  shape.partition_of(ob * RB) * M, M, K, mask)
+                                    for q in range(2)], list(range(16))),
+                                xq[n, T.ramp((b * CB + cc) * 16, 1, 16)])
                     for n in range(N):
-                        accf[n, T.ramp(0, 1, 8)] = accf[n, T.ramp(0, 1, 8)] + T.Cast(
-                            "float32x8", acci[n, T.ramp(0, 1, 8)]) * T.Broadcast(xs[n, b], 8)
+                        accf_all[ob, n, T.ramp(0, 1, 8)] = accf_all[ob, n, T.ramp(0, 1, 8)] + T.Cast(
+                            "float32x8", acci_all[ob, n, T.ramp(0, 1, 8)]) * T.Broadcast(xs[n, b], 8)
                 for n in range(N):
-                    y[n, ob * RB + r] = T.Cast(act, (((accf[n, 0] + accf[n, 1]) + (accf[n, 2] + accf[n, 3])) + (
-                        (accf[n, 4] + accf[n, 5]) + (accf[n, 6] + accf[n, 7]))) * cscale[shape.partition_of(ob * RB)]
+                    y[n, ob * RB + r] = T.Cast(act, (((accf_all[ob, n, 0] + accf_all[ob, n, 1]) + (accf_all[ob, n, 2] + accf_all[ob, n, 3])) + (
+                        (accf_all[ob, n, 4] + accf_all[ob, n, 5]) + (accf_all[ob, n, 6] + accf_all[ob, n, 7]))) * cscale[shape.partition_of(ob * RB)]
                         * scales[ob * RB + r] + bias[ob * RB + r])
 
     return kernel

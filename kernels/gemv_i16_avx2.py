@@ -72,7 +72,8 @@ def prepared_codebooks(codebooks: np.ndarray, partitions: int = 1) -> np.ndarray
         for i in range(m):
             tot = np.float32(tot + np.abs(block[i]).max())
         s[p] = np.float32(max(tot, np.float32(1e-30)) / np.float32(QMAX - 1))
-        q[p * m:(p + 1) * m] = np.rint(block / s[p]).astype(np.int16)  # half to even, as the kernel's round
+        # times the fp32 reciprocal, half to even: as the kernel's vector rounding
+        q[p * m:(p + 1) * m] = np.rint(block * (np.float32(1) / s[p])).astype(np.int16)
     return np.concatenate([q.ravel(), s.view(np.int16)])
 
 
@@ -164,22 +165,31 @@ def _codeword_sum(cbq, codes, o, j, pm0, M: int, K: int, mask: int):
 
 
 def _round_codebooks(P: int, M: int, K: int, g: int):
-    """A TIR macro: the codebooks rounded in the call (what `prepared_codebooks` does once)."""
+    """A TIR macro: the codebooks rounded in the call (what `prepared_codebooks` does once), 8 values per vector."""
 
     @T.macro
     def rounding(cb, cbq, cscale):
         for p in range(P):
             tot = T.alloc_buffer((1,), "float32", scope="local")
-            mx = T.alloc_buffer((1,), "float32", scope="local")
+            mx = T.alloc_buffer((g,), "float32", scope="local")
+            inv = T.alloc_buffer((1,), "float32", scope="local")
             tot[0] = T.float32(0)
             for m in range(M):
-                mx[0] = T.float32(0)
-                for k, t in T.grid(K, g):
-                    mx[0] = T.max(mx[0], T.fabs(T.Cast("float32", cb[p * M + m, k, t])))
-                tot[0] = tot[0] + mx[0]
+                mx[T.ramp(0, 1, g)] = T.Broadcast(T.float32(0), g)
+                for k in range(K):
+                    mx[T.ramp(0, 1, g)] = T.max(mx[T.ramp(0, 1, g)], T.fabs(T.Cast(
+                        f"float32x{g}", cb[p * M + m, k, T.ramp(0, 1, g)])))
+                tot[0] = tot[0] + _lanes_max([mx[t] for t in range(g)])
             cscale[p] = T.max(tot[0], T.float32(1e-30)) / T.float32(QMAX - 1)
-            for m, k, t in T.grid(M, K, g):
-                cbq[((p * M + m) * K + k) * g + t] = T.Cast("int16", T.round(
-                    T.Cast("float32", cb[p * M + m, k, t]) / cscale[p]))
+            inv[0] = T.float32(1) / cscale[p]
+            for m, k in T.grid(M, K):
+                cbq[T.ramp(((p * M + m) * K + k) * g, 1, g)] = T.Cast(f"int16x{g}", T.round(T.Cast(
+                    f"float32x{g}", cb[p * M + m, k, T.ramp(0, 1, g)]) * T.Broadcast(inv[0], g)))
 
     return rounding
+
+
+def _lanes_max(terms):
+    while len(terms) > 1:
+        terms = [T.max(terms[i], terms[i + 1]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]

@@ -199,10 +199,12 @@ KERNELS: list[KernelSpec] = [
     KernelSpec("gemv_lut_grouped", ("llvm",), "codebooks exceed L1: per-call table of codeword·input dot products; "
                "group-major codes, read once", lambda shape, layouts: _gemv_batch(shape) or _lut(GROUP_MAJOR)(
                    shape, layouts), _plain(gemv_lut_grouped), GROUP_MAJOR),
-    KernelSpec("gemv_i16_avx2", ("llvm",), "AVX2 without AVX-512: codewords decoded in int16 (12-bit codebooks and "
-               "activations, one scale per partition / per 64 inputs), vpmaddwd per 16 weights, rows split over the "
-               "thread pool; no table (docs N41)",
-               lambda shape, layouts: _gemv_batch(shape) or i16_avx2_unsupported(shape), _plain(gemv_i16_avx2),
+    KernelSpec("gemv_i16_avx2", ("llvm",), "AVX2 without AVX-512, batch 1: codewords decoded in int16 (12-bit "
+               "codebooks and activations, one scale per partition / per 64 inputs), vpmaddwd per 16 weights, rows "
+               "split over the thread pool; no table (docs N41)",
+               lambda shape, layouts: _gemv_batch(shape) or i16_avx2_unsupported(shape) or (
+                   None if shape.batch == 1 else f"batch {shape.batch}: measured slower than the fp32-table and "
+                   "direct kernels at batch 4 on Zen 3 (kernels-vs-206362d.md)"), _plain(gemv_i16_avx2),
                requires=("avx2",), excluded_by=("avx512f",),
                prepared=(i16_prepared_codebooks, lambda shape, name: gemv_i16_avx2(shape, name=name, prepared=True))),
     KernelSpec("gemv_lut_split_avx2", ("llvm",), "AVX2 without AVX-512, a layer whose codes fit in L2: per-call fp32 "

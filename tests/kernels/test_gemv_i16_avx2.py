@@ -12,6 +12,7 @@ from aqlm_compile.kernels.gemv_i16_avx2 import gemv_i16_avx2, unsupported  # noq
 from aqlm_compile.kernels.registry import select_kernel  # noqa: E402
 from aqlm_compile.targets.common import target_features  # noqa: E402
 from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
+from tests.kernels.test_gemv_lut_vbmi import _reference  # noqa: E402  (float64 Ŵ, partitions)
 
 HOST_HAS_AVX2 = "avx2" in target_features(x86_target())
 needs_avx2 = pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU lacks AVX2: the kernel cannot run here")
@@ -28,17 +29,6 @@ def _layer(cfg, out_f, in_f, parts=None, seed=0):
     scales = (rng.random(out_f) + 0.5).astype(np.float32)
     bias = rng.standard_normal(out_f).astype(np.float32)
     return codes, cb, scales, bias
-
-
-def _reference(x, codes, cb, scales, bias, cfg, parts=None):
-    out_f, j, m_count = codes.shape
-    bounds = np.cumsum([0, *(parts or [out_f])])
-    w = np.zeros((out_f, j, cfg.in_group_size))
-    for p in range(len(bounds) - 1):
-        rows = slice(bounds[p], bounds[p + 1])
-        for m in range(m_count):
-            w[rows] += cb[p * m_count + m].astype(np.float64)[codes[rows, :, m].astype(np.int64) & (cfg.codebook_size - 1)]
-    return (x.astype(np.float64) @ w.reshape(out_f, -1).T) * scales + bias
 
 
 def _run(func, x, codes, cb, scales, bias):

@@ -1,20 +1,21 @@
-"""Direct-decode AQLM GEMV for x86 CPUs with AVX2 and no AVX-512 (decode, batch 1–8), for 8-dim codewords of
-codebooks of at most 256 entries (2x8g8, 1x8g8, 4x8g8 …).
+"""Direct-decode AQLM GEMV for x86 CPUs with AVX2 and no AVX-512 (decode: built for batch 1–8, chosen by the kernel
+table at batch 1 only), for 8-dim codewords of codebooks of at most 256 entries (2x8g8, 1x8g8, 4x8g8 …).
 
 The AVX2 LUT kernels (`gemv_lut`, `gemv_lut_split`) add one scalar fp32 table entry per codebook per group of 8
-weights: on a Zen 3 VM (2 vCPUs) the 4096² 2x8g8 GEMV took ≈ 3 ms on 2 threads — 5.6 G weights/s, ≈ 1/20 of the
+weights: on a Zen 3 VM (2 vCPUs) the 4096² 2x8g8 GEMV took ≈ 2 ms on 2 threads — 8.5 G weights/s, ≈ 1/14 of the
 byte-permute kernel on Zen 4 — and `gemv_direct` decodes fp16 codewords one weight at a time. Without a byte
 permute over 256 entries (AVX-512 VBMI) a table of 256 partial sums has no fast lookup, so this kernel decodes
 instead, the way llama.cpp's AVX2 code decodes its codebook types (IQ2_XXS: an 8-bit index into a grid of 8-value
 codewords), in integers:
 
-- The codebooks are rounded once per call to int16 with one scale per partition, s = Σ_m max|C_m| / 2046, so the
-  sum of a group's M codewords fits 12 bits (Σ_m round(C_m/s) ≤ 2046 + M/2).
+- The codebooks are rounded to int16 with one scale per partition, s = Σ_m max|C_m| / 2046, so the sum of a group's
+  M codewords stays within about 12 bits (|Σ_m round(C_m/s)| ≤ 2046 + M/2): at build time where they are a parameter
+  (`prepared_codebooks`, `prepared=True`), else in each call.
 - x is rounded to int16 in blocks of `x_block` inputs, each with its own scale max|x| / 2047 (12 bits), so one
   outlier costs only its block.
 - Per output row and 16 inputs (two groups): two 16-byte codeword loads per codebook (one `vmovdqu` each: a codeword
   of 8 int16 is one xmm), the M codewords added (`vpaddw`), the two groups joined (`vinserti128`), one `vpmaddwd`
-  against the int16 x. 12-bit × 12-bit products summed over 64 inputs stay below 2^29 in the int32 lanes; each
+  against the int16 x. The products summed over 64 inputs stay below 2^29 in the int32 lanes; each
   block's int32 sums are converted and scaled into fp32 accumulators.
 - Rows go to the thread pool in blocks (`tasks` of them where the rows allow; a block never straddles two
   partitions of a fused layer). No table is shared, so no cache line moves between cores.

@@ -134,6 +134,18 @@ def avx2_lut_split_pays_off(shape: GemvShape) -> str | None:
     return None
 
 
+def i16_avx2_measured(shape: GemvShape) -> str | None:
+    """Where `gemv_i16_avx2` was measured faster than the AVX2 kernels before it (Zen 3, 2 threads,
+    benchmarks/results/amd-epyc-avx2-x86_64-2c/kernels-vs-206362d.md): batch 1, from SmolLM2's smallest layer
+    (192×576: 0.028 → 0.018 ms) to 11008×4096 (6.57 → 3.35 ms). At batch 4 it was 1.01–1.37× slower than direct
+    decoding (it adds the codewords again per token); smaller layers were not measured."""
+    if shape.batch != 1:
+        return f"batch {shape.batch}: measured slower than direct decoding at batch 4 (kernels-vs-206362d.md)"
+    if shape.in_features < 576 or shape.out_features < 192:
+        return f"{shape.out_features}×{shape.in_features}: smaller than the layers measured (192×576 up)"
+    return None
+
+
 def _gemv_batch(shape: GemvShape) -> str | None:
     return None if shape.batch <= MAX_GEMV_BATCH else f"batch {shape.batch} > {MAX_GEMV_BATCH}: not a GEMV"
 
@@ -202,9 +214,8 @@ KERNELS: list[KernelSpec] = [
     KernelSpec("gemv_i16_avx2", ("llvm",), "AVX2 without AVX-512, batch 1: codewords decoded in int16 (12-bit "
                "codebooks and activations, one scale per partition / per 64 inputs), vpmaddwd per 16 weights, rows "
                "split over the thread pool; no table (docs N41)",
-               lambda shape, layouts: _gemv_batch(shape) or i16_avx2_unsupported(shape) or (
-                   None if shape.batch == 1 else f"batch {shape.batch}: measured slower than the fp32-table and "
-                   "direct kernels at batch 4 on Zen 3 (kernels-vs-206362d.md)"), _plain(gemv_i16_avx2),
+               lambda shape, layouts: _gemv_batch(shape) or i16_avx2_unsupported(shape) or i16_avx2_measured(shape),
+               _plain(gemv_i16_avx2),
                requires=("avx2",), excluded_by=("avx512f",),
                prepared=(i16_prepared_codebooks, lambda shape, name: gemv_i16_avx2(shape, name=name, prepared=True))),
     KernelSpec("gemv_lut_split_avx2", ("llvm",), "AVX2 without AVX-512, a layer whose codes fit in L2: per-call fp32 "

@@ -42,7 +42,7 @@ def codes_reader(kernel: str, shape: GemvShape, row_block: int, code_layout: str
 
 def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token_block: int = 6, vector: int = 16,
                 name: str = "aqlm_gemm", index_dtype: str = "int32", code_layout: str = "out_major",
-                outer_product_from: int = OUTER_PRODUCT_FROM):
+                outer_product_from: int = OUTER_PRODUCT_FROM, row_vectors: int = 4):
     """A TIR PrimFunc `name(x[n, I], codes, codebooks, scales, bias, y[n, O])` for any token count n ≥ 1
     (`shape.batch` is ignored). `code_layout`: "out_major" (HF codes[O, I/g, M]) or "row_tiled64" (the same tensor
     holding [O/64, I/g, M, 64]: kernels/gemv_lut_vbmi.py; the decode function's LUT kernel reads it, and both
@@ -58,7 +58,7 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
     J, K, mask = I // g, cfg.codebook_size, cfg.codebook_size - 1
     OB = _largest_divisor(min(O, shape.row_quantum), out_block)
     PM = shape.codebook_rows()
-    RW = _largest_divisor(OB, 4 * vector)  # outer product: rows of one micro-kernel, 4 vectors
+    RW = _largest_divisor(OB, row_vectors * vector)  # outer product: rows of one micro-kernel
     KB = g * _largest_divisor(J, max(1, k_block // g))
     JB = KB // g
     NB = token_block

@@ -146,6 +146,21 @@ def i16_avx2_measured(shape: GemvShape) -> str | None:
     return None
 
 
+# gemm_decode's default tiling (6 tokens × 4 vectors of 16 lanes: 24 of AVX-512's 32 registers) needs 48 of AVX2's
+# 16 ymm registers, so every multiply-add spilled: on a Zen 3 VM (2 threads, 512 tokens) 1536×576 took 16.4 ms
+# (55 GFLOP/s), with this tiling 5.6 ms (162) — 15 registers: 12 accumulators, 2 weight vectors, a broadcast token.
+# The outer product pays from 32 tokens there (16: 0.37 vs 0.53 ms; 32: 0.83 vs 0.86–1.04). docs N42.
+AVX2_GEMM_TILING = dict(vector=8, row_vectors=2, token_block=6, outer_product_from=32)
+
+
+def avx2_gemm_measured(shape: GemvShape) -> str | None:
+    """Where the AVX2 tiling was measured (SmolLM2's layers, 576×1536 and 1536×576 at 16–512 tokens): layers from
+    192×576 up, as `i16_avx2_measured`; smaller ones keep gemm_decode's tiling."""
+    if shape.in_features < 576 or shape.out_features < 192:
+        return f"{shape.out_features}×{shape.in_features}: smaller than the layers measured (192×576 up)"
+    return None
+
+
 def _gemv_batch(shape: GemvShape) -> str | None:
     return None if shape.batch <= MAX_GEMV_BATCH else f"batch {shape.batch} > {MAX_GEMV_BATCH}: not a GEMV"
 
@@ -196,6 +211,13 @@ KERNELS: list[KernelSpec] = [
                lambda shape, name, dynamic_tokens=False: gemm_decode(
                    shape, name=name, index_dtype="int64" if dynamic_tokens else "int32", code_layout=ROW_TILED),
                ROW_TILED),
+    KernelSpec("gemm_decode_avx2", ("llvm",), f"batch > {MAX_GEMV_BATCH}, AVX2 without AVX-512: gemm_decode with "
+               "the 16-register tiling (6 tokens × 16 rows of accumulators, 8-lane vectors)",
+               lambda shape, layouts: (None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use a GEMV kernel")
+               or avx2_gemm_measured(shape),
+               lambda shape, name, dynamic_tokens=False: gemm_decode(
+                   shape, name=name, index_dtype="int64" if dynamic_tokens else "int32", **AVX2_GEMM_TILING),
+               requires=("avx2",), excluded_by=("avx512f",)),
     KernelSpec("gemm_decode", ("llvm",), f"batch > {MAX_GEMV_BATCH}: decode a tile of Ŵ once, reuse it per token",
                lambda shape, layouts: None if shape.batch > MAX_GEMV_BATCH else "GEMV batches use a GEMV kernel",
                lambda shape, name, dynamic_tokens=False: gemm_decode(

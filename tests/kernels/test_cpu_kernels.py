@@ -10,13 +10,15 @@ from aqlm_compile.config import AqlmConfig  # noqa: E402
 from aqlm_compile.kernels.gemm_decode import gemm_decode  # noqa: E402
 from aqlm_compile.kernels.gemv_direct import GemvShape, gemv_direct  # noqa: E402
 from aqlm_compile.kernels.gemv_lut import gemv_lut, gemv_lut_grouped, gemv_lut_split, to_group_major  # noqa: E402
-from aqlm_compile.kernels.registry import select_kernel  # noqa: E402
+from aqlm_compile.kernels.registry import AVX2_GEMM_TILING, select_kernel  # noqa: E402
 from aqlm_compile.nn import AqlmLinear  # noqa: E402
 from aqlm_compile.targets.x86 import build, x86_target  # noqa: E402
 
 CONFIGS = ["1x16g8", "2x8g8", "1x8g8", "8x8g32", "2x12g8", "4x8g16", "2x8g4", "3x6g8", "2x16g8"]
 KERNELS = {"direct": gemv_direct, "lut": gemv_lut, "lut_grouped": gemv_lut_grouped, "lut_split": gemv_lut_split,
-           "gemm": gemm_decode}
+           "gemm": gemm_decode,
+           # the AVX2 hosts' tiling (kernels/registry.py); plain AVX2 code, so it runs on any x86-64 host with AVX2
+           "gemm_avx2": lambda shape, name: gemm_decode(shape, name=name, **AVX2_GEMM_TILING)}
 LUTS = ("lut", "lut_grouped", "lut_split")
 
 
@@ -50,7 +52,8 @@ def run_kernel(kernel, config, layer, x, act_dtype="float32"):
 def cases():
     for cfg in CONFIGS:
         for kernel, batches in (("direct", [1, 3]), ("lut", [1, 3]), ("lut_grouped", [1, 3]), ("lut_split", [1, 2]),
-                                ("gemm", [1, 9, 21, 64, 71])):  # ≥ 64: the outer-product schedule
+                                ("gemm", [1, 9, 21, 64, 71]),  # ≥ 64: the outer-product schedule
+                                ("gemm_avx2", [9, 32, 71])):  # from 32 there
             if kernel in LUTS and AqlmConfig.parse(cfg).codebook_size > 256:
                 continue  # the table would hold 2^B entries per input group
             for batch in batches:
@@ -74,7 +77,7 @@ def test_matches_torch_reference_fp32(cfg, kernel, batch):
 def test_matches_torch_reference_fp16(cfg, kernel):
     config = AqlmConfig.parse(cfg)
     layer = random_layer(config, 64, 256, seed=2)
-    x = torch.randn(2 if kernel != "gemm" else 11, 256, generator=torch.Generator().manual_seed(3)).half()
+    x = torch.randn(2 if not kernel.startswith("gemm") else 11, 256, generator=torch.Generator().manual_seed(3)).half()
     with torch.no_grad():
         ref = x.double() @ layer.weight().double().T + layer.bias.double()
     y = run_kernel(kernel, config, layer, x, act_dtype="float16")
@@ -131,7 +134,12 @@ def test_registry_choices():
     assert avx2(576, 576, 1, {"avx2", "avx512f"}) == "gemv_direct"
     assert avx2(4096, 4096, 1, {"avx2", "avx512f"}) == "gemv_direct"  # AVX-512 decodes fast enough
     assert avx2(4096, 4096, 1, set()) == "gemv_direct"
-    assert avx2(4096, 4096, 9, {"avx2"}) == "gemm_decode"
+    # prompt GEMMs on AVX2: gemm_decode with 16-register tiling (docs N42), on the layers it was measured on
+    assert avx2(4096, 4096, 9, {"avx2"}) == "gemm_decode_avx2"
+    assert avx2(1536, 576, 512, {"avx2"}) == "gemm_decode_avx2"
+    assert avx2(128, 64, 9, {"avx2"}) == "gemm_decode"            # the tiny test models' layers: as before
+    assert avx2(1536, 576, 512, {"avx2", "avx512f"}) == "gemm_decode"
+    assert not avx2(1536, 576, 8, {"avx2"}).startswith("gemm")     # 8 tokens: a GEMV batch
     assert pick("2x8g8", 4096, 4, "cuda") == "gemv_cuda"
     from aqlm_compile.errors import ConfigError
     with pytest.raises(ConfigError, match="CUDA has the GEMV kernel only"):

@@ -86,7 +86,7 @@ def test_kernel_table_picks_it_on_avx2_without_avx512():
     for out_f, in_f in ((576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096)):
         assert pick(out_f, in_f, 1, {"avx2"}) == "gemv_i16_avx2"
         assert pick(out_f, in_f, 4, {"avx2"}) != "gemv_i16_avx2"   # measured slower at batch 4
-    assert pick(4096, 4096, 9, {"avx2"}) == "gemm_decode"                     # not a GEMV
+    assert pick(4096, 4096, 9, {"avx2"}) == "gemm_decode_avx2"                # not a GEMV
     assert pick(64, 128, 1, {"avx2"}) == "gemv_direct"                        # smaller than any layer measured
     assert pick(128, 576, 1, {"avx2"}) != "gemv_i16_avx2"
     assert pick(4096, 4096, 1, {"avx2", "avx512f"}) != "gemv_i16_avx2"      # AVX-512: its own kernels

@@ -24,7 +24,7 @@ from .gemv_direct import _largest_divisor, tree_sum
 
 def dense_linear(out_features: int, in_features: int, rows: int = 4, name: str = "dense_linear",
                  index_dtype: str = "int64", weight_dtype: str = "float32", row_scales: bool = False,
-                 prefetch_bytes: int = 48 * 1024):
+                 prefetch_bytes: int = 48 * 1024, prefetch_locality: int = 2):
     """`name(x[n, I], w[O, I], y[n, O])`, or with `row_scales` `name(x, w, s[O], y)` with y = (x · wᵀ) · s."""
     O, I = out_features, in_features
     V = _largest_divisor(I, 16)
@@ -48,7 +48,7 @@ def dense_linear(out_features: int, in_features: int, rows: int = 4, name: str =
                     # locality 2 (prefetcht1, into L2): t0 (into L1) gained much less, the L1 miss queue being
                     # the limit (module docstring)
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        w[T.min(ob * R + r + prefetch * R, O - 1), line * step * V]), T.int32(0), T.int32(2),
+                        w[T.min(ob * R + r + prefetch * R, O - 1), line * step * V]), T.int32(0), T.int32(prefetch_locality),
                         T.int32(1)))
             for ii in T.unroll(step):
                 for r in T.unroll(R):

@@ -17,9 +17,6 @@ codewords), in integers:
   of 8 int16 is one xmm), the M codewords added (`vpaddw`), the two groups joined (`vinserti128`), one `vpmaddwd`
   against the int16 x. The products summed over 64 inputs stay below 2^29 in the int32 lanes; each
   block's int32 sums are converted and scaled into fp32 accumulators.
-- The codes are read 8 bytes at a time where each row's codes fill whole words (`word_chunks`: 4, 2 or 1 chunks of
-  16 inputs for 1, 2 or 4 codebooks) and split by shifts: a byte load per code made 9 loads per 16 weights (4 codes,
-  4 codewords, x), which is what a core issues at most in the ≈ 3.4 cycles the loop took; the word leaves 5.5.
 - Rows go to the thread pool in blocks (`tasks` of them where the rows allow; a block never straddles two
   partitions of a fused layer). No table is shared, so no cache line moves between cores.
 
@@ -58,17 +55,6 @@ def x_block_for(in_features: int) -> int:
     return next((b for b in (64, 32, 16) if in_features % b == 0), 64)
 
 
-def word_chunks(shape: GemvShape, x_block: int | None = None) -> int:
-    """Chunks of 16 inputs whose codes one 8-byte load holds (8 / M groups: 4, 2, 1 chunks for 1, 2, 4 codebooks),
-    where each row's codes fill whole words and an activation block whole words' chunks; 0: codes loaded a byte at a
-    time."""
-    M, J = shape.config.num_codebooks, shape.in_features // shape.config.in_group_size
-    if M not in (1, 2, 4) or (J * M) % 8:
-        return 0
-    cpw = 4 // M
-    return cpw if ((x_block or x_block_for(shape.in_features)) // 16) % cpw == 0 else 0
-
-
 def prepared_codebooks(codebooks: np.ndarray, partitions: int = 1) -> np.ndarray:
     """The codebooks as `gemv_i16_avx2(prepared=True)` reads them, from fp16 codebooks [P·M, K, 8] of `partitions`
     partitions: int16 [P·M·K·8 + 2P] = the 12-bit codewords (each rounded from C / s, s = Σ_m max|C_m| / 2046 of its
@@ -93,7 +79,7 @@ def prepared_codebooks(codebooks: np.ndarray, partitions: int = 1) -> np.ndarray
 
 
 def gemv_i16_avx2(shape: GemvShape, tasks: int = 8, x_block: int | None = None, prepared: bool = False,
-                  name: str = "aqlm_gemv_i16_avx2", word_codes: bool = True):
+                  name: str = "aqlm_gemv_i16_avx2"):
     """A TIR PrimFunc with `gemv_direct`'s signature: (x[N, I], codes[O, I/8, M] (HF layout), codebooks[P·M, K, 8]
     fp16, scales[O] fp32, bias[O] fp32, y[N, O]). `tasks`: row blocks for the thread pool (at most; fewer where the
     rows do not divide). `prepared`: the codebooks argument is `prepared_codebooks` of them (int16 [P·M·K·8 + 2P])."""
@@ -115,7 +101,6 @@ def gemv_i16_avx2(shape: GemvShape, tasks: int = 8, x_block: int | None = None, 
     NQ = PM * K * g  # int16 codeword values; a prepared codebooks argument has the P fp32 scales after them
     CB_SHAPE, CB_DTYPE = ((NQ + 2 * P,), "int16") if prepared else ((PM, K, g), cbt)
     round_codebooks = _round_codebooks(P, M, K, g)
-    CPW = word_chunks(shape, XBL) if word_codes else 0
 
     @T.prim_func
     def kernel(x: T.Buffer((N, I), act), codes: T.Buffer((O, J, M), cdt), cb: T.Buffer(CB_SHAPE, CB_DTYPE),
@@ -128,7 +113,6 @@ def gemv_i16_avx2(shape: GemvShape, tasks: int = 8, x_block: int | None = None, 
             cbq = T.alloc_buffer((NQ,), "int16", scope="global")
             cscale = T.alloc_buffer((P,), "float32", scope="global")
             round_codebooks(cb, cbq, cscale)
-        codes64 = T.decl_buffer((O * J * M // 8,), "uint64", data=codes.data)
         xq = T.alloc_buffer((N, I), "int16", scope="global")
         xs = T.alloc_buffer((N, XB), "float32", scope="global")
         # each row block's accumulators, allocated once per call: a buffer allocated inside the parallel loop is
@@ -150,32 +134,16 @@ def gemv_i16_avx2(shape: GemvShape, tasks: int = 8, x_block: int | None = None, 
                 for b in range(XB):
                     for n in range(N):
                         acci_all[ob, n, T.ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
-                    if CPW > 0:
-                        for cw in range(CB // CPW):
-                            # one 8-byte load of the codes of 8 / M groups (CPW chunks of 16 inputs), the codes
-                            # taken from it by shifts: a byte load per code kept the load ports busy (module
-                            # docstring). The same load in one statement, which LLVM loads once: bound to a buffer,
-                            # the word was a workspace allocated per row block (docs N41)
-                            for n in range(N):
-                                acci_all[ob, n, T.ramp(0, 1, 8)] = acci_all[ob, n, T.ramp(0, 1, 8)] + _pmadd_sum([
-                                    T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", T.Shuffle([
-                                        _codeword_sum_word(cbq, codes64[(ob * RB + r) * (J * M // 8) + b * (CB // CPW)
-                                                                        + cw], (q * 2 + h) * M,
-                                                           shape.partition_of(ob * RB) * M, M, K, mask)
-                                        for h in range(2)], list(range(16))),
-                                        xq[n, T.ramp(((b * CB + cw * CPW) + q) * 16, 1, 16)])
-                                    for q in range(CPW)])
-                    else:
-                        for cc in range(CB):
-                            for n in range(N):
-                                # the two groups' codewords, each the sum of its M codebooks' (int16x8), joined — in
-                                # the call itself: bound to a name, the vector would live in a workspace allocated per row
-                                acci_all[ob, n, T.ramp(0, 1, 8)] = acci_all[ob, n, T.ramp(0, 1, 8)] + T.call_llvm_pure_intrin(
-                                    "int32x8", "llvm.x86.avx2.pmadd.wd", T.Shuffle([
-                                        _codeword_sum(cbq, codes, ob * RB + r, (b * CB + cc) * 2 + q,
-                                                      shape.partition_of(ob * RB) * M, M, K, mask)
-                                        for q in range(2)], list(range(16))),
-                                    xq[n, T.ramp((b * CB + cc) * 16, 1, 16)])
+                    for cc in range(CB):
+                        for n in range(N):
+                            # the two groups' codewords, each the sum of its M codebooks' (int16x8), joined — in the
+                            # call itself: bound to a name, the vector would live in a workspace allocated per row
+                            acci_all[ob, n, T.ramp(0, 1, 8)] = acci_all[ob, n, T.ramp(0, 1, 8)] + T.call_llvm_pure_intrin(
+                                "int32x8", "llvm.x86.avx2.pmadd.wd", T.Shuffle([
+                                    _codeword_sum(cbq, codes, ob * RB + r, (b * CB + cc) * 2 + q,
+                                                  shape.partition_of(ob * RB) * M, M, K, mask)
+                                    for q in range(2)], list(range(16))),
+                                xq[n, T.ramp((b * CB + cc) * 16, 1, 16)])
                     for n in range(N):
                         accf_all[ob, n, T.ramp(0, 1, 8)] = accf_all[ob, n, T.ramp(0, 1, 8)] + T.Cast(
                             "float32x8", acci_all[ob, n, T.ramp(0, 1, 8)]) * T.Broadcast(xs[n, b], 8)
@@ -191,23 +159,6 @@ def _codeword_sum(cbq, codes, o, j, pm0, M: int, K: int, mask: int):
     """Σ_m the int16 codeword of codebook pm0 + m that row o's code for group j selects (int16x8)."""
     terms = [cbq[T.ramp(((pm0 + m) * K + T.bitwise_and(T.Cast("int32", codes[o, j, m]), mask)) * 8, 1, 8)]
              for m in range(M)]
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
-    return total
-
-
-def _codeword_sum_word(cbq, word, byte0: int, pm0, M: int, K: int, mask: int):
-    """Σ_m the int16 codeword of codebook pm0 + m that byte byte0 + m of the 8-byte code word selects (int16x8)."""
-    terms = [cbq[T.ramp(((pm0 + m) * K + T.Cast("int32", T.bitwise_and(
-        T.shift_right(word, T.uint64(8 * (byte0 + m))), T.uint64(mask)))) * 8, 1, 8)] for m in range(M)]
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
-    return total
-
-
-def _pmadd_sum(terms):
     total = terms[0]
     for t in terms[1:]:
         total = total + t

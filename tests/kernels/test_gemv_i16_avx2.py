@@ -112,23 +112,3 @@ def test_i16_avx2_prepared_codebooks_give_the_same_output(parts):
     np.testing.assert_allclose(y_prep, y_call, rtol=0, atol=1e-5 * np.abs(y_call).max())
     with pytest.raises(ValueError, match="P = 2"):
         prepared_codebooks(cb[:1], 2)
-
-
-@needs_avx2
-@pytest.mark.parametrize("config,out_f,in_f,batch,parts", [
-    ("2x8g8", 256, 576, 1, None), ("2x8g8", 320, 1536, 2, (192, 64, 64)), ("1x8g8", 64, 512, 1, None),
-    ("4x8g8", 64, 256, 3, None)])
-def test_i16_avx2_code_words_give_the_bytes_result(config, out_f, in_f, batch, parts):
-    """Codes read 8 bytes at a time and split by shifts (`word_codes`, the default where the row's codes fill whole
-    words) select the same codewords as byte loads: the outputs are identical, for 1, 2 and 4 codebooks (2, 4 and 8
-    groups per word), fused partitions and batches. A wrong byte order or word index would change them."""
-    cfg = AqlmConfig.parse(config)
-    codes, cb, scales, bias = _layer(cfg, out_f, in_f, parts)
-    x = np.random.default_rng(3).standard_normal((batch, in_f)).astype(np.float32)
-    shape = GemvShape(out_f, in_f, cfg, batch, partitions=parts)
-    from aqlm_compile.kernels.gemv_i16_avx2 import word_chunks
-    assert word_chunks(shape) == 4 // cfg.num_codebooks  # the word path is the one built
-    y_bytes = _run(gemv_i16_avx2(shape, name="k", word_codes=False), x, codes, cb, scales, bias)
-    y_words = _run(gemv_i16_avx2(shape, name="k"), x, codes, cb, scales, bias)
-    np.testing.assert_array_equal(y_words, y_bytes)
-    assert np.abs(y_bytes).max() > 0

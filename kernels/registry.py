@@ -8,8 +8,8 @@ config at all" from the same table (the build plan hands it to the lowering pass
 `register_kernel(KernelSpec(...))`, placed before the specs it should win over.
 
 The rules come from measurements on Zen 4 (benchmarks/results/kernels-x86.md) and, for AVX2 CPUs without AVX-512,
-on Zen 1 (`gemv_lut_avx2`; `excluded_by` keeps such a rule off the CPUs where another kernel wins); where two
-kernels exist the faster one per shape is preferred.
+on Zen 1 (`gemv_lut_avx2`) and Zen 3 (`gemv_i16_avx2`, `gemm_decode_avx2`); `excluded_by` keeps such a rule off the
+CPUs where another kernel wins; where two kernels exist the faster one per shape is preferred.
 """
 
 from __future__ import annotations

@@ -44,12 +44,22 @@ from .gemv_direct import tree_sum
 PARALLEL_KEYS = 64
 
 
-def _online_softmax_block(rows: int, vector: int, dim: int):
+def prompt_dim_chunk(features) -> int | None:
+    """`causal_attention`'s dim_chunk for a CPU with these features (kernels.registry's names): 16 on AVX2 without
+    AVX-512 — 4 rows × 16 dims are 8 of its 16 vector registers; all 64 dims (32 registers) spilled: on a Zen 3 VM a
+    512-token SmolLM2 prompt's attention took 5.1–5.3 ms a layer, chunked 4.0–4.2 (docs N42) — else None (the
+    AVX-512 schedule, whose 16 accumulators fit its 32 registers; not re-measured)."""
+    return 16 if "avx2" in features and "avx512f" not in features else None
+
+
+def _online_softmax_block(rows: int, vector: int, dim: int, dim_chunk: int | None = None):
     """Two macros for `rows` running softmaxes (flash attention's recurrence): `start` empties them; `block_update`
     folds one block of `vector` keys (from j0) into them: sc[r, x] the scaled score of row r and key j0 + x, NEG_BIG where that key is not allowed (it then
     weighs exactly 0); the block's max rescales the running sum and acc[r, :], then p·v of the block's value rows is
     added."""
     R, V, D = rows, vector, dim
+    # dims per p·v chunk; 0: all D per key (the schedule for 32 vector registers)
+    DC = next(c for c in (dim_chunk, 16, 8, 4, 2, 1) if D % c == 0) if dim_chunk else 0
 
     @T.macro
     def start(acc, run_max, run_sum):
@@ -73,10 +83,20 @@ def _online_softmax_block(rows: int, vector: int, dim: int):
             run_max[r] = block[0]
             for d in T.vectorized(D):
                 acc[r, d] = acc[r, d] * block[1]
-        for x in range(V):
-            for r in T.unroll(R):
-                for d in T.vectorized(D):
-                    acc[r, d] = acc[r, d] + sc[r, x] * v[0, g, T.min(j0 + T.int64(x), t_len - T.int64(1)), d]
+        if DC == 0:
+            for x in range(V):
+                for r in T.unroll(R):
+                    for d in T.vectorized(D):
+                        acc[r, d] = acc[r, d] + sc[r, x] * v[0, g, T.min(j0 + T.int64(x), t_len - T.int64(1)), d]
+        else:
+            # p·v in chunks of DC dims: R × DC accumulators stay in registers over the block's V keys (all D at
+            # once, 4 × 64 floats, is 32 AVX2 registers: they went through memory on every multiply-add)
+            for dc in range(D // DC):
+                for x in T.unroll(V):
+                    for r in T.unroll(R):
+                        for d in T.vectorized(DC):
+                            acc[r, dc * DC + d] = acc[r, dc * DC + d] + sc[r, x] * v[
+                                0, g, T.min(j0 + T.int64(x), t_len - T.int64(1)), dc * DC + d]
 
     return start, block_update
 
@@ -182,7 +202,7 @@ def _check_keys(keys: str) -> None:
 
 def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float, mask_heads: int = 1,
                      rows: int = 4, vector: int = 16, name: str = "causal_attention", keys: str = "mask",
-                     layout: str = "bhsd"):
+                     layout: str = "bhsd", dim_chunk: int | None = None):
     """`name(q[1, H, S, D], k[1, G, C, D], v[1, G, C, D], mask[1, MH, S, T] bool, out[1, H, S, D])`, fp32, S, T
     and C symbolic (S ≤ T ≤ C: the cache holds the queries' own keys; the first T count); H = G · n_rep (query head h reads K/V head h // n_rep);
     MH = 1 or H.
@@ -219,7 +239,7 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
     def mask_allows(mask, h, s, j):
         return T.bool(True) if mask is None else mask[0, mask_head(h), s, j]
 
-    start, block_update = _online_softmax_block(R, V, D)
+    start, block_update = _online_softmax_block(R, V, D, dim_chunk)
 
     @T.macro
     def body(q, k, v, mask, out, t_len):

@@ -8,6 +8,8 @@ GEMM kernel), each `(input_ids, attention_mask, *past_kv, *params) -> (last logi
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from aqlm_compile.ops import gemm_layer
@@ -329,7 +331,7 @@ def attention_fits_kernel(node) -> bool:
         same(mv.shape[3], kv.shape[2])
 
 
-def _attention_converter(kernels: dict, prefix: str):
+def _attention_converter(kernels: dict, prefix: str, features=frozenset()):
     """`aten.scaled_dot_product_attention(q, k, v, bool mask)` on fp32 [1, H, S, D] → call_tir of
     kernels/attention.py (one kernel instead of a dozen legalised ops over the scores; grouped-query K/V read
     un-repeated). The kernel also bounds each query by its position, so only a causal LM's mask qualifies: the
@@ -337,7 +339,7 @@ def _attention_converter(kernels: dict, prefix: str):
     that `attention_fits_kernel` are kept whole."""
     from tvm import relax
 
-    from aqlm_compile.kernels.attention import causal_attention, decode_attention
+    from aqlm_compile.kernels.attention import causal_attention, decode_attention, prompt_dim_chunk
 
     def convert(node, importer):
         if not attention_fits_kernel(node):  # import_decoder decomposes such graphs: never reached
@@ -359,7 +361,8 @@ def _attention_converter(kernels: dict, prefix: str):
         if key not in kernels:
             symbol = f"{prefix}_attention_{heads}x{groups}x{dim}" + (f"_m{mask_heads}" if mask_heads > 1 else "") + \
                 ("_q1" if one_query else "")
-            builder = decode_attention if one_query else causal_attention
+            builder = decode_attention if one_query else functools.partial(causal_attention,
+                                                                            dim_chunk=prompt_dim_chunk(features))
             kernels[key] = importer.block_builder.add_func(builder(
                 heads, groups, dim, scale, mask_heads=mask_heads, name=symbol).with_attr(
                 "tirx.is_scheduled", True), symbol)
@@ -692,7 +695,8 @@ def import_decoder(ep, static_tokens: int | None, prefix: str = "main", device: 
                             "linear.default": dense, "to.device": _to_device,
                             "linear_rows_int8.default": _rows_int8_converter(kernels, prefix),
                             **({"bmm.default": _bmm_converter(kernels, prefix),
-                                "scaled_dot_product_attention.default": _attention_converter(kernels, prefix),
+                                "scaled_dot_product_attention.default": _attention_converter(kernels, prefix,
+                                                                                             features),
                                 "mul.Tensor": _rms_norm_converter(kernels, prefix, _silu_mul_converter(kernels, prefix)),
                                 "add.Tensor": _rotary_converter(kernels, prefix),
                                 "pow.Tensor_Scalar": _square_converter,

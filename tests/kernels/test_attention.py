@@ -30,12 +30,15 @@ def _run(lib, q, k, v, mask):
     return out.numpy()
 
 
-@pytest.mark.parametrize("heads,kv_heads,mask_heads", [(6, 2, 1), (4, 4, 4), (3, 1, 3)])
-def test_attention_matches_torch(heads, kv_heads, mask_heads):
+@pytest.mark.parametrize("heads,kv_heads,mask_heads,dim_chunk", [(6, 2, 1, None), (4, 4, 4, None), (3, 1, 3, None),
+                                                                   (6, 2, 1, 16), (3, 1, 3, 8)])
+def test_attention_matches_torch(heads, kv_heads, mask_heads, dim_chunk):
     """One compiled kernel for every prompt/past length: rows not a multiple of the row block, keys not a multiple
-    of the vector width, a task spanning two query heads, decode after a cache, padding of leading keys."""
+    of the vector width, a task spanning two query heads, decode after a cache, padding of leading keys; with p·v
+    over all dims per key, or in chunks of dims (`dim_chunk`, the AVX2 schedule)."""
     dim = 32
-    lib = build(causal_attention(heads, kv_heads, dim, dim ** -0.5, mask_heads=mask_heads, name="attn"), x86_target())
+    lib = build(causal_attention(heads, kv_heads, dim, dim ** -0.5, mask_heads=mask_heads, name="attn",
+                                 dim_chunk=dim_chunk), x86_target())
     rng = np.random.default_rng(0)
     for s, past in [(1, 0), (1, 37), (5, 0), (7, 3), (33, 20)]:
         t = s + past
@@ -399,3 +402,12 @@ def test_what_is_not_the_rotary_embedding_stays_as_traced():
     names, got = _imported(ep, "main", *(a.numpy() for a in (t, cos, sin)))
     assert sum(n.startswith("main_rotary_3x16") for n in names) == 1, names
     assert np.abs(got - Rotaries()(t, cos, sin).numpy()).max() <= 1e-4
+
+
+def test_prompt_dim_chunk_is_the_avx2_schedule_only():
+    """AVX2 without AVX-512 gets p·v in 16-dim chunks (docs N42); AVX-512 and other CPUs keep the whole-row loop."""
+    from aqlm_compile.kernels.attention import prompt_dim_chunk
+
+    assert prompt_dim_chunk(frozenset({"avx2"})) == 16
+    assert prompt_dim_chunk(frozenset({"avx2", "avx512f"})) is None
+    assert prompt_dim_chunk(frozenset()) is None

@@ -46,9 +46,9 @@ PARALLEL_KEYS = 64
 
 def prompt_dim_chunk(features) -> int | None:
     """`causal_attention`'s dim_chunk for a CPU with these features (kernels.registry's names): 16 on AVX2 without
-    AVX-512 — 4 rows × 16 dims are 8 of its 16 vector registers; all 64 dims (32 registers) spilled: on a Zen 3 VM a
-    512-token SmolLM2 prompt's attention took 5.1–5.3 ms a layer, chunked 4.0–4.2 (docs N42) — else None (the
-    AVX-512 schedule, whose 16 accumulators fit its 32 registers; not re-measured)."""
+    AVX-512 — 4 rows × 16 dims are 8 of its 16 vector registers; all 64 dims (32 registers) spilled: on a Zen 3 VM
+    0.92× the time of a 512-token SmolLM2 prompt's attention (attention-ab-avx2-dim-chunk-16.md; docs N42) — else
+    None (the AVX-512 schedule, whose 16 accumulators fit its 32 registers; not re-measured)."""
     return 16 if "avx2" in features and "avx512f" not in features else None
 
 

@@ -3,9 +3,11 @@ interleaved in one process on the same inputs: SmolLM2's heads (9 query, 3 K/V, 
 one call per prompt length.
 
     python benchmarks/attention_ab.py BASE --lengths 128,512 --rounds 24 --tag NAME [--kwargs dim_chunk=16]
+        [--base-kwargs dim_chunk=16]
 
 BASE's kernels/attention.py is read with `git show` and imported beside this checkout's; `--kwargs` are passed to
-this checkout's builder only (e.g. the schedule the build picks for this CPU). Writes
+this checkout's builder only (e.g. the schedule the build picks for this CPU), `--base-kwargs` to BASE's (the
+schedule BASE's build picked). Writes
 benchmarks/results/<machine>/attention-ab-<tag>.{json,md}.
 """
 
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=5, help="calls per round (the fastest counts)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kwargs", default="", help="NAME=INT,... for this checkout's causal_attention")
+    ap.add_argument("--base-kwargs", default="", help="NAME=INT,... for BASE's causal_attention")
     ap.add_argument("--tag", required=True)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -50,9 +53,10 @@ def main() -> None:
     try:
         lengths = [int(v) for v in args.lengths.split(",")]
         H, G, D = (int(v) for v in args.heads.split(","))
-        kwargs = {k: int(v) for k, v in (kv.split("=") for kv in args.kwargs.split(",") if kv)}
+        kwargs, base_kwargs = ({k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+                               for text in (args.kwargs, args.base_kwargs))
     except ValueError:
-        sys.exit("attention_ab: --lengths N,..., --heads H,G,D and --kwargs NAME=INT,... take integers")
+        sys.exit("attention_ab: --lengths N,..., --heads H,G,D, --kwargs and --base-kwargs NAME=INT,... take integers")
     src = subprocess.run(["git", "show", f"{args.base}:kernels/attention.py"], cwd=ROOT, capture_output=True, text=True)
     if src.returncode != 0:
         sys.exit(f"attention_ab: cannot read kernels/attention.py at {args.base}: {src.stderr.strip()}")
@@ -65,7 +69,7 @@ def main() -> None:
         spec = importlib.util.spec_from_file_location("aqlm_compile.kernels.attention_base", path)
         base_mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(base_mod)
-        fs = {"base": build(base_mod.causal_attention(H, G, D, scale, name="a"), x86_target())["a"],
+        fs = {"base": build(base_mod.causal_attention(H, G, D, scale, name="a", **base_kwargs), x86_target())["a"],
               "head": build(head_mod.causal_attention(H, G, D, scale, name="a", **kwargs), x86_target())["a"]}
     rows = []
     for S in lengths:
@@ -87,8 +91,8 @@ def main() -> None:
         rows.append({"length": S, "base_ms": b, "head_ms": h, "head_over_base": h / b,
                      "base_rounds_ms": times["base"], "head_rounds_ms": times["head"],
                      "max_abs_diff": float(np.abs(outs["head"].numpy() - outs["base"].numpy()).max())})
-    record = {"what": f"causal_attention {H}x{G}x{D}, one prompt of each length, base {args.base} vs this checkout "
-              f"({kwargs or 'defaults'})", "command": " ".join(sys.argv), "threads": args.threads,
+    record = {"what": f"causal_attention {H}x{G}x{D}, one prompt of each length, base {args.base} "
+              f"({base_kwargs or 'defaults'}) vs this checkout ({kwargs or 'defaults'})", "command": " ".join(sys.argv), "threads": args.threads,
               "rounds": args.rounds, "machine": machine, "wall_s": round(time.time() - start, 1), "rows": rows}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / machine_slug(machine)
     base = out / f"attention-ab-{args.tag}"

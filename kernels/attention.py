@@ -44,12 +44,14 @@ from .gemv_direct import tree_sum
 PARALLEL_KEYS = 64
 
 
-def prompt_dim_chunk(features) -> int | None:
-    """`causal_attention`'s dim_chunk for a CPU with these features (kernels.registry's names): 16 on AVX2 without
-    AVX-512 — 4 rows × 16 dims are 8 of its 16 vector registers; all 64 dims (32 registers) spilled: on a Zen 3 VM
-    0.92× the time of a 512-token SmolLM2 prompt's attention (attention-ab-avx2-dim-chunk-16.md; docs N42) — else
-    None (the AVX-512 schedule, whose 16 accumulators fit its 32 registers; not re-measured)."""
-    return 16 if "avx2" in features and "avx512f" not in features else None
+def prompt_schedule(features) -> dict:
+    """`causal_attention`'s schedule arguments for a CPU with these features (kernels.registry's names). AVX2 without
+    AVX-512 (16 vector registers): p·v in 16-dim chunks — 4 rows × 16 dims were 8 registers, all 64 dims (32
+    registers) spilled: 0.92× the time of a 512-token SmolLM2 prompt's attention on a Zen 3 VM
+    (attention-ab-avx2-dim-chunk-16.md) — and 6 query rows per task, so the scores' 6 × 2 accumulators, a K row's 2
+    vectors and a broadcast query use 15 of the 16 registers (attention-ab-avx2-rows-6.md; docs N42). Else {} (the
+    AVX-512 schedule: 4 rows, whose 16 whole-row accumulators fit its 32 registers; not re-measured)."""
+    return dict(rows=6, dim_chunk=16) if "avx2" in features and "avx512f" not in features else {}
 
 
 def _online_softmax_block(rows: int, vector: int, dim: int, dim_chunk: int | None = None):

@@ -16,7 +16,7 @@ from aqlm_compile.kernels.gemv_direct import GemvShape  # noqa: E402
 from aqlm_compile.errors import ConfigError  # noqa: E402
 from aqlm_compile.kernel_abi import (PREPARED_SUFFIX, attention_symbols, dense_symbol, gemm_symbol,  # noqa: E402
                                      gemv_symbol, silu_mul_halves_symbols)
-from aqlm_compile.kernels.attention import (causal_attention, decode_attention, prompt_dim_chunk,  # noqa: E402
+from aqlm_compile.kernels.attention import (causal_attention, decode_attention, prompt_schedule,  # noqa: E402
                                            rope_kv_append)
 from aqlm_compile.kernels.dense import dense_linear  # noqa: E402
 from aqlm_compile.kernels.elementwise import silu_mul_halves  # noqa: E402
@@ -108,8 +108,7 @@ def kernel_library(requests, target_kind: str, max_batch: int = MAX_GEMV_BATCH, 
         builders = {"rope": lambda n: rope_kv_append(heads, kv_heads, head_dim, name=n),
                     "decode": lambda n: decode_attention(heads, kv_heads, head_dim, scale, keys="count", name=n),
                     "prompt": lambda n: causal_attention(heads, kv_heads, head_dim, scale, keys="count",
-                                                         layout="bshd", name=n,
-                                                         dim_chunk=prompt_dim_chunk(features))}
+                                                         layout="bshd", name=n, **prompt_schedule(features))}
         for part, symbol in symbols.items():
             funcs[symbol] = builders[part](symbol)
             kernels[symbol] = {"kernel": {"rope": "rope_kv_append", "decode": "decode_attention",

@@ -339,7 +339,7 @@ def _attention_converter(kernels: dict, prefix: str, features=frozenset()):
     that `attention_fits_kernel` are kept whole."""
     from tvm import relax
 
-    from aqlm_compile.kernels.attention import causal_attention, decode_attention, prompt_dim_chunk
+    from aqlm_compile.kernels.attention import causal_attention, decode_attention, prompt_schedule
 
     def convert(node, importer):
         if not attention_fits_kernel(node):  # import_decoder decomposes such graphs: never reached
@@ -362,7 +362,7 @@ def _attention_converter(kernels: dict, prefix: str, features=frozenset()):
             symbol = f"{prefix}_attention_{heads}x{groups}x{dim}" + (f"_m{mask_heads}" if mask_heads > 1 else "") + \
                 ("_q1" if one_query else "")
             builder = decode_attention if one_query else functools.partial(causal_attention,
-                                                                            dim_chunk=prompt_dim_chunk(features))
+                                                                            **prompt_schedule(features))
             kernels[key] = importer.block_builder.add_func(builder(
                 heads, groups, dim, scale, mask_heads=mask_heads, name=symbol).with_attr(
                 "tirx.is_scheduled", True), symbol)

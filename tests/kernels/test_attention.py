@@ -30,15 +30,17 @@ def _run(lib, q, k, v, mask):
     return out.numpy()
 
 
-@pytest.mark.parametrize("heads,kv_heads,mask_heads,dim_chunk", [(6, 2, 1, None), (4, 4, 4, None), (3, 1, 3, None),
-                                                                   (6, 2, 1, 16), (3, 1, 3, 8)])
-def test_attention_matches_torch(heads, kv_heads, mask_heads, dim_chunk):
+@pytest.mark.parametrize("heads,kv_heads,mask_heads,dim_chunk,rows", [
+    (6, 2, 1, None, 4), (4, 4, 4, None, 4), (3, 1, 3, None, 4), (6, 2, 1, 16, 4), (3, 1, 3, 8, 4), (6, 2, 1, 16, 6),
+    (3, 1, 3, 16, 6)])
+def test_attention_matches_torch(heads, kv_heads, mask_heads, dim_chunk, rows):
     """One compiled kernel for every prompt/past length: rows not a multiple of the row block, keys not a multiple
     of the vector width, a task spanning two query heads, decode after a cache, padding of leading keys; with p·v
-    over all dims per key, or in chunks of dims (`dim_chunk`, the AVX2 schedule)."""
+    over all dims per key, or in chunks of dims (`dim_chunk`), 4 or 6 query rows per task (the AVX2 schedule: 6 rows,
+    16-dim chunks)."""
     dim = 32
     lib = build(causal_attention(heads, kv_heads, dim, dim ** -0.5, mask_heads=mask_heads, name="attn",
-                                 dim_chunk=dim_chunk), x86_target())
+                                 dim_chunk=dim_chunk, rows=rows), x86_target())
     rng = np.random.default_rng(0)
     for s, past in [(1, 0), (1, 37), (5, 0), (7, 3), (33, 20)]:
         t = s + past
@@ -404,10 +406,11 @@ def test_what_is_not_the_rotary_embedding_stays_as_traced():
     assert np.abs(got - Rotaries()(t, cos, sin).numpy()).max() <= 1e-4
 
 
-def test_prompt_dim_chunk_is_the_avx2_schedule_only():
-    """AVX2 without AVX-512 gets p·v in 16-dim chunks (docs N42); AVX-512 and other CPUs keep the whole-row loop."""
-    from aqlm_compile.kernels.attention import prompt_dim_chunk
+def test_prompt_schedule_is_for_avx2_only():
+    """AVX2 without AVX-512 gets 6 rows a task and p·v in 16-dim chunks (docs N42); AVX-512 and other CPUs keep the
+    4-row, whole-row loop."""
+    from aqlm_compile.kernels.attention import prompt_schedule
 
-    assert prompt_dim_chunk(frozenset({"avx2"})) == 16
-    assert prompt_dim_chunk(frozenset({"avx2", "avx512f"})) is None
-    assert prompt_dim_chunk(frozenset()) is None
+    assert prompt_schedule(frozenset({"avx2"})) == {"rows": 6, "dim_chunk": 16}
+    assert prompt_schedule(frozenset({"avx2", "avx512f"})) == {}
+    assert prompt_schedule(frozenset()) == {}

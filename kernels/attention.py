@@ -44,6 +44,13 @@ from .gemv_direct import tree_sum
 PARALLEL_KEYS = 64
 
 
+def tree_max(terms):
+    """max(terms) as a balanced tree (independent maxes instead of one dependent chain)."""
+    while len(terms) > 1:
+        terms = [T.max(terms[i], terms[i + 1]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
 def prompt_schedule(features) -> dict:
     """`causal_attention`'s schedule arguments for a CPU with these features (kernels.registry's names). AVX2 without
     AVX-512 (16 vector registers): p·v in 16-dim chunks — 4 rows × 16 dims were 8 registers, all 64 dims (32
@@ -75,9 +82,7 @@ def _online_softmax_block(rows: int, vector: int, dim: int, dim_chunk: int | Non
     def block_update(sc, acc, run_max, run_sum, v, g, j0, t_len):
         for r in T.unroll(R):
             block = T.alloc_buffer((2,), "float32", scope="local")  # the block's max, the running sums' correction
-            block[0] = run_max[r]
-            for x in range(V):
-                block[0] = T.max(block[0], sc[r, x])
+            block[0] = T.max(run_max[r], tree_max([sc[r, x] for x in range(V)]))
             block[1] = fast_exp(run_max[r] - block[0])
             for x in T.vectorized(V):
                 sc[r, x] = T.Select(sc[r, x] > T.float32(NEG_BIG), fast_exp(sc[r, x] - block[0]), T.float32(0))
@@ -274,13 +279,24 @@ def causal_attention(num_heads: int, kv_heads: int, head_dim: int, scale: float,
                         for x in T.vectorized(V):
                             sc[r, x] = sc[r, x] + q[0, g * T.int64(n_rep) + row(task_rows, r0, r)[0],
                                                     row(task_rows, r0, r)[1], d] * kt[g, d, j0 + T.int64(x)]
-                for r in T.unroll(R):
-                    for x in range(V):
-                        sc[r, x] = T.Select(
-                            T.And(j0 + T.int64(x) < t_len - s_len + row(task_rows, r0, r)[1] + T.int64(1),
-                                  mask_allows(mask, g * T.int64(n_rep) + row(task_rows, r0, r)[0],
-                                              row(task_rows, r0, r)[1], T.min(j0 + T.int64(x), t_len - T.int64(1)))),
-                            sc[r, x] * T.float32(scale), T.float32(NEG_BIG))
+                if j0 + T.int64(V) <= t_len:
+                    # every key of the block is in the cache: the mask's bytes are one vector load, the causal bound
+                    # one compare of 32-bit lanes (clamped key indices read the mask a byte at a time)
+                    for r in T.unroll(R):
+                        for x in T.vectorized(V):
+                            sc[r, x] = T.Select(
+                                T.And(T.Cast("int32", t_len - s_len + row(task_rows, r0, r)[1] + T.int64(1) - j0) > x,
+                                      mask_allows(mask, g * T.int64(n_rep) + row(task_rows, r0, r)[0],
+                                                  row(task_rows, r0, r)[1], j0 + T.Cast("int64", x))),
+                                sc[r, x] * T.float32(scale), T.float32(NEG_BIG))
+                else:
+                    for r in T.unroll(R):
+                        for x in range(V):
+                            sc[r, x] = T.Select(
+                                T.And(j0 + T.int64(x) < t_len - s_len + row(task_rows, r0, r)[1] + T.int64(1),
+                                      mask_allows(mask, g * T.int64(n_rep) + row(task_rows, r0, r)[0],
+                                                  row(task_rows, r0, r)[1], T.min(j0 + T.int64(x), t_len - T.int64(1)))),
+                                sc[r, x] * T.float32(scale), T.float32(NEG_BIG))
                 block_update(sc, acc, run_max, run_sum, v, g, j0, t_len)
             for r in T.unroll(R):
                 for d in T.vectorized(D):

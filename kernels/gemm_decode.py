@@ -20,6 +20,12 @@ from .gemv_direct import GemvShape, _largest_divisor
 OUTER_PRODUCT_FROM = 64  # tokens: below this the transposed decode (≈ 0.45 ms for 1536×576) costs more than it saves
 
 
+# the 8×8 transpose's two-input shuffles (lanes 0-7 the first vector, 8-15 the second)
+UNPACK_LO, UNPACK_HI = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+PAIRS_LO, PAIRS_HI = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+HALVES_LO, HALVES_HI = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+
+
 def codes_reader(kernel: str, shape: GemvShape, row_block: int, code_layout: str):
     """code(codes, flat, o, j, m) → the code of row o, input group j, codebook m, as a TIR expression, for codes
     stored "out_major" (HF codes[O, I/g, M]) or "row_tiled64" (the same tensor holding [O/64, I/g, M, 64], read
@@ -42,7 +48,7 @@ def codes_reader(kernel: str, shape: GemvShape, row_block: int, code_layout: str
 
 def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token_block: int = 6, vector: int = 16,
                 name: str = "aqlm_gemm", index_dtype: str = "int32", code_layout: str = "out_major",
-                outer_product_from: int = OUTER_PRODUCT_FROM, row_vectors: int = 4):
+                outer_product_from: int = OUTER_PRODUCT_FROM, row_vectors: int = 4, transpose_8x8: bool = False):
     """A TIR PrimFunc `name(x[n, I], codes, codebooks, scales, bias, y[n, O])` for any token count n ≥ 1
     (`shape.batch` is ignored). `code_layout`: "out_major" (HF codes[O, I/g, M]) or "row_tiled64" (the same tensor
     holding [O/64, I/g, M, 64]: kernels/gemv_lut_vbmi.py; the decode function's LUT kernel reads it, and both
@@ -51,7 +57,13 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
     Two schedules in one function, chosen by n at run time: from `outer_product_from` tokens the outer-product
     micro-kernel over a transposed tile (NB = `token_block` tokens × 4 vectors of rows: 24 of AVX-512's 32
     registers); below it the tile is decoded row-major (contiguous vector stores: cheaper to build) and each output
-    is a dot product along the input, V-lane partial sums added up once at the end (RO rows × 4 tokens)."""
+    is a dot product along the input, V-lane partial sums added up once at the end (RO rows × 4 tokens).
+
+    `transpose_8x8` (8-dim groups, fp32 codebook copies): the transposed tile is written 8 rows × 8 inputs at a time —
+    the 8 rows' codewords loaded as vectors and added, transposed in registers by the 24 two-input shuffles of the
+    classic AVX 8×8 transpose (unpack, shufps, vperm2f128), 8 vector stores. Per weight written straight into Ŵᵀ,
+    LLVM gathers the 8 rows' entries for each input with `vinsertps` (2 shuffles a weight with M = 2): ≈ 20% of a
+    128-token 1536×576 GEMM on Zen 3."""
     cfg = shape.config
     O, I, g, M = shape.out_features, shape.in_features, cfg.in_group_size, cfg.num_codebooks
     cfg.check_shape(O, I)
@@ -74,6 +86,7 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
     # Small codebooks (up to 8 bits) are widened to fp32 once per task, so decoding a tile is plain loads and adds;
     # a 16-bit codebook (65536 × g per codebook) would cost more to widen than the tile's lookups save.
     widen = K <= 256
+    blocked = transpose_8x8 and widen and g == 8 and OB % 8 == 0
 
     def decoded(cb, cbf, codes, flat, ob, o, j, t):
         """Ŵ[ob·OB + o, j·g + t] before its row scale: the sum of the M codewords' entries t (from the fp32 copy
@@ -83,6 +96,14 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
             c = T.bitwise_and(T.Cast("int32", code(codes, flat, ob * OB + o, j, m)), mask)
             total = total + (cbf[m, c, t] if widen else
                              T.Cast("float32", cb[shape.partition_of(ob * OB) * M + m, c, t]))
+        return total
+
+    def codeword_vector(cbf, codes, flat, o, j):
+        """Ŵ[o, 8j : 8j + 8] before its row scale, as an 8-lane vector: the sum of row o's M widened codewords."""
+        total = None
+        for m in range(M):
+            v = cbf[m, T.bitwise_and(T.Cast("int32", code(codes, flat, o, j, m)), mask), T.ramp(0, 1, 8)]
+            total = v if total is None else total + v
         return total
 
     @T.prim_func
@@ -106,9 +127,34 @@ def gemm_decode(shape: GemvShape, out_block: int = 64, k_block: int = 256, token
                     for o in T.vectorized(OB):
                         acc_y[n, o] = T.float32(0)
                 for kb in range(I // KB):
-                    for jj, o in T.grid(JB, OB):
-                        for t in T.unroll(g):
-                            wt[jj * g + t, o] = decoded(cb, cbf, codes, flat, ob, o, kb * JB + jj, t)
+                    if blocked:
+                        st = T.alloc_buffer((24, 8), "float32", scope="local")  # the transpose's 3 stages
+                        for jj, o8 in T.grid(JB, OB // 8):
+                            for r in T.unroll(8):
+                                st[r, T.ramp(0, 1, 8)] = codeword_vector(cbf, codes, flat, ob * OB + o8 * 8 + r,
+                                                                         kb * JB + jj)
+                            for i in T.unroll(4):  # unpacklo/hi of row pairs
+                                st[8 + 2 * i, T.ramp(0, 1, 8)] = T.Shuffle(
+                                    [st[2 * i, T.ramp(0, 1, 8)], st[2 * i + 1, T.ramp(0, 1, 8)]], UNPACK_LO)
+                                st[9 + 2 * i, T.ramp(0, 1, 8)] = T.Shuffle(
+                                    [st[2 * i, T.ramp(0, 1, 8)], st[2 * i + 1, T.ramp(0, 1, 8)]], UNPACK_HI)
+                            for h in T.unroll(2):  # shufps of pair pairs
+                                for i in T.unroll(2):
+                                    st[16 + 4 * h + 2 * i, T.ramp(0, 1, 8)] = T.Shuffle(
+                                        [st[8 + 4 * h + i, T.ramp(0, 1, 8)], st[10 + 4 * h + i, T.ramp(0, 1, 8)]],
+                                        PAIRS_LO)
+                                    st[17 + 4 * h + 2 * i, T.ramp(0, 1, 8)] = T.Shuffle(
+                                        [st[8 + 4 * h + i, T.ramp(0, 1, 8)], st[10 + 4 * h + i, T.ramp(0, 1, 8)]],
+                                        PAIRS_HI)
+                            for i in T.unroll(4):  # vperm2f128 of the two halves: input jj·8 + i and + i + 4
+                                wt[jj * g + i, T.ramp(o8 * 8, 1, 8)] = T.Shuffle(
+                                    [st[16 + i, T.ramp(0, 1, 8)], st[20 + i, T.ramp(0, 1, 8)]], HALVES_LO)
+                                wt[jj * g + i + 4, T.ramp(o8 * 8, 1, 8)] = T.Shuffle(
+                                    [st[16 + i, T.ramp(0, 1, 8)], st[20 + i, T.ramp(0, 1, 8)]], HALVES_HI)
+                    else:
+                        for jj, o in T.grid(JB, OB):
+                            for t in T.unroll(g):
+                                wt[jj * g + t, o] = decoded(cb, cbf, codes, flat, ob, o, kb * JB + jj, t)
                     for nb in range((n_tok + NB - 1) // NB):
                         for rw in range(OB // RW):
                             for n in T.unroll(NB):

@@ -149,8 +149,10 @@ def i16_avx2_measured(shape: GemvShape) -> str | None:
 # gemm_decode's default tiling (6 tokens × 4 vectors of 16 lanes: 24 of AVX-512's 32 registers) needs 48 of AVX2's
 # 16 ymm registers, so every multiply-add spilled: on a Zen 3 VM (2 threads, 512 tokens) 1536×576 took 16.4 ms
 # (55 GFLOP/s), with this tiling 5.6 ms (162) — 15 registers: 12 accumulators, 2 weight vectors, a broadcast token.
-# The outer product pays from 32 tokens there (16: 0.37 vs 0.53 ms; 32: 0.83 vs 0.86–1.04). docs N42.
-AVX2_GEMM_TILING = dict(vector=8, row_vectors=2, token_block=6, outer_product_from=32)
+# The transposed tile is written by 8×8 register transposes (stop 50: 0.86× the time at 128 tokens, 0.62× at 33),
+# and with that the outer product pays from 4–5 tokens (1536×576 at 5 tokens 0.23 vs 0.33 ms, at 16 0.38 vs 0.65;
+# at 2 a wash). docs N42.
+AVX2_GEMM_TILING = dict(vector=8, row_vectors=2, token_block=6, outer_product_from=4, transpose_8x8=True)
 
 
 def avx2_gemm_measured(shape: GemvShape) -> str | None:

@@ -53,7 +53,7 @@ def cases():
     for cfg in CONFIGS:
         for kernel, batches in (("direct", [1, 3]), ("lut", [1, 3]), ("lut_grouped", [1, 3]), ("lut_split", [1, 2]),
                                 ("gemm", [1, 9, 21, 64, 71]),  # ≥ 64: the outer-product schedule
-                                ("gemm_avx2", [9, 32, 71])):  # from 32 there
+                                ("gemm_avx2", [2, 9, 32, 71])):  # from 4 there, 8×8 transposes (g = 8)
             if kernel in LUTS and AqlmConfig.parse(cfg).codebook_size > 256:
                 continue  # the table would hold 2^B entries per input group
             for batch in batches:

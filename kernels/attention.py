@@ -35,20 +35,13 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .fast_math import NEG_BIG, fast_exp
-from .gemv_direct import tree_sum
+from .gemv_direct import tree_max, tree_sum
 
 
 # a decode step's attention runs on the thread pool (one task per K/V head) from this many keys. 256 was measured on
 # hot caches (stop 36); in the whole model the K/V cache comes from DRAM (the weights streamed each token evict it),
 # and 64 made a SmolLM2 step after 128 cached tokens ≈ 4% faster (docs/tvm-and-ort-notes.md N39)
 PARALLEL_KEYS = 64
-
-
-def tree_max(terms):
-    """max(terms) as a balanced tree (independent maxes instead of one dependent chain)."""
-    while len(terms) > 1:
-        terms = [T.max(terms[i], terms[i + 1]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
-    return terms[0]
 
 
 def prompt_schedule(features) -> dict:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from .gemm_decode import codes_reader
-from .gemv_direct import GemvShape, _largest_divisor, tree_sum
+from .gemv_direct import GemvShape, _largest_divisor, tree_max, tree_sum
 
 
 GQ = 64  # inputs per int8 scale, for activations and weights alike
@@ -35,13 +35,6 @@ REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
 # target adds it to the features it hands the kernel table (targets/common.py `kernel_features`).
 INT8_ACTIVATIONS = "aqlm-int8-activations"
 DPBUSD = "llvm.x86.avx512.vpdpbusd.512"
-
-
-def tree_max(terms):
-    """max(terms) as a balanced tree (independent maxes instead of one dependent chain)."""
-    while len(terms) > 1:
-        terms = [T.max(terms[i], terms[i + 1]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
-    return terms[0]
 
 
 def vnni_unsupported(shape: GemvShape) -> str | None:

@@ -64,11 +64,22 @@ class GemvShape:
         return expr
 
 
-def tree_sum(terms):
-    """Σ terms as a balanced tree of adds (independent adds instead of one dependent chain)."""
+def tree_reduce(terms, op):
+    """op folded over terms as a balanced tree: neighbours paired level by level, so the CPU sees independent
+    operations instead of one dependent chain (an odd term out goes up a level unchanged)."""
     while len(terms) > 1:
-        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+        terms = [op(terms[i], terms[i + 1]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
     return terms[0]
+
+
+def tree_sum(terms):
+    """Σ terms as a balanced tree of adds."""
+    return tree_reduce(terms, lambda a, b: a + b)
+
+
+def tree_max(terms):
+    """max(terms) as a balanced tree of `T.max`."""
+    return tree_reduce(terms, T.max)
 
 
 def _largest_divisor(n: int, preferred: int) -> int:

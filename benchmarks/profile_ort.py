@@ -1,10 +1,11 @@
-"""Where the time of one decode step goes in ONNX Runtime (the artifact's ONNX decoder with the op library): ORT's
-own profiler, per node, summed by op type and listed for the slowest nodes.
+"""Where the time of one decode step, or of one prompt, goes in ONNX Runtime (the artifact's ONNX decoder with the
+op library): ORT's own profiler, per node, summed by op type and listed for the slowest nodes.
 
-    .venv/bin/python benchmarks/profile_ort.py ARTIFACT [--past 64] [--calls 20] [--threads 2]
+    .venv/bin/python benchmarks/profile_ort.py ARTIFACT [--past 64 | --prompt 128] [--calls 20] [--threads 2]
 
-The uninstrumented step is timed first (the median of --calls steps), then the same steps with the profiler on.
-Writes benchmarks/results/<machine>/ort-profile-<artifact>-decode-<past>.{json,md}.
+The uninstrumented call is timed first (the median of --calls calls), then the same calls with the profiler on.
+Writes benchmarks/results/<machine>/ort-profile-<artifact>-decode-<past>.{json,md}, or with `--prompt N` (each call
+a prefill of N random tokens into an empty cache) ort-profile-<artifact>-prefill-<N>.{json,md}.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("artifact")
     ap.add_argument("--past", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=0, help="profile a prefill of this many tokens instead of a step")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--top", type=int, default=15)
@@ -50,6 +52,14 @@ def main() -> None:
             sys.exit(f"{art}: its ONNX decoder keeps no in-place KV cache (no GroupQueryAttention): not profiled")
         rng = np.random.default_rng(0)
         d.reset()
+        if args.prompt:
+            prompt = rng.integers(0, d.vocab_size, args.prompt).astype(np.int64)
+            d.step(prompt)
+
+            def prefill():
+                d.length = 0  # an empty cache again: the rows left behind are never read
+                d.step(prompt)
+            return prefill
         d.step(rng.integers(0, d.vocab_size, args.past))
         token = np.array([int(rng.integers(0, d.vocab_size))], np.int64)
 
@@ -90,8 +100,9 @@ def main() -> None:
         by_node[(e["name"].removesuffix("_kernel_time"), op)] += e["dur"] / 1e3 / args.calls
     run_ms = statistics.median(r["dur"] / 1e3 for r in runs[2:]) if len(runs) > 2 else None
     machine = machine_info()
-    record = {"what": "ONNX Runtime decode step, per node (ORT profiler)", "command": " ".join(sys.argv),
-              "artifact": art.name, "past": args.past, "threads": args.threads, "calls": args.calls,
+    what = f"prefill of {args.prompt} tokens" if args.prompt else "decode step"
+    record = {"what": f"ONNX Runtime {what}, per node (ORT profiler)", "command": " ".join(sys.argv),
+              "artifact": art.name, "past": 0 if args.prompt else args.past, "prompt": args.prompt, "threads": args.threads, "calls": args.calls,
               "machine": machine, "uninstrumented_ms": uninstrumented, "profiled_run_ms": run_ms,
               "nodes_sum_ms": sum(by_type.values()),
               "by_op_type": [{"op_type": k, "ms": v, "nodes_per_step": count[k] // args.calls}
@@ -100,17 +111,20 @@ def main() -> None:
                                 sorted(by_node.items(), key=lambda kv: -kv[1])[:args.top]],
               "wall_s": round(time.time() - start, 1)}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / machine_slug(machine)
-    base = out / f"ort-profile-{art.name}-decode-{args.past}"
+    base = out / (f"ort-profile-{art.name}-prefill-{args.prompt}" if args.prompt
+                  else f"ort-profile-{art.name}-decode-{args.past}")
     atomic_write_bytes(base.with_suffix(".json"), (json.dumps(record, indent=1) + "\n").encode())
-    lines = [f"# ORT decode profile: {art.name}", "",
-             f"{machine['cpu']}, {args.threads} threads (the op library's TVM pool; ORT's own pool 1 thread); one "
-             f"decode step after {args.past} cached tokens, the KV cache written in place as the decoder does; "
-             f"{args.calls} steps. Command: `{record['command']}`.", "",
-             f"Uninstrumented step (OrtDecoder.step, its Python included): {uninstrumented:.2f} ms (median). Profiled run: "
+    call = (f"one prefill of {args.prompt} random tokens into an empty cache" if args.prompt else
+            f"one decode step after {args.past} cached tokens")
+    lines = [f"# ORT {what} profile: {art.name}", "",
+             f"{machine['cpu']}, {args.threads} threads (the op library's TVM pool; ORT's own pool 1 thread); "
+             f"{call}, the KV cache written in place as the decoder does; "
+             f"{args.calls} calls. Command: `{record['command']}`.", "",
+             f"Uninstrumented call (OrtDecoder.step, its Python included): {uninstrumented:.2f} ms (median). Profiled run: "
              f"{run_ms:.2f} ms; sum of node times {record['nodes_sum_ms']:.2f} ms (the rest: ORT's own work "
-             "between nodes).", "", "| op type | ms per step | nodes per step |", "|---|---|---|"]
+             "between nodes).", "", "| op type | ms per call | nodes per call |", "|---|---|---|"]
     lines += [f"| {r['op_type']} | {r['ms']:.3f} | {r['nodes_per_step']} |" for r in record["by_op_type"]]
-    lines += ["", "| slowest nodes | op type | ms per step |", "|---|---|---|"]
+    lines += ["", "| slowest nodes | op type | ms per call |", "|---|---|---|"]
     lines += [f"| {r['node']} | {r['op_type']} | {r['ms']:.3f} |" for r in record["slowest_nodes"]]
     atomic_write_bytes(base.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))

@@ -54,7 +54,7 @@ WRITERS = {
                          {"what", "command", "artifact", "function", "tokens", "past", "threads", "calls", "machine",
                           "uninstrumented_ms", "instrumented_sum_ms", "primfuncs_ms", "builtins_ms", "rows"}, None),
     "*/ort-profile-*.json": ("benchmarks/profile_ort.py",
-                             {"what", "command", "artifact", "past", "threads", "calls", "machine",
+                             {"what", "command", "artifact", "past", "prompt", "threads", "calls", "machine",
                               "uninstrumented_ms", "profiled_run_ms", "nodes_sum_ms", "by_op_type", "slowest_nodes",
                               "wall_s"}, None),
     "*/decode-ab-*.json": ("benchmarks/decode_ab.py",

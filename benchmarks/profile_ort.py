@@ -102,7 +102,8 @@ def main() -> None:
     machine = machine_info()
     what = f"prefill of {args.prompt} tokens" if args.prompt else "decode step"
     record = {"what": f"ONNX Runtime {what}, per node (ORT profiler)", "command": " ".join(sys.argv),
-              "artifact": art.name, "past": 0 if args.prompt else args.past, "prompt": args.prompt, "threads": args.threads, "calls": args.calls,
+              "artifact": art.name, "past": 0 if args.prompt else args.past, "prompt": args.prompt,
+              "threads": args.threads, "calls": args.calls,
               "machine": machine, "uninstrumented_ms": uninstrumented, "profiled_run_ms": run_ms,
               "nodes_sum_ms": sum(by_type.values()),
               "by_op_type": [{"op_type": k, "ms": v, "nodes_per_step": count[k] // args.calls}

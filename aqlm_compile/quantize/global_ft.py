@@ -129,6 +129,12 @@ def improves(current: float, best: float) -> bool:
     return not math.isnan(current) and (math.isnan(best) or current < best)
 
 
+def lr_factor(decay: str, step: int, total: int) -> float:
+    """global_lr's multiplier at 0-based `step` of `total`: 1 ("constant"), or 1 − step/total ("linear": the last
+    step runs at global_lr / total)."""
+    return 1.0 if decay == "constant" else 1.0 - step / total
+
+
 def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx: torch.Tensor,
                     val_idx: torch.Tensor, settings: QuantizeSettings, generator: torch.Generator,
                     on_step=None, teacher_head=None, ranks: Ranks = SINGLE) -> dict:
@@ -147,6 +153,7 @@ def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, t
         return objective.mean(val_idx)
 
     total_steps = max(1, int(math.ceil(settings.global_epochs * len(train_idx) / bs)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(settings.global_lr_decay, i, total_steps))
     history = [val_loss()]
     best, best_state = history[0], {k: v.clone() for k, v in model.state_dict().items()}
     model.train(False)
@@ -158,6 +165,7 @@ def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, t
                 break
             loss = step_gradients(objective, params, perm[start : start + bs], opt)
             opt.step()
+            schedule.step()
             step += 1
             if on_step:
                 on_step(loss)
@@ -168,5 +176,5 @@ def global_finetune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, t
     model.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"steps": step, "train_dtype": objective.train_dtype,
+    return {"steps": step, "train_dtype": objective.train_dtype, "lr_decay": settings.global_lr_decay,
             "val_kl": [None if math.isnan(v) else v for v in history]}

@@ -43,6 +43,8 @@ class QuantizeSettings(MethodSettings):
     # global fine-tuning on KL(teacher || student)
     global_epochs: float = 0.0
     global_lr: float = 1e-5
+    # the lr over global fine-tuning's steps: "constant", or "linear" from global_lr down to 0 at the last step
+    global_lr_decay: str = "constant"
     global_batch_size: int = 1
     # the forward's precision in end-to-end fine-tuning (global, PV): "float32", "bfloat16" autocast (mixed
     # precision: fp32 parameters, gradients and optimizer state; precision.compute_context), or "auto": bf16 where
@@ -63,12 +65,16 @@ class QuantizeSettings(MethodSettings):
         for name in ("train_dtype", "finetune_dtype"):
             if out[name] == "float32":  # likewise: runs before the field trained in fp32
                 del out[name]
+        if out["global_lr_decay"] == "constant":  # likewise: runs before the field kept the lr constant
+            del out["global_lr_decay"]
         return out
 
     def checked(self) -> QuantizeSettings:
         for name in ("train_dtype", "finetune_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "auto"):
                 raise ConfigError(f"{name} {getattr(self, name)!r}: expected 'float32', 'bfloat16' or 'auto'")
+        if self.global_lr_decay not in ("constant", "linear"):
+            raise ConfigError(f"global_lr_decay {self.global_lr_decay!r}: expected 'constant' or 'linear'")
         if self.codebook_solver not in ("cg", "adam"):
             raise ConfigError(f"codebook_solver {self.codebook_solver!r}: expected 'cg' or 'adam'")
         if not 0 <= self.pv_max_code_change <= 1:

@@ -121,3 +121,31 @@ def test_auto_train_dtype_is_bf16_only_where_native():
     assert resolve_train_dtype("float32", cpu, {"avx512_bf16"}) == "float32"
     assert resolve_train_dtype("bfloat16", cpu, set()) == "bfloat16"
 
+
+
+def test_linear_lr_decay_reaches_zero_at_the_end_and_is_recorded(tiny_llama, tiny_corpus, tmp_path):
+    """global_lr_decay="linear": the lr falls from global_lr to global_lr/steps at the last step; the run still
+    lowers the KL, the setting is recorded (a constant lr keeps the old record), a bad name is refused."""
+    import json
+
+    from aqlm_compile.errors import ConfigError
+    from aqlm_compile.quantize.global_ft import lr_factor
+    from aqlm_compile.quantize.presets import get_preset
+
+    assert [lr_factor("linear", i, 4) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [lr_factor("constant", i, 4) for i in range(4)] == [1.0] * 4
+    out = tmp_path / "q"
+    report = quantize_job(str(tiny_llama), str(out), config="2x4g8", dataset=str(tiny_corpus), preset="tiny",
+                          device="cpu", overrides={"global_epochs": 2.0, "global_lr": 1e-3, "global_batch_size": 2,
+                                                   "global_lr_decay": "linear"})
+    g = report["global_finetune"]
+    assert g["lr_decay"] == "linear" and min(g["val_kl"][1:]) < g["val_kl"][0]
+    settings = json.loads((out / "config.json").read_text())["aqlm_compile"]["method"]["settings"]
+    assert settings["global_lr_decay"] == "linear"
+    assert "global_lr_decay" not in get_preset("fast").to_dict()
+    try:
+        get_preset("fast", global_lr_decay="cosine")
+    except ConfigError as e:
+        assert "global_lr_decay" in str(e)
+    else:
+        raise AssertionError("global_lr_decay cosine was accepted")

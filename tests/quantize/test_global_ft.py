@@ -142,7 +142,8 @@ def test_linear_lr_decay_reaches_zero_at_the_end_and_is_recorded(tiny_llama, tin
     assert g["lr_decay"] == "linear" and min(g["val_kl"][1:]) < g["val_kl"][0]
     settings = json.loads((out / "config.json").read_text())["aqlm_compile"]["method"]["settings"]
     assert settings["global_lr_decay"] == "linear"
-    assert "global_lr_decay" not in get_preset("fast").to_dict()
+    assert "global_lr_decay" not in get_preset("quality").to_dict()
+    assert get_preset("fast").to_dict()["global_lr_decay"] == "linear"
     try:
         get_preset("fast", global_lr_decay="cosine")
     except ConfigError as e:

@@ -4,10 +4,11 @@ PV run (a child process, `bench.proc.run_measured`), the validation KL per epoch
 Scoreboard windows (Brown ck*–cr*, 32 × 512 tokens, BOS-prefixed).
 
     .venv/bin/python benchmarks/pv_smollm2.py CKPT [--steps 300] [--embedding stored|int8|int4|head]
-        [--head fp16|int8] [--out DIR]
+        [--head fp16|int8] [--set NAME=VALUE ...] [--tag TAG] [--out DIR]
 
-The tuned checkpoint goes to --out (default: runs/<CKPT name>-pv<steps>). Writes
-benchmarks/results/<machine>/pv-<CKPT name>-<steps>.{json,md}.
+--set overrides a setting of the pv preset (as `quantize --set`), e.g. pv_code_beta1=0.9 or pv_max_code_change=0
+(P only: the same steps without code updates). The tuned checkpoint goes to --out (default:
+runs/<CKPT name>-pv<steps>[-TAG]). Writes benchmarks/results/<machine>/pv-<CKPT name>-<steps>[-TAG].{json,md}.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def main() -> None:
     ap.add_argument("--embedding", default="stored", help="the embedding form to evaluate with (eval --embedding)")
     ap.add_argument("--head", default="fp16", choices=["fp16", "int8"],
                     help="a dense lm_head as `build --head` stores it (eval --head)")
+    ap.add_argument("--set", dest="assignments", action="append", default=[], metavar="NAME=VALUE",
+                    help="a pv preset setting (quantize --set); repeatable")
+    ap.add_argument("--tag", help="a suffix naming this variant in the output and result file names")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -40,14 +44,16 @@ def main() -> None:
 
     start = time.time()
     ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else ROOT / "runs" / f"{ckpt.name}-pv{args.steps}"
+    suffix = f"-{args.tag}" if args.tag else ""
+    out = Path(args.out) if args.out else ROOT / "runs" / f"{ckpt.name}-pv{args.steps}{suffix}"
     reporter = Reporter()
     before = eval_job(str(ckpt), rtn=False, reporter=reporter, embedding=args.embedding, head=args.head)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [str(Path(sys.executable).parent / "aqlm-compile"), "quantize", "-o", str(out), "--preset", "pv",
-               "--from-checkpoint", str(ckpt), "--pv-steps", str(args.steps), "--quiet"]
+               "--from-checkpoint", str(ckpt), "--pv-steps", str(args.steps), "--quiet",
+               *[arg for a in args.assignments for arg in ("--set", a)]]
     run = run_measured(command, log_path=f"{out}.log")
     if run.returncode != 0:
         sys.exit(f"quantize failed (exit {run.returncode}): see {out}.log")
@@ -58,7 +64,8 @@ def main() -> None:
     machine = machine_info(measure_bandwidth=False)
     result = {"what": "held-out Brown PPL before and after PV-tuning (quantize --preset pv --from-checkpoint)",
               "command": f"python benchmarks/pv_smollm2.py {ckpt.name} --steps {args.steps} --embedding {args.embedding}"
-                          + (f" --head {args.head}" if args.head != "fp16" else ""),
+                          + (f" --head {args.head}" if args.head != "fp16" else "")
+                          + "".join(f" --set {a}" for a in args.assignments) + (f" --tag {args.tag}" if args.tag else ""),
               "checkpoint": ckpt.name, "config": before["config"], "embedding": args.embedding, "head": args.head,
               "windows": before["windows"], "seqlen": before["seqlen"], "fp_ppl": before["fp_ppl"],
               "ppl_before": before["ppl"], "ppl_after": after["ppl"], "file_bytes": after["file_bytes"],
@@ -81,7 +88,7 @@ def main() -> None:
           f"{100 * pv['code_change_per_step']:.3f}%; validation KL per epoch: "
           + ", ".join("–" if v is None else f"{v:.4f}" for v in pv["val_kl"]) + ".", "",
           f"Command: `{result['command']}`.", ""]
-    name = f"pv-{ckpt.name}-{args.steps}" + (f"-head-{args.head}" if args.head != "fp16" else "")
+    name = f"pv-{ckpt.name}-{args.steps}" + (f"-head-{args.head}" if args.head != "fp16" else "") + suffix
     write_result(ROOT / "benchmarks" / "results" / machine_slug(machine), name, result,
                  "\n".join(md))
 

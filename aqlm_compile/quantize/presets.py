@@ -54,6 +54,10 @@ class QuantizeSettings(MethodSettings):
     pv_steps: int = 0
     pv_lr: float = 1e-4  # Adam on codebooks, scales, norms
     pv_code_lr: float = 1e-2  # the straight-through buffer's step, relative to its norm
+    # the buffer direction's momentum: 0 is the reference's (β₁ = 0, made for batches of hundreds of sequences); with
+    # a few windows a step, an averaged gradient moves the buffer somewhere instead of a random walk
+    pv_code_beta1: float = 0.0
+    pv_lr_decay: str = "constant"  # pv_lr over the PV steps: "constant", or "linear" to 0 (as global_lr_decay)
     pv_max_code_change: float = 1e-2  # at most this fraction of code groups change per step
     pv_batch_size: int = 2
 
@@ -65,16 +69,22 @@ class QuantizeSettings(MethodSettings):
         for name in ("train_dtype", "finetune_dtype"):
             if out[name] == "float32":  # likewise: runs before the field trained in fp32
                 del out[name]
-        if out["global_lr_decay"] == "constant":  # likewise: runs before the field kept the lr constant
-            del out["global_lr_decay"]
+        for name in ("global_lr_decay", "pv_lr_decay"):
+            if out[name] == "constant":  # likewise: runs before the field kept the lr constant
+                del out[name]
+        if out["pv_code_beta1"] == 0.0:  # likewise: runs before the field had no momentum
+            del out["pv_code_beta1"]
         return out
 
     def checked(self) -> QuantizeSettings:
         for name in ("train_dtype", "finetune_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "auto"):
                 raise ConfigError(f"{name} {getattr(self, name)!r}: expected 'float32', 'bfloat16' or 'auto'")
-        if self.global_lr_decay not in ("constant", "linear"):
-            raise ConfigError(f"global_lr_decay {self.global_lr_decay!r}: expected 'constant' or 'linear'")
+        for name in ("global_lr_decay", "pv_lr_decay"):
+            if getattr(self, name) not in ("constant", "linear"):
+                raise ConfigError(f"{name} {getattr(self, name)!r}: expected 'constant' or 'linear'")
+        if not 0 <= self.pv_code_beta1 < 1:
+            raise ConfigError(f"pv_code_beta1 {self.pv_code_beta1}: expected a momentum in [0, 1)")
         if self.codebook_solver not in ("cg", "adam"):
             raise ConfigError(f"codebook_solver {self.codebook_solver!r}: expected 'cg' or 'adam'")
         if not 0 <= self.pv_max_code_change <= 1:

@@ -8,12 +8,14 @@ Each step, on KL(teacher ‖ student) over a batch of calibration windows:
 - **P** (continuous): Adam on every floating parameter but the embeddings and a dense head — codebooks, scales,
   norms, biases — as global fine-tuning does (`global_ft.py`).
 - **V** (discrete): each AQLM layer keeps a straight-through buffer, a dense fp32 copy of its weight that takes the
-  gradient w.r.t. the decoded weight. The buffer moves by `pv_code_lr` of its norm per step (an RMSprop direction,
-  β₁ = 0, β₂ = 0.95, scaled to a fixed relative step like the reference's LAMB trust ratio). Then code groups are
+  gradient w.r.t. the decoded weight. The buffer moves by `pv_code_lr` of its norm per step (an Adam direction,
+  β₁ = `pv_code_beta1` — the reference's 0 by default — and β₂ = 0.95, scaled to a fixed relative step like the
+  reference's LAMB trust ratio). Then code groups are
   re-encoded to the buffer in L2 (one greedy pass over the codebooks; the scale of the row is kept), and only the
   `pv_max_code_change` fraction of groups whose error to the buffer drops most take their new codes. Only the 4×
   that many groups farthest from the buffer are re-encoded: a group cannot gain more than its distance.
 
+P's lr follows `pv_lr_decay` (constant, or linear to 0 over the steps, as global fine-tuning's `global_lr_decay`).
 The best state on the validation windows is kept, as in global fine-tuning.
 """
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from ..nn import AqlmLinear, pack_codes
 from .distributed import SINGLE, Ranks
-from .global_ft import KlObjective, end_to_end_parameters, improves, step_gradients
+from .global_ft import KlObjective, end_to_end_parameters, improves, lr_factor, step_gradients
 from .presets import QuantizeSettings
 
 _CODE_BETA2 = 0.95
@@ -81,20 +83,24 @@ _CANDIDATES_PER_CHANGE = 4
 
 
 class _StraightThrough:
-    """One AQLM layer's straight-through buffer and its second-moment state."""
+    """One AQLM layer's straight-through buffer and its moment state (the first moment only with momentum)."""
 
-    def __init__(self, layer: AqlmLinear):
-        self.layer = layer
+    def __init__(self, layer: AqlmLinear, beta1: float = 0.0):
+        self.layer, self.beta1 = layer, beta1
         with torch.no_grad():
             self.buffer = layer.weight().detach().float().clone()
         self.sq = torch.zeros_like(self.buffer)
+        self.mean = torch.zeros_like(self.buffer) if beta1 > 0 else None
         self.steps = 0
 
     @torch.no_grad()
     def step(self, grad: torch.Tensor, code_lr: float, max_change: float, order: list[int]) -> float:
         """Move the buffer along -grad, re-encode toward it; returns the fraction of code groups changed."""
         self.steps += 1
+        grad = grad.float()
         self.sq.mul_(_CODE_BETA2).addcmul_(grad, grad, value=1 - _CODE_BETA2)
+        if self.mean is not None:  # Adam's bias-corrected first moment
+            grad = self.mean.mul_(self.beta1).add_(grad, alpha=1 - self.beta1) / (1 - self.beta1 ** self.steps)
         direction = grad / (self.sq / (1 - _CODE_BETA2 ** self.steps)).sqrt().clamp_min(_EPS)
         norm = direction.norm()
         if not torch.isfinite(norm) or norm == 0:
@@ -174,7 +180,8 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     params = end_to_end_parameters(model)
     opt = torch.optim.Adam(params, lr=settings.pv_lr, betas=(0.9, 0.95))
     layers = {name: m for name, m in model.named_modules() if isinstance(m, AqlmLinear)}
-    buffers = {name: _StraightThrough(m) for name, m in layers.items()}
+    buffers = {name: _StraightThrough(m, settings.pv_code_beta1) for name, m in layers.items()}
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(settings.pv_lr_decay, i, settings.pv_steps))
     for m in layers.values():
         m.forward = types.MethodType(_forward_keeping_weight, m)
     bs = settings.pv_batch_size
@@ -198,6 +205,7 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
                     break
                 loss = step_gradients(objective, params, perm[start : start + bs], opt, weight_grads.take)
                 opt.step()  # P: codebooks, scales, norms
+                schedule.step()
                 fractions = []
                 for name, st in buffers.items():  # V: codes, toward each layer's buffer
                     order = torch.randperm(st.layer.config.num_codebooks, generator=generator).tolist()
@@ -219,6 +227,6 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     model.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"steps": step, "train_dtype": objective.train_dtype,
-            "val_kl": [None if math.isnan(v) else v for v in history],
+    return {"steps": step, "train_dtype": objective.train_dtype, "lr_decay": settings.pv_lr_decay,
+            "code_beta1": settings.pv_code_beta1, "val_kl": [None if math.isnan(v) else v for v in history],
             "code_change_per_step": sum(changed) / max(1, len(changed))}

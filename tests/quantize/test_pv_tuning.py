@@ -64,6 +64,29 @@ def test_code_step_changes_at_most_the_allowed_fraction():
     assert st.step(torch.zeros(64, 16), code_lr=0.5, max_change=0.1, order=[0, 1]) == 0.0
 
 
+def test_code_step_momentum_keeps_moving_along_the_averaged_gradient():
+    """pv_code_beta1 > 0: a step whose own gradient is unrelated to the last one still moves the buffer along the
+    last one (β₁ = 0 forgets it), and a bad momentum or decay name is refused in one line."""
+    from aqlm_compile.errors import ConfigError
+    from aqlm_compile.quantize.presets import get_preset
+
+    g = torch.Generator().manual_seed(3)
+    first, second = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    along = {}
+    for beta1 in (0.0, 0.9):
+        st = _StraightThrough(_layer(out=64, inp=16), beta1)
+        st.step(first, code_lr=0.01, max_change=0.0, order=[0, 1])
+        before = st.buffer.clone()
+        st.step(second, code_lr=0.01, max_change=0.0, order=[0, 1])
+        moved = st.buffer - before
+        along[beta1] = float(-(moved * first).sum() / (moved.norm() * first.norm()))  # cosine with -first
+    assert along[0.9] > 0.3 and abs(along[0.0]) < 0.2, along
+    with pytest.raises(ConfigError, match=r"pv_code_beta1 1.0: expected a momentum in \[0, 1\)"):
+        get_preset("pv", pv_code_beta1=1.0)
+    with pytest.raises(ConfigError, match="pv_lr_decay 'cosine'"):
+        get_preset("pv", pv_lr_decay="cosine")
+
+
 @pytest.fixture(scope="module")
 def coarse_ckpt(tiny_llama, tiny_corpus, tmp_path_factory):
     """A 1x4g8 tiny checkpoint: coarse enough that its KL to the FP model is far above noise (2x8g8's is ~1e-5)."""
@@ -73,12 +96,16 @@ def coarse_ckpt(tiny_llama, tiny_corpus, tmp_path_factory):
     return out
 
 
-def test_pv_from_checkpoint_changes_codes_and_keeps_the_best_state(tiny_llama, coarse_ckpt, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"pv_code_beta1": 0.9, "pv_lr_decay": "linear"}], ids=["reference", "momentum"])
+def test_pv_from_checkpoint_changes_codes_and_keeps_the_best_state(extra, tiny_llama, coarse_ckpt, tiny_corpus,
+                                                                   tmp_path):
     out = tmp_path / "pv"
     report = quantize_job(str(tiny_llama), str(out), dataset=str(tiny_corpus), preset="pv", device="cpu",
-                          overrides=PV_TINY, from_checkpoint=str(coarse_ckpt))
+                          overrides={**PV_TINY, **extra}, from_checkpoint=str(coarse_ckpt))
     pv = report["pv_tuning"]
     assert pv["steps"] == 6 and pv["code_change_per_step"] > 0
+    assert pv["code_beta1"] == extra.get("pv_code_beta1", 0.0)
+    assert pv["lr_decay"] == extra.get("pv_lr_decay", "constant")
     kl = pv["val_kl"]
     assert len(kl) >= 2 and min(kl[1:]) < kl[0]  # lr 1e-3 on a tiny model: the KL to the teacher goes down
     assert report["blocks"] == [] and report["timings"]["pv"] > 0
@@ -86,6 +113,10 @@ def test_pv_from_checkpoint_changes_codes_and_keeps_the_best_state(tiny_llama, c
     tuned, config, meta = fmt.load(out)
     assert config.name == "1x4g8" and meta["from_checkpoint"]["name"] == coarse_ckpt.name
     assert meta["method"]["settings"]["pv_steps"] == 6 and meta["preset"] == "pv"
+    for name, value in extra.items():  # recorded when set; the defaults keep the old record
+        assert meta["method"]["settings"][name] == value
+    if not extra:
+        assert not {"pv_code_beta1", "pv_lr_decay"} & meta["method"]["settings"].keys()
     a, b = fmt.quantized_modules(start), fmt.quantized_modules(tuned)
     assert a.keys() == b.keys()
     changed = sum(int((a[n].codes != b[n].codes).any(-1).sum()) for n in a)

@@ -57,6 +57,9 @@ class QuantizeSettings(MethodSettings):
     # the buffer direction's momentum: 0 is the reference's (β₁ = 0, made for batches of hundreds of sequences); with
     # a few windows a step, an averaged gradient moves the buffer somewhere instead of a random walk
     pv_code_beta1: float = 0.0
+    # the buffer also takes P's change of the decoded weight each step (the reference's buffer does not: there a
+    # codebook step shows up as distance to the buffer, and re-encoding toward it undoes part of that step)
+    pv_buffer_follows_p: bool = False
     pv_lr_decay: str = "constant"  # pv_lr over the PV steps: "constant", or "linear" to 0 (as global_lr_decay)
     pv_max_code_change: float = 1e-2  # at most this fraction of code groups change per step
     pv_batch_size: int = 2
@@ -74,6 +77,8 @@ class QuantizeSettings(MethodSettings):
                 del out[name]
         if out["pv_code_beta1"] == 0.0:  # likewise: runs before the field had no momentum
             del out["pv_code_beta1"]
+        if not out["pv_buffer_follows_p"]:
+            del out["pv_buffer_follows_p"]
         return out
 
     def checked(self) -> QuantizeSettings:

@@ -10,7 +10,8 @@ Each step, on KL(teacher ‖ student) over a batch of calibration windows:
 - **V** (discrete): each AQLM layer keeps a straight-through buffer, a dense fp32 copy of its weight that takes the
   gradient w.r.t. the decoded weight. The buffer moves by `pv_code_lr` of its norm per step (an Adam direction,
   β₁ = `pv_code_beta1` — the reference's 0 by default — and β₂ = 0.95, scaled to a fixed relative step like the
-  reference's LAMB trust ratio). Then code groups are
+  reference's LAMB trust ratio). With `pv_buffer_follows_p` the buffer first takes P's change of the decoded weight
+  (the reference's does not, so a codebook step looks like distance to the buffer there). Then code groups are
   re-encoded to the buffer in L2 (one greedy pass over the codebooks; the scale of the row is kept), and only the
   `pv_max_code_change` fraction of groups whose error to the buffer drops most take their new codes. Only the 4×
   that many groups farthest from the buffer are re-encoded: a group cannot gain more than its distance.
@@ -85,10 +86,13 @@ _CANDIDATES_PER_CHANGE = 4
 class _StraightThrough:
     """One AQLM layer's straight-through buffer and its moment state (the first moment only with momentum)."""
 
-    def __init__(self, layer: AqlmLinear, beta1: float = 0.0):
+    def __init__(self, layer: AqlmLinear, beta1: float = 0.0, follow_p: bool = False):
         self.layer, self.beta1 = layer, beta1
         with torch.no_grad():
             self.buffer = layer.weight().detach().float().clone()
+        # follow_p: the buffer also takes P's change of the decoded weight (codebooks, scales), so that its distance
+        # to the decoded weight is V's own steps only; `decoded` is the weight the buffer last saw
+        self.decoded = self.buffer.clone() if follow_p else None
         self.sq = torch.zeros_like(self.buffer)
         self.mean = torch.zeros_like(self.buffer) if beta1 > 0 else None
         self.steps = 0
@@ -98,6 +102,11 @@ class _StraightThrough:
         """Move the buffer along -grad, re-encode toward it; returns the fraction of code groups changed."""
         self.steps += 1
         grad = grad.float()
+        layer = self.layer
+        if self.decoded is not None:
+            current = layer.weight().detach().float()
+            self.buffer.add_(current - self.decoded)
+            self.decoded = current
         self.sq.mul_(_CODE_BETA2).addcmul_(grad, grad, value=1 - _CODE_BETA2)
         if self.mean is not None:  # Adam's bias-corrected first moment
             grad = self.mean.mul_(self.beta1).add_(grad, alpha=1 - self.beta1) / (1 - self.beta1 ** self.steps)
@@ -106,7 +115,6 @@ class _StraightThrough:
         if not torch.isfinite(norm) or norm == 0:
             return 0.0
         self.buffer.sub_(direction, alpha=(code_lr * self.buffer.norm() / norm).item())
-        layer = self.layer
         codes = layer.unpacked_codes()
         out, num_groups, num_codebooks = codes.shape
         budget = int(max_change * out * num_groups)
@@ -127,6 +135,8 @@ class _StraightThrough:
         keep = gain.topk(min(budget, int(useful.sum()))).indices
         flat[picked[keep]] = new[keep]
         layer.codes.copy_(pack_codes(flat.reshape(codes.shape), layer.config.nbits_per_codebook))
+        if self.decoded is not None:
+            self.decoded = layer.weight().detach().float()
         return keep.numel() / (out * num_groups)
 
 
@@ -180,7 +190,8 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     params = end_to_end_parameters(model)
     opt = torch.optim.Adam(params, lr=settings.pv_lr, betas=(0.9, 0.95))
     layers = {name: m for name, m in model.named_modules() if isinstance(m, AqlmLinear)}
-    buffers = {name: _StraightThrough(m, settings.pv_code_beta1) for name, m in layers.items()}
+    buffers = {name: _StraightThrough(m, settings.pv_code_beta1, settings.pv_buffer_follows_p)
+               for name, m in layers.items()}
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(settings.pv_lr_decay, i, settings.pv_steps))
     for m in layers.values():
         m.forward = types.MethodType(_forward_keeping_weight, m)
@@ -228,5 +239,5 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     for p in model.parameters():
         p.requires_grad_(False)
     return {"steps": step, "train_dtype": objective.train_dtype, "lr_decay": settings.pv_lr_decay,
-            "code_beta1": settings.pv_code_beta1, "val_kl": [None if math.isnan(v) else v for v in history],
+            "code_beta1": settings.pv_code_beta1, "buffer_follows_p": settings.pv_buffer_follows_p, "val_kl": [None if math.isnan(v) else v for v in history],
             "code_change_per_step": sum(changed) / max(1, len(changed))}

@@ -87,6 +87,23 @@ def test_code_step_momentum_keeps_moving_along_the_averaged_gradient():
         get_preset("pv", pv_lr_decay="cosine")
 
 
+@pytest.mark.parametrize("follow_p", [False, True])
+def test_buffer_follows_p_keeps_only_the_code_steps_as_distance(follow_p):
+    """pv_buffer_follows_p: a change of the scales (a P step) moves the buffer with the decoded weight, so the
+    distance left is the V step's own move; without it that change is distance to the buffer too."""
+    layer = _layer(out=64, inp=16)
+    st = _StraightThrough(layer, follow_p=follow_p)
+    with torch.no_grad():
+        layer.scales.mul_(1.5)  # what a P step might do
+    grad = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
+    st.step(grad, code_lr=0.01, max_change=0.0, order=[0, 1])
+    distance = float((st.buffer - layer.weight()).norm() / layer.weight().norm())
+    if follow_p:
+        assert distance == pytest.approx(0.01, rel=1e-3)
+    else:
+        assert distance > 0.3  # the buffer still sits at the old scales
+
+
 @pytest.fixture(scope="module")
 def coarse_ckpt(tiny_llama, tiny_corpus, tmp_path_factory):
     """A 1x4g8 tiny checkpoint: coarse enough that its KL to the FP model is far above noise (2x8g8's is ~1e-5)."""
@@ -96,7 +113,8 @@ def coarse_ckpt(tiny_llama, tiny_corpus, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("extra", [{}, {"pv_code_beta1": 0.9, "pv_lr_decay": "linear"}], ids=["reference", "momentum"])
+@pytest.mark.parametrize("extra", [{}, {"pv_code_beta1": 0.9, "pv_lr_decay": "linear", "pv_buffer_follows_p": True}],
+                         ids=["reference", "momentum"])
 def test_pv_from_checkpoint_changes_codes_and_keeps_the_best_state(extra, tiny_llama, coarse_ckpt, tiny_corpus,
                                                                    tmp_path):
     out = tmp_path / "pv"
@@ -115,8 +133,9 @@ def test_pv_from_checkpoint_changes_codes_and_keeps_the_best_state(extra, tiny_l
     assert meta["method"]["settings"]["pv_steps"] == 6 and meta["preset"] == "pv"
     for name, value in extra.items():  # recorded when set; the defaults keep the old record
         assert meta["method"]["settings"][name] == value
+    assert pv["buffer_follows_p"] == extra.get("pv_buffer_follows_p", False)
     if not extra:
-        assert not {"pv_code_beta1", "pv_lr_decay"} & meta["method"]["settings"].keys()
+        assert not {"pv_code_beta1", "pv_lr_decay", "pv_buffer_follows_p"} & meta["method"]["settings"].keys()
     a, b = fmt.quantized_modules(start), fmt.quantized_modules(tuned)
     assert a.keys() == b.keys()
     changed = sum(int((a[n].codes != b[n].codes).any(-1).sum()) for n in a)

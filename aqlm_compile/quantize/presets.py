@@ -60,6 +60,9 @@ class QuantizeSettings(MethodSettings):
     # the buffer also takes P's change of the decoded weight each step (the reference's buffer does not: there a
     # codebook step shows up as distance to the buffer, and re-encoding toward it undoes part of that step)
     pv_buffer_follows_p: bool = False
+    # the distance to the buffer that re-encoding minimises: "l2" (the reference's), or "input": each input column
+    # weighted by its mean x² (a code change in a column the inputs barely use costs little)
+    pv_code_metric: str = "l2"
     pv_lr_decay: str = "constant"  # pv_lr over the PV steps: "constant", or "linear" to 0 (as global_lr_decay)
     pv_max_code_change: float = 1e-2  # at most this fraction of code groups change per step
     pv_batch_size: int = 2
@@ -79,6 +82,8 @@ class QuantizeSettings(MethodSettings):
             del out["pv_code_beta1"]
         if not out["pv_buffer_follows_p"]:
             del out["pv_buffer_follows_p"]
+        if out["pv_code_metric"] == "l2":
+            del out["pv_code_metric"]
         return out
 
     def checked(self) -> QuantizeSettings:
@@ -88,6 +93,8 @@ class QuantizeSettings(MethodSettings):
         for name in ("global_lr_decay", "pv_lr_decay"):
             if getattr(self, name) not in ("constant", "linear"):
                 raise ConfigError(f"{name} {getattr(self, name)!r}: expected 'constant' or 'linear'")
+        if self.pv_code_metric not in ("l2", "input"):
+            raise ConfigError(f"pv_code_metric {self.pv_code_metric!r}: expected 'l2' or 'input'")
         if not 0 <= self.pv_code_beta1 < 1:
             raise ConfigError(f"pv_code_beta1 {self.pv_code_beta1}: expected a momentum in [0, 1)")
         if self.codebook_solver not in ("cg", "adam"):

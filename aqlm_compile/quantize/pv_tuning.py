@@ -11,7 +11,9 @@ Each step, on KL(teacher ‖ student) over a batch of calibration windows:
   gradient w.r.t. the decoded weight. The buffer moves by `pv_code_lr` of its norm per step (an Adam direction,
   β₁ = `pv_code_beta1` — the reference's 0 by default — and β₂ = 0.95, scaled to a fixed relative step like the
   reference's LAMB trust ratio). With `pv_buffer_follows_p` the buffer first takes P's change of the decoded weight
-  (the reference's does not, so a codebook step looks like distance to the buffer there). Then code groups are
+  (the reference's does not, so a codebook step looks like distance to the buffer there). `pv_code_metric` "input"
+  measures the distance to the buffer with each input column weighted by its mean x² over the training windows
+  seen so far (the diagonal of the XXᵀ in AQ's objective) instead of in plain L2. Then code groups are
   re-encoded to the buffer in L2 (one greedy pass over the codebooks; the scale of the row is kept), and only the
   `pv_max_code_change` fraction of groups whose error to the buffer drops most take their new codes. Only the 4×
   that many groups farthest from the buffer are re-encoded: a group cannot gain more than its distance.
@@ -38,26 +40,35 @@ _EPS = 1e-12
 
 
 def reencode_groups(t: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, order: list[int],
-                    chunk_groups: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk_groups: int = 1 << 16, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One greedy pass over the codebooks in `order` for N scale-normalised target groups t [N, g] with codes
-    int64 [N, M] and codebooks [M, K, g]: for each codebook m, the codeword nearest (L2) to the target minus the
-    other codebooks' codewords. Returns (new codes [N, M], gain [N] = ‖t − ĉ_old‖² − ‖t − ĉ_new‖², ≥ 0 up to
-    rounding since no slot gets worse)."""
+    int64 [N, M] and codebooks [M, K, g]: for each codebook m, the codeword nearest to the target minus the
+    other codebooks' codewords, in L2 or, with `weights` [N, g] ≥ 0, in the weighted norm Σ_k w_k (t_k − ĉ_k)².
+    Returns (new codes [N, M], gain [N] = err(ĉ_old) − err(ĉ_new) in that norm, ≥ 0 up to rounding since no slot
+    gets worse)."""
     num_codebooks = codes.shape[-1]
     new = codes.clone()
     gain = torch.empty(t.shape[0])
     norms = books.pow(2).sum(-1)  # [M, K]
+
+    def err(r, w):
+        return (r.pow(2) if w is None else r.pow(2) * w).sum(-1)
+
     for start in range(0, t.shape[0], chunk_groups):
         sl = slice(start, start + chunk_groups)
-        c = new[sl]
+        c, w = new[sl], None if weights is None else weights[sl]
         recon = sum(books[m][c[:, m]] for m in range(num_codebooks))
-        before = (t[sl] - recon).pow(2).sum(-1)
+        before = err(t[sl] - recon, w)
         for m in order:
             recon -= books[m][c[:, m]]
-            best = torch.addmm(norms[m], t[sl] - recon, books[m].T, alpha=-2.0).argmin(-1)  # ‖c‖² − 2 r·c
+            if w is None:
+                score = torch.addmm(norms[m], t[sl] - recon, books[m].T, alpha=-2.0)  # ‖c‖² − 2 r·c
+            else:  # Σ w c² − 2 Σ w r c
+                score = torch.addmm(w @ books[m].pow(2).T, (t[sl] - recon) * w, books[m].T, alpha=-2.0)
+            best = score.argmin(-1)
             c[:, m] = best
             recon += books[m][best]
-        gain[sl] = before - (t[sl] - recon).pow(2).sum(-1)
+        gain[sl] = before - err(t[sl] - recon, w)
     return new, gain
 
 
@@ -86,8 +97,8 @@ _CANDIDATES_PER_CHANGE = 4
 class _StraightThrough:
     """One AQLM layer's straight-through buffer and its moment state (the first moment only with momentum)."""
 
-    def __init__(self, layer: AqlmLinear, beta1: float = 0.0, follow_p: bool = False):
-        self.layer, self.beta1 = layer, beta1
+    def __init__(self, layer: AqlmLinear, beta1: float = 0.0, follow_p: bool = False, metric: str = "l2"):
+        self.layer, self.beta1, self.metric = layer, beta1, metric
         with torch.no_grad():
             self.buffer = layer.weight().detach().float().clone()
         # follow_p: the buffer also takes P's change of the decoded weight (codebooks, scales), so that its distance
@@ -98,8 +109,11 @@ class _StraightThrough:
         self.steps = 0
 
     @torch.no_grad()
-    def step(self, grad: torch.Tensor, code_lr: float, max_change: float, order: list[int]) -> float:
-        """Move the buffer along -grad, re-encode toward it; returns the fraction of code groups changed."""
+    def step(self, grad: torch.Tensor, code_lr: float, max_change: float, order: list[int],
+             input_energy: torch.Tensor | None = None) -> float:
+        """Move the buffer along -grad, re-encode toward it; returns the fraction of code groups changed.
+        `input_energy` [in]: the mean x_j² of the layer's inputs, which weights the distance to the buffer when the
+        metric is "input" (the diagonal of the XXᵀ that AQ's objective uses)."""
         self.steps += 1
         grad = grad.float()
         layer = self.layer
@@ -121,12 +135,18 @@ class _StraightThrough:
         if budget <= 0:
             return 0.0
         s = layer.scales.detach().reshape(-1).float()
-        drift = (self.buffer - layer.weight().float()).pow(2).reshape(out * num_groups, -1).sum(-1)
+        col = None
+        if self.metric == "input":
+            col = (input_energy if input_energy is not None else torch.ones(layer.in_features)).float()
+            col = col / col.mean().clamp_min(_EPS)  # only ratios matter; keeps the gains in weight units
+        sq_drift = (self.buffer - layer.weight().float()).pow(2)
+        drift = (sq_drift if col is None else sq_drift * col).reshape(out * num_groups, -1).sum(-1)
         picked = drift.topk(min(drift.numel(), _CANDIDATES_PER_CHANGE * budget)).indices
         rows = picked // num_groups
         t = (self.buffer.reshape(out * num_groups, -1)[picked] / s[rows, None])
         flat = codes.reshape(-1, num_codebooks)
-        new, gain = reencode_groups(t, flat[picked], _books(layer.codebooks, num_codebooks), order)
+        weights = None if col is None else col.reshape(num_groups, -1)[picked % num_groups]
+        new, gain = reencode_groups(t, flat[picked], _books(layer.codebooks, num_codebooks), order, weights=weights)
         gain = gain * s[rows] ** 2
         useful = (gain > 0) & (new != flat[picked]).any(-1)
         if not bool(useful.any()):
@@ -145,6 +165,11 @@ def _forward_keeping_weight(self, x):
     w = self.weight()
     if w.requires_grad:
         w.retain_grad()
+        # the training windows' mean x_j² so far: the "input" metric's column weights
+        with torch.no_grad():
+            x2 = x.detach().float().pow(2).reshape(-1, x.shape[-1])
+            self._pv_x2 = x2.sum(0) + getattr(self, "_pv_x2", 0)
+            self._pv_tokens = x2.shape[0] + getattr(self, "_pv_tokens", 0)
     self._pv_weight = w
     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -190,7 +215,7 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     params = end_to_end_parameters(model)
     opt = torch.optim.Adam(params, lr=settings.pv_lr, betas=(0.9, 0.95))
     layers = {name: m for name, m in model.named_modules() if isinstance(m, AqlmLinear)}
-    buffers = {name: _StraightThrough(m, settings.pv_code_beta1, settings.pv_buffer_follows_p)
+    buffers = {name: _StraightThrough(m, settings.pv_code_beta1, settings.pv_buffer_follows_p, settings.pv_code_metric)
                for name, m in layers.items()}
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(settings.pv_lr_decay, i, settings.pv_steps))
     for m in layers.values():
@@ -220,8 +245,11 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
                 fractions = []
                 for name, st in buffers.items():  # V: codes, toward each layer's buffer
                     order = torch.randperm(st.layer.config.num_codebooks, generator=generator).tolist()
+                    energy = getattr(st.layer, "_pv_x2", None)
+                    if energy is not None:
+                        energy = energy / st.layer._pv_tokens
                     fractions.append(st.step(weight_grads.summed(name, ranks), settings.pv_code_lr,
-                                             settings.pv_max_code_change, order))
+                                             settings.pv_max_code_change, order, energy))
                 changed.append(sum(fractions) / max(1, len(fractions)))
                 step += 1
                 if on_step:
@@ -234,10 +262,12 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     finally:
         for m in layers.values():
             del m.forward  # back to the class's forward
-            m.__dict__.pop("_pv_weight", None)
+            for attr in ("_pv_weight", "_pv_x2", "_pv_tokens"):
+                m.__dict__.pop(attr, None)
     model.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(False)
     return {"steps": step, "train_dtype": objective.train_dtype, "lr_decay": settings.pv_lr_decay,
-            "code_beta1": settings.pv_code_beta1, "buffer_follows_p": settings.pv_buffer_follows_p, "val_kl": [None if math.isnan(v) else v for v in history],
+            "code_beta1": settings.pv_code_beta1, "buffer_follows_p": settings.pv_buffer_follows_p,
+            "code_metric": settings.pv_code_metric, "val_kl": [None if math.isnan(v) else v for v in history],
             "code_change_per_step": sum(changed) / max(1, len(changed))}

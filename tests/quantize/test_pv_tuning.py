@@ -136,7 +136,8 @@ def coarse_ckpt(tiny_llama, tiny_corpus, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("extra", [{}, {"pv_code_beta1": 0.9, "pv_lr_decay": "linear", "pv_buffer_follows_p": True}],
+@pytest.mark.parametrize("extra", [{}, {"pv_code_beta1": 0.9, "pv_lr_decay": "linear", "pv_buffer_follows_p": True,
+                                    "pv_code_metric": "input"}],
                          ids=["reference", "momentum"])
 def test_pv_from_checkpoint_changes_codes_and_keeps_the_best_state(extra, tiny_llama, coarse_ckpt, tiny_corpus,
                                                                    tmp_path):
@@ -157,8 +158,10 @@ def test_pv_from_checkpoint_changes_codes_and_keeps_the_best_state(extra, tiny_l
     for name, value in extra.items():  # recorded when set; the defaults keep the old record
         assert meta["method"]["settings"][name] == value
     assert pv["buffer_follows_p"] == extra.get("pv_buffer_follows_p", False)
+    assert pv["code_metric"] == extra.get("pv_code_metric", "l2")
     if not extra:
-        assert not {"pv_code_beta1", "pv_lr_decay", "pv_buffer_follows_p"} & meta["method"]["settings"].keys()
+        assert not {"pv_code_beta1", "pv_lr_decay", "pv_buffer_follows_p", "pv_code_metric"} & \
+            meta["method"]["settings"].keys()
     a, b = fmt.quantized_modules(start), fmt.quantized_modules(tuned)
     assert a.keys() == b.keys()
     changed = sum(int((a[n].codes != b[n].codes).any(-1).sum()) for n in a)

@@ -81,6 +81,9 @@ WRITERS = {
                                  "machine", "wall_s"}, None),
     "*/ppl-per-byte-*.json": ("benchmarks/ppl_per_byte.py", {"what", "command", "fp_ppl", "rows", "machine", "wall_s"},
                               None),
+    "*/pv-code-step-*.json": ("benchmarks/pv_code_step.py",  # before "*/pv-*.json": the first match wins
+                              {"what", "command", "checkpoint", "steps", "windows", "val_windows", "rows", "machine",
+                               "wall_s"}, None),
     "*/pv-*.json": ("benchmarks/pv_smollm2.py",
                     {"what", "command", "checkpoint", "config", "embedding", "head", "windows", "seqlen", "fp_ppl",
                      "ppl_before", "ppl_after", "file_bytes", "pv_steps", "pv_seconds", "pv_wall_s",

@@ -75,15 +75,12 @@ class QuantizeSettings(MethodSettings):
         for name in ("train_dtype", "finetune_dtype"):
             if out[name] == "float32":  # likewise: runs before the field trained in fp32
                 del out[name]
-        for name in ("global_lr_decay", "pv_lr_decay"):
-            if out[name] == "constant":  # likewise: runs before the field kept the lr constant
+        # likewise for fields added later whose default is what runs before them did (a constant lr, no momentum,
+        # the reference's buffer and L2 re-encoding)
+        for name, before in (("global_lr_decay", "constant"), ("pv_lr_decay", "constant"), ("pv_code_beta1", 0.0),
+                             ("pv_buffer_follows_p", False), ("pv_code_metric", "l2")):
+            if out[name] == before:
                 del out[name]
-        if out["pv_code_beta1"] == 0.0:  # likewise: runs before the field had no momentum
-            del out["pv_code_beta1"]
-        if not out["pv_buffer_follows_p"]:
-            del out["pv_buffer_follows_p"]
-        if out["pv_code_metric"] == "l2":
-            del out["pv_code_metric"]
         return out
 
     def checked(self) -> QuantizeSettings:

@@ -14,9 +14,10 @@ Each step, on KL(teacher ‖ student) over a batch of calibration windows:
   (the reference's does not, so a codebook step looks like distance to the buffer there). `pv_code_metric` "input"
   measures the distance to the buffer with each input column weighted by its mean x² over the training windows
   seen so far (the diagonal of the XXᵀ in AQ's objective) instead of in plain L2. Then code groups are
-  re-encoded to the buffer in L2 (one greedy pass over the codebooks; the scale of the row is kept), and only the
-  `pv_max_code_change` fraction of groups whose error to the buffer drops most take their new codes. Only the 4×
-  that many groups farthest from the buffer are re-encoded: a group cannot gain more than its distance.
+  re-encoded to the buffer in that norm (one greedy pass over the codebooks; the scale of the row is kept), and
+  only the `pv_max_code_change` fraction of groups whose error to the buffer drops most take their new codes.
+  Only the 4× that many groups farthest from the buffer are re-encoded: a group cannot gain more than its
+  distance.
 
 P's lr follows `pv_lr_decay` (constant, or linear to 0 over the steps, as global fine-tuning's `global_lr_decay`).
 The best state on the validation windows is kept, as in global fine-tuning.
@@ -165,6 +166,7 @@ def _forward_keeping_weight(self, x):
     w = self.weight()
     if w.requires_grad:
         w.retain_grad()
+    if w.requires_grad and self._pv_collect_x2:
         # the training windows' mean x_j² so far: the "input" metric's column weights
         with torch.no_grad():
             x2 = x.detach().float().pow(2).reshape(-1, x.shape[-1])
@@ -220,6 +222,7 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(settings.pv_lr_decay, i, settings.pv_steps))
     for m in layers.values():
         m.forward = types.MethodType(_forward_keeping_weight, m)
+        m._pv_collect_x2 = settings.pv_code_metric == "input"
     bs = settings.pv_batch_size
     objective = KlObjective(model, tokens, teacher_hidden, bs, teacher_head, ranks, settings.micro_batch_size,
                             settings.train_dtype)
@@ -262,7 +265,7 @@ def pv_tune(model, tokens: torch.Tensor, teacher_hidden: torch.Tensor, train_idx
     finally:
         for m in layers.values():
             del m.forward  # back to the class's forward
-            for attr in ("_pv_weight", "_pv_x2", "_pv_tokens"):
+            for attr in ("_pv_weight", "_pv_x2", "_pv_tokens", "_pv_collect_x2"):
                 m.__dict__.pop(attr, None)
     model.load_state_dict(best_state)
     for p in model.parameters():
